@@ -1,0 +1,26 @@
+"""Shared test set-up: isolated Prefect/MLflow homes and the optional real-data folder."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Must happen before prefect or mlflow is imported anywhere in the test session.
+_TMP = Path(tempfile.mkdtemp(prefix="octseg-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_TMP / "prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_TMP / 'mlflow.db'}")
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real OCT/EM images beside the project; tests using it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not available at {SHARED_DATA}")
+    return SHARED_DATA
