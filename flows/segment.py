@@ -1,0 +1,52 @@
+"""Flow ``segment-archive``: the registered U-Net over every volume, resumable."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from flows.config import SegmentConfig
+from flows.preprocess import select_volumes
+from flows.summary import SegmentSummary
+from tasks.archive import open_archive
+from tasks.progress import progress_bar
+from tasks.segment import segment_volume_task
+from tasks.tracking import load_unet, resolve_model, resolve_tracking_uri
+from unet.inference import resolve_device
+
+__all__ = ["segment_archive", "default_qc_dir"]
+
+CLASS_NAMES = {0: "background", 1: "fluid"}
+
+
+def default_qc_dir(archive: Path) -> Path:
+    """QC overlays live beside the archive: ``<archive>.qc/``."""
+    archive = Path(archive)
+    return archive.with_name(archive.name + ".qc")
+
+
+@flow(name="segment-archive")
+def segment_archive(config: SegmentConfig) -> SegmentSummary:
+    """Resolve the model first (no write before that succeeds), then segment volume by volume."""
+    logger = get_run_logger()
+    logger.info("segment config: %s", config.model_dump_json())
+    tracking_uri = resolve_tracking_uri(config.tracking_uri)
+    ref = resolve_model(config.model_uri, tracking_uri)  # raises before anything is written
+    volumes = select_volumes(config.archive, config.volumes)
+    model = load_unet(ref, tracking_uri, device=resolve_device(config.device))
+    info = {"model_name": ref.name, "model_version": ref.version, "run_id": ref.run_id, "model_uri": config.model_uri}
+    qc_dir = config.qc_dir or default_qc_dir(config.archive)
+    summary = SegmentSummary(str(config.archive), f"{ref.name} v{ref.version}", qc_dir=str(qc_dir))
+    archive = open_archive(config.archive, create=False)
+    for vid in volumes:
+        with progress_bar(f"segment {vid}", archive.image(vid).shape[0]) as update:
+            r = segment_volume_task(
+                str(config.archive), vid, model, info, CLASS_NAMES,
+                tile=config.tile_size, overlap=config.overlap, batch_size=config.batch_size,
+                qc_dir=str(qc_dir), force=config.force, progress=update,
+            )
+        {"segmented": summary.segmented, "skipped": summary.skipped}.get(r.status, summary.failures).append(
+            r.volume_id if r.status != "failed" else r.error
+        )
+    logger.info(summary.headline())
+    return summary

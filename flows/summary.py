@@ -1,0 +1,89 @@
+"""What each flow returns: small, printable summaries (counts, where outputs are, failures)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["IngestSummary", "PreprocessSummary", "TrainSummary", "SegmentSummary", "PipelineSummary"]
+
+
+@dataclass
+class IngestSummary:
+    archive: str
+    written: list[str] = field(default_factory=list)  # volume ids
+    skipped: list[str] = field(default_factory=list)  # already in the archive, unchanged
+    failures: list[str] = field(default_factory=list)  # "file: what was wrong"
+
+    @classmethod
+    def from_results(cls, archive: str, results) -> IngestSummary:
+        s = cls(archive)
+        for r in results:
+            if r.status == "written":
+                s.written.append(r.volume_id)
+            elif r.status == "skipped":
+                s.skipped.append(r.volume_id)
+            else:
+                s.failures.append(r.error or f"{r.source}: failed")
+        return s
+
+    def headline(self) -> str:
+        return (
+            f"ingest: {len(self.written)} written, {len(self.skipped)} up to date, "
+            f"{len(self.failures)} failed -> {self.archive}"
+        )
+
+
+@dataclass
+class PreprocessSummary:
+    archive: str
+    computed: dict[str, list[str]] = field(default_factory=dict)  # volume id -> derived arrays written
+    up_to_date: list[str] = field(default_factory=list)  # volumes with nothing to do
+
+    def headline(self) -> str:
+        return f"preprocess: {len(self.computed)} volumes computed, {len(self.up_to_date)} up to date in {self.archive}"
+
+
+@dataclass
+class TrainSummary:
+    run_id: str
+    model_name: str
+    model_version: str
+    score: float  # validation Dice of the foreground class
+    promoted: bool
+    tracking_uri: str
+    n_train: int = 0
+    n_val: int = 0
+    qc_image: str | None = None
+
+    def headline(self) -> str:
+        champion = "now champion" if self.promoted else "champion unchanged"
+        return (
+            f"train: {self.model_name} v{self.model_version} (run {self.run_id[:8]}), "
+            f"val fluid Dice {self.score:.3f}, {champion}; tracking at {self.tracking_uri}"
+        )
+
+
+@dataclass
+class SegmentSummary:
+    archive: str
+    model: str  # name/version
+    segmented: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already segmented by this model version
+    failures: list[str] = field(default_factory=list)
+    qc_dir: str | None = None
+
+    def headline(self) -> str:
+        return (
+            f"segment: {len(self.segmented)} segmented, {len(self.skipped)} already done, "
+            f"{len(self.failures)} failed with {self.model}; QC overlays in {self.qc_dir}"
+        )
+
+
+@dataclass
+class PipelineSummary:
+    ingest: IngestSummary
+    preprocess: PreprocessSummary
+    train: TrainSummary
+    segment: SegmentSummary
+
+    def headline(self) -> str:
+        return "\n".join(s.headline() for s in (self.ingest, self.preprocess, self.train, self.segment))

@@ -1,0 +1,47 @@
+"""Flow ``train-unet``: a U-Net on the annotated B-scans, tracked and registered in MLflow."""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from flows.config import TrainFlowConfig
+from flows.preprocess import select_volumes
+from flows.summary import TrainSummary
+from tasks.tracking import resolve_tracking_uri
+from tasks.training import train_from_archive_task
+from unet.config import UNetConfig
+from unet.train import TrainConfig
+
+__all__ = ["train_unet", "unet_config_of", "train_config_of"]
+
+
+def unet_config_of(config: TrainFlowConfig) -> UNetConfig:
+    """The network part of the flow config (2 classes: background, fluid)."""
+    return UNetConfig(
+        in_channels=1, out_channels=2, base_channels=config.base_channels, depth=config.depth,
+        padding=config.padding, batch_norm=config.batch_norm, dropout=config.dropout,
+    )
+
+
+def train_config_of(config: TrainFlowConfig) -> TrainConfig:
+    """The optimisation part of the flow config."""
+    return TrainConfig(
+        epochs=config.epochs, batch_size=config.batch_size, optimizer=config.optimizer, lr=config.lr,
+        momentum=config.momentum, tile_size=config.tile_size, max_tile=config.max_tile,
+        tiles_per_epoch=config.tiles_per_epoch, augment=config.augment, seed=config.seed, device=config.device,
+    )
+
+
+@flow(name="train-unet")
+def train_unet(config: TrainFlowConfig) -> TrainSummary:
+    """Load annotated B-scans, train, log to MLflow, register, promote to champion when better."""
+    logger = get_run_logger()
+    logger.info("train config: %s", config.model_dump_json())
+    tracking_uri = resolve_tracking_uri(config.tracking_uri)
+    volumes = select_volumes(config.archive, config.volumes)
+    summary = train_from_archive_task(
+        str(config.archive), volumes, unet_config_of(config), train_config_of(config),
+        val_fraction=config.val_fraction, tracking_uri=tracking_uri,
+        experiment=config.experiment, model_name=config.model_name,
+    )
+    logger.info(summary.headline())
+    return summary

@@ -1,0 +1,98 @@
+"""Ingest one scan source (file or folder of B-scans) into the archive as one volume.
+
+:func:`ingest_source` does the work and never raises for bad input: a batch goes on, and the
+result says what happened. A source already in the archive with the same bytes and the same mask
+files is skipped without decoding. :func:`ingest_source_task` is the thin Prefect wrapper.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from prefect import get_run_logger, task
+
+from tasks.archive import open_archive, volume_id_from_path
+from tasks.readers import ReadError, mask_files, read_masks, read_volume, source_sha256
+
+__all__ = ["IngestResult", "ingest_source", "ingest_source_task", "labels_sha256"]
+
+LOGGER = logging.getLogger(__name__)
+CLASS_NAMES = {0: "background", 1: "foreground"}  # binary masks; other values get "class_<n>"
+
+
+@dataclass
+class IngestResult:
+    """What happened to one source."""
+
+    source: str
+    volume_id: str | None
+    status: Literal["written", "skipped", "failed"]
+    n_bscans: int = 0
+    annotated: list[int] = field(default_factory=list)
+    error: str | None = None
+
+
+def labels_sha256(labels_dir: str | Path | None, source: str | Path) -> str | None:
+    """SHA-256 over the source's mask files (B-scan index, name and bytes); None without masks."""
+    found = mask_files(labels_dir, source) if labels_dir is not None else {}
+    if not found:
+        return None
+    digest = hashlib.sha256()
+    for z, path in sorted(found.items()):
+        digest.update(f"{z}:{path.name}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def ingest_source(source: str | Path, archive_path: str | Path,
+                  labels_dir: str | Path | None = None) -> IngestResult:
+    """Read ``source`` (and its masks under ``labels_dir``) and write it as one archive volume.
+
+    Skips when the archive holds the volume id with the same source and labels fingerprints.
+    Returns ``status="failed"`` with a message naming the file instead of raising.
+    """
+    src = Path(source)
+    volume_id = volume_id_from_path(src)
+    try:
+        sha, labels_fp = source_sha256(src), labels_sha256(labels_dir, src)
+        archive = open_archive(archive_path)
+        if archive.has_volume(volume_id):
+            meta = archive.volume_meta(volume_id)
+            if meta.get("source_sha256") == sha and meta.get("labels_sha256") == labels_fp:
+                manual = archive.manual_labels(volume_id)
+                return IngestResult(str(src), volume_id, "skipped", archive.image(volume_id).shape[0],
+                                    manual[1] if manual else [])
+        volume = read_volume(src)
+        masks = read_masks(labels_dir, volume) if labels_dir is not None else None
+        labels, annotated = masks if masks is not None else (None, [])
+        provenance = {"source": str(src.resolve()), "source_sha256": volume.sha256, "reader": volume.reader,
+                      "labels_dir": str(Path(labels_dir).resolve()) if masks is not None else None,
+                      "labels_sha256": labels_fp, "n_bscans": int(volume.image.shape[0])}
+        binary = labels is not None and labels.max() <= 1
+        archive.write_volume(volume_id, volume.image, scale_um=volume.scale_um, provenance=provenance,
+                             manual_labels=labels, annotated=annotated if masks is not None else None,
+                             class_names=CLASS_NAMES if binary else None)
+        return IngestResult(str(src), volume_id, "written", volume.image.shape[0], list(annotated))
+    except ReadError as e:
+        LOGGER.warning("ingest failed: %s", e)
+        return IngestResult(str(src), volume_id, "failed", error=str(e))
+    except Exception as e:  # a batch must go on: report, do not raise
+        LOGGER.exception("ingest of %s failed unexpectedly", src)
+        return IngestResult(str(src), volume_id, "failed", error=f"{src.name}: {type(e).__name__}: {e}")
+
+
+@task(name="ingest-source", task_run_name="ingest-{source}")
+def ingest_source_task(source: str | Path, archive_path: str | Path,
+                       labels_dir: str | Path | None = None) -> IngestResult:
+    """Prefect wrapper of :func:`ingest_source`; logs the outcome."""
+    result = ingest_source(source, archive_path, labels_dir)
+    logger = get_run_logger()
+    if result.status == "failed":
+        logger.warning("%s: failed: %s", source, result.error)
+    else:
+        logger.info("%s -> %s: %s (%d B-scans, %d annotated)", source, result.volume_id, result.status,
+                    result.n_bscans, len(result.annotated))
+    return result

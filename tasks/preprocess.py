@@ -1,0 +1,132 @@
+"""Preprocessing of archive volumes, Dask-parallel over B-scans.
+
+Per volume: the intensity-normalised image (``derived/normalized``) and, for annotated B-scans, the
+U-Net border-weight maps (``derived/weights``). The Dask graph maps pure functions of :mod:`unet`
+over shard-aligned blocks of B-scans and stores straight into the Zarr arrays, so no two tasks write
+into one shard. Each output carries a fingerprint of its inputs and parameters, written last; a
+rerun skips outputs whose fingerprint still matches.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from prefect import get_run_logger, task
+
+from tasks.archive import open_archive
+from unet.normalize import normalize_volume
+from unet.weights import border_weight_map
+
+__all__ = ["PreprocessResult", "preprocess_volume", "preprocess_volume_task", "NORMALIZATION_METHOD"]
+
+log = logging.getLogger(__name__)
+
+NORMALIZATION_METHOD = "zscore-excluding-fill-v1"
+
+
+@dataclass
+class PreprocessResult:
+    volume_id: str
+    computed: list[str] = field(default_factory=list)  # derived arrays written in this run
+    skipped: list[str] = field(default_factory=list)  # derived arrays already up to date
+
+
+def _normalize_block(block: np.ndarray) -> np.ndarray:
+    """(k, Y, X) raw B-scans -> (k, Y, X) float32 normalised B-scans."""
+    return normalize_volume(np.asarray(block))
+
+
+def _weights_block(labels: np.ndarray, annotated: np.ndarray, w0: float, sigma: float, class_weights) -> np.ndarray:
+    """(k, Y, X) labels + (k, 1, 1) annotated flags -> border-weight maps; 0 on unannotated B-scans."""
+    out = np.zeros(labels.shape, dtype=np.float32)
+    for i in np.flatnonzero(annotated.reshape(-1)):
+        out[i] = border_weight_map(labels[i], w0=w0, sigma=sigma, class_weights=class_weights)
+    return out
+
+
+def _labels_digest(labels, annotated: list[int]) -> str:
+    """sha256 over the annotated B-scans of the manual labels (what the weight maps depend on)."""
+    h = hashlib.sha256(np.asarray(annotated, dtype=np.int64).tobytes())
+    for z in annotated:
+        h.update(np.ascontiguousarray(labels[z]).tobytes())
+    return h.hexdigest()
+
+
+def _store(result, target, scheduler_address: str | None) -> None:
+    """Compute ``result`` into the Zarr array ``target`` on the Dask cluster (threads when no address)."""
+    import dask
+    import dask.array as da
+
+    stored = da.store(result, target, lock=False, compute=False)
+    if scheduler_address is None:
+        dask.compute(stored, scheduler="threads")
+        return
+    from distributed import Client
+
+    with Client(scheduler_address, set_as_default=False) as client:
+        client.compute(stored).result()
+
+
+def preprocess_volume(
+    archive_path: str | Path,
+    volume_id: str,
+    scheduler_address: str | None = None,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    class_weights: str | None = None,
+) -> PreprocessResult:
+    """Write ``derived/normalized`` and (when annotated) ``derived/weights`` for one volume."""
+    import dask.array as da
+
+    archive = open_archive(archive_path, create=False)
+    meta = archive.volume_meta(volume_id)
+    image = archive.image(volume_id)  # (Z, Y, X)
+    shard_z = max(1, min(archive.shard_bscans(volume_id), image.shape[0]))
+    result = PreprocessResult(volume_id)
+
+    fp = {"source_sha256": meta.get("source_sha256"), "method": NORMALIZATION_METHOD}
+    if archive.derived_is_current(volume_id, "normalized", fp):
+        result.skipped.append("normalized")
+    else:
+        src = da.from_zarr(image).rechunk((shard_z, -1, -1))
+        out = archive.create_derived(volume_id, "normalized", "float32", {"method": NORMALIZATION_METHOD})
+        _store(src.map_blocks(_normalize_block, dtype=np.float32), out, scheduler_address)
+        archive.mark_derived_complete(volume_id, "normalized", fp)
+        result.computed.append("normalized")
+
+    manual = archive.manual_labels(volume_id)
+    if manual is None:
+        return result
+    labels, annotated = manual
+    fp = {"labels_sha256": _labels_digest(labels, annotated), "w0": w0, "sigma": sigma, "class_weights": class_weights}
+    if archive.derived_is_current(volume_id, "weights", fp):
+        result.skipped.append("weights")
+        return result
+    lab = da.from_zarr(labels).rechunk((shard_z, -1, -1))
+    flags = np.zeros((image.shape[0], 1, 1), dtype=bool)
+    flags[annotated] = True
+    flags_da = da.from_array(flags, chunks=(shard_z, 1, 1))
+    weights = da.map_blocks(_weights_block, lab, flags_da, w0, sigma, class_weights, dtype=np.float32)
+    out = archive.create_derived(volume_id, "weights", "float32", {"w0": w0, "sigma": sigma})
+    _store(weights, out, scheduler_address)
+    archive.mark_derived_complete(volume_id, "weights", fp)
+    result.computed.append("weights")
+    return result
+
+
+@task(name="preprocess-volume", task_run_name="preprocess-{volume_id}")
+def preprocess_volume_task(
+    archive_path: str,
+    volume_id: str,
+    scheduler_address: str | None = None,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    class_weights: str | None = None,
+) -> PreprocessResult:
+    """Prefect wrapper of :func:`preprocess_volume`."""
+    result = preprocess_volume(archive_path, volume_id, scheduler_address, w0, sigma, class_weights)
+    get_run_logger().info("%s: computed %s, up to date %s", volume_id, result.computed or "-", result.skipped or "-")
+    return result

@@ -1,0 +1,86 @@
+"""Bulk inference: a registered U-Net over archive volumes, written to ``labels/prediction``.
+
+Resumable at volume granularity: a prediction is staged and moved into place only when complete,
+and it records the model name and version, so a rerun skips volumes that model already segmented.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.archive import open_archive
+from tasks.qc import overlay, save_png
+from unet.inference import segment_volume
+from unet.normalize import normalize_volume
+
+__all__ = ["SegmentResult", "segment_one", "segment_volume_task", "normalized_volume"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentResult:
+    volume_id: str
+    status: str  # "segmented" | "skipped" | "failed"
+    error: str | None = None
+    qc_image: str | None = None
+    fluid_fraction: float | None = None
+
+
+def normalized_volume(archive, volume_id: str) -> np.ndarray:
+    """The preprocessed image when complete, else the raw image normalised now (same function)."""
+    if archive.derived_is_complete(volume_id, "normalized"):
+        return np.asarray(archive.open_derived(volume_id, "normalized")[...], dtype=np.float32)
+    return normalize_volume(np.asarray(archive.image(volume_id)[...]))
+
+
+def segment_one(
+    archive_path: str | Path,
+    volume_id: str,
+    model,
+    model_info: dict,
+    class_names: dict[int, str],
+    *,
+    tile: int | None = None,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    qc_dir: str | Path | None = None,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> SegmentResult:
+    """Segment one volume unless ``model_info``'s name and version already did it."""
+    archive = open_archive(archive_path, create=False)
+    done = archive.prediction_info(volume_id)
+    if not force and done and (done.get("model_name"), str(done.get("model_version"))) == (
+        model_info["model_name"],
+        str(model_info["model_version"]),
+    ):
+        return SegmentResult(volume_id, "skipped")
+    image = normalized_volume(archive, volume_id)
+    labels = segment_volume(model, image, tile=tile, overlap=overlap, batch_size=batch_size, progress=progress)
+    archive.write_prediction(volume_id, labels, class_names=class_names, model_info=model_info)
+    qc = None
+    if qc_dir is not None:
+        z = int(np.argmax((labels > 0).sum(axis=(1, 2)))) if labels.any() else len(labels) // 2
+        qc = str(Path(qc_dir) / f"{volume_id}_bscan{z:03d}.png")
+        save_png(overlay(np.asarray(archive.image(volume_id)[z]), labels[z]), qc)
+    return SegmentResult(volume_id, "segmented", qc_image=qc, fluid_fraction=float((labels > 0).mean()))
+
+
+@task(name="segment-volume", task_run_name="segment-{volume_id}", cache_policy=NO_CACHE)
+def segment_volume_task(archive_path: str, volume_id: str, model, model_info: dict, class_names: dict, **kw) -> SegmentResult:
+    """Prefect wrapper of :func:`segment_one`; a failing volume is reported and the batch goes on."""
+    logger = get_run_logger()
+    try:
+        result = segment_one(archive_path, volume_id, model, model_info, class_names, **kw)
+    except Exception as e:  # one bad volume must not stop a batch of thousands
+        logger.error("%s: segmentation failed: %s: %s", volume_id, type(e).__name__, e)
+        return SegmentResult(volume_id, "failed", error=f"{volume_id}: {type(e).__name__}: {e}")
+    logger.info("%s: %s", volume_id, result.status)
+    return result

@@ -1,0 +1,229 @@
+"""Data augmentation of the U-Net paper (Ronneberger, Fischer, Brox 2015, arXiv 1505.04597), seeded.
+
+Section 3.1 of the paper: "we generate smooth deformations using random displacement vectors on a
+coarse 3 by 3 grid. The displacements are sampled from a Gaussian distribution with 10 pixels
+standard deviation. Per-pixel displacements are then computed using bicubic interpolation." The paper
+also lists shifts, rotations and gray value variations; here these are a horizontal flip (a left eye
+looks like a mirrored right eye; a vertical flip would put the choroid above the vitreous and is off by
+default) and brightness / contrast / gamma jitter.
+
+Every function takes ``rng``: a ``np.random.Generator`` or an int seed, so a seed reproduces the
+result. Images are (H, W) or (C, H, W); labels (integer class map) and weights (float loss weights)
+are (H, W) and receive the same geometric transform as the image.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "augment",
+    "displacement_field",
+    "elastic_deform",
+    "intensity_jitter",
+    "random_flip",
+]
+
+log = logging.getLogger(__name__)
+
+Arrays = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
+def _as_rng(rng: np.random.Generator | int) -> np.random.Generator:
+    """``rng`` itself, or a new generator seeded with the int ``rng``."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return np.random.default_rng(int(rng))
+    raise TypeError(f"rng must be a numpy.random.Generator or an int seed, got {type(rng).__name__}")
+
+
+def _check_arrays(image: np.ndarray, labels: np.ndarray | None, weights: np.ndarray | None) -> None:
+    """Raise unless image is (H, W) or (C, H, W) and labels / weights are (H, W) of the same size."""
+    if image.ndim not in (2, 3) or 0 in image.shape:
+        raise ValueError(f"image must be a non-empty (H, W) or (C, H, W) array, got shape {image.shape}")
+    for name, arr in (("labels", labels), ("weights", weights)):
+        if arr is not None and arr.shape != image.shape[-2:]:
+            raise ValueError(f"{name} must have shape (H, W) = {image.shape[-2:]}, got {arr.shape}")
+    if labels is not None and not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise TypeError(f"labels must have an integer or bool dtype, got {labels.dtype}")
+
+
+def _float_dtype(arr: np.ndarray) -> np.dtype:
+    """``arr``'s dtype when it is floating, else float32 (interpolation produces fractions)."""
+    return arr.dtype if np.issubdtype(arr.dtype, np.floating) else np.dtype(np.float32)
+
+
+def displacement_field(
+    shape: tuple[int, int], rng: np.random.Generator | int, grid: int = 3, sigma: float = 10.0
+) -> np.ndarray:
+    """Smooth per-pixel displacements (2, H, W) in pixels: (dy, dx).
+
+    A (2, grid, grid) array of N(0, sigma^2) vectors is drawn and up-sampled to (H, W) with a cubic
+    spline through the grid values (``scipy.ndimage.zoom(order=3)``, grid corners on the image
+    corners), so the node pixels keep the drawn vectors and the field in between is smooth.
+    """
+    if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 2:
+        raise ValueError(f"grid must be an int >= 2, got {grid!r}")
+    if not sigma >= 0:
+        raise ValueError(f"sigma must be >= 0 pixels, got {sigma!r}")
+    h, w = shape
+    coarse = _as_rng(rng).normal(0.0, sigma, size=(2, grid, grid))
+    zoom = (1, h / grid, w / grid)
+    field = ndimage.zoom(coarse, zoom, order=3, mode="mirror", grid_mode=False)
+    assert field.shape == (2, h, w), f"zoom produced {field.shape}, expected {(2, h, w)}"
+    return field
+
+
+def elastic_deform(
+    image: np.ndarray,
+    labels: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+    *,
+    grid: int = 3,
+    sigma: float = 10.0,
+    rng: np.random.Generator | int,
+    image_order: int = 3,
+) -> Arrays:
+    """The paper's elastic deformation, applied identically to image, labels and weights.
+
+    Each output pixel p takes the value at p + d(p), d from :func:`displacement_field`, sampled with
+    ``scipy.ndimage.map_coordinates``:
+
+    - image: spline order ``image_order`` (3 = bicubic); a float dtype is kept, integers become
+      float32; cubic splines may overshoot the input range slightly;
+    - labels: order 0 (nearest), so the dtype is kept and only values present in the input appear;
+    - weights: order 1 (linear), so non-negative weights stay non-negative.
+
+    Pixels sampled outside the image are mirrored with SciPy's ``mode="mirror"`` (NumPy's "reflect",
+    the mirror of :mod:`unet.tiling`). SciPy's own "reflect" is not used: its spline prefilter is
+    approximate on axes of a few pixels, whereas "mirror" makes sigma = 0 the identity.
+
+    Returns:
+        (image, labels, weights) with the input shapes; None stays None.
+    """
+    image = np.asarray(image)
+    _check_arrays(image, labels, weights)
+    if image_order not in range(6):
+        raise ValueError(f"image_order must be a spline order in 0..5, got {image_order!r}")
+    h, w = image.shape[-2:]
+    field = displacement_field((h, w), rng, grid=grid, sigma=sigma)
+    coords = np.indices((h, w), dtype=np.float64) + field  # (2, H, W): where each pixel samples
+
+    def warp(arr: np.ndarray, order: int, dtype: np.dtype) -> np.ndarray:
+        return ndimage.map_coordinates(arr, coords, output=dtype, order=order, mode="mirror")
+
+    dtype = _float_dtype(image)
+    planes = image if image.ndim == 3 else image[None]
+    out_image = np.stack([warp(p, image_order, dtype) for p in planes])
+    out_image = out_image if image.ndim == 3 else out_image[0]
+    out_labels = None
+    if labels is not None:
+        as_int = labels.astype(np.uint8) if labels.dtype == bool else labels
+        out_labels = warp(as_int, 0, as_int.dtype).astype(labels.dtype, copy=False)
+    out_weights = None if weights is None else warp(weights, 1, _float_dtype(weights))
+    return out_image, out_labels, out_weights
+
+
+def random_flip(
+    image: np.ndarray,
+    labels: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+    *,
+    rng: np.random.Generator | int,
+    horizontal: float = 0.5,
+    vertical: float = 0.0,
+) -> Arrays:
+    """Flip left-right with probability ``horizontal`` and up-down with probability ``vertical``.
+
+    The same flips are applied to image, labels and weights. Both random draws are always made, so
+    the generator advances the same way whatever the outcome.
+
+    Returns:
+        (image, labels, weights), contiguous copies; None stays None.
+    """
+    image = np.asarray(image)
+    _check_arrays(image, labels, weights)
+    for name, p in (("horizontal", horizontal), ("vertical", vertical)):
+        if not 0 <= p <= 1:
+            raise ValueError(f"{name} flip probability must be in [0, 1], got {p!r}")
+    gen = _as_rng(rng)
+    flip_h, flip_v = gen.random() < horizontal, gen.random() < vertical
+    axes = tuple(a for a, flip in ((-2, flip_v), (-1, flip_h)) if flip)
+
+    def apply(arr: np.ndarray | None) -> np.ndarray | None:
+        if arr is None:
+            return None
+        return np.ascontiguousarray(np.flip(arr, axis=axes) if axes else arr.copy())
+
+    return apply(image), apply(labels), apply(weights)
+
+
+def intensity_jitter(
+    image: np.ndarray,
+    rng: np.random.Generator | int,
+    brightness: float = 0.1,
+    contrast: float = 0.1,
+    gamma: float = 0.1,
+) -> np.ndarray:
+    """Random gray-value variation of an (H, W) or (C, H, W) image; one draw for all channels.
+
+    Intensities are measured in units of the image's range r = max - min (1 when constant):
+
+    1. gamma: ``min + r * ((x - min) / r) ** g`` with ``log(g) ~ U(-gamma, gamma)``;
+    2. contrast: deviations from the mean are scaled by ``U(1 - contrast, 1 + contrast)``;
+    3. brightness: ``U(-brightness, brightness) * r`` is added.
+
+    No clipping. Returns a float array (float dtype kept, integers become float32).
+    """
+    image = np.asarray(image)
+    if image.ndim not in (2, 3) or 0 in image.shape:
+        raise ValueError(f"image must be a non-empty (H, W) or (C, H, W) array, got shape {image.shape}")
+    limits = (("brightness", brightness, np.inf), ("contrast", contrast, 1.0), ("gamma", gamma, np.inf))
+    for name, value, upper in limits:
+        if not 0 <= value < upper:
+            raise ValueError(f"{name} must be >= 0 and < {upper}, got {value!r}")
+    gen = _as_rng(rng)
+    g = float(np.exp(gen.uniform(-gamma, gamma)))
+    c = gen.uniform(1 - contrast, 1 + contrast)
+    b = gen.uniform(-brightness, brightness)
+    x = image.astype(np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    r = hi - lo if hi > lo else 1.0
+    x = lo + r * ((x - lo) / r) ** g
+    x = x.mean() + c * (x - x.mean()) + b * r
+    return x.astype(_float_dtype(image))
+
+
+def augment(
+    image: np.ndarray,
+    labels: np.ndarray | None,
+    weights: np.ndarray | None,
+    rng: np.random.Generator | int,
+    elastic: bool = True,
+    flip: bool = True,
+    jitter: bool = True,
+    *,
+    grid: int = 3,
+    sigma: float = 10.0,
+) -> Arrays:
+    """Flip, then elastically deform, then jitter gray values; geometry shared by all three arrays.
+
+    Uses one generator for all steps, so ``rng`` as an int seed reproduces the whole chain.
+    ``grid`` and ``sigma`` are passed to :func:`elastic_deform` (paper: 3 x 3 grid, 10 pixels).
+
+    Returns:
+        (image, labels, weights) as from the individual steps; None stays None.
+    """
+    gen = _as_rng(rng)
+    image = np.asarray(image)
+    _check_arrays(image, labels, weights)
+    if flip:
+        image, labels, weights = random_flip(image, labels, weights, rng=gen)
+    if elastic:
+        image, labels, weights = elastic_deform(image, labels, weights, grid=grid, sigma=sigma, rng=gen)
+    if jitter:
+        image = intensity_jitter(image, gen)
+    return image, labels, weights

@@ -1,0 +1,100 @@
+"""Training tiles for a valid-padding U-Net (Ronneberger et al. 2015, arXiv 1505.04597, sec. 3).
+
+A tile is an input window of the mirror-padded image and the output window it predicts: the label
+and weight crops are ``halo = (input - output) / 2`` smaller on every side, so the network sees the
+context it needs for every labelled pixel (the paper's overlap-tile strategy, applied to training).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from unet.augment import augment as augment_tile
+
+__all__ = ["BScanSet", "TileDataset", "choose_tile_size"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class BScanSet:
+    """Annotated B-scans in memory: images float32 (N, H, W), labels int64 (N, H, W), weights (N, H, W)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 3 or self.labels.shape != self.images.shape:
+            raise ValueError(
+                f"images and labels must both be (N, H, W); got {self.images.shape} and {self.labels.shape}"
+            )
+        if self.weights is not None and self.weights.shape != self.images.shape:
+            raise ValueError(f"weights shape {self.weights.shape} != images shape {self.images.shape}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def choose_tile_size(output_size_fn, image_hw: tuple[int, int], max_input: int = 256) -> int:
+    """Largest valid input tile <= ``max_input`` whose output fits inside an (H, W) image.
+
+    ``output_size_fn(n)`` returns the network's output size for input ``n`` or raises ValueError.
+    """
+    limit = min(image_hw)
+    for n in range(max_input, 0, -1):
+        try:
+            out = output_size_fn(n)
+        except ValueError:
+            continue
+        if 0 < out <= limit:
+            return n
+    raise ValueError(f"no valid input tile <= {max_input} gives an output that fits an image of {image_hw}")
+
+
+class TileDataset(Dataset):
+    """Random (input tile, label crop, weight crop) samples from a :class:`BScanSet`.
+
+    Item ``i`` of epoch ``e`` is drawn from a generator seeded with ``(seed, e, i)``, so runs repeat.
+    Returns ``image`` float32 (1, T, T), ``target`` int64 (O, O), ``weight`` float32 (O, O).
+    """
+
+    def __init__(self, data: BScanSet, tile: int, output: int, n_tiles: int, augment: bool = True, seed: int = 0):
+        if output > min(data.images.shape[1:]):
+            raise ValueError(f"output tile {output} does not fit B-scans of {data.images.shape[1:]}")
+        if (tile - output) % 2:
+            raise ValueError(f"input tile {tile} and output {output} differ by an odd number of pixels")
+        self.data, self.tile, self.output, self.n_tiles = data, tile, output, n_tiles
+        self.halo = (tile - output) // 2
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        pad = ((0, 0), (self.halo, self.halo), (self.halo, self.halo))
+        self._images = np.pad(data.images, pad, mode="symmetric")
+        self._labels = np.pad(data.labels, pad, mode="symmetric")
+        w = data.weights if data.weights is not None else np.ones_like(data.images, dtype=np.float32)
+        self._weights = np.pad(w.astype(np.float32), pad, mode="symmetric")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_tiles
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        n, h, w = self.data.images.shape
+        k = int(rng.integers(n))
+        y = int(rng.integers(h - self.output + 1))
+        x = int(rng.integers(w - self.output + 1))
+        window = np.s_[k, y : y + self.tile, x : x + self.tile]  # padded coordinates
+        image, labels, weights = self._images[window], self._labels[window], self._weights[window]
+        if self.augment:
+            image, labels, weights = augment_tile(image, labels, weights, rng)
+        c = np.s_[self.halo : self.halo + self.output, self.halo : self.halo + self.output]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None]),
+            "target": torch.from_numpy(np.ascontiguousarray(labels[c], dtype=np.int64)),
+            "weight": torch.from_numpy(np.ascontiguousarray(weights[c], dtype=np.float32)),
+        }

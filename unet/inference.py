@@ -1,0 +1,86 @@
+"""Run a U-Net over whole B-scans and volumes with the overlap-tile strategy.
+
+The network is wrapped into a numpy predictor and handed to :func:`unet.tiling.predict_tiled`, so the
+tiling itself stays pure and is tested without a network.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from unet.tiling import predict_tiled
+
+__all__ = ["resolve_device", "torch_predictor", "predict_probabilities", "segment_volume", "default_tile"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; an explicit ``"cuda"`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but torch.cuda.is_available() is False")
+    return device
+
+
+def torch_predictor(
+    model: torch.nn.Module, device: torch.device | None = None, amp: bool = False
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Wrap ``model`` as ``f(batch float32 (N, C, T, T)) -> softmax probabilities float32 (N, K, O, O)``."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    use_amp = amp and device.type == "cuda"
+
+    @torch.inference_mode()
+    def predict(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(x)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    return predict
+
+
+def default_tile(model: torch.nn.Module, image_hw: tuple[int, int], max_input: int = 572) -> int:
+    """A valid input tile: the image plus its context when that fits in ``max_input``, else the
+    largest valid tile <= ``max_input`` (the paper's 572 for its network)."""
+    below, above = model.nearest_valid_input_size(max_input)
+    largest = below if below is not None else above
+    halo = (largest - model.output_size(largest)) // 2
+    below, above = model.nearest_valid_input_size(min(largest, max(image_hw) + 2 * halo))
+    return below if below is not None else above
+
+
+def predict_probabilities(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    tile: int | None = None,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    amp: bool = False,
+) -> np.ndarray:
+    """Class probabilities float32 (K, H, W) for one normalised B-scan (H, W)."""
+    tile = tile or default_tile(model, image.shape)
+    return predict_tiled(image, torch_predictor(model, amp=amp), tile, overlap=overlap, batch_size=batch_size)
+
+
+def segment_volume(
+    model: torch.nn.Module,
+    volume: np.ndarray,
+    tile: int | None = None,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Arg-max labels uint8 (Z, H, W) for a normalised (Z, H, W) volume, B-scan by B-scan."""
+    out = np.empty(volume.shape, dtype=np.uint8)
+    for z, bscan in enumerate(volume):
+        out[z] = predict_probabilities(model, bscan, tile, overlap, batch_size).argmax(0)
+        if progress is not None:
+            progress(z + 1, len(volume))
+    return out

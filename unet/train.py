@@ -1,0 +1,127 @@
+"""Training loop for the U-Net: the paper's weighted cross-entropy and SGD with momentum 0.99.
+
+Pure PyTorch. Tracking happens at the edge: :func:`fit` calls ``on_epoch_end(stats)`` after every
+epoch, and the caller (a Prefect task) forwards it to MLflow.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from unet.data import BScanSet, TileDataset, choose_tile_size
+from unet.inference import predict_probabilities, resolve_device
+from unet.losses import weighted_cross_entropy
+from unet.metrics import dice_per_class
+
+__all__ = ["TrainConfig", "EpochStats", "fit", "evaluate", "make_optimizer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run (the U-Net's own live in :class:`unet.config.UNetConfig`)."""
+
+    epochs: int = 20
+    batch_size: int = 4
+    optimizer: str = "sgd"  # "sgd" (the paper's, momentum 0.99) or "adam"
+    lr: float = 0.01
+    momentum: float = 0.99
+    weight_decay: float = 0.0
+    tile_size: int | None = None  # network input tile; None -> largest valid <= max_tile that fits
+    max_tile: int = 256
+    tiles_per_epoch: int = 64
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    amp: bool = False  # bfloat16 autocast on CUDA
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.tiles_per_epoch < 1:
+            raise ValueError(f"epochs, batch_size and tiles_per_epoch must be >= 1, got {asdict(self)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EpochStats:
+    """What one epoch measured; ``val_dice`` maps class -> Dice pooled over the validation set."""
+
+    epoch: int
+    train_loss: float
+    seconds: float
+    val_dice: dict[int, float] = field(default_factory=dict)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def evaluate(model: torch.nn.Module, data: BScanSet, num_classes: int, tile: int | None = None) -> dict[int, float]:
+    """Per-class Dice over the pooled pixels of ``data``; a class absent from both gives NaN."""
+    preds = np.stack([predict_probabilities(model, img, tile).argmax(0) for img in data.images])
+    return dice_per_class(preds, data.labels, num_classes)
+
+
+def _train_epoch(model, loader, optimizer, device, amp) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["target"].to(device, non_blocking=True)
+        w = batch["weight"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            logits = model(x)  # (N, K, O, O)
+        loss = weighted_cross_entropy(logits.float(), y, w)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss) * len(x)
+        count += len(x)
+    return total / max(count, 1)
+
+
+def fit(
+    model: torch.nn.Module,
+    train: BScanSet,
+    val: BScanSet | None,
+    cfg: TrainConfig,
+    on_epoch_end: Callable[[EpochStats], None] | None = None,
+) -> list[EpochStats]:
+    """Train ``model`` in place on random valid-padding tiles of ``train``; returns per-epoch stats."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    tile = cfg.tile_size or choose_tile_size(model.output_size, train.images.shape[1:], cfg.max_tile)
+    out = model.output_size(tile)
+    dataset = TileDataset(train, tile, out, cfg.tiles_per_epoch, augment=cfg.augment, seed=cfg.seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, pin_memory=device.type == "cuda")
+    optimizer = make_optimizer(model, cfg)
+    num_classes = model.config.out_channels
+    log.info("training on %s: %d B-scans, tiles %d -> %d, %s", device, len(train), tile, out, cfg)
+    history: list[EpochStats] = []
+    for epoch in range(cfg.epochs):
+        dataset.set_epoch(epoch)
+        t0 = time.perf_counter()
+        loss = _train_epoch(model, loader, optimizer, device, cfg.amp)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} in epoch {epoch}; lower the learning rate")
+        val_dice = evaluate(model, val, num_classes) if val is not None and len(val) else {}
+        stats = EpochStats(epoch, loss, time.perf_counter() - t0, val_dice)
+        history.append(stats)
+        log.info("epoch %d: loss %.4f, val dice %s", epoch, loss, val_dice)
+        if on_epoch_end is not None:
+            on_epoch_end(stats)
+    model.eval()
+    return history

@@ -1,0 +1,277 @@
+"""Pixel-wise loss weights of the U-Net (Ronneberger, Fischer, Brox 2015, arXiv 1505.04597, eq. 2).
+
+    w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))**2 / (2 * sigma**2))
+
+``w_c`` balances the class frequencies; the second ("border") term makes the network learn the thin
+background gaps that separate touching instances (cells in EM, fluid pockets in OCT). ``d1``/``d2``
+are the Euclidean distances, in pixels, from ``x`` to the closest pixel of the nearest and of the
+second-nearest instance. As in the paper, the border term is added on background pixels only.
+
+:func:`border_weight_map` is the fast, exact-to-a-tolerance version used by the pipeline;
+:func:`border_weight_map_reference` is the obvious brute force (one full-image distance transform
+per instance) that tests and ``benchmarks/weights.py`` compare it against.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from scipy import ndimage as ndi
+
+__all__ = [
+    "BORDER_TOLERANCE",
+    "border_weight_map",
+    "border_weight_map_reference",
+    "border_weight_map_volume",
+]
+
+log = logging.getLogger(__name__)
+
+BORDER_TOLERANCE = 1e-3
+"""Largest border term (same unit as the weights) that :func:`border_weight_map` may drop."""
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+_BINCOUNT_LIMIT = 1 << 16  # class ids up to this use np.bincount, larger ones np.unique
+
+ClassWeights = str | Mapping[int, float] | None
+Boxes = list[tuple[int, tuple[slice, ...]]]  # (instance id, bounding box) per present instance
+TwoNearest = Callable[[np.ndarray, Boxes, float], tuple[np.ndarray, np.ndarray]]
+
+
+def _as_id_map(array: object, name: str, ndim: int) -> np.ndarray:
+    """Validate an id map (class or instance ids >= 0); returns an integer array castable to int64."""
+    arr = np.asarray(array)
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    if 0 in arr.shape:
+        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
+    if arr.dtype == bool:
+        return arr.view(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+            raise TypeError(f"{name} must hold integer ids, got non-integral {arr.dtype} values")
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer (or integral float) array, got dtype {arr.dtype}")
+    if arr.min() < 0:
+        raise ValueError(f"{name} must be >= 0 (0 = background/none), got minimum {arr.min()}")
+    if arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} ids must fit in int64, got maximum {arr.max()}")
+    if np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint64:
+        return arr  # kept as is: bincount, label and find_objects take any such integer dtype
+    return arr.astype(np.int64)
+
+
+def _check_params(w0: float, sigma: float) -> tuple[float, float]:
+    try:
+        w0, sigma = float(w0), float(sigma)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"w0 and sigma must be real numbers, got {w0!r} and {sigma!r}") from e
+    if not (math.isfinite(w0) and w0 >= 0):
+        raise ValueError(f"w0 must be finite and >= 0, got {w0}")
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be finite and > 0 (pixels), got {sigma}")
+    return w0, sigma
+
+
+def _present_classes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted class ids present in ``labels`` and their pixel counts, both shape (K,)."""
+    if labels.max() <= _BINCOUNT_LIMIT:
+        counts = np.bincount(labels.ravel())
+        classes = np.flatnonzero(counts)
+        return classes, counts[classes]
+    return np.unique(labels, return_counts=True)
+
+
+def _class_weight_map(labels: np.ndarray, class_weights: ClassWeights) -> np.ndarray:
+    """w_c as float32 (H, W): 1, inverse frequency ("balanced") or a {class: weight} lookup."""
+    if class_weights is None:
+        return np.ones(labels.shape, dtype=np.float32)
+    classes, counts = _present_classes(labels)
+    if isinstance(class_weights, str):
+        if class_weights != "balanced":
+            raise ValueError(f"class_weights must be None, 'balanced' or a mapping, got {class_weights!r}")
+        values = counts.max() / counts.astype(np.float64)
+    elif isinstance(class_weights, Mapping):
+        given = {int(k): float(v) for k, v in class_weights.items()}
+        missing = sorted(set(classes.tolist()) - set(given))
+        if missing:
+            raise ValueError(f"class_weights has no weight for classes {missing} present in labels "
+                             f"(got keys {sorted(given)})")
+        values = np.array([given[c] for c in classes.tolist()], dtype=np.float64)
+        if not np.all(np.isfinite(values) & (values >= 0)):
+            raise ValueError(f"class weights must be finite and >= 0, got {given}")
+    else:
+        raise TypeError(f"class_weights must be None, 'balanced' or a mapping, got {type(class_weights).__name__}")
+    return values.astype(np.float32)[np.searchsorted(classes, labels)]
+
+
+def _connected_instances(labels: np.ndarray) -> np.ndarray:
+    """8-connected components of each non-background class, numbered 1..N across classes."""
+    classes, _ = _present_classes(labels)
+    classes = classes[classes > 0]
+    if classes.size == 1:
+        return ndi.label(labels == classes[0], structure=_EIGHT_CONNECTED)[0]
+    instances = np.zeros(labels.shape, dtype=np.int32)
+    offset = 0
+    for c in classes:
+        components, n = ndi.label(labels == c, structure=_EIGHT_CONNECTED)
+        inside = components > 0
+        instances[inside] = components[inside] + offset
+        offset += n
+    return instances
+
+
+def _instance_map(labels: np.ndarray, instances: object) -> np.ndarray:
+    """Validated instance map (H, W) int64 with ids 1..N (0 = none)."""
+    if instances is None:
+        return _connected_instances(labels)
+    inst = _as_id_map(instances, "instances", 2)
+    if inst.shape != labels.shape:
+        raise ValueError(f"instances shape {inst.shape} must equal labels shape {labels.shape}")
+    if np.any((labels == 0) & (inst != 0)):
+        raise ValueError("instances must be 0 wherever labels == 0 (instances are foreground objects; "
+                         "the border term lives on background pixels)")
+    if inst.max() > inst.size:  # sparse, huge ids: renumber so find_objects stays small
+        inst = np.unique(inst, return_inverse=True)[1].reshape(inst.shape)
+    return inst
+
+
+def _cutoff_radius(w0: float, sigma: float, tol: float = BORDER_TOLERANCE) -> float:
+    """R (pixels) with w0 * exp(-R**2 / (2 sigma**2)) == tol; 0 when w0 <= tol."""
+    return sigma * math.sqrt(2.0 * math.log(w0 / tol)) if w0 > tol else 0.0
+
+
+def _instance_boxes(instances: np.ndarray) -> Boxes:
+    """(id, bounding box) of each instance present in ``instances``."""
+    return [(ident, box) for ident, box in enumerate(ndi.find_objects(instances), start=1) if box is not None]
+
+
+def _grow(box: tuple[slice, ...], margin: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """``box`` grown by ``margin`` pixels on every side, clipped to ``shape``."""
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape))
+
+
+def _two_nearest_windowed(instances: np.ndarray, boxes: Boxes, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """(d1, d2) float32 (H, W), exact at background pixels where d1 + d2 <= radius; d2 = inf where unreached.
+
+    Keeps a running two-smallest of integer squared distances over windows: each instance's
+    bounding box grown by ceil(radius - 1). Background pixels have d1 >= 1, so an instance that is
+    one of the two nearest where d1 + d2 <= radius lies within d2 <= radius - 1 of the pixel. The
+    window holds the whole instance, so its feature transform gives exact distances inside it.
+    """
+    h, w = instances.shape
+    dtype = np.int32 if (h - 1) ** 2 + (w - 1) ** 2 < np.iinfo(np.int32).max else np.int64
+    unreached = np.iinfo(dtype).max
+    near_sq = np.full((h, w), unreached, dtype=dtype)  # squared d1, pixels^2
+    far_sq = np.full((h, w), unreached, dtype=dtype)  # squared d2, pixels^2
+    row_idx = np.arange(h, dtype=dtype)[:, None]
+    col_idx = np.arange(w, dtype=dtype)[None, :]
+    margin = max(math.ceil(radius - 1.0), 0)
+    for ident, box in boxes:
+        win = _grow(box, margin, (h, w))
+        ft = ndi.distance_transform_edt(instances[win] != ident, return_distances=False, return_indices=True)
+        ft = ft.astype(dtype, copy=False)  # (2, h_win, w_win): nearest instance pixel, window coordinates
+        ft[0] -= row_idx[: ft.shape[1]]
+        ft[1] -= col_idx[:, : ft.shape[2]]
+        np.square(ft, out=ft)
+        sq = ft[0]
+        sq += ft[1]
+        near, far = near_sq[win], far_sq[win]  # views: updated in place
+        np.minimum(far, np.maximum(near, sq), out=far)
+        np.minimum(near, sq, out=near)
+    d1 = np.sqrt(near_sq, dtype=np.float32)
+    d2 = np.sqrt(far_sq, dtype=np.float32)
+    d2[far_sq == unreached] = np.inf
+    return d1, d2
+
+
+def _two_nearest_brute(instances: np.ndarray, boxes: Boxes, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """(d1, d2) float32 (H, W): full-image EDT per instance, stacked and sorted; ``radius`` unused."""
+    stack = np.empty((len(boxes), *instances.shape), dtype=np.float32)  # (N, H, W), pixels
+    for k, (ident, _) in enumerate(boxes):
+        stack[k] = ndi.distance_transform_edt(instances != ident)
+    stack.sort(axis=0)
+    return stack[0], stack[1]
+
+
+def _weight_map(labels: object, instances: object, w0: float, sigma: float,
+                class_weights: ClassWeights, two_nearest: TwoNearest) -> np.ndarray:
+    """Shared validation and assembly of eq. 2; ``two_nearest`` supplies (d1, d2)."""
+    labels = _as_id_map(labels, "labels", 2)
+    w0, sigma = _check_params(w0, sigma)
+    weights = _class_weight_map(labels, class_weights)
+    inst = _instance_map(labels, instances)
+    boxes = _instance_boxes(inst)
+    radius = _cutoff_radius(w0, sigma)
+    log.debug("border weights: %d instances, cut-off radius %.2f px", len(boxes), radius)
+    if len(boxes) < 2 or radius == 0.0:
+        return weights
+    d1, d2 = two_nearest(inst, boxes, radius)
+    term = d1 + d2  # (H, W) float32, inf where unreached
+    np.square(term, out=term)
+    term *= -1.0 / (2.0 * sigma * sigma)
+    np.exp(term, out=term)
+    term *= w0
+    np.add(weights, term, out=weights, where=labels == 0)
+    return weights
+
+
+def border_weight_map(labels: np.ndarray, instances: np.ndarray | None = None, w0: float = 10.0,
+                      sigma: float = 5.0, class_weights: ClassWeights = None) -> np.ndarray:
+    """U-Net weight map w(x) (eq. 2 of arXiv 1505.04597) of one B-scan, float32 (H, W).
+
+    Args:
+        labels: (H, W) integer class map, 0 = background (bool or integral floats accepted).
+        instances: (H, W) instance ids, 0 = none; must be 0 where ``labels == 0``. When None, the
+            instances are the 8-connected components of each non-background class, taken per class
+            (touching regions of different classes are different instances).
+        w0: amplitude of the border term (weight units), >= 0.
+        sigma: width of the border term in pixels, > 0.
+        class_weights: None (w_c = 1), ``"balanced"`` (w_c = count of the most frequent class /
+            count of the pixel's class, so the most frequent class weighs 1), or a mapping
+            ``{class: weight}`` covering every class present in ``labels``.
+
+    Returns:
+        float32 (H, W): w_c(x) + w0 exp(-(d1 + d2)^2 / (2 sigma^2)) on background pixels, w_c(x)
+        elsewhere; d1, d2 in pixels. No border term with fewer than two instances.
+
+    Exactness: with R = sigma sqrt(2 ln(w0 / t)), t = ``BORDER_TOLERANCE``, the border term is < t
+    wherever d1 + d2 > R. Where d1 + d2 <= R both nearest instances lie within R (d1 <= d2), so
+    each instance's distances are only needed on its bounding box grown by ceil(R); there one
+    EDT of the crop is exact because the crop contains the whole instance. A running two-smallest
+    over these windows is therefore exact where d1 + d2 <= R; elsewhere it can only overestimate
+    d1 + d2 (a minimum over fewer instances), giving a term in [0, t). Hence
+    ``|border_weight_map - border_weight_map_reference| < t`` (1e-3), up to float32 rounding.
+    """
+    return _weight_map(labels, instances, w0, sigma, class_weights, _two_nearest_windowed)
+
+
+def border_weight_map_reference(labels: np.ndarray, instances: np.ndarray | None = None, w0: float = 10.0,
+                                sigma: float = 5.0, class_weights: ClassWeights = None) -> np.ndarray:
+    """Brute-force :func:`border_weight_map`: one full-image EDT per instance, sorted; float32 (H, W).
+
+    Slow (O(N H W log N) time, N H W memory) and obviously right; for tests and benchmarks.
+    """
+    return _weight_map(labels, instances, w0, sigma, class_weights, _two_nearest_brute)
+
+
+def border_weight_map_volume(labels: np.ndarray, instances: np.ndarray | None = None,
+                             **kwargs: object) -> np.ndarray:
+    """:func:`border_weight_map` of each B-scan of a (Z, H, W) volume; float32 (Z, H, W).
+
+    ``instances`` is None or (Z, H, W); ``kwargs`` (w0, sigma, class_weights) apply per B-scan, so
+    ``"balanced"`` class weights use each B-scan's own class frequencies.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be 3-D (Z, H, W), got shape {labels.shape}")
+    if instances is not None:
+        instances = np.asarray(instances)
+        if instances.shape != labels.shape:
+            raise ValueError(f"instances shape {instances.shape} must equal labels shape {labels.shape}")
+    out = np.empty(labels.shape, dtype=np.float32)
+    for z in range(labels.shape[0]):
+        out[z] = border_weight_map(labels[z], None if instances is None else instances[z], **kwargs)
+    return out
