@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import zarr
@@ -316,8 +317,8 @@ class Archive:
             raise ArchiveError(f"{where}: provenance lacks {missing} (required: {list(REQUIRED_PROVENANCE)})")
         meta = {**_jsonable(dict(provenance), f"{where}: provenance"), "volume_id": volume_id,
                 "octseg_version": _octseg_version(), "ingested_at": _now(), "scale_known": scale_um is not None}
-        with self._staging() as stage:
-            try:
+        with self._staging() as stage, dask.config.set(scheduler="synchronous"):
+            try:  # synchronous: no worker thread may still write into the staging folder after a failure
                 group = zarr.open_group(stage / "new", mode="w", zarr_format=3)
                 write_image(arr, group, scale_factors=[], axes=list(AXES), scale=scale, axes_units=_UNITS,
                             storage_options=_storage(arr.shape), name=volume_id)
@@ -341,7 +342,7 @@ class Archive:
         if missing:
             raise ArchiveError(f"{where}: model_info lacks {missing} (required: {list(REQUIRED_MODEL_INFO)})")
         info = {**_jsonable(dict(model_info), f"{where}: model_info"), "written_at": _now(), "complete": True}
-        with self._staging() as stage:
+        with self._staging() as stage, dask.config.set(scheduler="synchronous"):
             try:
                 tmp = zarr.open_group(stage / "tmp", mode="w", zarr_format=3)
                 _write_label_image(tmp, "prediction", lab, self._scale_dict(volume_id), class_names, info)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -189,9 +188,7 @@ def _speckle_to_uint8(refl: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(signal * 254), 0, 254).astype(np.uint8)
 
 
-def _fill_mask(
-    layers: np.ndarray, fill: str, fill_size: tuple[float, float]
-) -> np.ndarray:
+def _fill_mask(layers: np.ndarray, fill: str, fill_size: tuple[float, float]) -> np.ndarray:
     """Boolean (H, W) white-fill triangle(s) in the top corner(s), limited to the vitreous."""
     height, width = layers.shape
     legs_x, legs_y = max(fill_size[0] * width, 1.0), max(fill_size[1] * height, 1.0)
@@ -236,10 +233,12 @@ def make_phantom_bscan(
     _add_vessels(refl, boundaries, rng, fovea_x)
     image = _speckle_to_uint8(refl, rng)
     image[_fill_mask(layers, fill, fill_size)] = FILL_VALUE
-    return Phantom(image=image, layers=layers, fluid=(instances > 0).astype(np.uint8), fluid_instances=instances)
+    fluid_mask = (instances > 0).astype(np.uint8)
+    return Phantom(image=image, layers=layers, fluid=fluid_mask, fluid_instances=instances)
 
 
 def _check_size(height: int, width: int) -> None:
+    """Raise ValueError unless height and width are ints >= the smallest size the anatomy fits in."""
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < _MIN_SIZE:
             raise ValueError(f"{name} must be an int >= {_MIN_SIZE} pixels, got {value!r}")
@@ -277,7 +276,9 @@ def make_phantom_volume(
     return Phantom(*(np.stack([getattr(b, f.name) for b in bscans]) for f in fields(Phantom)))
 
 
-def _write_volume(image: np.ndarray, labels: np.ndarray, image_path: Path, label_path: Path, fmt: str) -> None:
+def _write_volume(
+    image: np.ndarray, labels: np.ndarray, image_path: Path, label_path: Path, fmt: str
+) -> None:
     """Write one (Z, H, W) uint8 volume and its label volume in ``fmt``."""
     if fmt == "tiff":
         import tifffile

@@ -115,7 +115,10 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, bool, tuple[float, float, float]
     """TIFF pixels, whether the last axis is colour samples, and the OME scale."""
     try:
         with tifffile.TiffFile(path) as tif:
-            return tif.asarray(), tif.series[0].axes.endswith("S"), _tiff_scale(tif)
+            arr, axes = tif.asarray(), tif.series[0].axes
+            if "S" in axes:  # colour samples, interleaved (last) or planar: move them last
+                return np.moveaxis(arr, axes.index("S"), -1), True, _tiff_scale(tif)
+            return arr, False, _tiff_scale(tif)
     except tifffile.TiffFileError as e:
         if "not a TIFF file" in str(e):
             raise ReadError(path, f"not a TIFF image ({e})") from e

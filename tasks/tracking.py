@@ -14,6 +14,7 @@ How a model is stored (flavor ``octseg_unet``, see :func:`log_unet`)::
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -156,7 +157,7 @@ class _UNetFlavor:
         (folder / CONFIG_FILE).write_text(json.dumps(unet.config.to_dict(), indent=2))
         (folder / "requirements.txt").write_text("\n".join(pip_requirements) + "\n")
         mlflow_model.add_flavor(
-            FLAVOR_NAME, weights=WEIGHTS_FILE, unet_config=CONFIG_FILE, torch_version=torch.__version__
+            FLAVOR_NAME, weights=WEIGHTS_FILE, unet_config=CONFIG_FILE, torch_version=str(torch.__version__)
         )
         mlflow_model.save(str(folder / MLMODEL_FILE_NAME))
 
@@ -188,6 +189,7 @@ def log_unet(
     if mlflow.active_run() is None:
         raise RuntimeError("log_unet needs an active MLflow run (call it inside mlflow.start_run())")
     info = Model.log(
+        artifact_path=None,  # positional in Model.log's signature although deprecated in favour of name
         name=name,
         flavor=_UNetFlavor,
         flavor_name=FLAVOR_NAME,
@@ -243,30 +245,38 @@ def resolve_model(model_uri: str, tracking_uri: str) -> ModelRef:
                 f"{_describe(client, name)}; run `octseg train` first or use models:/{name}/VERSION"
             )
         version = str(registered.aliases[alias])
-    versions = {v.version: v for v in client.search_model_versions(f"name='{name}'")}
+    versions = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
     if str(version) not in versions:
         raise ValueError(f"model {name!r} has no version {version} in {tracking_uri}; {_describe(client, name)}")
     pinned = f"models:/{name}/{version}"
-    config = _read_config(pinned, tracking_uri)
+    config = json.loads(_download(tracking_uri, name, str(version), CONFIG_FILE).decode())
     return ModelRef(name, str(version), versions[str(version)].run_id, pinned, config)
 
 
-def _read_config(pinned_uri: str, tracking_uri: str) -> dict:
+def _download(tracking_uri: str, name: str, version: str, filename: str) -> bytes:
+    """Bytes of ``filename`` in the folder of registered model version ``name/version``.
+
+    Goes through ``get_model_version_download_uri``: ``download_artifacts("models:/NAME/VERSION/...",
+    tracking_uri=..., registry_uri=...)`` ignores both arguments when it resolves the name (MLflow
+    3.17.2 uses the global registry URI, i.e. a fresh ./mlflow.db in the working directory).
+    """
     import mlflow
 
+    folder = _client(tracking_uri).get_model_version_download_uri(name, version)
     with tempfile.TemporaryDirectory(prefix="octseg-model-") as tmp:
         try:
             path = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{pinned_uri}/{CONFIG_FILE}", dst_path=tmp, tracking_uri=tracking_uri
+                artifact_uri=f"{folder.rstrip('/')}/{filename}", dst_path=tmp, tracking_uri=tracking_uri
             )
-        except Exception as e:  # the store's "not found" differs per artifact repository
-            raise ValueError(f"{pinned_uri} has no {CONFIG_FILE}: it was not logged by octseg's log_unet") from e
-        return json.loads(Path(path).read_text())
+        except Exception as e:  # "not found" is a different exception per artifact repository
+            raise ValueError(
+                f"models:/{name}/{version} has no {filename} in {folder}: was it logged by octseg's log_unet?"
+            ) from e
+        return Path(path).read_bytes()
 
 
 def load_unet(ref: ModelRef, tracking_uri: str, device: str | torch.device = "cpu") -> UNet:
     """Rebuild the registered U-Net: ``UNet.from_config(saved config)`` + the saved ``state_dict``, in eval mode."""
-    import mlflow
     import torch
 
     from unet.config import UNetConfig
@@ -275,11 +285,8 @@ def load_unet(ref: ModelRef, tracking_uri: str, device: str | torch.device = "cp
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     model = UNet.from_config(UNetConfig.from_dict(ref.unet_config))
-    with tempfile.TemporaryDirectory(prefix="octseg-model-") as tmp:
-        path = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{ref.uri}/{WEIGHTS_FILE}", dst_path=tmp, tracking_uri=tracking_uri
-        )
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    weights = _download(tracking_uri, ref.name, ref.version, WEIGHTS_FILE)
+    state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -307,15 +314,9 @@ def promote_if_better(
     beats a champion; a champion whose score is NaN loses to any finite score; a champion without
     ``metric`` is kept (the scores are not comparable) and a warning says so.
     """
-    from mlflow.exceptions import MlflowException
-
     client = _client(tracking_uri)
-    try:
-        current = client.get_model_version_by_alias(name, alias)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        current = None
+    aliases = client.get_registered_model(name).aliases  # stores differ in how a missing alias fails
+    current = client.get_model_version(name, aliases[alias]) if alias in aliases else None
     if current is not None:
         if str(current.version) == str(version):
             return False

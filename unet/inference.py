@@ -53,7 +53,7 @@ def default_tile(model: torch.nn.Module, image_hw: tuple[int, int], max_input: i
     largest = below if below is not None else above
     halo = (largest - model.output_size(largest)) // 2
     below, above = model.nearest_valid_input_size(min(largest, max(image_hw) + 2 * halo))
-    return below if below is not None else above
+    return above if above <= largest or below is None else below
 
 
 def predict_probabilities(
@@ -65,8 +65,11 @@ def predict_probabilities(
     amp: bool = False,
 ) -> np.ndarray:
     """Class probabilities float32 (K, H, W) for one normalised B-scan (H, W)."""
-    tile = tile or default_tile(model, image.shape)
-    return predict_tiled(image, torch_predictor(model, amp=amp), tile, overlap=overlap, batch_size=batch_size)
+    tile = tile or default_tile(model, image.shape[-2:])
+    return predict_tiled(
+        image, torch_predictor(model, amp=amp), tile, overlap=overlap, batch_size=batch_size,
+        output_tile=model.output_size(tile),
+    )
 
 
 def segment_volume(

@@ -183,8 +183,7 @@ def plan_tiles(
     >>> plan_tiles((5, 30), (20, 20), (12, 12), 0.0).pad  # 5 rows < 12: pad 7 more at the bottom
     ((4, 11), (4, 4))
     """
-    if not (isinstance(overlap, (int, float)) and 0 <= overlap < 1):
-        raise ValueError(f"overlap must be >= 0 and < 1, got {overlap!r}")
+    _check_overlap(overlap)
     h, w = (int(v) for v in image_hw)
     if h < 1 or w < 1:
         raise ValueError(f"image must be at least 1x1 pixels, got (H, W)=({h}, {w})")
@@ -233,7 +232,14 @@ def _probe_output_tile(predictor: Predictor, channels: int, tile_in: tuple[int, 
     return int(out.shape[2]), int(out.shape[3])
 
 
+def _check_overlap(overlap: float) -> None:
+    """Raise ValueError unless 0 <= overlap < 1."""
+    if isinstance(overlap, bool) or not (isinstance(overlap, (int, float, np.integer, np.floating)) and 0 <= overlap < 1):
+        raise ValueError(f"overlap must be >= 0 and < 1, got {overlap!r}")
+
+
 def _check_call_args(batch_size: int, blend: str, progress: Callable[[int, int], None] | None) -> None:
+    """Raise ValueError/TypeError for a bad batch_size, blend or progress callback."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if blend not in BLENDS:
@@ -270,6 +276,7 @@ def predict_tiled(
     """
     chw = _as_chw(image)
     tile_in = _pair("tile", tile)
+    _check_overlap(overlap)  # before the predictor is probed
     _check_call_args(batch_size, blend, progress)
     if output_tile is None:
         tile_out = _probe_output_tile(predictor, chw.shape[0], tile_in)
@@ -280,16 +287,34 @@ def predict_tiled(
     weight = gaussian_weight(tile_out) if blend == "gaussian" else np.ones(tile_out, dtype=np.float64)
     log.debug("tiling %s with %d tiles: %s", chw.shape, plan.n_tiles, plan)
 
+    total, norm = _blend_tiles(padded, plan, predictor, weight, batch_size, progress)
+    h, w = plan.image_hw
+    return (total[:, :h, :w] / norm[:h, :w]).astype(np.float32)
+
+
+def _blend_tiles(
+    padded: np.ndarray,
+    plan: TilePlan,
+    predictor: Predictor,
+    weight: np.ndarray,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted sum of tile predictions (C_out, Hc, Wc) and sum of weights (Hc, Wc), float64.
+
+    The canvas (Hc, Wc) is the padded image without its halo: the image plus any bottom/right pad
+    that made it at least one output tile large.
+    """
     canvas_hw = (padded.shape[1] - 2 * plan.halo[0], padded.shape[2] - 2 * plan.halo[1])
-    total: np.ndarray | None = None  # float64 (C_out, *canvas_hw), allocated once C_out is known
+    total: np.ndarray | None = None  # allocated once the predictor has told us C_out
     norm = np.zeros(canvas_hw, dtype=np.float64)
     origins = list(plan.origins())
-    th, tw = tile_in
-    oh, ow = tile_out
+    (th, tw), (oh, ow) = plan.tile_in, plan.tile_out
     for first in range(0, len(origins), batch_size):
         chunk = origins[first : first + batch_size]
         batch = np.stack([padded[:, y : y + th, x : x + tw] for y, x in chunk])
-        out = _check_output(predictor(batch), len(chunk), tile_out, None if total is None else total.shape[0])
+        c_out = None if total is None else total.shape[0]
+        out = _check_output(predictor(batch), len(chunk), plan.tile_out, c_out)
         if total is None:
             total = np.zeros((out.shape[1], *canvas_hw), dtype=np.float64)
         for (y, x), pred in zip(chunk, out):
@@ -298,5 +323,4 @@ def predict_tiled(
         if progress is not None:
             progress(first + len(chunk), len(origins))
     assert total is not None and (norm > 0).all(), "tiles must cover the whole canvas"
-    h, w = plan.image_hw
-    return (total[:, :h, :w] / norm[:h, :w]).astype(np.float32)
+    return total, norm

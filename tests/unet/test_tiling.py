@@ -235,6 +235,18 @@ def test_batches_and_tile_count(shape, batch_size, overlap):
     assert sum(s[0] for s in rec.shapes) == n_tiles == plan_tiles(shape, (20, 20), (12, 12), overlap).n_tiles
 
 
+def test_bad_overlap_rejected_before_probing():
+    rec = Recorder(crop_identity((4, 4)))
+    with pytest.raises(ValueError, match="overlap must be >= 0 and < 1, got 1.5"):
+        predict_tiled(np.zeros((30, 30)), rec, 20, overlap=1.5)
+    assert rec.batches == []
+
+
+def test_numpy_scalar_overlap_accepted():
+    out = predict_tiled(np.ones((9, 9)), crop_identity((2, 2)), 8, overlap=np.float32(0.5))
+    np.testing.assert_allclose(out, 1.0, rtol=1e-6)
+
+
 def test_probe_adds_one_call_without_output_tile():
     rec = Recorder(crop_identity((4, 4)))
     predict_tiled(np.zeros((30, 30)), rec, 20, overlap=0.0, batch_size=100)

@@ -1,0 +1,244 @@
+"""Train a U-Net inside ONE MLflow run, register it, and promote it to champion when it is better.
+
+``unet.train.fit`` knows nothing of MLflow; :func:`train_and_register` hands it an ``on_epoch_end``
+callback that logs ``train_loss`` and ``val_dice_<class>`` per epoch (step = epoch). The run is tagged
+with the git commit and the Prefect flow-run id, carries both configs as params, a QC picture of a
+validation B-scan (ground truth left, prediction right) and the registered model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.qc import side_by_side
+from tasks.tracking import (
+    DEFAULT_EXPERIMENT,
+    DEFAULT_MODEL_NAME,
+    ensure_experiment,
+    log_unet,
+    promote_if_better,
+    resolve_tracking_uri,
+    using_tracking_uri,
+)
+
+if TYPE_CHECKING:  # torch-free import: unet.data and unet.train import torch
+    from unet.config import UNetConfig
+    from unet.data import BScanSet
+    from unet.train import EpochStats, TrainConfig
+
+__all__ = [
+    "DEFAULT_CLASS_NAMES",
+    "TrainResult",
+    "run_context_tags",
+    "train_and_register",
+    "train_and_register_task",
+    "train_from_archive_task",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLASS_NAMES: Mapping[int, str] = MappingProxyType({0: "background", 1: "fluid"})
+FOREGROUND = 1  # the class whose Dice decides promotion
+
+
+@dataclass
+class TrainResult:
+    """What one training run produced; ``score`` is the final Dice of class 1 (validation if any)."""
+
+    run_id: str
+    model_name: str
+    model_version: str
+    val_dice: dict[int, float]  # final per-class Dice (on the training set when there is no validation set)
+    score: float
+    promoted: bool
+    qc_image: str | None  # artifact URI of the QC PNG
+    n_train: int = 0
+    n_val: int = 0
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def run_context_tags() -> dict[str, str]:
+    """Tags tying a run to its code and orchestration: git commit (+ dirty flag), Prefect flow-run id."""
+    from prefect.runtime import flow_run
+
+    tags: dict[str, str] = {}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        if status is not None:
+            tags["git_dirty"] = str(bool(status)).lower()
+    if flow_run.id:
+        tags["prefect_flow_run_id"] = str(flow_run.id)
+    return tags
+
+
+def _params(unet_config: UNetConfig, train_config: TrainConfig, train: BScanSet, val: BScanSet | None,
+            names: Mapping[int, str]) -> dict[str, Any]:
+    """Both configs flattened (``unet.*``, ``train.*``) plus the data sizes (``data.*``)."""
+    return {
+        **{f"unet.{k}": v for k, v in unet_config.to_dict().items()},
+        **{f"train.{k}": v for k, v in train_config.to_dict().items()},
+        "data.n_train": len(train),
+        "data.n_val": len(val) if val is not None else 0,
+        "data.bscan_shape": "x".join(map(str, train.images.shape[1:])),
+        "data.weight_maps": train.weights is not None,
+        "data.classes": json.dumps({str(k): v for k, v in names.items()}),
+    }
+
+
+def _as_class_dict(dice: Any) -> dict[int, float]:
+    """Per-class Dice as {class: float}, whether fit hands over a dict or a (K,) array."""
+    items = dice.items() if isinstance(dice, Mapping) else enumerate(np.asarray(dice).ravel())
+    return {int(c): float(d) for c, d in items}
+
+
+def _dice_metrics(prefix: str, dice: dict[int, float], names: Mapping[int, str]) -> dict[str, float]:
+    return {f"{prefix}_dice_{names[c]}": d for c, d in dice.items()}
+
+
+def _epoch_logger(names: Mapping[int, str], progress: Callable[[EpochStats], None] | None):
+    """The ``on_epoch_end`` callback: one ``log_metrics`` call per epoch, step = epoch, then ``progress``."""
+    import mlflow
+
+    def on_epoch_end(stats: EpochStats) -> None:
+        metrics = {"train_loss": stats.train_loss, "epoch_seconds": stats.seconds}
+        metrics.update(_dice_metrics("val", _as_class_dict(stats.val_dice), names))
+        mlflow.log_metrics(metrics, step=stats.epoch)
+        if progress is not None:
+            progress(stats)
+
+    return on_epoch_end
+
+
+def _log_qc(model, data: BScanSet, prefix: str, artifact_uri: str) -> str:
+    """Log ground truth | prediction of the B-scan with the most foreground; returns the artifact URI."""
+    import mlflow
+
+    from unet.inference import predict_probabilities
+
+    k = int(np.argmax((data.labels == FOREGROUND).sum(axis=(1, 2))))
+    pred = predict_probabilities(model, data.images[k]).argmax(0)
+    artifact_file = f"qc/{prefix}_bscan{k:03d}.png"
+    mlflow.log_image(side_by_side(data.images[k], data.labels[k], pred), artifact_file=artifact_file)
+    return f"{artifact_uri}/{artifact_file}"
+
+
+def train_and_register(
+    train: BScanSet,
+    val: BScanSet | None,
+    unet_config: UNetConfig,
+    train_config: TrainConfig,
+    *,
+    tracking_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    model_name: str = DEFAULT_MODEL_NAME,
+    class_names: Mapping[int, str] = DEFAULT_CLASS_NAMES,
+    tags: Mapping[str, str] | None = None,
+    progress: Callable[[EpochStats], None] | None = None,
+) -> TrainResult:
+    """Train a fresh ``UNet(unet_config)`` in one MLflow run, register it as ``model_name``, maybe promote.
+
+    Promotion compares ``val_dice_<name of class 1>`` (``train_dice_...`` when ``val`` is None or empty,
+    tagged ``octseg.score_source=training``) with the champion's value of the same metric.
+    """
+    import mlflow
+
+    from unet.model import UNet
+    from unet.train import evaluate, fit
+
+    if unet_config.out_channels < 2:
+        raise ValueError(f"need a foreground class 1, got out_channels={unet_config.out_channels}")
+    uri = resolve_tracking_uri(tracking_uri)
+    experiment_id = ensure_experiment(uri, experiment)
+    names = {c: class_names.get(c, f"class{c}") for c in range(unet_config.out_channels)}
+    has_val = val is not None and len(val) > 0
+    prefix = "val" if has_val else "train"
+    run_tags = {**run_context_tags(), "octseg.score_source": "validation" if has_val else "training", **(tags or {})}
+    model = UNet.from_config(unet_config)
+    with using_tracking_uri(uri), mlflow.start_run(experiment_id=experiment_id, tags=run_tags) as run:
+        mlflow.log_params(_params(unet_config, train_config, train, val, names))
+        history = fit(model, train, val if has_val else None, train_config, _epoch_logger(names, progress))
+        if has_val:
+            dice = _as_class_dict(history[-1].val_dice)
+        else:
+            dice = _as_class_dict(evaluate(model, train, unet_config.out_channels))
+            mlflow.log_metrics(_dice_metrics("train", dice, names), step=history[-1].epoch)
+        qc_image = _log_qc(model, val if has_val else train, prefix, run.info.artifact_uri)
+        version = log_unet(model, model_name, metadata={"class_names": {str(k): v for k, v in names.items()}})
+    score = dice.get(FOREGROUND, math.nan)
+    promoted = promote_if_better(model_name, version, score, uri, metric=f"{prefix}_dice_{names[FOREGROUND]}")
+    return TrainResult(run.info.run_id, model_name, version, dice, score, promoted, qc_image,
+                       n_train=len(train), n_val=len(val) if has_val else 0)
+
+
+def _progress_logger() -> Callable[[EpochStats], None]:
+    logger = get_run_logger()
+
+    def progress(stats: EpochStats) -> None:
+        dice = {c: round(d, 4) for c, d in _as_class_dict(stats.val_dice).items()}
+        logger.info("epoch %d: loss %.4f, val Dice %s (%.1f s)", stats.epoch, stats.train_loss, dice, stats.seconds)
+
+    return progress
+
+
+@task(name="train-unet", cache_policy=NO_CACHE)
+def train_and_register_task(
+    train: BScanSet,
+    val: BScanSet | None,
+    unet_config: UNetConfig,
+    train_config: TrainConfig,
+    *,
+    tracking_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    model_name: str = DEFAULT_MODEL_NAME,
+    tags: Mapping[str, str] | None = None,
+) -> TrainResult:
+    """Prefect wrapper of :func:`train_and_register` that logs each epoch to the run logger."""
+    result = train_and_register(train, val, unet_config, train_config, tracking_uri=tracking_uri,
+                                experiment=experiment, model_name=model_name, tags=tags,
+                                progress=_progress_logger())
+    get_run_logger().info("registered %s v%s (score %.4f, promoted %s)",
+                          result.model_name, result.model_version, result.score, result.promoted)
+    return result
+
+
+@task(name="train-unet-from-archive", cache_policy=NO_CACHE)
+def train_from_archive_task(
+    archive_path: str,
+    volumes: list[str],
+    unet_config: UNetConfig,
+    train_config: TrainConfig,
+    *,
+    val_fraction: float = 0.2,
+    tracking_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    model_name: str = DEFAULT_MODEL_NAME,
+) -> TrainResult:
+    """Load the annotated B-scans of ``volumes`` from the archive, split them, then train and register."""
+    from tasks.dataset import load_training_data
+
+    train, val = load_training_data(archive_path, volumes, val_fraction, seed=train_config.seed)
+    get_run_logger().info("training on %d B-scans, validating on %d", len(train), 0 if val is None else len(val))
+    return train_and_register(train, val, unet_config, train_config, tracking_uri=tracking_uri,
+                              experiment=experiment, model_name=model_name, progress=_progress_logger())

@@ -1,0 +1,249 @@
+"""Scan and mask readers: tiny files written under tmp_path, plus the real Duke data when present."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from tasks.readers import ReadError, natural_key, read_masks, read_volume, source_sha256
+
+RNG = np.random.default_rng(7)
+STACK = (RNG.random((3, 20, 30)) * 250).astype(np.uint8)  # (Z, Y, X)
+U16 = STACK.astype(np.uint16) * 200
+GREY = {"photometric": "minisblack"}  # else tifffile stores a (3, Y, X) array as planar RGB
+
+
+def _png(path: Path, arr: np.ndarray) -> Path:
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def _folder(path: Path, stack: np.ndarray = STACK, names: list[str] | None = None) -> Path:
+    path.mkdir()
+    for name, bscan in zip(names or [f"b_{i}.png" for i in range(len(stack))], stack, strict=True):
+        _png(path / name, bscan)
+    return path
+
+
+@pytest.mark.parametrize(("name", "write", "expected"), [
+    ("s.tif", lambda p: tifffile.imwrite(p, STACK, **GREY), STACK),                      # TIFF stack
+    ("s.ome.tiff", lambda p: tifffile.imwrite(p, STACK, ome=True, **GREY), STACK),       # OME-TIFF
+    ("one.tif", lambda p: tifffile.imwrite(p, STACK[0]), STACK[:1]),                     # 2-D TIFF
+    ("u16.tif", lambda p: tifffile.imwrite(p, U16, **GREY), U16),                        # uint16 kept
+    ("rgb.tif", lambda p: tifffile.imwrite(p, np.stack([STACK[0]] * 3, axis=-1), photometric="rgb"),
+     STACK[:1]),                                                                         # interleaved RGB
+    ("planar.tif", lambda p: tifffile.imwrite(p, np.stack([STACK[0]] * 3), photometric="rgb",
+                                              planarconfig="separate"), STACK[:1]),      # planar RGB
+    ("one.png", lambda p: _png(p, STACK[0]), STACK[:1]),                                 # 2-D PNG
+    ("one.jpg", lambda p: Image.fromarray(np.full((8, 8), 77, np.uint8)).save(p, quality=100),
+     np.full((1, 8, 8), 77, np.uint8)),                                                  # 2-D JPEG
+    ("v.npy", lambda p: np.save(p, STACK), STACK),                                       # 3-D npy
+    ("b.npy", lambda p: np.save(p, STACK[0]), STACK[:1]),                                # 2-D npy
+    ("f.npy", lambda p: np.save(p, STACK.astype(np.float64)), STACK.astype(np.float32)),  # float -> f32
+    ("i.npy", lambda p: np.save(p, STACK.astype(np.int32)), STACK.astype(np.float32)),   # int32 -> f32
+])
+def test_formats_round_trip(tmp_path: Path, name: str, write, expected: np.ndarray) -> None:
+    path = tmp_path / name
+    write(path)
+    vol = read_volume(path)
+    assert vol.image.dtype == expected.dtype
+    np.testing.assert_array_equal(vol.image, expected)
+    assert vol.source == path and vol.files == [path] and vol.scale_um is None
+    assert vol.sha256 == source_sha256(path) and len(vol.sha256) == 64
+
+
+def test_ome_tiff_physical_size_gives_scale(tmp_path: Path) -> None:
+    path = tmp_path / "scan.ome.tif"
+    tifffile.imwrite(path, STACK, ome=True, **GREY, metadata={
+        "axes": "ZYX", "PhysicalSizeZ": 120.0, "PhysicalSizeY": 3.87, "PhysicalSizeX": 5.7})
+    assert read_volume(path).scale_um == (120.0, 3.87, 5.7)
+
+
+def test_folder_in_natural_order(tmp_path: Path) -> None:
+    names = [f"Subject_01_{i}.png" for i in (1, 2, 10)]
+    folder = _folder(tmp_path / "vol", STACK, names)
+    (folder / "notes.txt").write_text("ignored")
+    (folder / ".DS_Store").write_bytes(b"ignored")
+    vol = read_volume(folder)
+    assert [f.name for f in vol.files] == names  # 2 before 10
+    np.testing.assert_array_equal(vol.image, STACK)
+    assert (vol.reader, vol.source) == ("folder", folder)
+    assert sorted(["x_10", "x_2", "X_1"], key=natural_key) == ["X_1", "x_2", "x_10"]
+
+
+def test_folder_sha_covers_names_and_bytes(tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "vol")
+    before = read_volume(folder).sha256
+    (folder / "b_2.png").rename(folder / "b_3.png")  # same bytes, other name
+    assert read_volume(folder).sha256 != before
+
+
+@pytest.mark.parametrize(("rgb", "expected"), [
+    (np.repeat(STACK[0][..., None], 3, axis=-1), STACK[0]),                         # R=G=B -> that channel
+    (np.dstack([STACK[0], STACK[0], STACK[0], np.full_like(STACK[0], 255)]), STACK[0]),  # RGBA, equal
+    (np.dstack([np.full((4, 4), 100), np.zeros((4, 4)), np.zeros((4, 4))]).astype(np.uint8),
+     np.full((4, 4), 30, np.uint8)),                                                 # true colour: 0.299*100
+])
+def test_colour_becomes_grey(tmp_path: Path, rgb: np.ndarray, expected: np.ndarray) -> None:
+    vol = read_volume(_png(tmp_path / "c.png", rgb))
+    assert vol.image.shape == (1, *expected.shape) and vol.image.dtype == np.uint8
+    np.testing.assert_array_equal(vol.image[0], expected)
+
+
+def _truncated_png(p: Path) -> None:
+    _png(p, STACK[0])
+    p.write_bytes(p.read_bytes()[:200])
+
+
+def _truncated_tif(p: Path) -> None:
+    tifffile.imwrite(p, STACK, **GREY)
+    p.write_bytes(p.read_bytes()[:1000])
+
+
+def _truncated_npy(p: Path) -> None:
+    np.save(p, STACK)
+    p.write_bytes(p.read_bytes()[:500])
+
+
+@pytest.mark.parametrize(("name", "make", "phrase"), [
+    ("empty.png", lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
+    ("empty.tif", lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
+    ("trunc.png", _truncated_png, "truncated"),
+    ("trunc.tif", _truncated_tif, "truncated"),
+    ("trunc.npy", _truncated_npy, "truncated"),
+    ("text.png", lambda p: p.write_text("not an image"), "not an image"),
+    ("text.tif", lambda p: p.write_text("not an image"), "not a TIFF image"),
+    ("text.npy", lambda p: p.write_text("not an array"), "not a NumPy .npy file"),
+    ("4d.npy", lambda p: np.save(p, np.zeros((2, 2, 3, 4), np.uint8)), "wrong number of dimensions"),
+    ("1d.npy", lambda p: np.save(p, np.zeros(5, np.uint8)), "wrong number of dimensions"),
+    ("scan.dcm", lambda p: p.write_bytes(b"DICM"), "unsupported suffix '.dcm'"),
+    ("missing.tif", lambda p: None, "does not exist"),
+])
+def test_bad_input_names_file_and_reason(tmp_path: Path, name: str, make, phrase: str) -> None:
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(ReadError) as err:
+        read_volume(path)
+    assert name in str(err.value) and phrase in str(err.value)
+    assert err.value.path == path and phrase in err.value.reason
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "vol").mkdir()
+    (tmp_path / "vol" / "readme.txt").write_text("no images")
+    with pytest.raises(ReadError, match=r"vol: empty folder"):
+        read_volume(tmp_path / "vol")
+
+
+@pytest.mark.parametrize(("odd", "phrase"), [
+    (np.zeros((20, 31), np.uint8), r"\(20, 31\) uint8 differs from b_0.png"),    # other shape
+    (np.zeros((20, 30), np.uint16), r"\(20, 30\) uint16 differs from b_0.png"),  # other dtype
+])
+def test_folder_with_odd_bscan_names_it(tmp_path: Path, odd: np.ndarray, phrase: str) -> None:
+    folder = _folder(tmp_path / "vol")
+    _png(folder / "b_1.png", odd)
+    with pytest.raises(ReadError, match=phrase) as err:
+        read_volume(folder)
+    assert err.value.path == folder / "b_1.png"
+
+
+def test_folder_with_bad_bscan_names_it(tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "vol")
+    (folder / "b_2.png").write_bytes(b"")
+    with pytest.raises(ReadError, match=r"b_2.png: empty file"):
+        read_volume(folder)
+
+
+# ----- masks -----
+MASK = np.zeros((3, 20, 30), np.uint8)
+MASK[0, 2:5, 3:9] = 1
+MASK[2, 10:12, :] = 1
+
+
+@pytest.mark.parametrize(("stored", "expected"), [
+    (MASK * 255, MASK),                                  # 0/255 -> binary
+    (MASK * 7, MASK),                                    # 0 and one other value -> binary
+    (MASK + (MASK * 2)[::-1], MASK + (MASK * 2)[::-1]),  # 0, 1, 2: small integer classes kept
+    (MASK.astype(bool), MASK),                           # boolean
+])
+def test_stack_masks(tmp_path: Path, stored: np.ndarray, expected: np.ndarray) -> None:
+    tifffile.imwrite(tmp_path / "scan.tif", STACK, **GREY)
+    (tmp_path / "labels").mkdir()
+    np.save(tmp_path / "labels" / "scan.npy", stored)  # a mask with another suffix is not found
+    tifffile.imwrite(tmp_path / "labels" / "scan.tif", stored.astype(np.uint8), **GREY)
+    labels, annotated = read_masks(tmp_path / "labels", read_volume(tmp_path / "scan.tif"))
+    assert labels.dtype == np.uint8 and annotated == [0, 1, 2]
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_rgb_mask_any_channel_is_foreground(tmp_path: Path) -> None:
+    _png(tmp_path / "one.png", STACK[0])
+    (tmp_path / "labels").mkdir()
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[1, 1] = (0, 0, 9)
+    rgb[2, 2] = (255, 255, 255)
+    _png(tmp_path / "labels" / "one.png", rgb)
+    labels, annotated = read_masks(tmp_path / "labels", read_volume(tmp_path / "one.png"))
+    assert annotated == [0] and labels.shape == (1, 20, 30)
+    assert labels.sum() == 2 and labels[0, 1, 1] == labels[0, 2, 2] == 1
+
+
+@pytest.mark.parametrize("subfolder", [True, False])  # labels_dir/<folder name>/... or labels_dir/...
+def test_folder_masks_partial_annotation(tmp_path: Path, subfolder: bool) -> None:
+    volume = read_volume(_folder(tmp_path / "vol"))
+    mask_dir = tmp_path / "labels" / ("vol" if subfolder else "")
+    mask_dir.mkdir(parents=True)
+    for z in (0, 2):  # B-scan 1 is not annotated
+        _png(mask_dir / f"b_{z}.png", MASK[z] * 255)
+    labels, annotated = read_masks(tmp_path / "labels", volume)
+    assert annotated == [0, 2]
+    np.testing.assert_array_equal(labels, MASK)
+
+
+def test_no_masks_means_not_annotated(tmp_path: Path) -> None:
+    (tmp_path / "labels").mkdir()
+    assert read_masks(tmp_path / "labels", read_volume(_folder(tmp_path / "vol"))) is None
+    assert read_masks(tmp_path / "absent", read_volume(_folder(tmp_path / "vol2"))) is None
+
+
+@pytest.mark.parametrize(("mask", "phrase"), [
+    (np.zeros((20, 29), np.uint8), r"mask shape \(20, 29\) does not match image shape \(20, 30\) of b_1.png"),
+    (np.arange(600, dtype=np.uint8).reshape(20, 30), "neither binary nor small-integer"),  # grey image
+])
+def test_bad_masks_name_the_mask_file(tmp_path: Path, mask: np.ndarray, phrase: str) -> None:
+    volume = read_volume(_folder(tmp_path / "vol"))
+    (tmp_path / "labels").mkdir()
+    _png(tmp_path / "labels" / "b_1.png", mask)
+    with pytest.raises(ReadError, match=phrase) as err:
+        read_masks(tmp_path / "labels", volume)
+    assert err.value.path == tmp_path / "labels" / "b_1.png"
+
+
+def test_stack_mask_of_wrong_shape(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "scan.tif", STACK, **GREY)
+    (tmp_path / "labels").mkdir()
+    tifffile.imwrite(tmp_path / "labels" / "scan.tif", MASK[:2])
+    with pytest.raises(ReadError, match=r"scan.tif: mask shape \(2, 20, 30\) does not match image shape \(3, 20, 30\)"):
+        read_masks(tmp_path / "labels", read_volume(tmp_path / "scan.tif"))
+
+
+# ----- real data (skipped when ../shared/data is absent) -----
+def test_duke_volume_in_natural_order(shared_data: Path) -> None:
+    vol = read_volume(shared_data / "duke_dme_subject01_volume")
+    assert vol.image.shape == (61, 496, 768) and vol.image.dtype == np.uint8
+    assert vol.files[9].name == "Subject_01_10.png"  # B-scan 10 (1-based) follows 9, not 1
+    assert [f.name for f in vol.files[:3]] == ["Subject_01_1.png", "Subject_01_2.png", "Subject_01_3.png"]
+    np.testing.assert_array_equal(vol.image[9], np.asarray(Image.open(vol.files[9])))
+
+
+def test_duke_fluid_images_and_binary_masks(shared_data: Path) -> None:
+    vol = read_volume(shared_data / "duke_dme_fluid" / "images")
+    assert vol.image.shape == (66, 496, 768) and vol.image.dtype == np.uint8  # RGB with R=G=B -> grey
+    labels, annotated = read_masks(shared_data / "duke_dme_fluid" / "masks", vol)
+    assert labels.shape == vol.image.shape and annotated == list(range(66))
+    assert set(np.unique(labels)) == {0, 1}
+    rgb = np.asarray(Image.open(shared_data / "duke_dme_fluid" / "masks" / vol.files[5].name))
+    np.testing.assert_array_equal(labels[5], rgb.max(axis=-1) > 0)

@@ -1,0 +1,108 @@
+"""Training tiles, the training loop and whole-image inference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.phantom import make_phantom_volume
+from unet import UNet, border_weight_map
+from unet.data import BScanSet, TileDataset, choose_tile_size
+from unet.inference import default_tile, resolve_device, segment_volume
+from unet.normalize import normalize_volume
+from unet.train import TrainConfig, evaluate, fit
+
+
+def _coords_set(n=2, h=40, w=52) -> BScanSet:
+    """Images whose pixel values encode their own (k, y, x), so crops can be traced back."""
+    k, y, x = np.meshgrid(np.arange(n), np.arange(h), np.arange(w), indexing="ij")
+    code = (k * 10_000 + y * 100 + x).astype(np.float32)
+    return BScanSet(code, code.astype(np.int64), code / 7)
+
+
+def test_tile_targets_are_the_centre_of_the_input_tile():
+    data = _coords_set()
+    ds = TileDataset(data, tile=24, output=8, n_tiles=20, augment=False, seed=3)
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["image"].shape == (1, 24, 24) and item["target"].shape == (8, 8)
+        centre = item["image"][0, 8:16, 8:16]
+        np.testing.assert_array_equal(centre.numpy().astype(np.int64), item["target"].numpy())
+        np.testing.assert_allclose(item["weight"].numpy(), centre.numpy() / 7, rtol=1e-6)
+
+
+def test_tiles_repeat_per_seed_and_epoch():
+    data = _coords_set()
+    a = TileDataset(data, 24, 8, 5, augment=True, seed=1)
+    b = TileDataset(data, 24, 8, 5, augment=True, seed=1)
+    assert torch.equal(a[2]["image"], b[2]["image"])
+    b.set_epoch(1)
+    assert not torch.equal(a[2]["image"], b[2]["image"])
+
+
+@pytest.mark.parametrize(
+    "tile, output, message",
+    [
+        (24, 60, "does not fit"),  # output larger than the B-scans
+        (25, 8, "odd"),  # halo would be half a pixel
+    ],
+)
+def test_tile_dataset_rejects_bad_geometry(tile, output, message):
+    with pytest.raises(ValueError, match=message):
+        TileDataset(_coords_set(), tile, output, 4)
+
+
+def test_choose_tile_size_fits_the_image():
+    model = UNet(base_channels=4, depth=2)
+    tile = choose_tile_size(model.output_size, (60, 90), max_input=128)
+    assert model.output_size(tile) <= 60
+    assert model.output_size(tile + 4) > 60 or tile + 4 > 128
+
+
+def test_default_tile_is_valid_and_covers_small_images():
+    model = UNet(base_channels=4, depth=2)
+    tile = default_tile(model, (37, 53))
+    assert model.output_size(tile) >= 53  # one tile covers the whole image
+    assert default_tile(UNet(), (496, 768)) == 572  # the paper's tile for a large B-scan
+
+
+def test_segment_volume_shapes_and_progress():
+    model = UNet(base_channels=4, depth=2)
+    calls = []
+    out = segment_volume(model, np.random.default_rng(0).normal(size=(3, 37, 53)).astype(np.float32),
+                         progress=lambda d, t: calls.append((d, t)))
+    assert out.shape == (3, 37, 53) and out.dtype == np.uint8
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_cuda_request_without_gpu_is_an_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="cuda"):
+        resolve_device("cuda")
+
+
+def test_small_unet_overfits_one_phantom_bscan():
+    """The acceptance check of the core: a small U-Net learns the fluid of one B-scan (Dice > 0.9)."""
+    torch.manual_seed(0)
+    ph = make_phantom_volume(n_bscans=3, height=96, width=128, seed=0)
+    z = int(np.argmax(ph.fluid.sum(axis=(1, 2))))
+    weights = border_weight_map(ph.fluid[z], instances=ph.fluid_instances[z])[None]
+    data = BScanSet(normalize_volume(ph.image[z : z + 1]), ph.fluid[z : z + 1].astype(np.int64), weights)
+    model = UNet(base_channels=8, depth=2)
+    cfg = TrainConfig(epochs=60, batch_size=4, optimizer="adam", lr=3e-3, tiles_per_epoch=16, augment=False, max_tile=96)
+    history = fit(model, data, None, cfg)
+    assert history[-1].train_loss < history[0].train_loss / 5
+    dice = evaluate(model, data, num_classes=2)
+    assert dice[1] > 0.9, dice
+
+
+def test_fit_reports_validation_dice_each_epoch():
+    ph = make_phantom_volume(n_bscans=2, height=64, width=64, seed=1)
+    data = BScanSet(normalize_volume(ph.image), ph.fluid.astype(np.int64))
+    seen = []
+    fit(UNet(base_channels=4, depth=2), data, data, TrainConfig(epochs=2, tiles_per_epoch=4, max_tile=64),
+        on_epoch_end=seen.append)
+    assert [s.epoch for s in seen] == [0, 1]
+    assert set(seen[-1].val_dice) == {0, 1}
+    assert all(np.isfinite(s.train_loss) for s in seen)
