@@ -184,14 +184,27 @@ def _default_class_names(lab: np.ndarray) -> dict[int, str]:
 
 
 def _write_label_image(group: zarr.Group, name: str, lab: np.ndarray, scale: dict[str, float],
-                       class_names: Mapping[int, str] | None, octseg: dict[str, Any]) -> None:
-    """Write ``group/labels/<name>`` (uint8, image chunking) with metadata, then fix the labels group."""
-    write_labels(lab, group, name=name, scaler=None, scale_factors=[], axes=list(AXES), scale=scale,
-                 axes_units=_UNITS, storage_options=_storage(lab.shape),
-                 label_metadata=_label_metadata(class_names or _default_class_names(lab)))
+                       class_names: Mapping[int, str] | None, octseg: dict[str, Any]) -> list[Any]:
+    """Create ``group/labels/<name>`` (uint8, image chunking) with its metadata and fix the labels
+    group; returns the delayed data writes (see :func:`_compute`)."""
+    jobs = write_labels(lab, group, name=name, scaler=None, scale_factors=[], axes=list(AXES), scale=scale,
+                        axes_units=_UNITS, storage_options=_storage(lab.shape), compute=False,
+                        label_metadata=_label_metadata(class_names or _default_class_names(lab)))
     labels_group = group["labels"]
     labels_group.attrs["ome"] = {**labels_group.attrs["ome"], "version": OME_VERSION}
     group["labels"][name].attrs["octseg"] = octseg
+    return jobs
+
+
+def _compute(jobs: list[Any]) -> None:
+    """Run delayed writes in this thread: after a failure no worker may still write into the staging
+    folder, and the caller's Dask cluster (if any) is not sent whole arrays."""
+    dask.compute(*jobs, scheduler="synchronous")
+
+
+def _level0(group: zarr.Group) -> zarr.Array:
+    """The full-resolution array of an OME multiscale group."""
+    return group[group.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]]
 
 
 def _replace_dir(new: Path, target: Path, aside: Path) -> None:
@@ -216,14 +229,15 @@ class Archive:
     # ----- reading -----
     def volume_ids(self) -> list[str]:
         """Sorted ids of the volumes in the archive."""
-        root = zarr.open_group(self.path, mode="r", zarr_format=3, use_consolidated=False)
-        return sorted(k for k in root.group_keys() if _ID_RE.fullmatch(k))
+        return sorted(e.name for e in os.scandir(self.path) if e.is_dir() and self.has_volume(e.name))
 
     def has_volume(self, volume_id: str) -> bool:
         """Whether a (complete: volumes appear atomically) volume of that id exists."""
-        return bool(_ID_RE.fullmatch(volume_id)) and (self.path / volume_id / "zarr.json").is_file()
+        valid = bool(_ID_RE.fullmatch(volume_id)) and volume_id not in _RESERVED
+        return valid and (self.path / volume_id / "zarr.json").is_file()
 
     def _group(self, *parts: str, mode: str = "r") -> zarr.Group:
+        _check_name(parts[0], "volume id")
         path = self.path.joinpath(*parts)
         if not (path / "zarr.json").is_file():
             raise ArchiveError(f"{path}: no such {'volume' if len(parts) == 1 else 'group'} in the archive")
@@ -235,8 +249,7 @@ class Archive:
 
     def image(self, volume_id: str) -> zarr.Array:
         """The image, (Z, Y, X) = (B-scan, depth, A-scan), opened read-only."""
-        group = self._group(volume_id)
-        return group[group.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]]
+        return _level0(self._group(volume_id))
 
     def shard_bscans(self, volume_id: str) -> int:
         """B-scans per shard of the volume's arrays: align Dask writes to this many B-scans."""
@@ -267,12 +280,13 @@ class Archive:
         group = self._label_group(volume_id, "manual")
         if group is None:
             return None
-        return group["s0"], list(group.attrs["octseg"]["annotated_bscans"])
+        return _level0(group), list(group.attrs["octseg"]["annotated_bscans"])
 
     def prediction(self, volume_id: str) -> zarr.Array | None:
         """The predicted labels (Z, Y, X) uint8, or None when no complete prediction exists."""
         group = self._label_group(volume_id, "prediction")
-        return group["s0"] if group is not None and group.attrs.get("octseg", {}).get("complete") else None
+        complete = group is not None and group.attrs.get("octseg", {}).get("complete") is True
+        return _level0(group) if complete else None
 
     def prediction_info(self, volume_id: str) -> dict[str, Any] | None:
         """Model name/version, run id, model uri and time of the prediction; None if there is none."""
@@ -286,7 +300,13 @@ class Archive:
         """A fresh folder beside the archive (same file system), removed afterwards in any case."""
         base = self.path.parent / f".{self.path.name}.staging"
         stage = base / uuid.uuid4().hex
-        stage.mkdir(parents=True)
+        for attempt in range(3):  # another writer may remove an empty `base` between our mkdirs
+            try:
+                stage.mkdir(parents=True)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         try:
             yield stage
         finally:
@@ -317,13 +337,14 @@ class Archive:
             raise ArchiveError(f"{where}: provenance lacks {missing} (required: {list(REQUIRED_PROVENANCE)})")
         meta = {**_jsonable(dict(provenance), f"{where}: provenance"), "volume_id": volume_id,
                 "octseg_version": _octseg_version(), "ingested_at": _now(), "scale_known": scale_um is not None}
-        with self._staging() as stage, dask.config.set(scheduler="synchronous"):
-            try:  # synchronous: no worker thread may still write into the staging folder after a failure
+        with self._staging() as stage:
+            try:
                 group = zarr.open_group(stage / "new", mode="w", zarr_format=3)
-                write_image(arr, group, scale_factors=[], axes=list(AXES), scale=scale, axes_units=_UNITS,
-                            storage_options=_storage(arr.shape), name=volume_id)
+                jobs = write_image(arr, group, scale_factors=[], axes=list(AXES), scale=scale, axes_units=_UNITS,
+                                   storage_options=_storage(arr.shape), name=volume_id, compute=False)
                 if lab is not None:
-                    _write_label_image(group, "manual", lab, scale, class_names, {"annotated_bscans": ann})
+                    jobs += _write_label_image(group, "manual", lab, scale, class_names, {"annotated_bscans": ann})
+                _compute(jobs)
                 group.attrs["octseg"] = meta
                 _replace_dir(stage / "new", self.path / volume_id, stage / "old")
             except Exception as e:
@@ -342,10 +363,10 @@ class Archive:
         if missing:
             raise ArchiveError(f"{where}: model_info lacks {missing} (required: {list(REQUIRED_MODEL_INFO)})")
         info = {**_jsonable(dict(model_info), f"{where}: model_info"), "written_at": _now(), "complete": True}
-        with self._staging() as stage, dask.config.set(scheduler="synchronous"):
+        with self._staging() as stage:
             try:
                 tmp = zarr.open_group(stage / "tmp", mode="w", zarr_format=3)
-                _write_label_image(tmp, "prediction", lab, self._scale_dict(volume_id), class_names, info)
+                _compute(_write_label_image(tmp, "prediction", lab, self._scale_dict(volume_id), class_names, info))
                 self._publish_label(stage, volume_id, "prediction")
             except Exception as e:
                 raise ArchiveError(f"{where}: writing the prediction failed ({type(e).__name__}: {e})") from e

@@ -71,7 +71,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 def evaluate(model: torch.nn.Module, data: BScanSet, num_classes: int, tile: int | None = None) -> dict[int, float]:
     """Per-class Dice over the pooled pixels of ``data``; a class absent from both gives NaN."""
     preds = np.stack([predict_probabilities(model, img, tile).argmax(0) for img in data.images])
-    return dice_per_class(preds, data.labels, num_classes)
+    return {k: float(d) for k, d in enumerate(dice_per_class(preds, data.labels, num_classes))}
 
 
 def _train_epoch(model, loader, optimizer, device, amp) -> float:

@@ -157,9 +157,10 @@ def _two_nearest_windowed(instances: np.ndarray, boxes: Boxes, radius: float) ->
     """(d1, d2) float32 (H, W), exact at background pixels where d1 + d2 <= radius; d2 = inf where unreached.
 
     Keeps a running two-smallest of integer squared distances over windows: each instance's
-    bounding box grown by ceil(radius - 1). Background pixels have d1 >= 1, so an instance that is
-    one of the two nearest where d1 + d2 <= radius lies within d2 <= radius - 1 of the pixel. The
-    window holds the whole instance, so its feature transform gives exact distances inside it.
+    bounding box grown by floor(radius - 1). Background pixels have d1 >= 1, so an instance that is
+    one of the two nearest where d1 + d2 <= radius lies within d2 <= radius - 1 of the pixel, hence
+    (integer offsets) within floor(radius - 1) rows and columns. The window holds the whole
+    instance, so its feature transform gives exact distances inside it.
     """
     h, w = instances.shape
     dtype = np.int32 if (h - 1) ** 2 + (w - 1) ** 2 < np.iinfo(np.int32).max else np.int64
@@ -168,7 +169,7 @@ def _two_nearest_windowed(instances: np.ndarray, boxes: Boxes, radius: float) ->
     far_sq = np.full((h, w), unreached, dtype=dtype)  # squared d2, pixels^2
     row_idx = np.arange(h, dtype=dtype)[:, None]
     col_idx = np.arange(w, dtype=dtype)[None, :]
-    margin = max(math.ceil(radius - 1.0), 0)
+    margin = max(math.floor(radius - 1.0), 0)
     for ident, box in boxes:
         win = _grow(box, margin, (h, w))
         ft = ndi.distance_transform_edt(instances[win] != ident, return_distances=False, return_indices=True)
@@ -238,11 +239,13 @@ def border_weight_map(labels: np.ndarray, instances: np.ndarray | None = None, w
         elsewhere; d1, d2 in pixels. No border term with fewer than two instances.
 
     Exactness: with R = sigma sqrt(2 ln(w0 / t)), t = ``BORDER_TOLERANCE``, the border term is < t
-    wherever d1 + d2 > R. Where d1 + d2 <= R both nearest instances lie within R (d1 <= d2), so
-    each instance's distances are only needed on its bounding box grown by ceil(R); there one
-    EDT of the crop is exact because the crop contains the whole instance. A running two-smallest
-    over these windows is therefore exact where d1 + d2 <= R; elsewhere it can only overestimate
-    d1 + d2 (a minimum over fewer instances), giving a term in [0, t). Hence
+    wherever d1 + d2 > R. Where d1 + d2 <= R on a background pixel (d1 >= 1), both nearest
+    instances lie within d2 <= R - 1, i.e. within floor(R - 1) rows and columns, so each
+    instance's distances are only needed on its bounding box grown by floor(R - 1); there one
+    distance transform of the crop is exact because the crop contains the whole instance. A
+    running two-smallest over these windows is therefore exact where d1 + d2 <= R; elsewhere it
+    can only overestimate d1 and d2 (smallest values over fewer instances), giving a term in
+    [0, t). Hence
     ``|border_weight_map - border_weight_map_reference| < t`` (1e-3), up to float32 rounding.
     """
     return _weight_map(labels, instances, w0, sigma, class_weights, _two_nearest_windowed)

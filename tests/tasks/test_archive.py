@@ -1,6 +1,7 @@
 """The archive layout: real Zarr v3 stores under tmp_path, read back with zarr, ome-zarr and ome_zarr_models."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -317,7 +318,22 @@ def test_volume_id_of_folder_is_its_name(tmp_path: Path) -> None:
 
 def test_invalid_volume_id_is_refused(tmp_path: Path) -> None:
     arc = open_archive(tmp_path / "arc.zarr")
+    zarr.open_group(tmp_path / "x", mode="w")  # a Zarr group outside the archive
     for bad in ("../x", ".hidden", "a/b", ""):
         with pytest.raises(ArchiveError, match="not a valid name"):
             arc.write_volume(bad, _image(), provenance=PROV)
+        with pytest.raises(ArchiveError, match="not a valid name"):
+            arc.volume_meta(bad)
+        assert not arc.has_volume(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arc.zarr", "x"]
+
+
+def test_concurrent_writers(tmp_path: Path) -> None:
+    arc = open_archive(tmp_path / "arc.zarr")
+    ids = [f"v{i}" for i in range(6)]
+    with ThreadPoolExecutor(max_workers=3) as pool:  # as a threaded Dask/Prefect runner would
+        list(pool.map(lambda v: arc.write_volume(v, _image(), provenance=PROV, manual_labels=_labels(),
+                                                 annotated=[1, 3]), ids))
+    assert arc.volume_ids() == ids
+    assert all(arc.manual_labels(v)[1] == [1, 3] for v in ids)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arc.zarr"]

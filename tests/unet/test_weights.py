@@ -132,6 +132,23 @@ def test_touching_regions_split_by_class(right_class, expected):
     assert border_weight_map(labels)[2, 6] == pytest.approx(expected, abs=1e-5)
 
 
+CUTOFF_CASES = [
+    # column of the second instance; the pixel between is at d1 = 1 from the first (column 0)
+    (20, 0.0),  # d1 + d2 = 1 + 19 = 20 < R = 21.46: exact
+    (21, 0.0),  # d1 + d2 = 21 < R, with d2 = floor(R - 1): the widest window still exact
+    (22, BORDER_TOLERANCE),  # d1 + d2 = 22 > R: the term (6.2e-4) may be dropped
+    (30, BORDER_TOLERANCE),  # d1 + d2 = 30 > R: far beyond the cut-off
+]
+
+
+@pytest.mark.parametrize(("col", "allowed"), CUTOFF_CASES)
+def test_cutoff_radius_edge_on_a_row(col, allowed):
+    labels = np.zeros((1, 40), np.uint8)
+    labels[0, 0] = labels[0, col] = 1
+    w = border_weight_map(labels)
+    assert abs(w[0, 1] - (1.0 + border(1.0, col - 1.0))) <= allowed + 1e-5
+
+
 def test_eight_connected_diagonal_is_one_instance_unless_given():
     labels = np.array([[1, 0], [0, 1]], np.uint8)
     np.testing.assert_array_equal(border_weight_map(labels), np.ones((2, 2), np.float32))

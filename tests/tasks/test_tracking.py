@@ -1,0 +1,200 @@
+"""Tracking and registry against a REAL MLflow (SQLite under tmp): one run per training, champion alias,
+resolve -> load round trip, helpful errors, and no artifacts outside the tmp folder."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from tasks.tracking import (
+    CHAMPION,
+    DEFAULT_MODEL_NAME,
+    ensure_experiment,
+    load_unet,
+    log_unet,
+    promote_if_better,
+    resolve_model,
+    resolve_tracking_uri,
+    using_tracking_uri,
+)
+from tasks.training import train_and_register
+from unet.config import UNetConfig
+from unet.data import BScanSet
+from unet.model import UNet
+from unet.train import TrainConfig
+
+UNET = UNetConfig(base_channels=4, depth=2)
+EPOCHS = 2
+TRAIN = TrainConfig(epochs=EPOCHS, batch_size=2, tiles_per_epoch=4, optimizer="adam", lr=0.01, device="cpu")
+
+
+def _bscans(n: int, seed: int) -> BScanSet:
+    """n noisy 60x60 B-scans, each with a bright 20x20 square labelled 1."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(0.0, 0.1, (n, 60, 60)).astype(np.float32)
+    labels = np.zeros((n, 60, 60), dtype=np.int64)
+    for i in range(n):
+        y, x = rng.integers(5, 35, size=2)
+        images[i, y : y + 20, x : x + 20] += 1.0
+        labels[i, y : y + 20, x : x + 20] = 1
+    return BScanSet(images, labels)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One train_and_register in a clean working directory, with a decoy $MLFLOW_TRACKING_URI."""
+    root = tmp_path_factory.mktemp("tracking")
+    uri = f"sqlite:///{root / 'db' / 'mlflow.db'}"
+    (root / "db").mkdir()
+    cwd, decoy = root / "cwd", f"sqlite:///{root / 'decoy.db'}"
+    cwd.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        mp.setenv("MLFLOW_TRACKING_URI", decoy)
+        seen = []
+        result = train_and_register(_bscans(3, 0), _bscans(1, 1), UNET, TRAIN, tracking_uri=uri,
+                                    tags={"purpose": "test"}, progress=seen.append)
+        env_after = os.environ["MLFLOW_TRACKING_URI"]
+    return {"root": root, "uri": uri, "cwd": cwd, "result": result, "epochs_seen": seen, "env_after": env_after}
+
+
+def test_one_run_with_params_tags_and_per_epoch_metrics(trained):
+    client, result = MlflowClient(trained["uri"]), trained["result"]
+    experiment = client.get_experiment_by_name("octseg")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [result.run_id]
+    run = runs[0]
+    assert run.data.params["unet.base_channels"] == "4" and run.data.params["train.epochs"] == str(EPOCHS)
+    assert run.data.params["data.n_train"] == "3" and run.data.params["data.n_val"] == "1"
+    assert run.data.tags["purpose"] == "test"
+    assert run.data.tags["octseg.score_source"] == "validation"
+    assert len(run.data.tags.get("git_commit", "0" * 40)) == 40
+    for key in ("train_loss", "val_dice_fluid", "val_dice_background"):
+        history = client.get_metric_history(result.run_id, key)
+        assert sorted(m.step for m in history) == list(range(EPOCHS)), key
+    assert [s.epoch for s in trained["epochs_seen"]] == list(range(EPOCHS))  # progress callback
+    final = client.get_metric_history(result.run_id, "val_dice_fluid")[-1].value
+    assert result.score == result.val_dice[1] and (final == result.score or math.isnan(final))
+
+
+def test_qc_image_and_model_are_stored(trained):
+    client, result = MlflowClient(trained["uri"]), trained["result"]
+    qc = [a.path for a in client.list_artifacts(result.run_id, "qc")]
+    assert len(qc) == 1 and qc[0].endswith(".png") and result.qc_image.endswith(qc[0])
+    assert Path(result.qc_image.removeprefix("file://")).is_file()
+    assert (result.model_name, result.model_version, result.promoted) == (DEFAULT_MODEL_NAME, "1", True)
+    version = client.get_model_version_by_alias(DEFAULT_MODEL_NAME, CHAMPION)
+    assert str(version.version) == "1" and version.run_id == result.run_id
+
+
+def test_everything_stays_under_tmp(trained):
+    root, cwd = trained["root"], trained["cwd"]
+    assert list(cwd.iterdir()) == []  # no ./mlruns, no ./mlflow.db in the working directory
+    assert not (root / "decoy.db").exists()  # $MLFLOW_TRACKING_URI was not used ...
+    assert trained["env_after"] == f"sqlite:///{root / 'decoy.db'}"  # ... nor overwritten
+    experiment = MlflowClient(trained["uri"]).get_experiment_by_name("octseg")
+    assert experiment.artifact_location == (root / "db" / "mlartifacts" / "octseg").as_uri()
+    assert trained["result"].qc_image.startswith(experiment.artifact_location)
+
+
+def test_resolve_alias_and_version(trained):
+    uri, result = trained["uri"], trained["result"]
+    by_alias = resolve_model(f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION}", uri)
+    by_version = resolve_model(f"models:/{DEFAULT_MODEL_NAME}/1", uri)
+    assert by_alias == by_version
+    assert (by_alias.version, by_alias.run_id, by_alias.uri) == ("1", result.run_id, "models:/octseg-unet/1")
+    assert by_alias.unet_config == UNET.to_dict()
+
+
+@pytest.mark.parametrize(
+    "model_uri, message",
+    [
+        ("models:/nope@champion", r"no registered model 'nope' in .*octseg train"),  # unknown model
+        ("models:/octseg-unet@staging", r"alias 'staging'.*versions \[1\].*'champion'"),  # unknown alias
+        ("models:/octseg-unet/7", r"no version 7.*versions \[1\]"),  # unknown version
+        ("runs:/abc/unet", r"models:/NAME@ALIAS or models:/NAME/VERSION"),  # not a registry URI
+    ],
+)
+def test_resolve_errors_say_what_exists(trained, model_uri, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_model(model_uri, trained["uri"])
+
+
+def test_load_trained_model(trained):
+    ref = resolve_model(f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION}", trained["uri"])
+    model = load_unet(ref, trained["uri"])
+    assert isinstance(model, UNet) and model.config == UNET and not model.training
+
+
+def _log_version(uri: str, name: str, experiment_id: str, score: float, seed: int) -> tuple[str, UNet]:
+    """A registered version of a random tiny U-Net whose run reports ``val_dice_fluid = score``."""
+    torch.manual_seed(seed)
+    model = UNet.from_config(UNET)
+    with using_tracking_uri(uri), mlflow.start_run(experiment_id=experiment_id):
+        mlflow.log_metric("val_dice_fluid", score, step=0)
+        return log_unet(model, name, pip_requirements=["torch"]), model
+
+
+def test_load_unet_restores_config_and_weights(trained):
+    uri = trained["uri"]
+    version, original = _log_version(uri, "roundtrip", ensure_experiment(uri), 0.5, seed=3)
+    loaded = load_unet(resolve_model(f"models:/roundtrip/{version}", uri), uri)
+    assert loaded.config == original.config
+    expected, got = original.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_champion_moves_only_for_a_better_score(trained):
+    uri, name = trained["uri"], "promotion"
+    experiment_id = ensure_experiment(uri)
+    client = MlflowClient(uri)
+    champion = lambda: str(client.get_model_version_by_alias(name, CHAMPION).version)  # noqa: E731
+    cases = [  # (score of the new version, promoted?, champion afterwards)
+        (0.5, True, "1"),  # no champion yet: the first version always wins
+        (0.3, False, "1"),  # worse than 0.5
+        (0.5, False, "1"),  # a tie keeps the incumbent
+        (0.7, True, "4"),  # better
+        (math.nan, False, "4"),  # NaN never beats a champion
+    ]
+    for seed, (score, promoted, after) in enumerate(cases):
+        version, _ = _log_version(uri, name, experiment_id, score, seed)
+        assert promote_if_better(name, version, score, uri) is promoted, (score, version)
+        assert champion() == after
+    assert promote_if_better(name, "4", 0.9, uri) is False  # already champion
+
+
+def test_ensure_experiment_is_idempotent_and_keeps_artifacts_beside_the_db(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = ensure_experiment(uri, "other")
+    assert ensure_experiment(uri, "other") == first
+    location = MlflowClient(uri).get_experiment(first).artifact_location
+    assert location == (tmp_path / "mlartifacts" / "other").as_uri()
+
+
+def test_resolve_tracking_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////env/mlflow.db")
+    assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri(None) == "sqlite:////env/mlflow.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_without_validation_set_scores_on_training_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "0f9e-flow-run")  # what prefect.runtime reads in a flow run
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = TrainConfig(epochs=1, batch_size=2, tiles_per_epoch=2, device="cpu")
+    result = train_and_register(_bscans(2, 2), None, UNET, cfg, tracking_uri=uri, model_name="no-val")
+    run = MlflowClient(uri).get_run(result.run_id)
+    assert run.data.tags["octseg.score_source"] == "training"
+    assert run.data.tags["prefect_flow_run_id"] == "0f9e-flow-run"
+    assert "val_dice_fluid" not in run.data.metrics
+    assert run.data.metrics["train_dice_fluid"] == result.score or math.isnan(result.score)
+    assert result.promoted and result.n_val == 0
