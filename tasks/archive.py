@@ -42,16 +42,8 @@ import numpy as np
 import zarr
 from ome_zarr.writer import write_image, write_labels
 
-__all__ = [
-    "ARCHIVE_VERSION",
-    "AXES",
-    "Archive",
-    "ArchiveError",
-    "bscan_chunks",
-    "bscan_shards",
-    "open_archive",
-    "volume_id_from_path",
-]
+__all__ = ["ARCHIVE_VERSION", "AXES", "Archive", "ArchiveError", "bscan_chunks", "bscan_shards", "open_archive",
+           "volume_id_from_path"]
 
 ARCHIVE_VERSION = 1
 OME_VERSION = "0.5"
@@ -117,6 +109,14 @@ def _jsonable(value: Any, what: str) -> Any:
         return json.loads(json.dumps(value, sort_keys=True))
     except (TypeError, ValueError) as e:
         raise ArchiveError(f"{what} must be JSON-serialisable: {e}") from e
+
+
+def _require(mapping: Mapping[str, Any], keys: Sequence[str], what: str) -> dict[str, Any]:
+    """``mapping`` as JSON-ready dict, after checking that it has every key of ``keys``."""
+    missing = [k for k in keys if k not in mapping]
+    if missing:
+        raise ArchiveError(f"{what} lacks {missing} (required: {list(keys)})")
+    return _jsonable(dict(mapping), what)
 
 
 def _check_name(name: str, what: str) -> None:
@@ -332,10 +332,7 @@ class Archive:
         if manual_labels is not None:
             lab = _as_labels(manual_labels, arr.shape, f"{where}: manual labels")
             ann = _annotated(lab, annotated, f"{where}: manual labels")
-        missing = [k for k in REQUIRED_PROVENANCE if k not in provenance]
-        if missing:
-            raise ArchiveError(f"{where}: provenance lacks {missing} (required: {list(REQUIRED_PROVENANCE)})")
-        meta = {**_jsonable(dict(provenance), f"{where}: provenance"), "volume_id": volume_id,
+        meta = {**_require(provenance, REQUIRED_PROVENANCE, f"{where}: provenance"), "volume_id": volume_id,
                 "octseg_version": _octseg_version(), "ingested_at": _now(), "scale_known": scale_um is not None}
         with self._staging() as stage:
             try:
@@ -359,10 +356,8 @@ class Archive:
         """
         where = str(self.path / volume_id / "labels" / "prediction")
         lab = _as_labels(labels, self.image(volume_id).shape, where)
-        missing = [k for k in REQUIRED_MODEL_INFO if k not in model_info]
-        if missing:
-            raise ArchiveError(f"{where}: model_info lacks {missing} (required: {list(REQUIRED_MODEL_INFO)})")
-        info = {**_jsonable(dict(model_info), f"{where}: model_info"), "written_at": _now(), "complete": True}
+        info = {**_require(model_info, REQUIRED_MODEL_INFO, f"{where}: model_info"), "written_at": _now(),
+                "complete": True}
         with self._staging() as stage:
             try:
                 tmp = zarr.open_group(stage / "tmp", mode="w", zarr_format=3)
@@ -402,31 +397,35 @@ class Archive:
                                   shards=bscan_shards(shape), fill_value=0, dimension_names=AXES,
                                   attributes={"octseg": octseg}, overwrite=True)
 
-    def open_derived(self, volume_id: str, name: str) -> zarr.Array:
-        """A derived array (Z, Y, X), opened read-only; complete or not (see derived_is_current)."""
+    def open_derived(self, volume_id: str, name: str) -> zarr.Array | None:
+        """A derived array (Z, Y, X), read-only, complete or not; None when it does not exist."""
         path = self._derived_path(volume_id, name)
-        if not (path / "zarr.json").is_file():
-            raise ArchiveError(f"{path}: no such derived array")
-        return zarr.open_array(path, mode="r", zarr_format=3)
+        return zarr.open_array(path, mode="r", zarr_format=3) if (path / "zarr.json").is_file() else None
+
+    def _derived_attrs(self, volume_id: str, name: str) -> dict[str, Any]:
+        arr = self.open_derived(volume_id, name)
+        return dict(arr.attrs.get("octseg", {})) if arr is not None else {}
 
     def mark_derived_complete(self, volume_id: str, name: str, fingerprint: Mapping[str, Any],
                               attrs: Mapping[str, Any] | None = None) -> None:
-        """Record that a derived array is fully written from inputs identified by ``fingerprint``.
-        Call it last, after every write has finished."""
+        """Record, last of all writes, that a derived array is complete for inputs ``fingerprint``."""
         path = self._derived_path(volume_id, name)
-        self.open_derived(volume_id, name)  # raises when missing
+        if self.open_derived(volume_id, name) is None:
+            raise ArchiveError(f"{path}: no such derived array (create_derived first)")
         arr = zarr.open_array(path, mode="r+", zarr_format=3)
         octseg = {**arr.attrs.get("octseg", {}), **_jsonable(dict(attrs or {}), f"{path}: attrs")}
         octseg.update(fingerprint=_jsonable(dict(fingerprint), f"{path}: fingerprint"),
                       complete=True, completed_at=_now())
         arr.attrs["octseg"] = octseg
 
+    def derived_is_complete(self, volume_id: str, name: str) -> bool:
+        """True when the derived array exists and was marked complete (for any fingerprint)."""
+        return self._derived_attrs(volume_id, name).get("complete") is True
+
     def derived_is_current(self, volume_id: str, name: str, fingerprint: Mapping[str, Any]) -> bool:
         """True only when the derived array exists, is complete, and has this ``fingerprint``."""
-        if not (self._derived_path(volume_id, name) / "zarr.json").is_file():
-            return False
-        octseg = self.open_derived(volume_id, name).attrs.get("octseg", {})
         expected = _jsonable(dict(fingerprint), f"{volume_id}/derived/{name}: fingerprint")
+        octseg = self._derived_attrs(volume_id, name)
         return octseg.get("complete") is True and octseg.get("fingerprint") == expected
 
 

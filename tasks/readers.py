@@ -37,6 +37,7 @@ VOLUME_SUFFIXES = IMAGE_SUFFIXES + (".npy",)
 MAX_LABEL = 31  # masks with values 0..31 keep them (class labels); binary masks become 0/1
 _LUMA = np.array([0.299, 0.587, 0.114])
 _UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}
+Scale = tuple[float, float, float]  # voxel size (z, y, x) in micrometres
 
 
 class ReadError(ValueError):
@@ -53,7 +54,7 @@ class ScanVolume:
     """One OCT volume as read from its source."""
 
     image: np.ndarray  # (Z, Y, X) uint8, uint16 or float32
-    scale_um: tuple[float, float, float] | None  # voxel size (z, y, x) in micrometres, if known
+    scale_um: Scale | None  # voxel size (z, y, x) in micrometres, if known
     reader: str  # "tiff", "image", "npy" or "folder"
     source: Path
     sha256: str  # of the file; of a folder: of its image files' sorted names and bytes
@@ -95,7 +96,7 @@ def source_sha256(path: str | Path) -> str:
         raise ReadError(p, f"cannot read ({e.strerror or e})") from e
 
 
-def _tiff_scale(tif: tifffile.TiffFile) -> tuple[float, float, float] | None:
+def _tiff_scale(tif: tifffile.TiffFile) -> Scale | None:
     """(z, y, x) voxel size in micrometres from OME-XML PhysicalSize*, when all three are given."""
     if not tif.is_ome or not tif.ome_metadata:
         return None
@@ -111,7 +112,7 @@ def _tiff_scale(tif: tifffile.TiffFile) -> tuple[float, float, float] | None:
     return (sizes[0], sizes[1], sizes[2])
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, bool, tuple[float, float, float] | None]:
+def _read_tiff(path: Path) -> tuple[np.ndarray, bool, Scale | None]:
     """TIFF pixels, whether the last axis is colour samples, and the OME scale."""
     try:
         with tifffile.TiffFile(path) as tif:
@@ -154,7 +155,7 @@ def _read_npy(path: Path) -> np.ndarray:
         raise ReadError(path, f"truncated or corrupt .npy ({e})") from e
 
 
-def _read_raw(path: Path, mask: bool = False) -> tuple[np.ndarray, bool, str, tuple | None]:
+def _read_raw(path: Path, mask: bool = False) -> tuple[np.ndarray, bool, str, Scale | None]:
     """Pixels of one file: (array, last axis is colour, reader name, scale or None)."""
     suffix = path.suffix.lower()
     if suffix not in VOLUME_SUFFIXES:
@@ -197,7 +198,7 @@ def _to_volume_dtype(arr: np.ndarray, path: Path) -> np.ndarray:
     raise ReadError(path, f"unsupported pixel type {arr.dtype} (expected integers or floats)")
 
 
-def _read_gray(path: Path, ndims: tuple[int, ...]) -> tuple[np.ndarray, str, tuple | None]:
+def _read_gray(path: Path, ndims: tuple[int, ...]) -> tuple[np.ndarray, str, Scale | None]:
     """One file as grey levels with ``ndim`` in ``ndims`` (2 = a B-scan, 3 = a stack)."""
     arr, colour, reader, scale = _read_raw(path)
     gray = _to_volume_dtype(_to_gray(arr, colour), path)

@@ -213,9 +213,9 @@ class ModelRef:
 
 
 def _describe(client, name: str) -> str:
-    """`versions [1, 2]; aliases {'champion': '2'}` of registered model ``name``, for error messages."""
+    """``existing versions [1, 2], aliases {'champion': '2'}`` of registered model ``name``, for errors."""
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-    aliases = dict(client.get_registered_model(name).aliases)
+    aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
     return f"existing versions {versions}, aliases {aliases or 'none'}"
 
 

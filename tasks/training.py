@@ -107,10 +107,9 @@ def _params(unet_config: UNetConfig, train_config: TrainConfig, train: BScanSet,
     }
 
 
-def _as_class_dict(dice: Any) -> dict[int, float]:
-    """Per-class Dice as {class: float}, whether fit hands over a dict or a (K,) array."""
-    items = dice.items() if isinstance(dice, Mapping) else enumerate(np.asarray(dice).ravel())
-    return {int(c): float(d) for c, d in items}
+def _as_class_dict(dice: Mapping[int, float]) -> dict[int, float]:
+    """Per-class Dice as plain {int: float} (no NumPy scalars in results or MLflow calls)."""
+    return {int(c): float(d) for c, d in dice.items()}
 
 
 def _dice_metrics(prefix: str, dice: dict[int, float], names: Mapping[int, str]) -> dict[str, float]:

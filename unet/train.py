@@ -87,7 +87,7 @@ def _train_epoch(model, loader, optimizer, device, amp) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss) * len(x)
+        total += loss.item() * len(x)
         count += len(x)
     return total / max(count, 1)
 

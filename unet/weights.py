@@ -64,6 +64,7 @@ def _as_id_map(array: object, name: str, ndim: int) -> np.ndarray:
 
 
 def _check_params(w0: float, sigma: float) -> tuple[float, float]:
+    """Validate the border-term amplitude w0 (>= 0) and width sigma (> 0, pixels)."""
     try:
         w0, sigma = float(w0), float(sigma)
     except (TypeError, ValueError) as e:
@@ -103,7 +104,8 @@ def _class_weight_map(labels: np.ndarray, class_weights: ClassWeights) -> np.nda
         if not np.all(np.isfinite(values) & (values >= 0)):
             raise ValueError(f"class weights must be finite and >= 0, got {given}")
     else:
-        raise TypeError(f"class_weights must be None, 'balanced' or a mapping, got {type(class_weights).__name__}")
+        raise TypeError("class_weights must be None, 'balanced' or a mapping, "
+                        f"got {type(class_weights).__name__}")
     return values.astype(np.float32)[np.searchsorted(classes, labels)]
 
 
@@ -124,7 +126,7 @@ def _connected_instances(labels: np.ndarray) -> np.ndarray:
 
 
 def _instance_map(labels: np.ndarray, instances: object) -> np.ndarray:
-    """Validated instance map (H, W) int64 with ids 1..N (0 = none)."""
+    """Validated integer instance map (H, W), ids <= H * W (0 = none)."""
     if instances is None:
         return _connected_instances(labels)
     inst = _as_id_map(instances, "instances", 2)
@@ -153,14 +155,16 @@ def _grow(box: tuple[slice, ...], margin: int, shape: tuple[int, ...]) -> tuple[
     return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape))
 
 
-def _two_nearest_windowed(instances: np.ndarray, boxes: Boxes, radius: float) -> tuple[np.ndarray, np.ndarray]:
-    """(d1, d2) float32 (H, W), exact at background pixels where d1 + d2 <= radius; d2 = inf where unreached.
+def _two_nearest_windowed(instances: np.ndarray, boxes: Boxes,
+                          radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """(d1, d2) float32 (H, W) in pixels, exact at background pixels where d1 + d2 <= radius.
 
     Keeps a running two-smallest of integer squared distances over windows: each instance's
     bounding box grown by floor(radius - 1). Background pixels have d1 >= 1, so an instance that is
     one of the two nearest where d1 + d2 <= radius lies within d2 <= radius - 1 of the pixel, hence
     (integer offsets) within floor(radius - 1) rows and columns. The window holds the whole
-    instance, so its feature transform gives exact distances inside it.
+    instance, so its feature transform gives exact distances inside it. d2 = inf where no window
+    of a second instance reaches.
     """
     h, w = instances.shape
     dtype = np.int32 if (h - 1) ** 2 + (w - 1) ** 2 < np.iinfo(np.int32).max else np.int64
@@ -245,8 +249,8 @@ def border_weight_map(labels: np.ndarray, instances: np.ndarray | None = None, w
     distance transform of the crop is exact because the crop contains the whole instance. A
     running two-smallest over these windows is therefore exact where d1 + d2 <= R; elsewhere it
     can only overestimate d1 and d2 (smallest values over fewer instances), giving a term in
-    [0, t). Hence
-    ``|border_weight_map - border_weight_map_reference| < t`` (1e-3), up to float32 rounding.
+    [0, t). Hence ``|border_weight_map - border_weight_map_reference| < t`` (1e-3), up to float32
+    rounding; the cost is one distance transform per instance on about (size + 2R)^2 pixels.
     """
     return _weight_map(labels, instances, w0, sigma, class_weights, _two_nearest_windowed)
 

@@ -155,11 +155,13 @@ def test_derived_completion_marker(archive: Archive) -> None:
     assert (out.shape, out.chunks, out.dtype) == (SHAPE, (1, 32, 48), np.float32)
     assert out.shards == (5, 32, 48)
     assert not archive.derived_is_current("vol1", "normalized", fp)  # created, not complete
+    assert not archive.derived_is_complete("vol1", "normalized")
     data = _image().astype(np.float32) / 200
     shard_z = archive.shard_bscans("vol1")
     da.store(da.from_array(data, chunks=(shard_z, -1, -1)), out, lock=False)
     archive.mark_derived_complete("vol1", "normalized", fp)
     assert archive.derived_is_current("vol1", "normalized", fp)  # tuples compare as stored lists
+    assert archive.derived_is_complete("vol1", "normalized")
     assert not archive.derived_is_current("vol1", "normalized", {**fp, "method": "minmax"})  # stale
     attrs = archive.open_derived("vol1", "normalized").attrs["octseg"]
     assert attrs["method"] == "zscore" and attrs["complete"] is True
@@ -169,8 +171,9 @@ def test_derived_completion_marker(archive: Archive) -> None:
 
 
 def test_derived_errors(archive: Archive) -> None:
+    assert archive.open_derived("vol1", "weights") is None
     with pytest.raises(ArchiveError, match="no such derived array"):
-        archive.open_derived("vol1", "weights")
+        archive.mark_derived_complete("vol1", "weights", {})
     with pytest.raises(ArchiveError, match="not a valid name"):
         archive.create_derived("vol1", "../escape", "float32")
     with pytest.raises(ArchiveError, match="no such volume"):

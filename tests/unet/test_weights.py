@@ -149,6 +149,14 @@ def test_cutoff_radius_edge_on_a_row(col, allowed):
     assert abs(w[0, 1] - (1.0 + border(1.0, col - 1.0))) <= allowed + 1e-5
 
 
+def test_very_wide_image_uses_64_bit_squared_distances():
+    labels = np.zeros((1, 46342), np.uint8)  # (W - 1)^2 no longer fits in int32
+    labels[0, [0, 2, 46341]] = 1
+    w = border_weight_map(labels)
+    assert w[0, 1] == pytest.approx(1.0 + border(1.0, 1.0), abs=1e-5)
+    assert np.abs(w - border_weight_map_reference(labels)).max() < BORDER_TOLERANCE
+
+
 def test_eight_connected_diagonal_is_one_instance_unless_given():
     labels = np.array([[1, 0], [0, 1]], np.uint8)
     np.testing.assert_array_equal(border_weight_map(labels), np.ones((2, 2), np.float32))
@@ -173,7 +181,9 @@ def test_explicit_instances_equal_derived_components(left, right):
 
 def test_border_term_peaks_in_thin_gap():
     yy, xx = np.mgrid[:40, :60]
-    labels = (((yy - 20) ** 2 + (xx - 20) ** 2 <= 64) | ((yy - 20) ** 2 + (xx - 39) ** 2 <= 64)).astype(np.uint8)
+    left = (yy - 20) ** 2 + (xx - 20) ** 2 <= 64
+    right = (yy - 20) ** 2 + (xx - 39) ** 2 <= 64
+    labels = (left | right).astype(np.uint8)
     term = border_weight_map(labels) - 1.0
     row, col = np.unravel_index(np.argmax(term), term.shape)
     assert row == 20 and col in (29, 30)  # disks span columns 12-28 and 31-47 on row 20
@@ -200,7 +210,8 @@ def test_class_weights_mapping_and_border_term_add_up():
 def test_accepted_input_dtypes_give_the_same_map():
     labels = two_bars()
     expected = border_weight_map(labels)
-    for variant in (labels.astype(bool), labels.astype(np.float64), labels.astype(np.uint64), labels.tolist()):
+    variants = (labels.astype(bool), labels.astype(np.float64), labels.astype(np.uint64), labels.tolist())
+    for variant in variants:
         np.testing.assert_array_equal(border_weight_map(variant), expected)
 
 
@@ -243,9 +254,15 @@ def test_volume_equals_per_slice_loop():
     inst = np.stack([random_disks((23, 31), 6, seed, (2, 6)) for seed in range(3)])
     labels = (inst > 0).astype(np.uint8)
     labels[1, :, 15:] *= 2  # a second class in one B-scan
-    for instances, kw in [(None, {}), (None, {"class_weights": "balanced", "w0": 5.0}), (inst, {"sigma": 3.0})]:
+    settings = [
+        (None, {}),  # derived instances, defaults
+        (None, {"class_weights": "balanced", "w0": 5.0}),  # per-B-scan class frequencies
+        (inst, {"sigma": 3.0}),  # explicit instances
+    ]
+    for instances, kw in settings:
         vol = border_weight_map_volume(labels, instances, **kw)
-        loop = [border_weight_map(labels[z], None if instances is None else instances[z], **kw) for z in range(3)]
+        loop = [border_weight_map(labels[z], None if instances is None else instances[z], **kw)
+                for z in range(3)]
         assert vol.dtype == np.float32
         np.testing.assert_array_equal(vol, np.stack(loop))
 

@@ -1,0 +1,110 @@
+"""The four flows and the pipeline on real components: Prefect (test harness), a Dask LocalCluster,
+Zarr under tmp_path and MLflow in a SQLite file. Built once per module, checked step by step."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from flows.config import IngestConfig, PreprocessConfig, SegmentConfig, TrainFlowConfig
+from flows.ingest import ingest_volumes
+from flows.preprocess import preprocess_archive
+from flows.segment import segment_archive
+from flows.train import train_unet
+from tasks.archive import open_archive
+from tasks.phantom import write_phantom_files
+
+SHAPE = dict(n_bscans=4, height=64, width=96)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict:
+    """Phantom files plus one of each kind of bad input, and the locations of archive and MLflow."""
+    root = tmp_path_factory.mktemp("flows")
+    scans = root / "scans"
+    good = write_phantom_files(scans, n_volumes=3, fmt="tiff", seed=0, **SHAPE)
+    bad = {
+        "empty.tif": b"",
+        "truncated.tif": (scans / "phantom_000.tif").read_bytes()[:300],
+        "notes.png": b"this is not an image\n",
+    }
+    for name, data in bad.items():
+        (scans / name).write_bytes(data)
+    # an image whose mask has the wrong shape
+    tifffile.imwrite(scans / "wrongmask.tif", np.zeros((4, 64, 96), np.uint8))
+    tifffile.imwrite(scans / "labels" / "wrongmask.tif", np.zeros((4, 32, 96), np.uint8))
+    return {
+        "root": root,
+        "good": good,
+        "bad": [scans / n for n in [*bad, "wrongmask.tif"]],
+        "labels": scans / "labels",
+        "archive": root / "archive.zarr",
+        "tracking": f"sqlite:///{root / 'mlflow.db'}",
+    }
+
+
+def _train_config(work, **kw) -> TrainFlowConfig:
+    defaults = dict(archive=work["archive"], base_channels=4, depth=2, epochs=2, tiles_per_epoch=8,
+                    optimizer="adam", lr=1e-3, max_tile=64, tracking_uri=work["tracking"])
+    return TrainFlowConfig(**{**defaults, **kw})
+
+
+def test_ingest_lands_good_files_and_reports_bad_ones(work):
+    summary = ingest_volumes(IngestConfig(sources=(*work["good"], *work["bad"]), archive=work["archive"],
+                                          labels=work["labels"]))
+    assert sorted(summary.written) == ["phantom_000", "phantom_001", "phantom_002"]
+    assert len(summary.failures) == 4
+    for path in work["bad"]:
+        assert any(path.name in f for f in summary.failures), (path.name, summary.failures)
+    assert any("shape" in f for f in summary.failures if "wrongmask" in f)
+    assert open_archive(work["archive"], create=False).volume_ids() == ["phantom_000", "phantom_001", "phantom_002"]
+    staging = [p for p in work["archive"].parent.iterdir() if "staging" in p.name]
+    assert all(not any(p.iterdir()) for p in staging)  # nothing half-written anywhere
+
+
+def test_ingest_rerun_does_no_repeated_work(work):
+    summary = ingest_volumes(IngestConfig(sources=tuple(work["good"]), archive=work["archive"], labels=work["labels"]))
+    assert summary.written == [] and sorted(summary.skipped) == ["phantom_000", "phantom_001", "phantom_002"]
+
+
+def test_preprocess_on_a_local_cluster_then_skips(work):
+    cfg = PreprocessConfig(archive=work["archive"], n_workers=2)
+    first = preprocess_archive(cfg)
+    assert set(first.computed) == {"phantom_000", "phantom_001", "phantom_002"}
+    assert all(v == ["normalized", "weights"] for v in first.computed.values())
+    archive = open_archive(work["archive"], create=False)
+    weights = np.asarray(archive.open_derived("phantom_000", "weights")[...])
+    _, annotated = archive.manual_labels("phantom_000")
+    assert weights[annotated].min() >= 1.0 and weights[annotated].max() > 2.0  # border term present
+    second = preprocess_archive(cfg)
+    assert second.computed == {} and sorted(second.up_to_date) == ["phantom_000", "phantom_001", "phantom_002"]
+
+
+def test_train_registers_a_champion(work):
+    summary = train_unet(_train_config(work))
+    assert summary.model_version == "1" and summary.promoted
+    assert 0.0 <= summary.score <= 1.0
+
+
+def test_segment_writes_predictions_then_skips(work):
+    cfg = SegmentConfig(archive=work["archive"], tracking_uri=work["tracking"], qc_dir=work["root"] / "qc")
+    first = segment_archive(cfg)
+    assert sorted(first.segmented) == ["phantom_000", "phantom_001", "phantom_002"] and not first.failures
+    archive = open_archive(work["archive"], create=False)
+    info = archive.prediction_info("phantom_001")
+    assert info["model_name"] == "octseg-unet" and str(info["model_version"]) == "1"
+    assert archive.prediction("phantom_001").shape == (4, 64, 96)
+    assert len(list((work["root"] / "qc").glob("*.png"))) == 3
+    second = segment_archive(cfg)
+    assert second.segmented == [] and len(second.skipped) == 3
+
+
+def test_segment_with_unknown_alias_fails_before_writing(work):
+    cfg = SegmentConfig(archive=work["archive"], tracking_uri=work["tracking"], model_uri="models:/octseg-unet@nope",
+                        force=True)
+    before = open_archive(work["archive"], create=False).prediction_info("phantom_000")
+    with pytest.raises(ValueError, match="nope"):
+        segment_archive(cfg)
+    assert open_archive(work["archive"], create=False).prediction_info("phantom_000") == before
