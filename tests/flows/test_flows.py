@@ -33,8 +33,8 @@ def work(tmp_path_factory) -> dict:
     for name, data in bad.items():
         (scans / name).write_bytes(data)
     # an image whose mask has the wrong shape
-    tifffile.imwrite(scans / "wrongmask.tif", np.zeros((4, 64, 96), np.uint8))
-    tifffile.imwrite(scans / "labels" / "wrongmask.tif", np.zeros((4, 32, 96), np.uint8))
+    tifffile.imwrite(scans / "wrongmask.tif", np.zeros((4, 64, 96), np.uint8), photometric="minisblack")
+    tifffile.imwrite(scans / "labels" / "wrongmask.tif", np.zeros((4, 32, 96), np.uint8), photometric="minisblack")
     return {
         "root": root,
         "good": good,
