@@ -115,17 +115,19 @@ def train(
     tiles_per_epoch: TilesOpt = 64,
     device: DeviceOpt = "auto",
     tracking_uri: TrackingOpt = None,
+    force: Annotated[bool, typer.Option(help="Train even if an identical run (same data and settings) is registered.")] = False,
 ) -> None:
     """Train a U-Net on the annotated B-scans; log to MLflow and register it as octseg-unet.
 
     The new version becomes the [bold]champion[/] alias when it beats the current one on validation Dice.
+    A rerun with unchanged data and settings reuses the registered run instead of training again.
     Watch it with [bold]mlflow ui --backend-store-uri sqlite:///mlflow.db[/].
     """
     from flows.train import train_unet
 
     cfg = _train_config(archive, volume, epochs=epochs, base_channels=base_channels, depth=depth,
                         batch_size=batch_size, lr=lr, optimizer=optimizer, tiles_per_epoch=tiles_per_epoch,
-                        device=device, tracking_uri=tracking_uri)
+                        device=device, tracking_uri=tracking_uri, force=force)
     _echo_summary(train_unet(cfg))
 
 

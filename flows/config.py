@@ -87,6 +87,7 @@ class TrainFlowConfig(_Config):
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
     experiment: str = "octseg"
     model_name: str = "octseg-unet"
+    force: bool = False  # train again even when an identical run (same data and configs) is registered
 
 
 class SegmentConfig(_Config):

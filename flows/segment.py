@@ -9,14 +9,13 @@ from flows.config import SegmentConfig
 from flows.preprocess import select_volumes
 from flows.summary import SegmentSummary
 from tasks.archive import open_archive
+from tasks.classes import DEFAULT_CLASS_NAMES
 from tasks.progress import progress_bar
 from tasks.segment import segment_volume_task
 from tasks.tracking import load_unet, resolve_model, resolve_tracking_uri
 from unet.inference import resolve_device
 
 __all__ = ["segment_archive", "default_qc_dir"]
-
-CLASS_NAMES = {0: "background", 1: "fluid"}
 
 
 def default_qc_dir(archive: Path) -> Path:
@@ -41,7 +40,7 @@ def segment_archive(config: SegmentConfig) -> SegmentSummary:
     for vid in volumes:
         with progress_bar(f"segment {vid}", archive.image(vid).shape[0]) as update:
             r = segment_volume_task(
-                str(config.archive), vid, model, info, CLASS_NAMES,
+                str(config.archive), vid, model, info, dict(DEFAULT_CLASS_NAMES),
                 tile=config.tile_size, overlap=config.overlap, batch_size=config.batch_size,
                 qc_dir=str(qc_dir), force=config.force, progress=update,
             )

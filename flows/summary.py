@@ -53,11 +53,13 @@ class TrainSummary:
     n_train: int = 0
     n_val: int = 0
     qc_image: str | None = None
+    reused: bool = False  # an identical run was already registered; nothing was trained
 
     def headline(self) -> str:
         champion = "now champion" if self.promoted else "champion unchanged"
+        what = "already trained as" if self.reused else "trained"
         return (
-            f"train: {self.model_name} v{self.model_version} (run {self.run_id[:8]}), "
+            f"train: {what} {self.model_name} v{self.model_version} (run {self.run_id[:8]}), "
             f"val fluid Dice {self.score:.3f}, {champion}; tracking at {self.tracking_uri}"
         )
 

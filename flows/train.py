@@ -41,11 +41,12 @@ def train_unet(config: TrainFlowConfig) -> TrainSummary:
     r = train_from_archive_task(
         str(config.archive), volumes, unet_config_of(config), train_config_of(config),
         val_fraction=config.val_fraction, tracking_uri=tracking_uri,
-        experiment=config.experiment, model_name=config.model_name,
+        experiment=config.experiment, model_name=config.model_name, force=config.force,
     )
     summary = TrainSummary(
         run_id=r.run_id, model_name=r.model_name, model_version=r.model_version, score=r.score,
         promoted=r.promoted, tracking_uri=tracking_uri, n_train=r.n_train, n_val=r.n_val, qc_image=r.qc_image,
+        reused=r.reused,
     )
     logger.info(summary.headline())
     return summary

@@ -19,49 +19,61 @@ volumes are small, and labels must have as many levels as their image (ome_zarr_
 Nothing partial: volumes and predictions are built in a staging folder beside the archive
 (``<parent>/.<archive name>.staging/<uuid>/``, same file system) and renamed into place. A
 replaced volume loses its prediction and derived arrays, which belonged to the old image.
+
+The layout constants, input checks, OME label metadata and staging helpers sit in the private
+:mod:`tasks._archive_layout`; label colours come from :mod:`tasks.classes`. Import from this module.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
-import json
-import math
 import os
 import re
-import shutil
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import zarr
-from ome_zarr.writer import write_image, write_labels
+from ome_zarr.writer import write_image
 
-__all__ = ["ARCHIVE_VERSION", "AXES", "Archive", "ArchiveError", "bscan_chunks", "bscan_shards", "open_archive",
-           "volume_id_from_path"]
+from tasks._archive_layout import (
+    _ID_RE,
+    _RESERVED,
+    _UNITS,
+    AXES,
+    IMAGE_DTYPES,
+    OME_VERSION,
+    SHARD_BSCANS,
+    UNIT,
+    ArchiveError,
+    _annotated,
+    _as_labels,
+    _check_image,
+    _check_name,
+    _compute,
+    _jsonable,
+    _level0,
+    _replace_dir,
+    _require,
+    _scale,
+    _staging_dir,
+    _storage,
+    _write_label_image,
+    bscan_chunks,
+    bscan_shards,
+    label_metadata,
+)
+
+__all__ = ["ARCHIVE_VERSION", "AXES", "IMAGE_DTYPES", "OME_VERSION", "SHARD_BSCANS", "UNIT", "Archive", "ArchiveError",
+           "bscan_chunks", "bscan_shards", "label_metadata", "open_archive", "volume_id_from_path"]
 
 ARCHIVE_VERSION = 1
-OME_VERSION = "0.5"
-AXES = ("z", "y", "x")  # B-scan, depth, A-scan
-UNIT = "micrometer"
-SHARD_BSCANS = 8
-IMAGE_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.uint16, np.float32))
 REQUIRED_PROVENANCE = ("source", "source_sha256", "reader")
 REQUIRED_MODEL_INFO = ("model_name", "model_version", "run_id", "model_uri")
 _STRIP_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".npy", ".png", ".jpeg", ".jpg")
-_RESERVED = {"zarr.json"}
-_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
-_UNITS = dict.fromkeys(AXES, UNIT)
-_PALETTE = [(255, 0, 0), (0, 200, 0), (0, 90, 255), (255, 200, 0), (255, 0, 255), (0, 220, 220)]
-
-
-class ArchiveError(ValueError):
-    """An archive operation failed; the message names the path and what was wrong."""
 
 
 def volume_id_from_path(path: str | os.PathLike[str]) -> str:
@@ -78,20 +90,6 @@ def volume_id_from_path(path: str | os.PathLike[str]) -> str:
     return "_" + vid if vid in _RESERVED else vid
 
 
-def bscan_chunks(shape: Sequence[int]) -> tuple[int, int, int]:
-    """Chunk shape of a (Z, Y, X) array: one B-scan, ``(1, Y, X)``."""
-    return (1, int(shape[1]), int(shape[2]))
-
-
-def bscan_shards(shape: Sequence[int]) -> tuple[int, int, int]:
-    """Shard shape of a (Z, Y, X) array: ``(min(8, Z), Y, X)``."""
-    return (max(1, min(SHARD_BSCANS, int(shape[0]))), int(shape[1]), int(shape[2]))
-
-
-def _storage(shape: Sequence[int]) -> dict[str, tuple[int, int, int]]:
-    return {"chunks": bscan_chunks(shape), "shards": bscan_shards(shape)}
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -101,123 +99,6 @@ def _octseg_version() -> str:
         return importlib.metadata.version("octseg")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _jsonable(value: Any, what: str) -> Any:
-    """``value`` as JSON would give it back (tuples -> lists), so stored and given compare equal."""
-    try:
-        return json.loads(json.dumps(value, sort_keys=True))
-    except (TypeError, ValueError) as e:
-        raise ArchiveError(f"{what} must be JSON-serialisable: {e}") from e
-
-
-def _require(mapping: Mapping[str, Any], keys: Sequence[str], what: str) -> dict[str, Any]:
-    """``mapping`` as JSON-ready dict, after checking that it has every key of ``keys``."""
-    missing = [k for k in keys if k not in mapping]
-    if missing:
-        raise ArchiveError(f"{what} lacks {missing} (required: {list(keys)})")
-    return _jsonable(dict(mapping), what)
-
-
-def _check_name(name: str, what: str) -> None:
-    if not isinstance(name, str) or not _ID_RE.fullmatch(name) or name in _RESERVED:
-        raise ArchiveError(f"{what} {name!r} is not a valid name (expected [A-Za-z0-9._-], no leading dot)")
-
-
-def _check_image(image: np.ndarray | da.Array, where: str) -> np.ndarray | da.Array:
-    arr = image if isinstance(image, da.Array) else np.asarray(image)
-    if arr.ndim != 3 or min(arr.shape) < 1:
-        raise ArchiveError(f"{where}: image must be a non-empty (Z, Y, X) array, got shape {arr.shape}")
-    if arr.dtype not in IMAGE_DTYPES:
-        raise ArchiveError(f"{where}: image dtype {arr.dtype} not supported (expected uint8, uint16 or float32)")
-    return arr
-
-
-def _as_labels(labels: Any, shape: Sequence[int], where: str) -> np.ndarray:
-    """Labels as a uint8 (Z, Y, X) array, checked against the image ``shape``."""
-    lab = np.asarray(labels)
-    if lab.shape != tuple(shape):
-        raise ArchiveError(f"{where}: labels shape {lab.shape} does not match image shape {tuple(shape)}")
-    if lab.dtype.kind not in "biu":
-        raise ArchiveError(f"{where}: labels must be integers, got dtype {lab.dtype}")
-    if lab.size and (lab.min() < 0 or lab.max() > 255):
-        raise ArchiveError(f"{where}: label values must lie in 0..255, got {lab.min()}..{lab.max()}")
-    return lab.astype(np.uint8, copy=False)
-
-
-def _annotated(lab: np.ndarray, annotated: Sequence[int] | None, where: str) -> list[int]:
-    """Sorted annotated B-scan indices (all when None); unannotated B-scans must be all 0."""
-    n = lab.shape[0]
-    ann = list(range(n)) if annotated is None else sorted({int(i) for i in annotated})
-    if any(not 0 <= i < n for i in ann):
-        raise ArchiveError(f"{where}: annotated B-scans {ann} out of range 0..{n - 1}")
-    rest = np.setdiff1d(np.arange(n), ann)
-    nonzero = [int(i) for i in rest if lab[i].any()]
-    if nonzero:
-        raise ArchiveError(f"{where}: B-scans {nonzero} have labels but are not listed as annotated")
-    return ann
-
-
-def _scale(scale_um: Sequence[float] | None, where: str) -> dict[str, float]:
-    if scale_um is None:
-        return dict.fromkeys(AXES, 1.0)
-    values = [float(s) for s in scale_um]
-    if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
-        raise ArchiveError(f"{where}: scale_um must be 3 positive finite (z, y, x) values, got {scale_um}")
-    return dict(zip(AXES, values, strict=True))
-
-
-def _label_metadata(class_names: Mapping[int, str]) -> dict[str, Any]:
-    """OME ``image-label`` metadata: colours (0 transparent) and ``class`` properties."""
-    colors, properties = [], []
-    for value, name in sorted((int(v), str(n)) for v, n in class_names.items()):
-        if not 0 <= value <= 255:
-            raise ArchiveError(f"class value {value} ({name!r}) outside 0..255")
-        rgb = _PALETTE[(value - 1) % len(_PALETTE)] if value else (0, 0, 0)
-        colors.append({"label-value": value, "rgba": [*rgb, 255 if value else 0]})
-        properties.append({"label-value": value, "class": name})
-    return {"colors": colors, "properties": properties, "source": {"image": "../../"}}
-
-
-def _default_class_names(lab: np.ndarray) -> dict[int, str]:
-    return {int(v): "background" if v == 0 else f"class_{int(v)}" for v in np.unique(lab)}
-
-
-def _write_label_image(group: zarr.Group, name: str, lab: np.ndarray, scale: dict[str, float],
-                       class_names: Mapping[int, str] | None, octseg: dict[str, Any]) -> list[Any]:
-    """Create ``group/labels/<name>`` (uint8, image chunking) with its metadata and fix the labels
-    group; returns the delayed data writes (see :func:`_compute`)."""
-    jobs = write_labels(lab, group, name=name, scaler=None, scale_factors=[], axes=list(AXES), scale=scale,
-                        axes_units=_UNITS, storage_options=_storage(lab.shape), compute=False,
-                        label_metadata=_label_metadata(class_names or _default_class_names(lab)))
-    labels_group = group["labels"]
-    labels_group.attrs["ome"] = {**labels_group.attrs["ome"], "version": OME_VERSION}
-    group["labels"][name].attrs["octseg"] = octseg
-    return jobs
-
-
-def _compute(jobs: list[Any]) -> None:
-    """Run delayed writes in this thread: after a failure no worker may still write into the staging
-    folder, and the caller's Dask cluster (if any) is not sent whole arrays."""
-    dask.compute(*jobs, scheduler="synchronous")
-
-
-def _level0(group: zarr.Group) -> zarr.Array:
-    """The full-resolution array of an OME multiscale group."""
-    return group[group.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]]
-
-
-def _replace_dir(new: Path, target: Path, aside: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is first moved to ``aside``."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    os.replace(target, aside)
-    try:
-        os.replace(new, target)
-    except OSError:
-        os.replace(aside, target)
-        raise
 
 
 @dataclass(frozen=True)
@@ -295,25 +176,6 @@ class Archive:
         return info if info.get("complete") else None
 
     # ----- writing (atomic) -----
-    @contextlib.contextmanager
-    def _staging(self) -> Iterator[Path]:
-        """A fresh folder beside the archive (same file system), removed afterwards in any case."""
-        base = self.path.parent / f".{self.path.name}.staging"
-        stage = base / uuid.uuid4().hex
-        for attempt in range(3):  # another writer may remove an empty `base` between our mkdirs
-            try:
-                stage.mkdir(parents=True)
-                break
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise
-        try:
-            yield stage
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                base.rmdir()  # fails while another writer still stages: fine
-
     def write_volume(self, volume_id: str, image: np.ndarray | da.Array, *,
                      scale_um: Sequence[float] | None = None, provenance: Mapping[str, Any],
                      manual_labels: np.ndarray | None = None, annotated: Sequence[int] | None = None,
@@ -334,7 +196,7 @@ class Archive:
             ann = _annotated(lab, annotated, f"{where}: manual labels")
         meta = {**_require(provenance, REQUIRED_PROVENANCE, f"{where}: provenance"), "volume_id": volume_id,
                 "octseg_version": _octseg_version(), "ingested_at": _now(), "scale_known": scale_um is not None}
-        with self._staging() as stage:
+        with _staging_dir(self.path) as stage:
             try:
                 group = zarr.open_group(stage / "new", mode="w", zarr_format=3)
                 jobs = write_image(arr, group, scale_factors=[], axes=list(AXES), scale=scale, axes_units=_UNITS,
@@ -358,7 +220,7 @@ class Archive:
         lab = _as_labels(labels, self.image(volume_id).shape, where)
         info = {**_require(model_info, REQUIRED_MODEL_INFO, f"{where}: model_info"), "written_at": _now(),
                 "complete": True}
-        with self._staging() as stage:
+        with _staging_dir(self.path) as stage:
             try:
                 tmp = zarr.open_group(stage / "tmp", mode="w", zarr_format=3)
                 _compute(_write_label_image(tmp, "prediction", lab, self._scale_dict(volume_id), class_names, info))

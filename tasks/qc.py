@@ -2,7 +2,8 @@
 
 Pure NumPy + Pillow (no Prefect, no MLflow), so training (MLflow image artifacts) and segmentation
 (PNGs beside the archive) draw the same pictures. Class 0 (background) is transparent; class ``c > 0``
-gets ``CLASS_COLORS[c]``, the same colour the archive writes into its OME ``image-label`` metadata.
+gets its palette colour from :mod:`tasks.classes`, the same colour the archive writes into its OME
+``image-label`` metadata.
 """
 from __future__ import annotations
 
@@ -11,18 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.classes import CLASS_COLORS, palette_color
+
 __all__ = ["CLASS_COLORS", "class_color", "grayscale", "overlay", "side_by_side", "save_png"]
 
-# Label colours, class value -> (R, G, B); class 0 is transparent. Kept equal to the archive's palette
-# (tasks/archive.py ``_PALETTE``): class c > 0 gets entry (c - 1) mod 6.
-CLASS_COLORS: dict[int, tuple[int, int, int]] = {
-    1: (255, 0, 0),  # fluid
-    2: (0, 200, 0),
-    3: (0, 90, 255),
-    4: (255, 200, 0),
-    5: (255, 0, 255),
-    6: (0, 220, 220),
-}
 SEPARATOR_RGB = (255, 255, 255)
 
 
@@ -30,7 +23,7 @@ def class_color(value: int, colors: Mapping[int, tuple[int, int, int]] | None = 
     """Colour of class ``value`` > 0: ``colors[value]`` if given, else the palette, cycling past class 6."""
     if colors is not None and value in colors:
         return tuple(int(c) for c in colors[value])
-    return CLASS_COLORS[(value - 1) % len(CLASS_COLORS) + 1]
+    return palette_color(value)
 
 
 def grayscale(bscan: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:

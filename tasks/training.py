@@ -7,6 +7,7 @@ validation B-scan (ground truth left, prediction right) and the registered model
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -14,13 +15,13 @@ import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.classes import DEFAULT_CLASS_NAMES
 from tasks.qc import side_by_side
 from tasks.tracking import (
     DEFAULT_EXPERIMENT,
@@ -48,7 +49,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CLASS_NAMES: Mapping[int, str] = MappingProxyType({0: "background", 1: "fluid"})
 FOREGROUND = 1  # the class whose Dice decides promotion
 
 
@@ -65,6 +65,38 @@ class TrainResult:
     qc_image: str | None  # artifact URI of the QC PNG
     n_train: int = 0
     n_val: int = 0
+    reused: bool = False  # an identical earlier run (same data, configs and model name) was found
+
+
+def training_fingerprint(train: BScanSet, val: BScanSet | None, unet_config: UNetConfig,
+                         train_config: TrainConfig, model_name: str) -> str:
+    """sha256 over the training data, both configs and the model name: equal means "already trained"."""
+    h = hashlib.sha256(json.dumps([unet_config.to_dict(), train_config.to_dict(), model_name], sort_keys=True).encode())
+    for data in (train, val):
+        for arr in () if data is None else (data.images, data.labels, data.weights):
+            h.update(b"-" if arr is None else np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def find_previous_training(fingerprint: str, tracking_uri: str, experiment_id: str, model_name: str,
+                           names: Mapping[int, str]) -> TrainResult | None:
+    """The finished, registered run with this fingerprint, as a result (``reused=True``), or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([experiment_id], f"tags.`octseg.fingerprint` = '{fingerprint}' and "
+                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+    for run in runs:
+        versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run.info.run_id}'")
+        if not versions:
+            continue
+        prefix = "val" if run.data.tags.get("octseg.score_source") == "validation" else "train"
+        dice = {c: run.data.metrics.get(f"{prefix}_dice_{n}", math.nan) for c, n in names.items()}
+        return TrainResult(run.info.run_id, model_name, str(versions[0].version), dice,
+                           dice.get(FOREGROUND, math.nan), False, None,
+                           n_train=int(run.data.params.get("data.n_train", 0)),
+                           n_val=int(run.data.params.get("data.n_val", 0)), reused=True)
+    return None
 
 
 def _git(*args: str) -> str | None:
@@ -155,8 +187,12 @@ def train_and_register(
     class_names: Mapping[int, str] = DEFAULT_CLASS_NAMES,
     tags: Mapping[str, str] | None = None,
     progress: Callable[[EpochStats], None] | None = None,
+    force: bool = False,
 ) -> TrainResult:
     """Train a fresh ``UNet(unet_config)`` in one MLflow run, register it as ``model_name``, maybe promote.
+
+    A rerun on the same data with the same configs returns the earlier registered run (``reused``)
+    instead of training again, unless ``force``.
 
     Promotion compares ``val_dice_<name of class 1>`` (``train_dice_...`` when ``val`` is None or empty,
     tagged ``octseg.score_source=training``) with the champion's value of the same metric.
@@ -173,7 +209,12 @@ def train_and_register(
     names = {c: class_names.get(c, f"class{c}") for c in range(unet_config.out_channels)}
     has_val = val is not None and len(val) > 0
     prefix = "val" if has_val else "train"
-    run_tags = {**run_context_tags(), "octseg.score_source": "validation" if has_val else "training", **(tags or {})}
+    fingerprint = training_fingerprint(train, val if has_val else None, unet_config, train_config, model_name)
+    if not force and (done := find_previous_training(fingerprint, uri, experiment_id, model_name, names)):
+        log.info("identical training already registered as %s v%s (run %s)", model_name, done.model_version, done.run_id)
+        return done
+    run_tags = {**run_context_tags(), "octseg.score_source": "validation" if has_val else "training",
+                "octseg.fingerprint": fingerprint, **(tags or {})}
     model = UNet.from_config(unet_config)
     with using_tracking_uri(uri), mlflow.start_run(experiment_id=experiment_id, tags=run_tags) as run:
         mlflow.log_params(_params(unet_config, train_config, train, val, names))
@@ -233,6 +274,7 @@ def train_from_archive_task(
     tracking_uri: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     model_name: str = DEFAULT_MODEL_NAME,
+    force: bool = False,
 ) -> TrainResult:
     """Load the annotated B-scans of ``volumes`` from the archive, split them, then train and register."""
     from tasks.dataset import load_training_data
@@ -240,4 +282,5 @@ def train_from_archive_task(
     train, val = load_training_data(archive_path, volumes, val_fraction, seed=train_config.seed)
     get_run_logger().info("training on %d B-scans, validating on %d", len(train), 0 if val is None else len(val))
     return train_and_register(train, val, unet_config, train_config, tracking_uri=tracking_uri,
-                              experiment=experiment, model_name=model_name, progress=_progress_logger())
+                              experiment=experiment, model_name=model_name, progress=_progress_logger(),
+                              force=force)

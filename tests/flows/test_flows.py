@@ -82,10 +82,13 @@ def test_preprocess_on_a_local_cluster_then_skips(work):
     assert second.computed == {} and sorted(second.up_to_date) == ["phantom_000", "phantom_001", "phantom_002"]
 
 
-def test_train_registers_a_champion(work):
+def test_train_registers_a_champion_and_a_rerun_reuses_it(work):
     summary = train_unet(_train_config(work))
-    assert summary.model_version == "1" and summary.promoted
+    assert summary.model_version == "1" and summary.promoted and not summary.reused
     assert 0.0 <= summary.score <= 1.0
+    again = train_unet(_train_config(work))  # same data, same settings: nothing to train
+    assert again.reused and again.run_id == summary.run_id and again.model_version == "1"
+    assert again.score == pytest.approx(summary.score)
 
 
 def test_segment_writes_predictions_then_skips(work):
@@ -108,3 +111,21 @@ def test_segment_with_unknown_alias_fails_before_writing(work):
     with pytest.raises(ValueError, match="nope"):
         segment_archive(cfg)
     assert open_archive(work["archive"], create=False).prediction_info("phantom_000") == before
+
+
+def test_pipeline_rerun_over_a_finished_archive_does_nothing(work):
+    """The four stages chained: after the flows above, every stage finds its work done."""
+    from flows.config import PipelineConfig
+    from flows.pipeline import run_pipeline
+
+    cfg = PipelineConfig(
+        ingest=IngestConfig(sources=tuple(work["good"]), archive=work["archive"], labels=work["labels"]),
+        preprocess=PreprocessConfig(archive=work["archive"], n_workers=1),
+        train=_train_config(work),
+        segment=SegmentConfig(archive=work["archive"], tracking_uri=work["tracking"], qc_dir=work["root"] / "qc"),
+    )
+    summary = run_pipeline(cfg)
+    assert summary.ingest.written == [] and len(summary.ingest.skipped) == 3
+    assert summary.preprocess.computed == {}
+    assert summary.train.reused and summary.train.model_version == "1"
+    assert summary.segment.segmented == [] and len(summary.segment.skipped) == 3

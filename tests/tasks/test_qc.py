@@ -63,10 +63,10 @@ def test_palette_cycles_past_its_last_class():
 
 
 def test_colours_match_the_archive_label_metadata():
-    from tasks.archive import _label_metadata
+    from tasks.archive import label_metadata
 
     names = {0: "background", 1: "fluid", 2: "a", 7: "b"}
-    rgba = {c["label-value"]: tuple(c["rgba"][:3]) for c in _label_metadata(names)["colors"]}
+    rgba = {c["label-value"]: tuple(c["rgba"][:3]) for c in label_metadata(names)["colors"]}
     assert {v: class_color(v) for v in (1, 2, 7)} == {v: rgba[v] for v in (1, 2, 7)}
 
 

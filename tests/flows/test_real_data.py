@@ -1,0 +1,148 @@
+"""The flows on real Duke DME OCT data from ``../shared/data`` (skipped when it is absent).
+
+The Subject_01 volume (61 PNG B-scans, no masks) and the fluid set (66 PNG B-scans with grader-1
+fluid masks, as one folder = one volume) are ingested, preprocessed on a Dask LocalCluster, used to
+train a tiny U-Net (MLflow in SQLite) and segmented, once per module; the tests check each stage.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Label, Multiscales, Reader
+from ome_zarr_models.v05 import Image as OmeImage
+from ome_zarr_models.v05 import ImageLabel as OmeImageLabel
+from PIL import Image
+
+from flows.config import IngestConfig, PreprocessConfig, SegmentConfig, TrainFlowConfig
+from flows.ingest import ingest_volumes
+from flows.preprocess import preprocess_archive
+from flows.segment import segment_archive
+from flows.train import train_unet
+from tasks.archive import open_archive
+
+SUBJECT = "duke_dme_subject01_volume"  # volume id = folder name
+FLUID = "images"  # duke_dme_fluid/images: the folder name is the volume id
+BSCAN_HW = (496, 768)  # Heidelberg Spectralis B-scan (depth, A-scans)
+N_BSCANS = {SUBJECT: 61, FLUID: 66}
+SEGMENT_TILE = 572  # the paper's input tile (valid for depth 2): 2 x 2 tiles per B-scan
+
+
+@pytest.fixture(scope="module")
+def run(shared_data: Path, tmp_path_factory) -> dict:
+    """Ingest, preprocess, train (tiny) and segment both real volumes once; keep the summaries."""
+    root = tmp_path_factory.mktemp("real")
+    archive, tracking, qc = root / "duke.zarr", f"sqlite:///{root / 'mlflow.db'}", root / "qc"
+    fluid = shared_data / "duke_dme_fluid"
+    ingest = ingest_volumes(IngestConfig(sources=(shared_data / SUBJECT, fluid / "images"), archive=archive,
+                                         labels=fluid / "masks"))
+    preprocess = preprocess_archive(PreprocessConfig(archive=archive, n_workers=2))
+    train = train_unet(TrainFlowConfig(archive=archive, base_channels=4, depth=2, epochs=1, tiles_per_epoch=8,
+                                       optimizer="adam", lr=1e-3, max_tile=128, tracking_uri=tracking))
+    segment = segment_archive(SegmentConfig(archive=archive, tracking_uri=tracking, qc_dir=qc,
+                                            tile_size=SEGMENT_TILE, batch_size=4, device="cpu"))
+    return {"data": shared_data, "archive": archive, "qc": qc, "ingest": ingest, "preprocess": preprocess,
+            "train": train, "segment": segment}
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_both_volumes_ingest(run) -> None:
+    assert sorted(run["ingest"].written) == sorted(N_BSCANS) and not run["ingest"].failures
+    archive = open_archive(run["archive"], create=False)
+    for vid, n in N_BSCANS.items():
+        image = archive.image(vid)
+        assert (image.shape, image.dtype) == ((n, *BSCAN_HW), np.uint8)
+        assert archive.volume_meta(vid)["reader"] == "folder"
+
+
+@pytest.mark.parametrize("z", [0, 1, 9, 60])  # Subject_01_{z+1}.png: natural, not lexical, order
+def test_subject01_bscans_in_natural_order(run, z: int) -> None:
+    image = open_archive(run["archive"], create=False).image(SUBJECT)
+    expected = _png(run["data"] / SUBJECT / f"Subject_01_{z + 1}.png")
+    np.testing.assert_array_equal(image[z], expected)
+
+
+def test_subject01_has_no_manual_labels(run) -> None:
+    archive = open_archive(run["archive"], create=False)
+    assert archive.manual_labels(SUBJECT) is None
+    assert archive.open_derived(SUBJECT, "weights") is None
+
+
+def test_fluid_masks_are_binary_and_all_annotated(run) -> None:
+    archive = open_archive(run["archive"], create=False)
+    labels, annotated = archive.manual_labels(FLUID)
+    assert annotated == list(range(66))  # every image has a mask file of the same name
+    lab = np.asarray(labels[...])
+    assert lab.dtype == np.uint8 and set(np.unique(lab)) <= {0, 1}
+    nonempty = lab.reshape(len(lab), -1).any(axis=1)
+    assert 0 < nonempty.sum() < len(lab)  # about a third of the masks are empty (data README)
+    # img_12.png is the 13th file in natural order; its mask is fluid where max(rgb) > 0
+    np.testing.assert_array_equal(lab[12], _png(run["data"] / "duke_dme_fluid" / "masks" / "img_12.png").max(-1) > 0)
+    np.testing.assert_array_equal(archive.image(FLUID)[12], _png(run["data"] / "duke_dme_fluid" / "images" / "img_12.png")[..., 0])
+
+
+def test_preprocess_zeroes_the_white_fill(run) -> None:
+    assert set(run["preprocess"].computed) == set(N_BSCANS)
+    assert run["preprocess"].computed[FLUID] == ["normalized", "weights"]
+    assert run["preprocess"].computed[SUBJECT] == ["normalized"]
+    archive = open_archive(run["archive"], create=False)
+    for vid in N_BSCANS:
+        raw = np.asarray(archive.image(vid)[...])
+        norm = np.asarray(archive.open_derived(vid, "normalized")[...])
+        corners = np.zeros(raw.shape, dtype=bool)
+        corners[:, 0, 0] = corners[:, 0, -1] = True  # the top corners, where the fill of a rotated scan sits
+        fill = corners & (raw == 255)
+        assert fill.sum() > len(raw)  # most B-scans have fill in both corners
+        assert np.all(norm[fill] == 0.0)
+        tissue = norm[raw < 255]
+        assert abs(float(tissue.mean())) < 0.1 and np.isfinite(norm).all()
+
+
+def test_weights_cover_annotated_fluid(run) -> None:
+    archive = open_archive(run["archive"], create=False)
+    weights = np.asarray(archive.open_derived(FLUID, "weights")[...])
+    assert weights.shape == (66, *BSCAN_HW) and weights.min() >= 1.0  # every B-scan is annotated
+
+
+def test_tiny_model_registered(run) -> None:
+    train = run["train"]
+    assert (train.model_name, train.model_version, train.promoted) == ("octseg-unet", "1", True)
+    assert train.n_train > 0 and train.n_val > 0
+    assert np.isnan(train.score) or 0.0 <= train.score <= 1.0
+
+
+def test_predictions_with_provenance_and_qc(run) -> None:
+    segment = run["segment"]
+    assert sorted(segment.segmented) == sorted(N_BSCANS) and not segment.failures
+    archive = open_archive(run["archive"], create=False)
+    for vid, n in N_BSCANS.items():
+        pred = archive.prediction(vid)
+        assert (pred.shape, pred.dtype) == ((n, *BSCAN_HW), np.uint8)
+        assert set(np.unique(pred[...])) <= {0, 1}
+        info = archive.prediction_info(vid)
+        assert (info["model_name"], str(info["model_version"])) == ("octseg-unet", "1")
+        assert info["run_id"] == run["train"].run_id
+        (qc,) = run["qc"].glob(f"{vid}_bscan*.png")
+        assert _png(qc).shape == (*BSCAN_HW, 3)
+
+
+@pytest.mark.parametrize("vid", list(N_BSCANS))
+def test_archive_validates_and_reads_with_ome_zarr(run, vid: str) -> None:
+    path = run["archive"] / vid
+    image = OmeImage.from_zarr(zarr.open_group(path, mode="r"))
+    names = ["prediction"] if vid == SUBJECT else ["manual", "prediction"]
+    assert image.labels is not None and sorted(image.labels.label_paths) == names
+    for name in names:
+        OmeImageLabel.from_zarr(zarr.open_group(path / "labels" / name, mode="r"))
+    nodes = list(Reader(parse_url(str(path)))())
+    assert any(isinstance(s, Multiscales) for s in nodes[0].specs)
+    assert nodes[0].data[0].shape == (N_BSCANS[vid], *BSCAN_HW)
+    labels = {n.zarr.basename(): n for n in nodes if any(isinstance(s, Label) for s in n.specs)}
+    assert sorted(labels) == names
+    assert labels["prediction"].data[0].shape == (N_BSCANS[vid], *BSCAN_HW)
