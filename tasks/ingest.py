@@ -15,12 +15,12 @@ from typing import Literal
 from prefect import get_run_logger, task
 
 from tasks.archive import open_archive, volume_id_from_path
+from tasks.classes import DEFAULT_CLASS_NAMES
 from tasks.readers import ReadError, mask_files, read_masks, read_volume, source_sha256
 
 __all__ = ["IngestResult", "ingest_source", "ingest_source_task", "labels_sha256"]
 
 LOGGER = logging.getLogger(__name__)
-CLASS_NAMES = {0: "background", 1: "foreground"}  # binary masks; other values get "class_<n>"
 
 
 @dataclass
@@ -74,7 +74,7 @@ def ingest_source(source: str | Path, archive_path: str | Path,
         binary = labels is not None and labels.max() <= 1
         archive.write_volume(volume_id, volume.image, scale_um=volume.scale_um, provenance=provenance,
                              manual_labels=labels, annotated=annotated if masks is not None else None,
-                             class_names=CLASS_NAMES if binary else None)
+                             class_names=dict(DEFAULT_CLASS_NAMES) if binary else None)
         return IngestResult(str(src), volume_id, "written", volume.image.shape[0], list(annotated))
     except ReadError as e:
         LOGGER.warning("ingest failed: %s", e)
