@@ -1,0 +1,64 @@
+"""Annotated B-scans from the archive, and the train/validation split."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.archive import open_archive
+from tasks.dataset import load_annotated, split_train_val
+from tasks.phantom import make_phantom_volume
+from tasks.preprocess import preprocess_volume
+from unet.data import BScanSet
+from unet.normalize import normalize_volume
+
+
+def _set(n: int, value: float) -> BScanSet:
+    return BScanSet(np.full((n, 4, 4), value, np.float32), np.zeros((n, 4, 4), np.int64))
+
+
+@pytest.mark.parametrize(
+    "sizes, fraction, n_train, n_val",
+    [
+        ({"a": 3, "b": 3, "c": 3, "d": 3}, 0.25, 9, 3),  # whole volumes held out: 1 of 4
+        ({"a": 2, "b": 5}, 0.2, None, None),  # at least one volume is held out
+        ({"only": 10}, 0.2, 8, 2),  # one volume: B-scans are held out
+        ({"only": 1}, 0.2, 1, 0),  # nothing to hold out
+        ({"a": 3, "b": 3}, 0.0, 6, 0),  # no validation requested
+    ],
+)
+def test_split_sizes(sizes, fraction, n_train, n_val):
+    sets = {k: _set(n, i) for i, (k, n) in enumerate(sizes.items())}
+    train, val = split_train_val(sets, fraction, seed=0)
+    got_val = 0 if val is None else len(val)
+    assert len(train) + got_val == sum(sizes.values())
+    if n_train is not None:
+        assert (len(train), got_val) == (n_train, n_val)
+    if len(sizes) > 1 and val is not None:  # no volume is split between train and validation
+        assert not set(np.unique(train.images)) & set(np.unique(val.images))
+
+
+def test_split_without_annotations_is_a_clear_error():
+    with pytest.raises(ValueError, match="no annotated B-scans"):
+        split_train_val({}, 0.2)
+
+
+def test_load_annotated_uses_preprocessed_arrays(tmp_path):
+    ph = make_phantom_volume(n_bscans=4, height=40, width=48, seed=2)
+    arc = open_archive(tmp_path / "a.zarr")
+    labels = ph.fluid.copy()
+    labels[0] = 0
+    arc.write_volume("v", ph.image, provenance={"source": "p", "source_sha256": "s", "reader": "t"},
+                     manual_labels=labels, annotated=[1, 3])
+    raw = load_annotated(arc.path, "v")  # before preprocessing: normalised on the fly, no weights
+    assert raw.weights is None and len(raw) == 2
+    np.testing.assert_allclose(raw.images, normalize_volume(ph.image[[1, 3]]), atol=1e-6)
+    preprocess_volume(arc.path, "v")
+    done = load_annotated(arc.path, "v")
+    assert done.weights is not None and done.weights.shape == (2, 40, 48)
+    np.testing.assert_array_equal(done.labels, labels[[1, 3]])
+
+
+def test_unannotated_volume_yields_nothing(tmp_path):
+    arc = open_archive(tmp_path / "a.zarr")
+    arc.write_volume("v", np.zeros((2, 40, 40), np.uint8), provenance={"source": "p", "source_sha256": "s", "reader": "t"})
+    assert load_annotated(arc.path, "v") is None
