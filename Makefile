@@ -16,7 +16,7 @@ TEST_ENV := PREFECT_HOME=$(TEST_TMP)/prefect \
 	MLFLOW_DISABLE_TELEMETRY=true \
 	MLFLOW_TRACKING_URI=sqlite:///$(TEST_TMP)/mlflow.db
 
-.PHONY: venv test test-all demo bench clean
+.PHONY: venv test test-all lint demo bench clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check --select F,E9 unet tasks flows tests benchmarks
 
 demo: $(STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true \

@@ -10,9 +10,32 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
+
+
+def _one_line(error: ValueError) -> str:
+    """The error as one line; a pydantic ValidationError as ``field: message; ...``."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+    return " ".join(str(error).splitlines())
+
+
+class _UserErrorGroup(TyperGroup):
+    """Shows a ValueError from a command (bad input, missing model, ...) as one line, exit code 2."""
+
+    def invoke(self, ctx: typer.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except ValueError as e:
+            typer.secho(f"Error: {_one_line(e)}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2) from e
+
 
 app = typer.Typer(
     name="octseg",
+    cls=_UserErrorGroup,
     no_args_is_help=True,
     rich_markup_mode="rich",
     help=(
@@ -193,7 +216,7 @@ def pipeline(
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Work folder for phantoms, archive, MLflow and Prefect state.")] = Path("octseg-demo"),
-    epochs: EpochsOpt = 12,
+    epochs: EpochsOpt = 30,
     volumes: Annotated[int, typer.Option(help="Annotated phantom volumes to train on.")] = 4,
 ) -> None:
     """Run the whole pipeline on synthetic OCT phantoms, then score a held-out phantom volume.

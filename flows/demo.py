@@ -46,7 +46,7 @@ def _demo_config(workdir: Path, sources: list[Path], epochs: int):
     )
 
 
-def run_demo(workdir: Path, epochs: int = 12, n_volumes: int = 4) -> str:
+def run_demo(workdir: Path, epochs: int = 30, n_volumes: int = 4) -> str:
     """Write phantoms, run the pipeline, score the held-out volume; return a report for the terminal."""
     from flows.pipeline import run_pipeline
     from tasks.archive import open_archive

@@ -43,7 +43,6 @@ __all__ = [
     "TrainResult",
     "run_context_tags",
     "train_and_register",
-    "train_and_register_task",
     "train_from_archive_task",
 ]
 
@@ -240,27 +239,6 @@ def _progress_logger() -> Callable[[EpochStats], None]:
         logger.info("epoch %d: loss %.4f, val Dice %s (%.1f s)", stats.epoch, stats.train_loss, dice, stats.seconds)
 
     return progress
-
-
-@task(name="train-unet", cache_policy=NO_CACHE)
-def train_and_register_task(
-    train: BScanSet,
-    val: BScanSet | None,
-    unet_config: UNetConfig,
-    train_config: TrainConfig,
-    *,
-    tracking_uri: str | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
-    model_name: str = DEFAULT_MODEL_NAME,
-    tags: Mapping[str, str] | None = None,
-) -> TrainResult:
-    """Prefect wrapper of :func:`train_and_register` that logs each epoch to the run logger."""
-    result = train_and_register(train, val, unet_config, train_config, tracking_uri=tracking_uri,
-                                experiment=experiment, model_name=model_name, tags=tags,
-                                progress=_progress_logger())
-    get_run_logger().info("registered %s v%s (score %.4f, promoted %s)",
-                          result.model_name, result.model_version, result.score, result.promoted)
-    return result
 
 
 @task(name="train-unet-from-archive", cache_policy=NO_CACHE)

@@ -2,7 +2,6 @@
 Zarr under tmp_path and MLflow in a SQLite file. Built once per module, checked step by step."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
