@@ -171,7 +171,9 @@ def segment(
     """
     from flows.config import SegmentConfig
     from flows.segment import segment_archive
+    from tasks.tracking import resolve_model, resolve_tracking_uri
 
+    resolve_model(model, resolve_tracking_uri(tracking_uri))  # a missing model is a one-line error, not a failed run
     cfg = SegmentConfig(archive=archive, model_uri=model, volumes=tuple(volume) if volume else None,
                         device=device, tracking_uri=tracking_uri, qc_dir=qc_dir, force=force)
     summary = segment_archive(cfg)

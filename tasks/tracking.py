@@ -231,6 +231,10 @@ def resolve_model(model_uri: str, tracking_uri: str) -> ModelRef:
     if match is None:
         raise ValueError(f"model URI must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
     name, alias, version = match["name"], match["alias"], match["version"]
+    db = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if tracking_uri.startswith("sqlite:///") and db != ":memory:" and not Path(db).is_file():
+        # MLflow would create and migrate an empty database just to report that nothing is there
+        raise ValueError(f"no MLflow database at {tracking_uri}; run `octseg train` first or pass --tracking-uri")
     client = _client(tracking_uri)
     try:
         registered = client.get_registered_model(name)

@@ -25,8 +25,9 @@ def _saturation_value(bscan: np.ndarray) -> float:
 def fill_mask(bscan: np.ndarray, min_fraction: float = 0.001) -> np.ndarray:
     """Boolean (H, W) mask of the fill region: saturated pixels connected to the image border.
 
-    A component counts as fill when it touches the border and covers at least ``min_fraction`` of
-    the B-scan; bright tissue inside the image is never masked.
+    A saturated component is fill when it contains an image corner (registration fill is a corner
+    triangle, however small) or touches the border and covers at least ``min_fraction`` of the
+    B-scan; bright tissue inside the image is never masked.
     """
     if bscan.ndim != 2:
         raise ValueError(f"expected a 2-D B-scan (H, W), got shape {bscan.shape}")
@@ -36,10 +37,9 @@ def fill_mask(bscan: np.ndarray, min_fraction: float = 0.001) -> np.ndarray:
     components = measure.label(saturated, connectivity=1)
     border = np.unique(np.concatenate([components[0], components[-1], components[:, 0], components[:, -1]]))
     border = border[border > 0]
-    if border.size == 0:
-        return np.zeros_like(saturated)
+    corners = components[[0, 0, -1, -1], [0, -1, 0, -1]]
     sizes = np.bincount(components.ravel())
-    keep = border[sizes[border] >= min_fraction * bscan.size]
+    keep = border[(sizes[border] >= min_fraction * bscan.size) | np.isin(border, corners)]
     return np.isin(components, keep)
 
 

@@ -109,14 +109,24 @@ def _tree(path: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()}
 
 
-def test_segment_without_a_registered_model_fails_cleanly(ingested, tmp_path: Path) -> None:
+@pytest.mark.parametrize("make_db, phrase", [
+    (False, "no MLflow database at"),  # a typo in the URI must not create an empty database
+    (True, "no registered model 'octseg-unet'"),  # a database without the model
+])
+def test_segment_without_a_registered_model_fails_cleanly(ingested, tmp_path: Path, make_db: bool, phrase: str) -> None:
+    from tasks.tracking import ensure_experiment
+
     archive = ingested["archive"]
+    db = tmp_path / "empty.db"
+    if make_db:
+        ensure_experiment(f"sqlite:///{db}")
     before = _tree(archive.parent)
-    result = _invoke("segment", "--archive", str(archive), "--tracking-uri", f"sqlite:///{tmp_path / 'empty.db'}")
+    result = _invoke("segment", "--archive", str(archive), "--tracking-uri", f"sqlite:///{db}")
     assert result.exit_code == 2, result.output
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("Error:")]
-    assert "no registered model 'octseg-unet'" in line and "octseg train" in line
+    assert phrase in line and "octseg train" in line
     assert "Traceback" not in result.output
+    assert db.exists() == make_db
     assert _tree(archive.parent) == before  # no prediction, no QC folder, no staging left
     assert all(open_archive(archive, create=False).prediction_info(v) is None for v in PHANTOMS)
 

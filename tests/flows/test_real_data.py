@@ -134,8 +134,6 @@ def test_preprocess_zeroes_the_white_fill(run, vid: str) -> None:
     assert np.isfinite(norm).all()
 
 
-@pytest.mark.xfail(strict=True, reason="unet.normalize.fill_mask keeps fill components below 0.1% of the "
-                   "B-scan (381 px) as tissue; Subject_01_25/46/55 and img_9 have 37-243 px corner fill")
 @pytest.mark.parametrize("vid", list(N_BSCANS))
 def test_preprocess_zeroes_small_corner_fill_too(run, vid: str) -> None:
     archive = open_archive(run["archive"], create=False)

@@ -22,6 +22,14 @@ def test_fill_mask_finds_border_fill_only():
     assert m.sum() == 80
 
 
+def test_small_corner_fill_is_fill_but_small_saturated_border_tissue_is_not():
+    b = _bscan_with_fill()
+    b[-2:, -3:] = 255  # 6 px triangle-ish fill in the bottom-right corner
+    b[30:32, 0] = 255  # 2 saturated px on the left border, not in a corner: tissue
+    m = fill_mask(b)
+    assert m[-2:, -3:].all() and not m[30:32, 0].any()
+
+
 def test_normalized_tissue_has_zero_mean_unit_std_and_fill_is_zero():
     b = _bscan_with_fill()
     n = normalize_bscan(b)
