@@ -77,6 +77,7 @@ class TrainFlowConfig(_Config):
     lr: float = Field(default=0.01, gt=0)
     momentum: float = Field(default=0.99, ge=0, lt=1)
     tiles_per_epoch: int = Field(default=64, ge=1)
+    foreground_fraction: float = Field(default=0.33, ge=0, le=1)  # tiles centred near fluid
     tile_size: int | None = None
     max_tile: int = Field(default=256, ge=16)
     augment: bool = True

@@ -27,7 +27,8 @@ def train_config_of(config: TrainFlowConfig) -> TrainConfig:
     return TrainConfig(
         epochs=config.epochs, batch_size=config.batch_size, optimizer=config.optimizer, lr=config.lr,
         momentum=config.momentum, tile_size=config.tile_size, max_tile=config.max_tile,
-        tiles_per_epoch=config.tiles_per_epoch, augment=config.augment, seed=config.seed, device=config.device,
+        tiles_per_epoch=config.tiles_per_epoch, foreground_fraction=config.foreground_fraction,
+        augment=config.augment, seed=config.seed, device=config.device,
     )
 
 

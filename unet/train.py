@@ -37,6 +37,7 @@ class TrainConfig:
     tile_size: int | None = None  # network input tile; None -> largest valid <= max_tile that fits
     max_tile: int = 256
     tiles_per_epoch: int = 64
+    foreground_fraction: float = 0.33  # tiles centred near a foreground pixel (class imbalance)
     augment: bool = True
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
@@ -105,7 +106,8 @@ def fit(
     model.to(device)
     tile = cfg.tile_size or choose_tile_size(model.output_size, train.images.shape[1:], cfg.max_tile)
     out = model.output_size(tile)
-    dataset = TileDataset(train, tile, out, cfg.tiles_per_epoch, augment=cfg.augment, seed=cfg.seed)
+    dataset = TileDataset(train, tile, out, cfg.tiles_per_epoch, augment=cfg.augment, seed=cfg.seed,
+                          foreground=cfg.foreground_fraction)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, pin_memory=device.type == "cuda")
     optimizer = make_optimizer(model, cfg)
     num_classes = model.config.out_channels

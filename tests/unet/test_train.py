@@ -40,6 +40,18 @@ def test_tiles_repeat_per_seed_and_epoch():
     assert not torch.equal(a[2]["image"], b[2]["image"])
 
 
+def test_foreground_tiles_contain_foreground():
+    labels = np.zeros((3, 60, 80), np.int64)
+    labels[1, 50:53, 70:72] = 1  # one tiny pocket near a corner of one B-scan
+    data = BScanSet(np.zeros(labels.shape, np.float32), labels)
+    always = TileDataset(data, tile=24, output=8, n_tiles=40, augment=False, foreground=1.0)
+    assert all(always[i]["target"].sum() > 0 for i in range(len(always)))
+    never = TileDataset(data, tile=24, output=8, n_tiles=40, augment=False, foreground=0.0)
+    assert sum(int(never[i]["target"].sum() > 0) for i in range(len(never))) < 5
+    with pytest.raises(ValueError, match="foreground"):
+        TileDataset(data, 24, 8, 4, foreground=1.5)
+
+
 @pytest.mark.parametrize(
     "tile, output, message",
     [
