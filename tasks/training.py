@@ -22,6 +22,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.classes import DEFAULT_CLASS_NAMES
+from tasks.progress import progress_bar
 from tasks.qc import side_by_side
 from tasks.tracking import (
     DEFAULT_EXPERIMENT,
@@ -231,12 +232,15 @@ def train_and_register(
                        n_train=len(train), n_val=len(val) if has_val else 0)
 
 
-def _progress_logger() -> Callable[[EpochStats], None]:
+def _progress_logger(bar: Callable[[int, int], None] | None = None, epochs: int = 0) -> Callable[[EpochStats], None]:
+    """Log each epoch to the Prefect run logger and advance ``bar(done, total)`` when given."""
     logger = get_run_logger()
 
     def progress(stats: EpochStats) -> None:
         dice = {c: round(d, 4) for c, d in _as_class_dict(stats.val_dice).items()}
         logger.info("epoch %d: loss %.4f, val Dice %s (%.1f s)", stats.epoch, stats.train_loss, dice, stats.seconds)
+        if bar is not None:
+            bar(stats.epoch + 1, epochs)
 
     return progress
 
@@ -259,6 +263,7 @@ def train_from_archive_task(
 
     train, val = load_training_data(archive_path, volumes, val_fraction, seed=train_config.seed)
     get_run_logger().info("training on %d B-scans, validating on %d", len(train), 0 if val is None else len(val))
-    return train_and_register(train, val, unet_config, train_config, tracking_uri=tracking_uri,
-                              experiment=experiment, model_name=model_name, progress=_progress_logger(),
-                              force=force)
+    with progress_bar("train epochs", train_config.epochs) as bar:
+        return train_and_register(train, val, unet_config, train_config, tracking_uri=tracking_uri,
+                                  experiment=experiment, model_name=model_name,
+                                  progress=_progress_logger(bar, train_config.epochs), force=force)
