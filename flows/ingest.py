@@ -4,12 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, unmapped
+from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import IngestConfig
 from flows.summary import IngestSummary
 from tasks.archive import open_archive, volume_id_from_path
 from tasks.ingest import IngestResult, ingest_source_task
+from tasks.progress import progress_bar
 
 __all__ = ["ingest_volumes"]
 
@@ -41,7 +43,11 @@ def ingest_volumes(config: IngestConfig) -> IngestSummary:
             str(config.labels) if config.labels else None
         )
     )
-    results: list[IngestResult] = [f.result() for f in futures]
+    results: list[IngestResult] = []
+    with progress_bar("ingest files", len(futures)) as update:
+        for done, future in enumerate(as_completed(futures), start=1):
+            results.append(future.result())
+            update(done, len(futures))
     results += [IngestResult(source=str(s), volume_id=None, status="failed", error=msg) for s, msg in duplicates.items()]
     summary = IngestSummary.from_results(str(config.archive), results)
     for failure in summary.failures:

@@ -5,11 +5,13 @@ import contextlib
 from collections.abc import Iterator
 
 from prefect import flow, get_run_logger, unmapped
+from prefect.futures import as_completed
 
 from flows.config import PreprocessConfig
 from flows.summary import PreprocessSummary
 from tasks.archive import open_archive
 from tasks.preprocess import preprocess_volume_task
+from tasks.progress import progress_bar
 
 __all__ = ["preprocess_archive", "dask_scheduler"]
 
@@ -53,7 +55,11 @@ def preprocess_archive(config: PreprocessConfig) -> PreprocessSummary:
             sigma=unmapped(config.sigma),
             class_weights=unmapped(config.class_weights),
         )
-        results = [f.result() for f in futures]
+        results = []
+        with progress_bar("preprocess volumes", len(futures)) as update:
+            for done, future in enumerate(as_completed(futures), start=1):
+                results.append(future.result())
+                update(done, len(futures))
     summary = PreprocessSummary(str(config.archive))
     for r in results:
         if r.computed:
