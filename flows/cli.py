@@ -54,7 +54,7 @@ VolumesOpt = Annotated[Optional[list[str]], typer.Option("--volume", "-v", help=
 TrackingOpt = Annotated[Optional[str], typer.Option(help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db.")]
 DaskOpt = Annotated[Optional[str], typer.Option(help="Dask scheduler (tcp://host:8786). Default: $DASK_SCHEDULER_ADDRESS, else a LocalCluster.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (GPU when present), cpu or cuda.")]
-SourcesArg = Annotated[list[Path], typer.Argument(help="TIFF stacks, .npy files, 2-D images, or folders of 2-D B-scans (one folder = one volume).", show_default=False)]
+SourcesArg = Annotated[list[Path], typer.Argument(metavar="SOURCE", help="TIFF stacks, .npy files, 2-D images, or folders of 2-D B-scans (one folder = one volume).", show_default=False)]
 LabelsOpt = Annotated[Optional[Path], typer.Option(help="Folder of manual masks with the same file names as the sources.")]
 
 
