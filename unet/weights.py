@@ -20,6 +20,13 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from scipy import ndimage as ndi
 
+try:  # the C routine behind ndi.distance_transform_edt(..., return_indices=True), see _feature_transform
+    from scipy.ndimage._nd_image import (
+        euclidean_feature_transform as _feature_transform_c,
+    )
+except ImportError:  # pragma: no cover - private scipy module moved: use the public wrapper
+    _feature_transform_c = None
+
 __all__ = [
     "BORDER_TOLERANCE",
     "border_weight_map",
@@ -34,6 +41,7 @@ BORDER_TOLERANCE = 1e-3
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 _BINCOUNT_LIMIT = 1 << 16  # class ids up to this use np.bincount, larger ones np.unique
+_PAIR_BLOCK = 256  # boxes per block of the pair search in _needed_windows
 
 ClassWeights = str | Mapping[int, float] | None
 Boxes = list[tuple[int, tuple[slice, ...]]]  # (instance id, bounding box) per present instance
@@ -150,46 +158,113 @@ def _instance_boxes(instances: np.ndarray) -> Boxes:
     return [(ident, box) for ident, box in enumerate(ndi.find_objects(instances), start=1) if box is not None]
 
 
-def _grow(box: tuple[slice, ...], margin: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    """``box`` grown by ``margin`` pixels on every side, clipped to ``shape``."""
-    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape))
+def _feature_transform(outside: np.ndarray) -> np.ndarray:
+    """``ndi.distance_transform_edt(outside, return_distances=False, return_indices=True)``.
+
+    (2, h, w) int32: coordinates of the nearest False pixel of the bool (h, w) ``outside``, which
+    must hold one. Calls scipy's C routine directly when it is importable: the public wrapper first
+    copies the mask to int64 and then int8, which costs as much as the transform on small crops.
+    """
+    if _feature_transform_c is None:
+        return ndi.distance_transform_edt(outside, return_distances=False, return_indices=True)
+    ft = np.zeros((2, *outside.shape), dtype=np.int32)
+    _feature_transform_c(outside.view(np.int8), None, ft)  # int8 mask: nonzero = not a feature
+    return ft
+
+
+def _side_growth(room: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Pixels needed beyond one side of box i for pair (i, j): floor(min(L, (L + shift) / 2)).
+
+    Take the top side (the others are mirror images), box i's first row a0, box j's rows
+    [b0, b1], L = ``room`` = sqrt(R^2 - g^2) with g the boxes' column gap. At row a0 - k (k >= 1),
+    d_i >= sqrt(k^2 + dx_i^2) and d_j >= sqrt(dy_j^2 + dx_j^2), with dx_i + dx_j >= g; by the
+    triangle inequality d_i + d_j >= sqrt((k + dy_j)^2 + g^2), so d_i + d_j <= R needs
+    k + dy_j <= L, and k + dy_j >= max(k, 2k + b0 - a0): k <= min(L, (L + a0 - b0) / 2) (``shift`` =
+    a0 - b0). Rounding up by 1e-9 only widens the window.
+    """
+    return np.floor(np.minimum(room, (room + shift) / 2.0) + 1e-9)
+
+
+def _block_growth(a: np.ndarray, b: np.ndarray, same: np.ndarray, radius: float) -> np.ndarray:
+    """(4, n) float: growth of each box of ``a`` (n, 4) on top, bottom, left, right for its pairs
+    among ``b`` (m, 4) (rows [r0, r1, c0, c1], inclusive); -1 where it has no pair. A pair (i, j)
+    counts when the boxes lie within R (d_i + d_j >= box distance) and not ``same[i, j]``."""
+    gy = np.maximum(np.maximum(b[:, 0] - a[:, 1, None], a[:, 0, None] - b[:, 1]), 0)  # (n, m)
+    gx = np.maximum(np.maximum(b[:, 2] - a[:, 3, None], a[:, 2, None] - b[:, 3]), 0)
+    close = gy * gy + gx * gx <= radius * radius
+    close[same] = False
+    i, j = np.nonzero(close)  # pairs, i ascending
+    grow = np.full((4, len(a)), -1.0)
+    if i.size == 0:
+        return grow
+    room_y = np.sqrt(radius * radius - gx[i, j] * gx[i, j])  # (P,) room along the rows
+    room_x = np.sqrt(radius * radius - gy[i, j] * gy[i, j])
+    sides = np.stack([_side_growth(room_y, a[i, 0] - b[j, 0]), _side_growth(room_y, b[j, 1] - a[i, 1]),
+                      _side_growth(room_x, a[i, 2] - b[j, 2]), _side_growth(room_x, b[j, 3] - a[i, 3])])
+    first = np.flatnonzero(np.r_[True, i[1:] != i[:-1]])  # each paired box's first pair
+    grow[:, i[first]] = np.maximum.reduceat(np.maximum(sides, 0.0), first, axis=1)
+    return grow
+
+
+def _needed_windows(boxes: Boxes, radius: float, shape: tuple[int, int]) -> Boxes:
+    """(id, window) of each instance that can be one of the two nearest where d1 + d2 <= R.
+
+    An instance is needed only where d_i + d_j <= R for another instance j, so only instances
+    whose box lies within R of another box are kept; each box grows side by side by the largest
+    :func:`_side_growth` over its pairs, capped by floor(R - 1) (d_j >= 1 on background pixels).
+    Pairs are searched in blocks of boxes sorted by first row, each against the band of rows it
+    can reach, so memory and time stay near-linear for many scattered instances.
+    """
+    ids = np.array([ident for ident, _ in boxes])
+    lims = np.array([[b[0].start, b[0].stop - 1, b[1].start, b[1].stop - 1] for _, b in boxes], dtype=np.int64)
+    order = np.argsort(lims[:, 0], kind="stable")
+    ids, lims = ids[order], lims[order]
+    r0, r1 = lims[:, 0], lims[:, 1]
+    reach = radius + float((r1 - r0).max())  # a box j within R of box i has r0_j >= r0_i - reach
+    grow = np.empty((4, len(ids)))
+    for s in range(0, len(ids), _PAIR_BLOCK):
+        e = min(s + _PAIR_BLOCK, len(ids))
+        lo = int(np.searchsorted(r0, r0[s] - reach))
+        hi = int(np.searchsorted(r0, r1[s:e].max() + radius, side="right"))
+        same = np.arange(s, e)[:, None] == np.arange(lo, hi)[None, :]
+        grow[:, s:e] = _block_growth(lims[s:e], lims[lo:hi], same, radius)
+    keep = np.flatnonzero(grow[0] >= 0)
+    grow = np.minimum(grow[:, keep], max(math.floor(radius - 1.0), 0)).astype(np.int64)
+    (r0, r1, c0, c1), h, w = lims[keep].T, *shape
+    rows = zip(np.maximum(r0 - grow[0], 0).tolist(), np.minimum(r1 + 1 + grow[1], h).tolist())
+    cols = zip(np.maximum(c0 - grow[2], 0).tolist(), np.minimum(c1 + 1 + grow[3], w).tolist())
+    return [(ident, (slice(*rr), slice(*cc))) for ident, rr, cc in zip(ids[keep].tolist(), rows, cols)]
 
 
 def _two_nearest_windowed(instances: np.ndarray, boxes: Boxes,
                           radius: float) -> tuple[np.ndarray, np.ndarray]:
     """(d1, d2) float32 (H, W) in pixels, exact at background pixels where d1 + d2 <= radius.
 
-    Keeps a running two-smallest of integer squared distances over windows: each instance's
-    bounding box grown by floor(radius - 1). Background pixels have d1 >= 1, so an instance that is
-    one of the two nearest where d1 + d2 <= radius lies within d2 <= radius - 1 of the pixel, hence
-    (integer offsets) within floor(radius - 1) rows and columns. The window holds the whole
-    instance, so its feature transform gives exact distances inside it. d2 = inf where no window
-    of a second instance reaches.
+    Keeps a running two-smallest of integer squared distances over the windows of
+    :func:`_needed_windows`: where d1 + d2 <= radius, both nearest instances are needed and their
+    windows hold the pixel. A window holds its whole instance, so the feature transform of the
+    crop gives exact distances inside it. Where fewer than two windows reach, d2 (and d1 where
+    none does) is the square root of the dtype's maximum, above any distance in the image.
     """
     h, w = instances.shape
     dtype = np.int32 if (h - 1) ** 2 + (w - 1) ** 2 < np.iinfo(np.int32).max else np.int64
     unreached = np.iinfo(dtype).max
     near_sq = np.full((h, w), unreached, dtype=dtype)  # squared d1, pixels^2
     far_sq = np.full((h, w), unreached, dtype=dtype)  # squared d2, pixels^2
-    row_idx = np.arange(h, dtype=dtype)[:, None]
-    col_idx = np.arange(w, dtype=dtype)[None, :]
-    margin = max(math.floor(radius - 1.0), 0)
-    for ident, box in boxes:
-        win = _grow(box, margin, (h, w))
-        ft = ndi.distance_transform_edt(instances[win] != ident, return_distances=False, return_indices=True)
+    windows = _needed_windows(boxes, radius, (h, w))
+    span = [max((s.stop - s.start for _, win in windows for s in win[k::2]), default=0) for k in (0, 1)]
+    coords = np.indices(span, dtype=dtype)  # (2, rows, cols) window-local pixel coordinates
+    for ident, win in windows:
+        ft = _feature_transform(instances[win] != ident)
         ft = ft.astype(dtype, copy=False)  # (2, h_win, w_win): nearest instance pixel, window coordinates
-        ft[0] -= row_idx[: ft.shape[1]]
-        ft[1] -= col_idx[:, : ft.shape[2]]
+        ft -= coords[:, : ft.shape[1], : ft.shape[2]]
         np.square(ft, out=ft)
-        sq = ft[0]
-        sq += ft[1]
+        sq, tmp = ft
+        sq += tmp
         near, far = near_sq[win], far_sq[win]  # views: updated in place
-        np.minimum(far, np.maximum(near, sq), out=far)
+        np.minimum(far, np.maximum(near, sq, out=tmp), out=far)
         np.minimum(near, sq, out=near)
-    d1 = np.sqrt(near_sq, dtype=np.float32)
-    d2 = np.sqrt(far_sq, dtype=np.float32)
-    d2[far_sq == unreached] = np.inf
-    return d1, d2
+    return np.sqrt(near_sq, dtype=np.float32), np.sqrt(far_sq, dtype=np.float32)
 
 
 def _two_nearest_brute(instances: np.ndarray, boxes: Boxes, radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -214,12 +289,13 @@ def _weight_map(labels: object, instances: object, w0: float, sigma: float,
     if len(boxes) < 2 or radius == 0.0:
         return weights
     d1, d2 = two_nearest(inst, boxes, radius)
-    term = d1 + d2  # (H, W) float32, inf where unreached
+    term = np.add(d1, d2, out=d1)  # (H, W) float32
     np.square(term, out=term)
     term *= -1.0 / (2.0 * sigma * sigma)
     np.exp(term, out=term)
     term *= w0
-    np.add(weights, term, out=weights, where=labels == 0)
+    np.multiply(term, labels == 0, out=term)  # border term on background pixels only
+    weights += term
     return weights
 
 
@@ -243,14 +319,16 @@ def border_weight_map(labels: np.ndarray, instances: np.ndarray | None = None, w
         elsewhere; d1, d2 in pixels. No border term with fewer than two instances.
 
     Exactness: with R = sigma sqrt(2 ln(w0 / t)), t = ``BORDER_TOLERANCE``, the border term is < t
-    wherever d1 + d2 > R. Where d1 + d2 <= R on a background pixel (d1 >= 1), both nearest
-    instances lie within d2 <= R - 1, i.e. within floor(R - 1) rows and columns, so each
-    instance's distances are only needed on its bounding box grown by floor(R - 1); there one
-    distance transform of the crop is exact because the crop contains the whole instance. A
-    running two-smallest over these windows is therefore exact where d1 + d2 <= R; elsewhere it
-    can only overestimate d1 and d2 (smallest values over fewer instances), giving a term in
-    [0, t). Hence ``|border_weight_map - border_weight_map_reference| < t`` (1e-3), up to float32
-    rounding; the cost is one distance transform per instance on about (size + 2R)^2 pixels.
+    wherever d1 + d2 > R. Where d1 + d2 <= R on a background pixel, its two nearest instances i, j
+    have d_i + d_j <= R with d_i, d_j >= 1. As d_i + d_j is at least the distance between the
+    bounding boxes of i and j, an instance is needed only if its box lies within R of another box,
+    and only on its box grown side by side by the pair bound of ``_side_growth`` (at most
+    floor(R - 1)); one distance transform of that crop is exact there because the crop contains
+    the whole instance. A running two-smallest over these windows is therefore exact where
+    d1 + d2 <= R; elsewhere it can only overestimate d1 and d2 (smallest values over fewer
+    instances, or a sentinel above any distance in the image), giving a term in [0, t). Hence
+    ``|border_weight_map - border_weight_map_reference| < t`` (1e-3), up to float32 rounding; the
+    cost is one distance transform per needed instance on at most (size + 2R)^2 pixels.
     """
     return _weight_map(labels, instances, w0, sigma, class_weights, _two_nearest_windowed)
 

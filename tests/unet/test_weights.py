@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from unet import weights as weights_module
 from unet.weights import (
@@ -278,3 +279,22 @@ VOLUME_BAD = [
 def test_volume_bad_input(labels, instances, fragment):
     with pytest.raises(ValueError, match=fragment):
         border_weight_map_volume(labels, instances)
+
+
+def test_more_instances_than_one_pair_search_block():
+    # > 256 instances: _needed_windows searches pairs block by block within a band of rows
+    inst = random_disks((160, 170), 700, 9, (0.5, 3))
+    assert np.count_nonzero(np.unique(inst)) > 2 * weights_module._PAIR_BLOCK
+    assert_matches_reference((inst > 0).astype(np.uint8), inst)
+
+
+def test_public_feature_transform_fallback(monkeypatch):
+    # the private scipy routine and the public wrapper give the same feature transform and map
+    outside = np.random.default_rng(0).random((23, 31)) > 0.05
+    expected = ndi.distance_transform_edt(outside, return_distances=False, return_indices=True)
+    np.testing.assert_array_equal(weights_module._feature_transform(outside), expected)
+    inst = random_disks((40, 50), 12, 11, (1.5, 6))
+    labels = (inst > 0).astype(np.uint8)
+    fast = border_weight_map(labels, inst)
+    monkeypatch.setattr(weights_module, "_feature_transform_c", None)
+    np.testing.assert_array_equal(border_weight_map(labels, inst), fast)
