@@ -18,14 +18,12 @@ HELDOUT = "heldout_000"
 
 def _write_inputs(scans: Path, n_volumes: int) -> tuple[list[Path], np.ndarray]:
     """Annotated phantoms (masks in scans/labels) plus one held-out phantom without a mask."""
-    import tifffile
-
-    from tasks.phantom import make_phantom_volume, write_phantom_files
+    from tasks.phantom import make_phantom_volume, write_ome_tiff, write_phantom_files
 
     z, h, w = DEMO_SHAPE
     sources = write_phantom_files(scans, n_volumes=n_volumes, fmt="tiff", n_bscans=z, height=h, width=w, seed=0)
     heldout = make_phantom_volume(z, h, w, seed=1000)
-    tifffile.imwrite(scans / f"{HELDOUT}.tif", heldout.image, photometric="minisblack")
+    write_ome_tiff(scans / f"{HELDOUT}.tif", heldout.image)
     return [*sources, scans / f"{HELDOUT}.tif"], heldout.fluid
 
 

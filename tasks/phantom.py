@@ -38,6 +38,8 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "VOXEL_SIZE_UM",
+    "write_ome_tiff",
     "FILL_VALUE",
     "FLUID_LAYERS",
     "FORMATS",
@@ -53,6 +55,9 @@ log = logging.getLogger(__name__)
 LAYER_NAMES: tuple[str, ...] = ("vitreous", "RNFL", "GCL+IPL", "INL", "OPL", "ONL", "EZ", "RPE", "choroid")
 FLUID_LAYERS: tuple[int, ...] = (2, 3, 4, 5)  # fluid pockets lie in GCL+IPL .. ONL
 FILL_VALUE = 255  # the white fill; tissue is capped at 254
+# nominal (z, y, x) voxel size in micrometres written into phantom TIFFs: B-scan spacing, depth, A-scan
+# spacing of a Spectralis-like raster (the phantom is a smaller B-scan of the same field of view)
+VOXEL_SIZE_UM: tuple[float, float, float] = (120.0, 15.0, 30.0)
 FORMATS: tuple[str, ...] = ("tiff", "png", "npy")
 FILLS: tuple[str, ...] = ("left", "right", "both", "none")
 
@@ -276,15 +281,24 @@ def make_phantom_volume(
     return Phantom(*(np.stack([getattr(b, f.name) for b in bscans]) for f in fields(Phantom)))
 
 
+def write_ome_tiff(path: str | Path, volume: np.ndarray, voxel_size_um: tuple[float, float, float] = VOXEL_SIZE_UM) -> Path:
+    """Write a (Z, H, W) volume as an OME-TIFF stack whose PhysicalSize{Z,Y,X} give ``voxel_size_um``."""
+    import tifffile
+
+    z, y, x = voxel_size_um
+    metadata = {"axes": "ZYX", "PhysicalSizeZ": z, "PhysicalSizeY": y, "PhysicalSizeX": x,
+                "PhysicalSizeZUnit": "µm", "PhysicalSizeYUnit": "µm", "PhysicalSizeXUnit": "µm"}
+    tifffile.imwrite(path, volume, photometric="minisblack", ome=True, metadata=metadata)
+    return Path(path)
+
+
 def _write_volume(
     image: np.ndarray, labels: np.ndarray, image_path: Path, label_path: Path, fmt: str
 ) -> None:
     """Write one (Z, H, W) uint8 volume and its label volume in ``fmt``."""
     if fmt == "tiff":
-        import tifffile
-
-        tifffile.imwrite(image_path, image, photometric="minisblack")
-        tifffile.imwrite(label_path, labels, photometric="minisblack")
+        write_ome_tiff(image_path, image)
+        write_ome_tiff(label_path, labels)
     elif fmt == "npy":
         np.save(image_path, image)
         np.save(label_path, labels)

@@ -213,3 +213,13 @@ def test_module_imports_standalone_without_prefect():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_tiff_phantoms_carry_their_voxel_size_into_the_reader(tmp_path):
+    from tasks.phantom import VOXEL_SIZE_UM
+    from tasks.readers import read_volume
+
+    (path,) = write_phantom_files(tmp_path, n_volumes=1, fmt="tiff", n_bscans=3, height=64, width=96)
+    volume = read_volume(path)
+    assert volume.scale_um == VOXEL_SIZE_UM
+    assert volume.image.shape == (3, 64, 96)
