@@ -62,9 +62,13 @@ def preprocess_archive(config: PreprocessConfig) -> PreprocessSummary:
                 update(done, len(futures))
     summary = PreprocessSummary(str(config.archive))
     for r in results:
-        if r.computed:
+        if r.error:
+            summary.failures.append(r.error)
+        elif r.computed:
             summary.computed[r.volume_id] = r.computed
         else:
             summary.up_to_date.append(r.volume_id)
+    for failure in summary.failures:
+        logger.error("failed: %s", failure)
     logger.info(summary.headline())
     return summary

@@ -11,7 +11,7 @@ from flows.summary import SegmentSummary
 from tasks.archive import open_archive
 from tasks.classes import DEFAULT_CLASS_NAMES
 from tasks.progress import progress_bar
-from tasks.segment import segment_volume_task
+from tasks.segment import already_segmented, segment_volume_task
 from tasks.tracking import load_unet, resolve_model, resolve_tracking_uri
 from unet.inference import resolve_device
 
@@ -31,21 +31,28 @@ def segment_archive(config: SegmentConfig) -> SegmentSummary:
     logger.info("segment config: %s", config.model_dump_json())
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
     ref = resolve_model(config.model_uri, tracking_uri)  # raises before anything is written
-    volumes = select_volumes(config.archive, config.volumes)
-    model = load_unet(ref, tracking_uri, device=resolve_device(config.device))
-    info = {"model_name": ref.name, "model_version": ref.version, "run_id": ref.run_id, "model_uri": config.model_uri}
+    archive = open_archive(config.archive, create=False)
     qc_dir = config.qc_dir or default_qc_dir(config.archive)
     summary = SegmentSummary(str(config.archive), f"{ref.name} v{ref.version}", qc_dir=str(qc_dir))
-    archive = open_archive(config.archive, create=False)
-    for vid in volumes:
+    todo = []
+    for vid in select_volumes(config.archive, config.volumes):
+        done = not config.force and already_segmented(archive, vid, ref.name, ref.version)
+        (summary.skipped if done else todo).append(vid)
+    if not todo:  # a rerun over a finished archive loads no weights
+        logger.info(summary.headline())
+        return summary
+    model = load_unet(ref, tracking_uri, device=resolve_device(config.device))
+    info = {"model_name": ref.name, "model_version": ref.version, "run_id": ref.run_id, "model_uri": config.model_uri}
+    for vid in todo:
         with progress_bar(f"segment {vid}", archive.image(vid).shape[0]) as update:
             r = segment_volume_task(
                 str(config.archive), vid, model, info, dict(DEFAULT_CLASS_NAMES),
                 tile=config.tile_size, overlap=config.overlap, batch_size=config.batch_size,
                 qc_dir=str(qc_dir), force=config.force, progress=update,
             )
-        {"segmented": summary.segmented, "skipped": summary.skipped}.get(r.status, summary.failures).append(
-            r.volume_id if r.status != "failed" else r.error
-        )
+        if r.status == "failed":
+            summary.failures.append(r.error)
+        else:
+            (summary.segmented if r.status == "segmented" else summary.skipped).append(r.volume_id)
     logger.info(summary.headline())
     return summary

@@ -37,9 +37,13 @@ class PreprocessSummary:
     archive: str
     computed: dict[str, list[str]] = field(default_factory=dict)  # volume id -> derived arrays written
     up_to_date: list[str] = field(default_factory=list)  # volumes with nothing to do
+    failures: list[str] = field(default_factory=list)  # "volume: what went wrong"
 
     def headline(self) -> str:
-        return f"preprocess: {len(self.computed)} volumes computed, {len(self.up_to_date)} up to date in {self.archive}"
+        return (
+            f"preprocess: {len(self.computed)} volumes computed, {len(self.up_to_date)} up to date, "
+            f"{len(self.failures)} failed in {self.archive}"
+        )
 
 
 @dataclass
@@ -57,10 +61,11 @@ class TrainSummary:
 
     def headline(self) -> str:
         champion = "now champion" if self.promoted else "champion unchanged"
+        source = "val" if self.n_val else "train"
         what = "already trained as" if self.reused else "trained"
         return (
             f"train: {what} {self.model_name} v{self.model_version} (run {self.run_id[:8]}), "
-            f"val fluid Dice {self.score:.3f}, {champion}; tracking at {self.tracking_uri}"
+            f"{source} fluid Dice {self.score:.3f}, {champion}; tracking at {self.tracking_uri}"
         )
 
 

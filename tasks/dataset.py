@@ -9,16 +9,30 @@ from tasks.archive import open_archive
 from unet.data import BScanSet
 from unet.normalize import normalize_volume
 
-__all__ = ["load_annotated", "split_train_val", "load_training_data"]
+__all__ = ["normalized_bscans", "load_annotated", "split_train_val", "load_training_data"]
 
 log = logging.getLogger(__name__)
+
+
+def normalized_bscans(archive, volume_id: str, idx: list[int] | None = None) -> np.ndarray:
+    """Normalised B-scans ``idx`` (all when None) of a volume, float32 (n, H, W).
+
+    Reads ``derived/normalized`` when preprocessing completed it, else normalises the raw B-scans
+    now with the same function (logged), so training and inference always see the same input.
+    """
+    pick = slice(None) if idx is None else idx
+    if archive.derived_is_complete(volume_id, "normalized"):
+        return np.asarray(archive.open_derived(volume_id, "normalized").get_orthogonal_selection((pick,)),
+                          dtype=np.float32)
+    log.warning("%s: no normalised image in the archive; normalising on the fly (run preprocess)", volume_id)
+    return normalize_volume(np.asarray(archive.image(volume_id).get_orthogonal_selection((pick,))))
 
 
 def load_annotated(archive_path: str | Path, volume_id: str) -> BScanSet | None:
     """The annotated B-scans of one volume: normalised images, labels and border-weight maps.
 
-    Uses ``derived/normalized`` and ``derived/weights`` when preprocessing wrote them, else computes
-    normalisation on the fly and uses uniform weights (logged). None when nothing is annotated.
+    Weight maps come from ``derived/weights`` when preprocessing wrote them (else ``weights`` is
+    None). None when nothing is annotated.
     """
     archive = open_archive(archive_path, create=False)
     manual = archive.manual_labels(volume_id)
@@ -26,23 +40,25 @@ def load_annotated(archive_path: str | Path, volume_id: str) -> BScanSet | None:
         return None
     labels, annotated = manual
     idx = sorted(annotated)
-    norm = archive.open_derived(volume_id, "normalized")
-    if norm is not None and archive.derived_is_complete(volume_id, "normalized"):
-        images = np.stack([norm[z] for z in idx]).astype(np.float32)
-    else:
-        log.warning("%s: no normalised image in the archive; normalising on the fly (run preprocess)", volume_id)
-        images = normalize_volume(np.stack([archive.image(volume_id)[z] for z in idx]))
-    weights = archive.open_derived(volume_id, "weights")
+    images = normalized_bscans(archive, volume_id, idx)
     w = None
-    if weights is not None and archive.derived_is_complete(volume_id, "weights"):
-        w = np.stack([weights[z] for z in idx]).astype(np.float32)
-    return BScanSet(images, np.stack([labels[z] for z in idx]).astype(np.int64), w)
+    if archive.derived_is_complete(volume_id, "weights"):
+        w = np.asarray(archive.open_derived(volume_id, "weights").get_orthogonal_selection((idx,)), dtype=np.float32)
+    return BScanSet(images, np.asarray(labels.get_orthogonal_selection((idx,))).astype(np.int64), w)
+
+
+def _fill_missing_weights(sets: dict[str, BScanSet]) -> dict[str, BScanSet]:
+    """Uniform weights for volumes without weight maps when others have them (logged per volume)."""
+    missing = [v for v, s in sets.items() if s.weights is None]
+    if not missing or len(missing) == len(sets):
+        return sets
+    log.warning("no border-weight maps for %s (run preprocess); they train with uniform weights", missing)
+    return {v: s if s.weights is not None else BScanSet(s.images, s.labels, np.ones_like(s.images))
+            for v, s in sets.items()}
 
 
 def _concat(sets: list[BScanSet]) -> BScanSet:
-    shapes = {s.images.shape[1:] for s in sets}
-    if len(shapes) > 1:
-        raise ValueError(f"annotated B-scans differ in shape {sorted(shapes)}; train on volumes of one shape")
+    """One set from several of the same B-scan shape (checked by :func:`split_train_val`)."""
     weights = None
     if all(s.weights is not None for s in sets):
         weights = np.concatenate([s.weights for s in sets])
@@ -54,12 +70,16 @@ def split_train_val(sets: dict[str, BScanSet], val_fraction: float, seed: int = 
     with a single volume, hold out a fraction of its B-scans."""
     if not sets:
         raise ValueError("no annotated B-scans in the selected volumes; ingest with --labels first")
+    shapes = {v: s.images.shape[1:] for v, s in sets.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"annotated B-scans differ in shape {shapes}; train on volumes of one shape (--volume)")
+    sets = _fill_missing_weights(sets)
     rng = np.random.default_rng(seed)
     ids = sorted(sets)
     if val_fraction == 0:
         return _concat([sets[i] for i in ids]), None
     if len(ids) > 1:
-        n_val = max(1, round(val_fraction * len(ids)))
+        n_val = min(len(ids) - 1, max(1, round(val_fraction * len(ids))))  # keep a volume to train on
         val_ids = set(rng.permutation(ids)[:n_val].tolist())
         train = _concat([sets[i] for i in ids if i not in val_ids])
         return train, _concat([sets[i] for i in ids if i in val_ids])
@@ -67,7 +87,7 @@ def split_train_val(sets: dict[str, BScanSet], val_fraction: float, seed: int = 
     if len(only) < 2:
         return only, None
     order = rng.permutation(len(only))
-    n_val = max(1, round(val_fraction * len(only)))
+    n_val = min(len(only) - 1, max(1, round(val_fraction * len(only))))
     pick = lambda ix: BScanSet(only.images[ix], only.labels[ix], None if only.weights is None else only.weights[ix])  # noqa: E731
     return pick(np.sort(order[n_val:])), pick(np.sort(order[:n_val]))
 

@@ -1,8 +1,10 @@
 """Ingest one scan source (file or folder of B-scans) into the archive as one volume.
 
 :func:`ingest_source` does the work and never raises for bad input: a batch goes on, and the
-result says what happened. A source already in the archive with the same bytes and the same mask
-files is skipped without decoding. :func:`ingest_source_task` is the thin Prefect wrapper.
+result says what happened. A source the archive already holds is skipped without decoding unless
+new masks are given for it; an existing volume is never overwritten by a different file that maps
+to the same volume id (see :func:`ingest_source`). :func:`ingest_source_task` is the thin Prefect
+wrapper.
 """
 from __future__ import annotations
 
@@ -47,11 +49,40 @@ def labels_sha256(labels_dir: str | Path | None, source: str | Path) -> str | No
     return digest.hexdigest()
 
 
+def _existing_volume(meta: dict, volume_id: str, src: Path, sha: str,
+                     labels_fp: str | None) -> tuple[Literal["skip", "write", "fail"], str | None]:
+    """What to do with a source whose volume id the archive already holds, and the error if "fail".
+
+    See :func:`ingest_source` for the rule.
+    """
+    stored_source = meta.get("source")
+    if meta.get("source_sha256") != sha:
+        if stored_source != str(src.resolve()):
+            return "fail", (f"{src}: volume id {volume_id!r} already holds {stored_source} (different "
+                            f"content); rename one of them or remove the volume")
+        return "write", None  # the same file, updated in place
+    if labels_fp is None or labels_fp == meta.get("labels_sha256"):
+        return "skip", None  # same bytes (perhaps moved): keep the volume and its ground truth
+    return "write", None  # new or changed masks
+
+
 def ingest_source(source: str | Path, archive_path: str | Path,
                   labels_dir: str | Path | None = None) -> IngestResult:
     """Read ``source`` (and its masks under ``labels_dir``) and write it as one archive volume.
 
-    Skips when the archive holds the volume id with the same source and labels fingerprints.
+    When the archive already holds the volume id (``status`` in brackets):
+
+    * same source bytes (SHA-256), wherever the file now lies: kept as it is ("skipped") when no
+      ``labels_dir`` is given, when ``labels_dir`` holds no masks for the source, or when its
+      masks have the stored fingerprint; the manual labels, derived arrays and prediction stay.
+      Masks that are new or changed re-write the volume ("written"). Masks are never dropped from
+      unchanged bytes: to remove them, remove the volume.
+    * different bytes from the same path (the resolved ``source`` in the provenance): the file was
+      updated, so the volume is re-written ("written") with the masks under ``labels_dir``, if any;
+      the old labels and derived arrays no longer fit the image and go (a warning is logged).
+    * different bytes from a different path (e.g. ``scan 1.tif`` and ``scan_1.tif``, both id
+      ``scan_1``): "failed", naming both files; the stored volume is left alone.
+
     Returns ``status="failed"`` with a message naming the file instead of raising.
     """
     src = Path(source)
@@ -61,11 +92,18 @@ def ingest_source(source: str | Path, archive_path: str | Path,
         archive = open_archive(archive_path)
         if archive.has_volume(volume_id):
             meta = archive.volume_meta(volume_id)
-            if meta.get("source_sha256") == sha and meta.get("labels_sha256") == labels_fp:
+            action, error = _existing_volume(meta, volume_id, src, sha, labels_fp)
+            if action == "skip":
                 manual = archive.manual_labels(volume_id)
                 return IngestResult(str(src), volume_id, "skipped", archive.image(volume_id).shape[0],
                                     manual[1] if manual else [])
-        volume = read_volume(src)
+            if action == "fail":
+                LOGGER.warning("ingest failed: %s", error)
+                return IngestResult(str(src), volume_id, "failed", error=error)
+            if labels_fp is None and meta.get("labels_sha256") is not None:
+                LOGGER.warning("%s changed: re-writing volume %r drops its manual labels (no masks given)",
+                               src, volume_id)
+        volume = read_volume(src, sha256=sha)
         masks = read_masks(labels_dir, volume) if labels_dir is not None else None
         labels, annotated = masks if masks is not None else (None, [])
         provenance = {"source": str(src.resolve()), "source_sha256": volume.sha256, "reader": volume.reader,

@@ -32,6 +32,7 @@ class PreprocessResult:
     volume_id: str
     computed: list[str] = field(default_factory=list)  # derived arrays written in this run
     skipped: list[str] = field(default_factory=list)  # derived arrays already up to date
+    error: str | None = None  # set when the volume failed; the batch goes on
 
 
 def _normalize_block(block: np.ndarray) -> np.ndarray:
@@ -84,7 +85,7 @@ def preprocess_volume(
     archive = open_archive(archive_path, create=False)
     meta = archive.volume_meta(volume_id)
     image = archive.image(volume_id)  # (Z, Y, X)
-    shard_z = max(1, min(archive.shard_bscans(volume_id), image.shape[0]))
+    shard_z = archive.shard_bscans(volume_id)
     result = PreprocessResult(volume_id)
 
     fp = {"source_sha256": meta.get("source_sha256"), "method": NORMALIZATION_METHOD}
@@ -101,7 +102,9 @@ def preprocess_volume(
     if manual is None:
         return result
     labels, annotated = manual
-    fp = {"labels_sha256": _labels_digest(labels, annotated), "w0": w0, "sigma": sigma, "class_weights": class_weights}
+    # ingest records the masks' sha256 (and rewrites the volume when they change); else hash the labels
+    labels_fp = meta.get("labels_sha256") or _labels_digest(labels, annotated)
+    fp = {"labels_sha256": labels_fp, "w0": w0, "sigma": sigma, "class_weights": class_weights}
     if archive.derived_is_current(volume_id, "weights", fp):
         result.skipped.append("weights")
         return result
@@ -126,7 +129,11 @@ def preprocess_volume_task(
     sigma: float = 5.0,
     class_weights: str | None = None,
 ) -> PreprocessResult:
-    """Prefect wrapper of :func:`preprocess_volume`."""
-    result = preprocess_volume(archive_path, volume_id, scheduler_address, w0, sigma, class_weights)
+    """Prefect wrapper of :func:`preprocess_volume`; a failing volume is reported and the batch goes on."""
+    try:
+        result = preprocess_volume(archive_path, volume_id, scheduler_address, w0, sigma, class_weights)
+    except Exception as e:  # one bad volume must not stop the others
+        get_run_logger().error("%s: preprocessing failed: %s: %s", volume_id, type(e).__name__, e)
+        return PreprocessResult(volume_id, error=f"{volume_id}: {type(e).__name__}: {e}")
     get_run_logger().info("%s: computed %s, up to date %s", volume_id, result.computed or "-", result.skipped or "-")
     return result

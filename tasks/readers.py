@@ -208,17 +208,21 @@ def _read_gray(path: Path, ndims: tuple[int, ...]) -> tuple[np.ndarray, str, Sca
     return gray, reader, scale
 
 
-def read_volume(path: str | Path) -> ScanVolume:
-    """Read a scan file or a folder of B-scans as a (Z, Y, X) volume; 2-D files give Z = 1."""
+def read_volume(path: str | Path, *, sha256: str | None = None) -> ScanVolume:
+    """Read a scan file or a folder of B-scans as a (Z, Y, X) volume; 2-D files give Z = 1.
+
+    ``sha256``: the caller's :func:`source_sha256` of ``path``, when it already has it (saves a
+    second pass over the bytes); None computes it here.
+    """
     p = Path(path)
     if p.is_dir():
-        return _read_folder(p)
+        return _read_folder(p, sha256)
     image, reader, scale = _read_gray(p, (2, 3))
     image = image[np.newaxis] if image.ndim == 2 else image
-    return ScanVolume(image, scale, reader, p, source_sha256(p), [p])
+    return ScanVolume(image, scale, reader, p, sha256 or source_sha256(p), [p])
 
 
-def _read_folder(folder: Path) -> ScanVolume:
+def _read_folder(folder: Path, sha256: str | None = None) -> ScanVolume:
     files = source_files(folder)
     if not files:
         raise ReadError(folder, f"empty folder: no B-scan files ({', '.join(IMAGE_SUFFIXES)})")
@@ -229,7 +233,7 @@ def _read_folder(folder: Path) -> ScanVolume:
             raise ReadError(f, f"B-scan {bscan.shape} {bscan.dtype} differs from {files[0].name} "
                                f"({bscans[0].shape} {bscans[0].dtype}) in the same folder")
         bscans.append(bscan)
-    return ScanVolume(np.stack(bscans), None, "folder", folder, source_sha256(folder), files)
+    return ScanVolume(np.stack(bscans), None, "folder", folder, sha256 or source_sha256(folder), files)
 
 
 def mask_files(labels_dir: str | Path, source: str | Path) -> dict[int, Path]:

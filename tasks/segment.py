@@ -15,11 +15,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.archive import open_archive
+from tasks.dataset import normalized_bscans
 from tasks.qc import overlay, save_png
 from unet.inference import segment_volume
-from unet.normalize import normalize_volume
 
-__all__ = ["SegmentResult", "segment_one", "segment_volume_task", "normalized_volume"]
+__all__ = ["SegmentResult", "segment_one", "segment_volume_task", "already_segmented"]
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,10 @@ class SegmentResult:
     fluid_fraction: float | None = None
 
 
-def normalized_volume(archive, volume_id: str) -> np.ndarray:
-    """The preprocessed image when complete, else the raw image normalised now (same function)."""
-    if archive.derived_is_complete(volume_id, "normalized"):
-        return np.asarray(archive.open_derived(volume_id, "normalized")[...], dtype=np.float32)
-    return normalize_volume(np.asarray(archive.image(volume_id)[...]))
+def already_segmented(archive, volume_id: str, model_name: str, model_version: str) -> bool:
+    """True when ``volume_id`` holds a complete prediction by this model name and version."""
+    done = archive.prediction_info(volume_id)
+    return bool(done) and (done.get("model_name"), str(done.get("model_version"))) == (model_name, str(model_version))
 
 
 def segment_one(
@@ -56,13 +55,9 @@ def segment_one(
 ) -> SegmentResult:
     """Segment one volume unless ``model_info``'s name and version already did it."""
     archive = open_archive(archive_path, create=False)
-    done = archive.prediction_info(volume_id)
-    if not force and done and (done.get("model_name"), str(done.get("model_version"))) == (
-        model_info["model_name"],
-        str(model_info["model_version"]),
-    ):
+    if not force and already_segmented(archive, volume_id, model_info["model_name"], model_info["model_version"]):
         return SegmentResult(volume_id, "skipped")
-    image = normalized_volume(archive, volume_id)
+    image = normalized_bscans(archive, volume_id)
     labels = segment_volume(model, image, tile=tile, overlap=overlap, batch_size=batch_size, progress=progress)
     archive.write_prediction(volume_id, labels, class_names=class_names, model_info=model_info)
     qc = None

@@ -204,6 +204,10 @@ def train_and_register(
 
     if unet_config.out_channels < 2:
         raise ValueError(f"need a foreground class 1, got out_channels={unet_config.out_channels}")
+    top = max(int(d.labels.max()) for d in (train, val) if d is not None and len(d))
+    if top >= unet_config.out_channels:
+        raise ValueError(f"the masks hold class {top} but the network predicts {unet_config.out_channels} classes "
+                         f"({dict(class_names)}); binarise the masks or train with more output channels")
     uri = resolve_tracking_uri(tracking_uri)
     experiment_id = ensure_experiment(uri, experiment)
     names = {c: class_names.get(c, f"class{c}") for c in range(unet_config.out_channels)}

@@ -78,10 +78,11 @@ class TileDataset(Dataset):
         self.augment, self.seed, self.epoch, self.foreground = augment, seed, 0, foreground
         self._fg = np.argwhere(data.labels > 0)  # (M, 3) k, y, x of foreground pixels
         pad = ((0, 0), (self.halo, self.halo), (self.halo, self.halo))
-        self._images = np.pad(data.images, pad, mode="symmetric")
-        self._labels = np.pad(data.labels, pad, mode="symmetric")
+        # the same mirror as inference (unet.tiling.mirror_pad): reflect, the edge pixel not repeated
+        self._images = np.pad(data.images, pad, mode="reflect")
+        self._labels = np.pad(data.labels, pad, mode="reflect")
         w = data.weights if data.weights is not None else np.ones_like(data.images, dtype=np.float32)
-        self._weights = np.pad(w.astype(np.float32), pad, mode="symmetric")
+        self._weights = np.pad(w.astype(np.float32), pad, mode="reflect")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -128,3 +128,20 @@ def test_pipeline_rerun_over_a_finished_archive_does_nothing(work):
     assert summary.preprocess.computed == {}
     assert summary.train.reused and summary.train.model_version == "1"
     assert summary.segment.segmented == [] and len(summary.segment.skipped) == 3
+
+
+def test_preprocess_goes_on_past_a_broken_volume(tmp_path):
+    from tasks.phantom import make_phantom_volume
+
+    archive = open_archive(tmp_path / "a.zarr")
+    for vid in ("good", "broken"):
+        archive.write_volume(vid, make_phantom_volume(3, 40, 48, seed=1).image,
+                             provenance={"source": vid, "source_sha256": vid, "reader": "test"})
+    shards = [p for p in (tmp_path / "a.zarr" / "broken" / "s0").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert shards
+    for p in shards:
+        p.write_bytes(p.read_bytes()[:20])  # a truncated shard: the volume cannot be decoded
+    summary = preprocess_archive(PreprocessConfig(archive=tmp_path / "a.zarr", n_workers=1))
+    assert list(summary.computed) == ["good"]
+    assert len(summary.failures) == 1 and summary.failures[0].startswith("broken:")
+    assert not archive.derived_is_complete("broken", "normalized")

@@ -24,6 +24,8 @@ def _set(n: int, value: float) -> BScanSet:
         ({"only": 10}, 0.2, 8, 2),  # one volume: B-scans are held out
         ({"only": 1}, 0.2, 1, 0),  # nothing to hold out
         ({"a": 3, "b": 3}, 0.0, 6, 0),  # no validation requested
+        ({"a": 3, "b": 3}, 0.9, 3, 3),  # a large fraction still leaves a volume to train on
+        ({"only": 4}, 0.99, 1, 3),  # ... and a B-scan
     ],
 )
 def test_split_sizes(sizes, fraction, n_train, n_val):
@@ -35,6 +37,20 @@ def test_split_sizes(sizes, fraction, n_train, n_val):
         assert (len(train), got_val) == (n_train, n_val)
     if len(sizes) > 1 and val is not None:  # no volume is split between train and validation
         assert not set(np.unique(train.images)) & set(np.unique(val.images))
+
+
+def test_mixed_shapes_fail_whatever_the_seed():
+    sets = {"a": _set(2, 0), "b": _set(2, 1), "c": BScanSet(np.zeros((2, 5, 4), np.float32), np.zeros((2, 5, 4), np.int64))}
+    for seed in range(6):
+        with pytest.raises(ValueError, match="differ in shape"):
+            split_train_val(sets, 0.34, seed=seed)
+
+
+def test_volumes_without_weight_maps_get_uniform_weights_only_themselves():
+    weighted = BScanSet(np.zeros((2, 4, 4), np.float32), np.zeros((2, 4, 4), np.int64), np.full((2, 4, 4), 3.0, np.float32))
+    train, _ = split_train_val({"w": weighted, "plain": _set(2, 1)}, 0.0)
+    assert train.weights is not None
+    assert sorted(np.unique(train.weights).tolist()) == [1.0, 3.0]  # the weighted volume keeps its maps
 
 
 def test_split_without_annotations_is_a_clear_error():

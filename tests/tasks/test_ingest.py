@@ -96,6 +96,137 @@ def test_ingest_without_labels_dir_then_with_it(tmp_path: Path, sources: dict[st
     assert (result.status, result.annotated) == ("written", [0, 1, 2, 3])
 
 
+MODEL = {"model_name": "m", "model_version": "1", "run_id": "r", "model_uri": "models:/m/1"}
+
+
+def _no_masks(s: dict[str, Path]) -> Path:
+    (s["labels"].parent / "other_labels").mkdir()
+    return s["labels"].parent / "other_labels"
+
+
+def _changed_mask(s: dict[str, Path]) -> Path:
+    tifffile.imwrite(s["labels"] / "eye_a.tif", MASK[::-1], **GREY)
+    return s["labels"]
+
+
+def _one_more_mask(s: dict[str, Path]) -> Path:
+    Image.fromarray(MASK[1]).save(s["labels"] / "eye_b" / "b_3.png")
+    return s["labels"]
+
+
+# (id, source key, labels dir of the rerun after a change, status, annotated, volume kept as it was)
+RERUNS = [
+    ("no labels dir", "a", lambda s: None, "skipped", [0, 1, 2, 3], True),
+    ("no labels dir, folder", "b", lambda s: None, "skipped", [0, 2], True),
+    ("labels dir without its masks", "a", _no_masks, "skipped", [0, 1, 2, 3], True),
+    ("same masks", "b", lambda s: s["labels"], "skipped", [0, 2], True),
+    ("changed mask", "a", _changed_mask, "written", [0, 1, 2, 3], False),
+    ("one more mask", "b", _one_more_mask, "written", [0, 2, 3], False),
+]
+
+
+@pytest.mark.parametrize(("key", "rerun_labels", "status", "annotated", "kept"),
+                         [r[1:] for r in RERUNS], ids=[r[0] for r in RERUNS])
+def test_rerun_keeps_ground_truth_unless_masks_change(tmp_path: Path, sources: dict[str, Path], key: str,
+                                                      rerun_labels, status: str, annotated: list[int],
+                                                      kept: bool) -> None:
+    arc_path = tmp_path / "arc.zarr"
+    first = ingest_source(sources[key], arc_path, sources["labels"])
+    arc = open_archive(arc_path)
+    vid = first.volume_id
+    labels_before = arc.manual_labels(vid)[0][:]
+    arc.write_prediction(vid, labels_before, class_names={0: "bg", 1: "fluid"}, model_info=MODEL)
+    inode = _ino(arc_path, vid)
+
+    again = ingest_source(sources[key], arc_path, rerun_labels(sources))
+
+    assert (again.status, again.n_bscans, again.annotated, again.error) == (status, 4, annotated, None)
+    labels, stored_annotated = arc.manual_labels(vid)
+    assert stored_annotated == annotated
+    assert (_ino(arc_path, vid) == inode) is kept
+    assert (arc.prediction(vid) is not None) is kept  # a re-write starts the volume afresh
+    assert np.array_equal(labels[:], labels_before) is kept
+    if not kept:  # re-ingest with the new masks is itself skipped afterwards
+        assert ingest_source(sources[key], arc_path, rerun_labels(sources)).status == "skipped"
+
+
+def _same_name_elsewhere(s: dict[str, Path], data: np.ndarray) -> Path:
+    (s["a"].parent.parent / "elsewhere").mkdir()
+    other = s["a"].parent.parent / "elsewhere" / "eye_a.tif"
+    tifffile.imwrite(other, data, **GREY)
+    return other
+
+
+def _updated_in_place(s: dict[str, Path]) -> Path:
+    tifffile.imwrite(s["a"], STACK[::-1], **GREY)
+    return s["a"]
+
+
+def _moved(s: dict[str, Path]) -> Path:
+    return s["a"].rename(s["a"].parent.parent / "eye_a.tif")
+
+
+# (id, second source, status, error phrases, volume afterwards from the first file)
+IDENTITIES = [
+    ("colliding id", lambda s: _write(s["a"].parent / "eye a.tif", STACK[::-1]), "failed",
+     ["volume id 'eye_a' already holds", "eye a.tif", "eye_a.tif", "rename one of them"], True),
+    ("same name, other folder", lambda s: _same_name_elsewhere(s, STACK[::-1]), "failed",
+     ["elsewhere/eye_a.tif: volume id", "already holds /", "src/eye_a.tif"], True),
+    ("updated in place", _updated_in_place, "written", [], False),
+    ("moved", _moved, "skipped", [], True),
+    ("same bytes under a colliding name", lambda s: _write(s["a"].parent / "eye a.tif", STACK), "skipped", [], True),
+]
+
+
+def _write(path: Path, data: np.ndarray) -> Path:
+    tifffile.imwrite(path, data, **GREY)
+    return path
+
+
+@pytest.mark.parametrize(("second", "status", "phrases", "first_kept"),
+                         [r[1:] for r in IDENTITIES], ids=[r[0] for r in IDENTITIES])
+def test_volume_id_belongs_to_one_source(tmp_path: Path, sources: dict[str, Path], second, status: str,
+                                         phrases: list[str], first_kept: bool) -> None:
+    arc_path = tmp_path / "arc.zarr"
+    first_source = str(sources["a"].resolve())
+    assert ingest_source(sources["a"], arc_path).status == "written"
+    arc = open_archive(arc_path)
+    meta_before, inode = arc.volume_meta("eye_a"), _ino(arc_path, "eye_a")
+
+    result = ingest_source(second(sources), arc_path)  # a separate batch: no labels dir
+
+    assert (result.volume_id, result.status) == ("eye_a", status)
+    for phrase in phrases:
+        assert phrase in result.error, result.error
+    assert (result.error is None) is (status != "failed")
+    meta = arc.volume_meta("eye_a")
+    assert meta["source"] == first_source
+    assert (meta == meta_before and _ino(arc_path, "eye_a") == inode) is first_kept
+    expected = STACK if first_kept else STACK[::-1]
+    np.testing.assert_array_equal(arc.image("eye_a")[:], expected)
+    assert arc.volume_ids() == ["eye_a"]
+
+
+def test_updated_source_without_masks_drops_old_labels(tmp_path: Path, sources: dict[str, Path]) -> None:
+    """New image bytes re-write the volume: the old masks no longer fit it."""
+    arc_path = tmp_path / "arc.zarr"
+    ingest_source(sources["a"], arc_path, sources["labels"])
+    result = ingest_source(_updated_in_place(sources), arc_path)
+    assert (result.status, result.annotated) == ("written", [])
+    assert open_archive(arc_path).manual_labels("eye_a") is None
+
+
+def test_source_is_hashed_once(tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks import readers
+
+    calls: list[int] = []
+    real = readers._sha256
+    monkeypatch.setattr(readers, "_sha256", lambda files, with_names: calls.append(1) or real(files, with_names))
+    for key in "ab":
+        assert ingest_source(sources[key], tmp_path / "arc.zarr").status == "written"
+    assert len(calls) == 2
+
+
 def _bad_sources(tmp_path: Path) -> list[tuple[Path, str]]:
     """(bad source, phrase its error must contain)."""
     bad = tmp_path / "bad"

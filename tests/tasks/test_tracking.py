@@ -198,3 +198,21 @@ def test_without_validation_set_scores_on_training_data(tmp_path, monkeypatch):
     assert "val_dice_fluid" not in run.data.metrics
     assert run.data.metrics["train_dice_fluid"] == result.score or math.isnan(result.score)
     assert result.promoted and result.n_val == 0
+
+
+def test_masks_with_more_classes_than_the_network_fail_before_any_run(tmp_path):
+    from mlflow import MlflowClient
+
+    from tasks.training import train_and_register
+    from unet.config import UNetConfig
+    from unet.data import BScanSet
+    from unet.train import TrainConfig
+
+    labels = np.zeros((2, 40, 40), np.int64)
+    labels[:, 10:20, 10:20] = 2  # a class the 2-class network cannot predict
+    data = BScanSet(np.zeros(labels.shape, np.float32), labels)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(ValueError, match="class 2"):
+        train_and_register(data, None, UNetConfig(base_channels=4, depth=2), TrainConfig(epochs=1), tracking_uri=uri)
+    experiments = MlflowClient(uri).search_experiments()
+    assert all(not MlflowClient(uri).search_runs([e.experiment_id]) for e in experiments)
