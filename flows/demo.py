@@ -17,14 +17,21 @@ HELDOUT = "heldout_000"
 
 
 def _write_inputs(scans: Path, n_volumes: int) -> tuple[list[Path], np.ndarray]:
-    """Annotated phantoms (masks in scans/labels) plus one held-out phantom without a mask."""
+    """Annotated phantoms (masks in scans/labels) plus one held-out phantom without a mask.
+
+    Files already written by an earlier demo in the same folder are kept (the phantoms are
+    deterministic; rewriting would change the OME-TIFF UUIDs and so the files' sha256), so a second
+    demo run shows every stage skipping its finished work.
+    """
     from tasks.phantom import make_phantom_volume, write_ome_tiff, write_phantom_files
 
     z, h, w = DEMO_SHAPE
-    sources = write_phantom_files(scans, n_volumes=n_volumes, fmt="tiff", n_bscans=z, height=h, width=w, seed=0)
     heldout = make_phantom_volume(z, h, w, seed=1000)
-    write_ome_tiff(scans / f"{HELDOUT}.tif", heldout.image)
-    return [*sources, scans / f"{HELDOUT}.tif"], heldout.fluid
+    sources = [scans / f"phantom_{i:03d}.tif" for i in range(n_volumes)] + [scans / f"{HELDOUT}.tif"]
+    if not all(p.is_file() for p in sources) or not all((scans / "labels" / p.name).is_file() for p in sources[:-1]):
+        write_phantom_files(scans, n_volumes=n_volumes, fmt="tiff", n_bscans=z, height=h, width=w, seed=0)
+        write_ome_tiff(scans / f"{HELDOUT}.tif", heldout.image)
+    return sources, heldout.fluid
 
 
 def _demo_config(workdir: Path, sources: list[Path], epochs: int):
