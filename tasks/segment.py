@@ -30,7 +30,6 @@ class SegmentResult:
     status: str  # "segmented" | "skipped" | "failed"
     error: str | None = None
     qc_image: str | None = None
-    fluid_fraction: float | None = None
 
 
 def already_segmented(archive, volume_id: str, model_name: str, model_version: str) -> bool:
@@ -65,7 +64,7 @@ def segment_one(
         z = int(np.argmax((labels > 0).sum(axis=(1, 2)))) if labels.any() else len(labels) // 2
         qc = str(Path(qc_dir) / f"{volume_id}_bscan{z:03d}.png")
         save_png(overlay(np.asarray(archive.image(volume_id)[z]), labels[z]), qc)
-    return SegmentResult(volume_id, "segmented", qc_image=qc, fluid_fraction=float((labels > 0).mean()))
+    return SegmentResult(volume_id, "segmented", qc_image=qc)
 
 
 @task(name="segment-volume", task_run_name="segment-{volume_id}", cache_policy=NO_CACHE)
