@@ -9,11 +9,9 @@ from flows.config import SegmentConfig
 from flows.preprocess import select_volumes
 from flows.summary import SegmentSummary
 from tasks.archive import open_archive
-from tasks.classes import DEFAULT_CLASS_NAMES
 from tasks.progress import progress_bar
 from tasks.segment import already_segmented, segment_volume_task
-from tasks.tracking import load_unet, resolve_model, resolve_tracking_uri
-from unet.inference import resolve_device
+from tasks.tracking import resolve_model, resolve_tracking_uri
 
 __all__ = ["segment_archive", "default_qc_dir"]
 
@@ -38,17 +36,12 @@ def segment_archive(config: SegmentConfig) -> SegmentSummary:
     for vid in select_volumes(config.archive, config.volumes):
         done = not config.force and already_segmented(archive, vid, ref.name, ref.version)
         (summary.skipped if done else todo).append(vid)
-    if not todo:  # a rerun over a finished archive loads no weights
-        logger.info(summary.headline())
-        return summary
-    model = load_unet(ref, tracking_uri, device=resolve_device(config.device))
-    info = {"model_name": ref.name, "model_version": ref.version, "run_id": ref.run_id, "model_uri": config.model_uri}
-    for vid in todo:
+    for vid in todo:  # the task gets the pinned model reference and loads the weights once per process
         with progress_bar(f"segment {vid}", archive.image(vid).shape[0]) as update:
             r = segment_volume_task(
-                str(config.archive), vid, model, info, dict(DEFAULT_CLASS_NAMES),
-                tile=config.tile_size, overlap=config.overlap, batch_size=config.batch_size,
-                qc_dir=str(qc_dir), force=config.force, progress=update,
+                str(config.archive), vid, ref, tracking_uri, requested_uri=config.model_uri,
+                device=config.device, tile=config.tile_size, overlap=config.overlap,
+                batch_size=config.batch_size, qc_dir=str(qc_dir), force=config.force, progress=update,
             )
         if r.status == "failed":
             summary.failures.append(r.error)

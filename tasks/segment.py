@@ -6,6 +6,7 @@ and it records the model name and version, so a rerun skips volumes that model a
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.archive import open_archive
+from tasks.classes import DEFAULT_CLASS_NAMES
 from tasks.dataset import normalized_bscans
 from tasks.qc import overlay, save_png
-from unet.inference import segment_volume
+from tasks.tracking import ModelRef, load_unet
+from unet.inference import resolve_device, segment_volume
 
-__all__ = ["SegmentResult", "segment_one", "segment_volume_task", "already_segmented"]
+__all__ = ["SegmentResult", "segment_one", "segment_volume_task", "already_segmented", "cached_unet"]
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +70,29 @@ def segment_one(
     return SegmentResult(volume_id, "segmented", qc_image=qc)
 
 
+_MODELS: dict[tuple[str, str, str], object] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def cached_unet(ref: ModelRef, tracking_uri: str, device: str = "auto"):
+    """The registered U-Net ``ref``, loaded once per process (tasks receive the reference, not weights)."""
+    key = (ref.uri, tracking_uri, device)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = load_unet(ref, tracking_uri, device=resolve_device(device))
+        return _MODELS[key]
+
+
 @task(name="segment-volume", task_run_name="segment-{volume_id}", cache_policy=NO_CACHE)
-def segment_volume_task(archive_path: str, volume_id: str, model, model_info: dict, class_names: dict, **kw) -> SegmentResult:
+def segment_volume_task(archive_path: str, volume_id: str, ref: ModelRef, tracking_uri: str, *,
+                        requested_uri: str, device: str = "auto", class_names: dict | None = None,
+                        **kw) -> SegmentResult:
     """Prefect wrapper of :func:`segment_one`; a failing volume is reported and the batch goes on."""
     logger = get_run_logger()
+    info = {"model_name": ref.name, "model_version": ref.version, "run_id": ref.run_id, "model_uri": requested_uri}
     try:
-        result = segment_one(archive_path, volume_id, model, model_info, class_names, **kw)
+        model = cached_unet(ref, tracking_uri, device)
+        result = segment_one(archive_path, volume_id, model, info, class_names or dict(DEFAULT_CLASS_NAMES), **kw)
     except Exception as e:  # one bad volume must not stop a batch of thousands
         logger.error("%s: segmentation failed: %s: %s", volume_id, type(e).__name__, e)
         return SegmentResult(volume_id, "failed", error=f"{volume_id}: {type(e).__name__}: {e}")
