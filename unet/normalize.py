@@ -17,9 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def _saturation_value(bscan: np.ndarray) -> float:
-    if np.issubdtype(bscan.dtype, np.integer):
-        return float(np.iinfo(bscan.dtype).max)
-    return float(bscan.max()) if bscan.size else 0.0
+    """The fill value: the dtype's maximum for integer B-scans, or the B-scan's own maximum when that
+    sits in an image corner (12-bit data stored as uint16 fills with 4095) or the data are float."""
+    if bscan.size == 0:
+        return 0.0
+    top = bscan.max()
+    if not np.issubdtype(bscan.dtype, np.integer):
+        return float(top)
+    corners = bscan[[0, 0, -1, -1], [0, -1, 0, -1]]
+    return float(top) if np.any(corners == top) else float(np.iinfo(bscan.dtype).max)
 
 
 def fill_mask(bscan: np.ndarray, min_fraction: float = 0.001) -> np.ndarray:

@@ -30,6 +30,13 @@ def test_small_corner_fill_is_fill_but_small_saturated_border_tissue_is_not():
     assert m[-2:, -3:].all() and not m[30:32, 0].any()
 
 
+def test_12_bit_fill_in_uint16_is_found():
+    b = (_bscan_with_fill().astype(np.uint16) * 16).clip(0, 4000)  # 12-bit range, tissue below 4095
+    b[:8, :10] = 4095  # the fill of 12-bit data
+    m = fill_mask(b)
+    assert m[:8, :10].all() and m.sum() == 80
+
+
 def test_normalized_tissue_has_zero_mean_unit_std_and_fill_is_zero():
     b = _bscan_with_fill()
     n = normalize_bscan(b)
