@@ -92,14 +92,21 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def _sqlite_path(tracking_uri: str) -> str | None:
+    """The database path of a ``sqlite:///`` URI (query string dropped), else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+
+
 def _artifact_root(tracking_uri: str) -> str | None:
     """Artifact root beside a SQLite database (``<db dir>/mlartifacts``); None: the store decides."""
     if not tracking_uri.startswith("sqlite:"):
         if tracking_uri.startswith(("postgresql", "mysql", "mssql")):
             log.warning("%s: experiments get MLflow's default artifact location (./mlruns)", tracking_uri)
         return None  # http(s): the server decides; file stores keep artifacts inside the store
-    path = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
-    if not tracking_uri.startswith("sqlite:///") or path in ("", ":memory:"):
+    path = _sqlite_path(tracking_uri)
+    if path in (None, "", ":memory:"):
         raise ValueError(f"need a SQLite file URI like sqlite:////abs/path/mlflow.db, got {tracking_uri!r}")
     return (Path(path).resolve().parent / "mlartifacts").as_uri()
 
@@ -231,8 +238,8 @@ def resolve_model(model_uri: str, tracking_uri: str) -> ModelRef:
     if match is None:
         raise ValueError(f"model URI must look like models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
     name, alias, version = match["name"], match["alias"], match["version"]
-    db = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
-    if tracking_uri.startswith("sqlite:///") and db != ":memory:" and not Path(db).is_file():
+    db = _sqlite_path(tracking_uri)
+    if db not in (None, ":memory:") and not Path(db).is_file():
         # MLflow would create and migrate an empty database just to report that nothing is there
         raise ValueError(f"no MLflow database at {tracking_uri}; run `octseg train` first or pass --tracking-uri")
     client = _client(tracking_uri)
