@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from unet.weights import border_weight_map, border_weight_map_reference  # noqa: E402
+from octseg.unet.weights import border_weight_map, border_weight_map_reference  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 MAX_ERROR = 0.01

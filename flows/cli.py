@@ -78,8 +78,8 @@ def ingest(sources: SourcesArg, archive: ArchiveOpt, labels: LabelsOpt = None) -
 
     Example: [bold]octseg ingest scans/*.tif --labels scans/masks --archive oct.zarr[/]
     """
-    from flows.config import IngestConfig
-    from flows.ingest import ingest_volumes
+    from octseg.flows.config import IngestConfig
+    from octseg.flows.ingest import ingest_volumes
 
     summary = ingest_volumes(IngestConfig(sources=tuple(sources), archive=archive, labels=labels))
     _echo_summary(summary, summary.failures)
@@ -100,8 +100,8 @@ def preprocess(
 
     Runs on Dask over B-scans; reruns skip what is up to date.
     """
-    from flows.config import PreprocessConfig
-    from flows.preprocess import preprocess_archive
+    from octseg.flows.config import PreprocessConfig
+    from octseg.flows.preprocess import preprocess_archive
 
     cfg = PreprocessConfig(
         archive=archive, volumes=tuple(volume) if volume else None, n_workers=workers, w0=w0, sigma=sigma,
@@ -114,7 +114,7 @@ def preprocess(
 
 
 def _train_config(archive: Path, volume, **kw):
-    from flows.config import TrainFlowConfig
+    from octseg.flows.config import TrainFlowConfig
 
     kw = {k: v for k, v in kw.items() if v is not None}
     return TrainFlowConfig(archive=archive, volumes=tuple(volume) if volume else None, **kw)
@@ -150,7 +150,7 @@ def train(
     A rerun with unchanged data and settings reuses the registered run instead of training again.
     Watch it with [bold]mlflow ui --backend-store-uri sqlite:///mlflow.db[/].
     """
-    from flows.train import train_unet
+    from octseg.flows.train import train_unet
 
     cfg = _train_config(archive, volume, epochs=epochs, base_channels=base_channels, depth=depth,
                         batch_size=batch_size, lr=lr, optimizer=optimizer, tiles_per_epoch=tiles_per_epoch,
@@ -173,9 +173,9 @@ def segment(
     Resumable: volumes already segmented by the same model version are skipped. Open the result in
     napari with [bold]napari --plugin napari-ome-zarr ARCHIVE/VOLUME[/].
     """
-    from flows.config import SegmentConfig
-    from flows.segment import segment_archive
-    from tasks.tracking import resolve_model, resolve_tracking_uri
+    from octseg.flows.config import SegmentConfig
+    from octseg.flows.segment import segment_archive
+    from octseg.tasks.tracking import resolve_model, resolve_tracking_uri
 
     resolve_model(model, resolve_tracking_uri(tracking_uri))  # a missing model is a one-line error, not a failed run
     cfg = SegmentConfig(archive=archive, model_uri=model, volumes=tuple(volume) if volume else None,
@@ -202,8 +202,8 @@ def pipeline(
     dask_address: DaskOpt = None,
 ) -> None:
     """ingest -> preprocess -> train -> segment in one Prefect flow run."""
-    from flows.config import IngestConfig, PipelineConfig, PreprocessConfig, SegmentConfig
-    from flows.pipeline import run_pipeline
+    from octseg.flows.config import IngestConfig, PipelineConfig, PreprocessConfig, SegmentConfig
+    from octseg.flows.pipeline import run_pipeline
 
     dask = {"dask_address": dask_address} if dask_address else {}
     cfg = PipelineConfig(
@@ -234,7 +234,7 @@ def demo(
     os.environ.setdefault("PREFECT_HOME", str(workdir / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from flows.demo import run_demo
+    from octseg.flows.demo import run_demo
 
     report = run_demo(workdir, epochs=epochs, n_volumes=volumes)
     typer.echo(report)

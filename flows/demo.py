@@ -23,7 +23,7 @@ def _write_inputs(scans: Path, n_volumes: int) -> tuple[list[Path], np.ndarray]:
     deterministic; rewriting would change the OME-TIFF UUIDs and so the files' sha256), so a second
     demo run shows every stage skipping its finished work.
     """
-    from tasks.phantom import make_phantom_volume, write_ome_tiff, write_phantom_files
+    from octseg.tasks.phantom import make_phantom_volume, write_ome_tiff, write_phantom_files
 
     z, h, w = DEMO_SHAPE
     heldout = make_phantom_volume(z, h, w, seed=1000)
@@ -35,7 +35,7 @@ def _write_inputs(scans: Path, n_volumes: int) -> tuple[list[Path], np.ndarray]:
 
 
 def _demo_config(workdir: Path, sources: list[Path], epochs: int):
-    from flows.config import IngestConfig, PipelineConfig, PreprocessConfig, SegmentConfig, TrainFlowConfig
+    from octseg.flows.config import IngestConfig, PipelineConfig, PreprocessConfig, SegmentConfig, TrainFlowConfig
 
     archive = workdir / "archive.zarr"
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -55,9 +55,9 @@ def _demo_config(workdir: Path, sources: list[Path], epochs: int):
 
 def run_demo(workdir: Path, epochs: int = 30, n_volumes: int = 4) -> str:
     """Write phantoms, run the pipeline, score the held-out volume; return a report for the terminal."""
-    from flows.pipeline import run_pipeline
-    from tasks.archive import open_archive
-    from unet.metrics import dice_per_class
+    from octseg.flows.pipeline import run_pipeline
+    from octseg.tasks.archive import open_archive
+    from octseg.unet.metrics import dice_per_class
 
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,11 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.config import IngestConfig
-from flows.summary import IngestSummary
-from tasks.archive import open_archive, volume_id_from_path
-from tasks.ingest import IngestResult, ingest_source_task
-from tasks.progress import progress_bar
+from octseg.flows.config import IngestConfig
+from octseg.flows.summary import IngestSummary
+from octseg.tasks.archive import open_archive, volume_id_from_path
+from octseg.tasks.ingest import IngestResult, ingest_source_task
+from octseg.tasks.progress import progress_bar
 
 __all__ = ["ingest_volumes"]
 

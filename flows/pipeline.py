@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.config import PipelineConfig
-from flows.ingest import ingest_volumes
-from flows.preprocess import preprocess_archive
-from flows.segment import segment_archive
-from flows.summary import PipelineSummary
-from flows.train import train_unet
+from octseg.flows.config import PipelineConfig
+from octseg.flows.ingest import ingest_volumes
+from octseg.flows.preprocess import preprocess_archive
+from octseg.flows.segment import segment_archive
+from octseg.flows.summary import PipelineSummary
+from octseg.flows.train import train_unet
 
 __all__ = ["run_pipeline"]
 

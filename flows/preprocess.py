@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from prefect import flow, get_run_logger, unmapped
 from prefect.futures import as_completed
 
-from flows.config import PreprocessConfig
-from flows.summary import PreprocessSummary
-from tasks.archive import open_archive
-from tasks.preprocess import preprocess_volume_task
-from tasks.progress import progress_bar
+from octseg.flows.config import PreprocessConfig
+from octseg.flows.summary import PreprocessSummary
+from octseg.tasks.archive import open_archive
+from octseg.tasks.preprocess import preprocess_volume_task
+from octseg.tasks.progress import progress_bar
 
 __all__ = ["preprocess_archive", "dask_scheduler"]
 

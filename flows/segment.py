@@ -5,13 +5,13 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.config import SegmentConfig
-from flows.preprocess import select_volumes
-from flows.summary import SegmentSummary
-from tasks.archive import open_archive
-from tasks.progress import progress_bar
-from tasks.segment import already_segmented, segment_volume_task
-from tasks.tracking import resolve_model, resolve_tracking_uri
+from octseg.flows.config import SegmentConfig
+from octseg.flows.preprocess import select_volumes
+from octseg.flows.summary import SegmentSummary
+from octseg.tasks.archive import open_archive
+from octseg.tasks.progress import progress_bar
+from octseg.tasks.segment import already_segmented, segment_volume_task
+from octseg.tasks.tracking import resolve_model, resolve_tracking_uri
 
 __all__ = ["segment_archive", "default_qc_dir"]
 

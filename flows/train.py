@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.config import TrainFlowConfig
-from flows.preprocess import select_volumes
-from flows.summary import TrainSummary
-from tasks.tracking import resolve_tracking_uri
-from tasks.training import train_from_archive_task
-from unet.config import UNetConfig
-from unet.train import TrainConfig
+from octseg.flows.config import TrainFlowConfig
+from octseg.flows.preprocess import select_volumes
+from octseg.flows.summary import TrainSummary
+from octseg.tasks.tracking import resolve_tracking_uri
+from octseg.tasks.training import train_from_archive_task
+from octseg.unet.config import UNetConfig
+from octseg.unet.train import TrainConfig
 
 __all__ = ["train_unet", "unet_config_of", "train_config_of"]
 

@@ -1,6 +1,6 @@
-"""Private to :mod:`tasks.archive`: the layout's constants, input checks, OME metadata and staged writes.
+"""Private to :mod:`octseg.tasks.archive`: the layout's constants, input checks, OME metadata and staged writes.
 
-:mod:`tasks.archive` owns the on-disk layout (its docstring describes it) and re-exports the public
+:mod:`octseg.tasks.archive` owns the on-disk layout (its docstring describes it) and re-exports the public
 names defined here; import them from there. This module exists only to keep that one owner readable.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import zarr
 from ome_zarr.writer import write_labels
 
-from tasks.classes import palette_color
+from octseg.tasks.classes import palette_color
 
 __all__ = ["AXES", "IMAGE_DTYPES", "OME_VERSION", "SHARD_BSCANS", "UNIT", "ArchiveError", "bscan_chunks",
            "bscan_shards", "label_metadata"]
@@ -120,7 +120,7 @@ def _scale(scale_um: Sequence[float] | None, where: str) -> dict[str, float]:
 
 
 def label_metadata(class_names: Mapping[int, str]) -> dict[str, Any]:
-    """OME ``image-label`` metadata: :mod:`tasks.classes` palette colours (0 transparent) and ``class``
+    """OME ``image-label`` metadata: :mod:`octseg.tasks.classes` palette colours (0 transparent) and ``class``
     properties."""
     colors, properties = [], []
     for value, name in sorted((int(v), str(n)) for v, n in class_names.items()):

@@ -21,7 +21,7 @@ Nothing partial: volumes and predictions are built in a staging folder beside th
 replaced volume loses its prediction and derived arrays, which belonged to the old image.
 
 The layout constants, input checks, OME label metadata and staging helpers sit in the private
-:mod:`tasks._archive_layout`; label colours come from :mod:`tasks.classes`. Import from this module.
+:mod:`octseg.tasks._archive_layout`; label colours come from :mod:`octseg.tasks.classes`. Import from this module.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import numpy as np
 import zarr
 from ome_zarr.writer import write_image
 
-from tasks._archive_layout import (
+from octseg.tasks._archive_layout import (
     _ID_RE,
     _RESERVED,
     _UNITS,

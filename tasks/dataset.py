@@ -5,9 +5,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tasks.archive import open_archive
-from unet.data import BScanSet
-from unet.normalize import normalize_volume
+from octseg.tasks.archive import open_archive
+from octseg.unet.data import BScanSet
+from octseg.unet.normalize import normalize_volume
 
 __all__ = ["normalized_bscans", "load_annotated", "split_train_val", "load_training_data"]
 

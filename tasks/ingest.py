@@ -16,9 +16,9 @@ from typing import Literal
 
 from prefect import get_run_logger, task
 
-from tasks.archive import open_archive, volume_id_from_path
-from tasks.classes import DEFAULT_CLASS_NAMES
-from tasks.readers import ReadError, mask_files, read_masks, read_volume, source_sha256
+from octseg.tasks.archive import open_archive, volume_id_from_path
+from octseg.tasks.classes import DEFAULT_CLASS_NAMES
+from octseg.tasks.readers import ReadError, mask_files, read_masks, read_volume, source_sha256
 
 __all__ = ["IngestResult", "ingest_source", "ingest_source_task", "labels_sha256"]
 

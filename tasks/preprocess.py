@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from prefect import get_run_logger, task
 
-from tasks.archive import open_archive
-from unet.normalize import normalize_volume
-from unet.weights import border_weight_map
+from octseg.tasks.archive import open_archive
+from octseg.unet.normalize import normalize_volume
+from octseg.unet.weights import border_weight_map
 
 __all__ = ["PreprocessResult", "preprocess_volume", "preprocess_volume_task", "NORMALIZATION_METHOD"]
 

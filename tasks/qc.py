@@ -2,7 +2,7 @@
 
 Pure NumPy + Pillow (no Prefect, no MLflow), so training (MLflow image artifacts) and segmentation
 (PNGs beside the archive) draw the same pictures. Class 0 (background) is transparent; class ``c > 0``
-gets its palette colour from :mod:`tasks.classes`, the same colour the archive writes into its OME
+gets its palette colour from :mod:`octseg.tasks.classes`, the same colour the archive writes into its OME
 ``image-label`` metadata.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.classes import CLASS_COLORS, palette_color
+from octseg.tasks.classes import CLASS_COLORS, palette_color
 
 __all__ = ["CLASS_COLORS", "class_color", "grayscale", "overlay", "side_by_side", "save_png"]
 

@@ -15,12 +15,12 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.archive import open_archive
-from tasks.classes import DEFAULT_CLASS_NAMES
-from tasks.dataset import normalized_bscans
-from tasks.qc import overlay, save_png
-from tasks.tracking import ModelRef, load_unet
-from unet.inference import resolve_device, segment_volume
+from octseg.tasks.archive import open_archive
+from octseg.tasks.classes import DEFAULT_CLASS_NAMES
+from octseg.tasks.dataset import normalized_bscans
+from octseg.tasks.qc import overlay, save_png
+from octseg.tasks.tracking import ModelRef, load_unet
+from octseg.unet.inference import resolve_device, segment_volume
 
 __all__ = ["SegmentResult", "segment_one", "segment_volume_task", "already_segmented", "cached_unet"]
 

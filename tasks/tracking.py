@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from unet.model import UNet
+    from octseg.unet.model import UNet
 
 __all__ = [
     "CHAMPION",
@@ -290,9 +290,9 @@ def load_unet(ref: ModelRef, tracking_uri: str, device: str | torch.device = "cp
     """Rebuild the registered U-Net: ``UNet.from_config(saved config)`` + the saved ``state_dict``, in eval mode."""
     import torch
 
-    from unet.config import UNetConfig
-    from unet.inference import resolve_device
-    from unet.model import UNet
+    from octseg.unet.config import UNetConfig
+    from octseg.unet.inference import resolve_device
+    from octseg.unet.model import UNet
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     model = UNet.from_config(UNetConfig.from_dict(ref.unet_config))

@@ -21,10 +21,10 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.classes import DEFAULT_CLASS_NAMES
-from tasks.progress import progress_bar
-from tasks.qc import side_by_side
-from tasks.tracking import (
+from octseg.tasks.classes import DEFAULT_CLASS_NAMES
+from octseg.tasks.progress import progress_bar
+from octseg.tasks.qc import side_by_side
+from octseg.tasks.tracking import (
     DEFAULT_EXPERIMENT,
     DEFAULT_MODEL_NAME,
     ensure_experiment,
@@ -35,9 +35,9 @@ from tasks.tracking import (
 )
 
 if TYPE_CHECKING:  # torch-free import: unet.data and unet.train import torch
-    from unet.config import UNetConfig
-    from unet.data import BScanSet
-    from unet.train import EpochStats, TrainConfig
+    from octseg.unet.config import UNetConfig
+    from octseg.unet.data import BScanSet
+    from octseg.unet.train import EpochStats, TrainConfig
 
 __all__ = [
     "DEFAULT_CLASS_NAMES",
@@ -166,7 +166,7 @@ def _log_qc(model, data: BScanSet, prefix: str, artifact_uri: str) -> str:
     """Log ground truth | prediction of the B-scan with the most foreground; returns the artifact URI."""
     import mlflow
 
-    from unet.inference import predict_probabilities
+    from octseg.unet.inference import predict_probabilities
 
     k = int(np.argmax((data.labels == FOREGROUND).sum(axis=(1, 2))))
     pred = predict_probabilities(model, data.images[k]).argmax(0)
@@ -199,8 +199,8 @@ def train_and_register(
     """
     import mlflow
 
-    from unet.model import UNet
-    from unet.train import evaluate, fit
+    from octseg.unet.model import UNet
+    from octseg.unet.train import evaluate, fit
 
     if unet_config.out_channels < 2:
         raise ValueError(f"need a foreground class 1, got out_channels={unet_config.out_channels}")
@@ -263,7 +263,7 @@ def train_from_archive_task(
     force: bool = False,
 ) -> TrainResult:
     """Load the annotated B-scans of ``volumes`` from the archive, split them, then train and register."""
-    from tasks.dataset import load_training_data
+    from octseg.tasks.dataset import load_training_data
 
     train, val = load_training_data(archive_path, volumes, val_fraction, seed=train_config.seed)
     get_run_logger().info("training on %d B-scans, validating on %d", len(train), 0 if val is None else len(val))

@@ -6,15 +6,15 @@ Pure PyTorch / NumPy / SciPy / scikit-image: this package never imports prefect,
 - :func:`border_weight_map`: w(x) = w_c(x) + w0 exp(-(d1 + d2)^2 / 2 sigma^2);
 - :func:`weighted_cross_entropy`, :func:`soft_dice_loss`, :func:`center_crop`;
 - :func:`predict_tiled`: the overlap-tile strategy for images of any size;
-- :mod:`unet.augment`, :mod:`unet.metrics`, :mod:`unet.train`, :mod:`unet.inference`.
+- :mod:`octseg.unet.augment`, :mod:`octseg.unet.metrics`, :mod:`octseg.unet.train`, :mod:`octseg.unet.inference`.
 """
-from unet.augment import augment, elastic_deform
-from unet.config import UNetConfig
-from unet.losses import center_crop, soft_dice_loss, weighted_cross_entropy
-from unet.metrics import adapted_rand_error, dice_per_class, iou_per_class, pixel_error
-from unet.model import UNet, Unet, nearest_valid_input_size, output_size, valid_input_sizes
-from unet.tiling import predict_tiled
-from unet.weights import border_weight_map, border_weight_map_reference, border_weight_map_volume
+from octseg.unet.augment import augment, elastic_deform
+from octseg.unet.config import UNetConfig
+from octseg.unet.losses import center_crop, soft_dice_loss, weighted_cross_entropy
+from octseg.unet.metrics import adapted_rand_error, dice_per_class, iou_per_class, pixel_error
+from octseg.unet.model import UNet, Unet, nearest_valid_input_size, output_size, valid_input_sizes
+from octseg.unet.tiling import predict_tiled
+from octseg.unet.weights import border_weight_map, border_weight_map_reference, border_weight_map_volume
 
 __all__ = [
     "UNet",

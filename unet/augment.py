@@ -98,7 +98,7 @@ def elastic_deform(
     - weights: order 1 (linear), so non-negative weights stay non-negative.
 
     Pixels sampled outside the image are mirrored with SciPy's ``mode="mirror"`` (NumPy's "reflect",
-    the mirror of :mod:`unet.tiling`). SciPy's own "reflect" is not used: its spline prefilter is
+    the mirror of :mod:`octseg.unet.tiling`). SciPy's own "reflect" is not used: its spline prefilter is
     approximate on axes of a few pixels, whereas "mirror" makes sigma = 0 the identity.
 
     Returns:

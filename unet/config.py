@@ -1,18 +1,39 @@
-"""Hyper-parameters of the U-Net (Ronneberger, Fischer, Brox 2015, arXiv 1505.04597) in one frozen dataclass.
+"""Every setting of the U-Net, its training, its inference and its weight maps, each defined once.
 
-The config is saved with every trained model so that inference rebuilds exactly the same network
-(``UNet.from_config(UNetConfig.from_dict(saved))``) instead of re-typing its arguments.
-The defaults are the paper's network; every departure from the paper is a flag that defaults to off.
+Four frozen dataclasses hold the defaults and check their values where they are built; everything
+else (the flows' pydantic configs, the ``octseg`` command, Prefect deployments) nests these objects
+instead of re-typing their fields. :class:`UNetConfig` is saved with every trained model so that
+inference rebuilds exactly the same network (``UNet.from_config(UNetConfig.from_dict(saved))``).
+The defaults are the paper's (Ronneberger, Fischer, Brox 2015, arXiv 1505.04597); every departure
+from it is a flag that defaults to off.
+
+This module imports nothing beyond the standard library, so the command line can read the defaults
+without paying for torch.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, get_args
 
-__all__ = ["PADDINGS", "UP_MODES", "UNetConfig"]
+__all__ = [
+    "MAX_TILE",
+    "PADDINGS",
+    "UP_MODES",
+    "InferenceConfig",
+    "TrainConfig",
+    "UNetConfig",
+    "WeightMapConfig",
+]
 
-PADDINGS: tuple[str, ...] = ("valid", "same")
-UP_MODES: tuple[str, ...] = ("transpose", "bilinear")
+Padding = Literal["valid", "same"]
+UpMode = Literal["transpose", "bilinear"]
+Optimizer = Literal["sgd", "adam"]
+PADDINGS: tuple[str, ...] = get_args(Padding)
+UP_MODES: tuple[str, ...] = get_args(UpMode)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+
+MAX_TILE = 572
+"""Largest network input tile (pixels per side) for training and inference: the paper's 572x572."""
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -23,55 +44,148 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def _check_number(name: str, value: Any, lo: float, hi: float | None = None, *, lo_open: bool = False,
+                  hi_open: bool = True) -> float:
+    """``value`` as a float within [lo, hi) (bounds as flagged); TypeError/ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+    too_low = value <= lo if lo_open else value < lo
+    too_high = hi is not None and (value >= hi if hi_open else value > hi)
+    if too_low or too_high or value != value:  # NaN fails every comparison
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must be in {left}{lo}, {hi if hi is not None else 'inf'}{right}, got {value}")
+    return float(value)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+
+
+class _Config:
+    """``to_dict``/``from_dict`` shared by the configs below (unknown keys are an error, never ignored)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict of all fields, e.g. to store beside the weights."""
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        """Rebuild a config from ``to_dict()`` output; missing keys take the defaults."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"from_dict expects a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**dict(d))
+
+
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(_Config):
     """The U-Net's architecture; defaults reproduce the paper's network (31,030,658 parameters)."""
 
     in_channels: int = 1  # channels of the input image (1 for grey-value OCT B-scans)
     out_channels: int = 2  # number of classes; the network outputs one logit map per class
     base_channels: int = 64  # feature maps after the first double conv; doubled at each pooling
     depth: int = 4  # number of 2x2 max-poolings (4 in the paper: 64 -> 1024 channels)
-    padding: str = "valid"  # "valid": unpadded 3x3 convs as in the paper; "same": zero-padded
+    padding: Padding = "valid"  # "valid": unpadded 3x3 convs as in the paper; "same": zero-padded
     batch_norm: bool = False  # departure: BatchNorm after each 3x3 conv (not in the paper)
     dropout: float = 0.0  # drop-out probability at the end of the contracting path (paper: > 0)
-    up_mode: str = "transpose"  # "transpose": 2x2 up-convolution as in the paper; "bilinear"
+    up_mode: UpMode = "transpose"  # "transpose": 2x2 up-convolution as in the paper; "bilinear"
 
     def __post_init__(self) -> None:
         _check_int("in_channels", self.in_channels, 1)
-        _check_int("out_channels", self.out_channels, 1)
+        _check_int("out_channels", self.out_channels, 2)  # background + at least one class
         _check_int("base_channels", self.base_channels, 1)
         _check_int("depth", self.depth, 1)
-        if self.padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
-        if self.up_mode not in UP_MODES:
-            raise ValueError(f"up_mode must be one of {UP_MODES}, got {self.up_mode!r}")
-        if not isinstance(self.batch_norm, bool):
-            raise TypeError(
-                f"batch_norm must be a bool, got {type(self.batch_norm).__name__} ({self.batch_norm!r})"
-            )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise TypeError(
-                f"dropout must be a float, got {type(self.dropout).__name__} ({self.dropout!r})"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        object.__setattr__(self, "dropout", float(self.dropout))
+        _check_choice("padding", self.padding, PADDINGS)
+        _check_choice("up_mode", self.up_mode, UP_MODES)
+        _check_bool("batch_norm", self.batch_norm)
+        object.__setattr__(self, "dropout", _check_number("dropout", self.dropout, 0.0, 1.0))
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict of all fields, e.g. to store beside the weights."""
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
-        """Rebuild a config from ``to_dict()`` output.
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    """Hyper-parameters of one training run (the network's own live in :class:`UNetConfig`)."""
 
-        Unknown keys raise ValueError (nothing is ignored silently); missing keys take the defaults
-        above, so a dict written by ``to_dict()`` always round-trips exactly.
-        """
-        if not isinstance(d, Mapping):
-            raise TypeError(f"from_dict expects a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**dict(d))
+    epochs: int = 20
+    batch_size: int = 4  # tiles per optimisation step
+    optimizer: Optimizer = "sgd"  # "sgd" (the paper's, with momentum 0.99) or "adam"
+    lr: float = 0.01
+    momentum: float = 0.99  # SGD only
+    weight_decay: float = 0.0
+    tile_size: int | None = None  # network input tile; None: the rule of unet.model.choose_tile_size
+    max_tile: int = MAX_TILE  # largest input tile that rule may pick
+    tiles_per_epoch: int = 64
+    foreground_fraction: float = 0.33  # tiles centred near a foreground pixel (class imbalance)
+    augment: bool = True  # the paper's elastic deformation, flips and grey-value jitter
+    seed: int = 0
+    device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:N"
+    amp: bool = False  # bfloat16 autocast on CUDA
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "tiles_per_epoch"):
+            _check_int(name, getattr(self, name), 1)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        object.__setattr__(self, "lr", _check_number("lr", self.lr, 0.0, None, lo_open=True))
+        object.__setattr__(self, "momentum", _check_number("momentum", self.momentum, 0.0, 1.0))
+        object.__setattr__(self, "weight_decay", _check_number("weight_decay", self.weight_decay, 0.0))
+        if self.tile_size is not None:
+            _check_int("tile_size", self.tile_size, 1)
+        _check_int("max_tile", self.max_tile, 1)
+        object.__setattr__(self, "foreground_fraction",
+                           _check_number("foreground_fraction", self.foreground_fraction, 0.0, 1.0, hi_open=False))
+        _check_bool("augment", self.augment)
+        _check_int("seed", self.seed, 0)
+        _check_device(self.device)
+        _check_bool("amp", self.amp)
+
+
+@dataclass(frozen=True)
+class InferenceConfig(_Config):
+    """How a trained U-Net is run over B-scans: the overlap-tile strategy of the paper (Fig. 2)."""
+
+    tile_size: int | None = None  # network input tile; None: the rule of unet.model.choose_tile_size
+    max_tile: int = MAX_TILE  # largest input tile that rule may pick
+    overlap: float = 0.25  # fraction of an output tile shared with its neighbour, blended
+    batch_size: int = 4  # tiles per forward pass
+    device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:N"
+    amp: bool = False  # bfloat16 autocast on CUDA
+
+    def __post_init__(self) -> None:
+        if self.tile_size is not None:
+            _check_int("tile_size", self.tile_size, 1)
+        _check_int("max_tile", self.max_tile, 1)
+        object.__setattr__(self, "overlap", _check_number("overlap", self.overlap, 0.0, 1.0))
+        _check_int("batch_size", self.batch_size, 1)
+        _check_device(self.device)
+        _check_bool("amp", self.amp)
+
+
+@dataclass(frozen=True)
+class WeightMapConfig(_Config):
+    """w(x) = w_c(x) + w0 exp(-(d1 + d2)^2 / 2 sigma^2), eq. 2 of the paper (w0 = 10, sigma = 5 px)."""
+
+    w0: float = 10.0  # amplitude of the border term
+    sigma: float = 5.0  # width of the border term, pixels
+    class_weights: Literal["balanced"] | None = None  # None: w_c = 1; "balanced": inverse class frequency
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "w0", _check_number("w0", self.w0, 0.0))
+        object.__setattr__(self, "sigma", _check_number("sigma", self.sigma, 0.0, None, lo_open=True))
+        if self.class_weights is not None:
+            _check_choice("class_weights", self.class_weights, ("balanced",))
+
+
+def _check_device(device: Any) -> None:
+    """"auto", "cpu", "cuda" or "cuda:N" (whether CUDA is there is checked when a model is moved)."""
+    if not isinstance(device, str) or not (
+        device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")

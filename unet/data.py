@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from unet.augment import augment as augment_tile
+from octseg.unet.augment import augment as augment_tile
 
 __all__ = ["BScanSet", "TileDataset", "choose_tile_size"]
 

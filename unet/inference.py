@@ -1,6 +1,6 @@
 """Run a U-Net over whole B-scans and volumes with the overlap-tile strategy.
 
-The network is wrapped into a numpy predictor and handed to :func:`unet.tiling.predict_tiled`, so the
+The network is wrapped into a numpy predictor and handed to :func:`octseg.unet.tiling.predict_tiled`, so the
 tiling itself stays pure and is tested without a network.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from unet.tiling import predict_tiled
+from octseg.unet.tiling import predict_tiled
 
 __all__ = ["resolve_device", "torch_predictor", "predict_probabilities", "segment_volume", "default_tile"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from unet.parts import center_crop
+from octseg.unet.parts import center_crop
 
 __all__ = ["weighted_cross_entropy", "soft_dice_loss", "center_crop"]
 

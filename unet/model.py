@@ -16,10 +16,10 @@ import numbers
 import torch
 from torch import nn
 
-from unet.config import UNetConfig
-from unet.parts import DoubleConv, Down, OutConv, Up
+from octseg.unet.config import UNetConfig
+from octseg.unet.parts import DoubleConv, Down, OutConv, Up
 
-__all__ = ["UNet", "Unet", "output_size", "valid_input_sizes", "nearest_valid_input_size"]
+__all__ = ["UNet", "Unet", "choose_tile_size", "output_size", "valid_input_sizes", "nearest_valid_input_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,31 @@ def valid_input_sizes(lo: int, hi: int, depth: int = 4, padding: str = "valid") 
     return [n for n in range(max(lo, 1), hi + 1) if _trace_size(n, depth, padding)[0] is not None]
 
 
+def choose_tile_size(config: UNetConfig, image_hw: tuple[int, int], max_input: int) -> int:
+    """The square input tile that training and inference both use for B-scans of ``image_hw``.
+
+    The largest valid input <= ``max_input`` whose output fits inside the image (so a training tile
+    carries labels on every output pixel, and inference covers the image with as few tiles as
+    possible); when even the smallest output is larger than the image, the smallest valid input
+    (inference mirror-pads the image to fit it, training refuses it).
+
+    >>> choose_tile_size(UNetConfig(), (496, 768), 572)  # the paper's tile for a Duke B-scan
+    572
+    >>> choose_tile_size(UNetConfig(depth=2), (64, 96), 572)  # output 64 = the shorter side
+    104
+    """
+    depth, padding, limit = config.depth, config.padding, min(image_hw)
+    best = None
+    for n in range(max(max_input, 1), 0, -1):
+        out = _trace_size(n, depth, padding)[0]
+        if out is not None and out <= limit:
+            best = n
+            break
+    if best is not None:
+        return best
+    return nearest_valid_input_size(1, depth, padding)[1]
+
+
 def _init_weights(module: nn.Module) -> None:
     """He-normal init (std sqrt(2/N), N = incoming nodes of one neuron, as in the paper) and zero biases."""
     if isinstance(module, nn.ConvTranspose2d):
@@ -113,21 +138,19 @@ def _init_weights(module: nn.Module) -> None:
 class UNet(nn.Module):
     """U-Net: (N, in_channels, H, W) -> logits (N, out_channels, h, w); h = output_size(H) (388 for 572)."""
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        out_channels: int = 2,
-        base_channels: int = 64,
-        depth: int = 4,
-        padding: str = "valid",
-        batch_norm: bool = False,
-        dropout: float = 0.0,
-        up_mode: str = "transpose",
-    ):
+    def __init__(self, config: UNetConfig | None = None, **fields) -> None:
+        """Build from a config, or from its fields as keywords: ``UNet(base_channels=16)``."""
         super().__init__()
-        self.config = UNetConfig(
-            in_channels, out_channels, base_channels, depth, padding, batch_norm, dropout, up_mode
-        )
+        if config is None:
+            config = UNetConfig(**fields)
+        elif fields:
+            raise TypeError(f"give a UNetConfig or its fields, not both (got {sorted(fields)})")
+        elif not isinstance(config, UNetConfig):
+            raise TypeError(f"config must be a UNetConfig, got {type(config).__name__}")
+        self.config = config
+        in_channels, out_channels, base_channels, depth = (
+            config.in_channels, config.out_channels, config.base_channels, config.depth)
+        padding, batch_norm, dropout, up_mode = config.padding, config.batch_norm, config.dropout, config.up_mode
         ch = [base_channels * 2**i for i in range(depth + 1)]  # 64, 128, 256, 512, 1024
         self.inc = DoubleConv(in_channels, ch[0], padding, batch_norm)
         self.downs = nn.ModuleList(Down(ch[i], ch[i + 1], padding, batch_norm) for i in range(depth))
@@ -142,9 +165,7 @@ class UNet(nn.Module):
     @classmethod
     def from_config(cls, cfg: UNetConfig) -> UNet:
         """Rebuild the network described by a (saved) UNetConfig."""
-        if not isinstance(cfg, UNetConfig):
-            raise TypeError(f"from_config expects a UNetConfig, got {type(cfg).__name__}")
-        return UNet(**cfg.to_dict())
+        return cls(cfg)
 
     def num_parameters(self) -> int:
         """Number of trainable scalars (31,030,658 for the paper's 2-class network)."""
@@ -201,4 +222,4 @@ def Unet(  # noqa: N802 - the seed article's spelling
     up_mode: str = "transpose",
 ) -> UNet:
     """Alias for the seed article's call ``Unet(in_channel=1, out_channel=2)``; returns the same UNet."""
-    return UNet(in_channel, out_channel, base_channels, depth, padding, batch_norm, dropout, up_mode)
+    return UNet(UNetConfig(in_channel, out_channel, base_channels, depth, padding, batch_norm, dropout, up_mode))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unet.config import PADDINGS, UP_MODES
+from octseg.unet.config import PADDINGS, UP_MODES
 
 __all__ = ["DoubleConv", "Down", "Up", "OutConv", "center_crop"]
 

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from unet.data import BScanSet, TileDataset, choose_tile_size
-from unet.inference import predict_probabilities, resolve_device
-from unet.losses import weighted_cross_entropy
-from unet.metrics import dice_per_class
+from octseg.unet.data import BScanSet, TileDataset, choose_tile_size
+from octseg.unet.inference import predict_probabilities, resolve_device
+from octseg.unet.losses import weighted_cross_entropy
+from octseg.unet.metrics import dice_per_class
 
 __all__ = ["TrainConfig", "EpochStats", "fit", "evaluate", "make_optimizer"]
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of one training run (the U-Net's own live in :class:`unet.config.UNetConfig`)."""
+    """Hyper-parameters of one training run (the U-Net's own live in :class:`octseg.unet.config.UNetConfig`)."""
 
     epochs: int = 20
     batch_size: int = 4

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks.archive import open_archive
-from tasks.phantom import write_phantom_files
+from octseg.flows.cli import app
+from octseg.tasks.archive import open_archive
+from octseg.tasks.phantom import write_phantom_files
 
 ROOT = Path(__file__).resolve().parents[2]
 PHANTOMS = ["phantom_000", "phantom_001"]
@@ -60,7 +60,7 @@ def test_help_imports_no_heavy_module() -> None:
     """``octseg --help`` must not pay for torch, mlflow or prefect (seconds each on a small machine)."""
     code = (
         "import sys\n"
-        "from flows.cli import app\n"
+        "from octseg.flows.cli import app\n"
         "try:\n"
         "    app(['--help'])\n"
         "except SystemExit as e:\n"
@@ -114,7 +114,7 @@ def _tree(path: Path) -> dict[str, tuple[int, int]]:
     (True, "no registered model 'octseg-unet'"),  # a database without the model
 ])
 def test_segment_without_a_registered_model_fails_cleanly(ingested, tmp_path: Path, make_db: bool, phrase: str) -> None:
-    from tasks.tracking import ensure_experiment
+    from octseg.tasks.tracking import ensure_experiment
 
     archive = ingested["archive"]
     db = tmp_path / "empty.db"

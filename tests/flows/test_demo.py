@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import re
 
-from flows.demo import HELDOUT, run_demo
-from tasks.archive import open_archive
+from octseg.flows.demo import HELDOUT, run_demo
+from octseg.tasks.archive import open_archive
 
 
 def test_demo_runs_and_a_second_run_skips_everything(tmp_path):

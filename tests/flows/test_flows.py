@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import tifffile
 
-from flows.config import IngestConfig, PreprocessConfig, SegmentConfig, TrainFlowConfig
-from flows.ingest import ingest_volumes
-from flows.preprocess import preprocess_archive
-from flows.segment import segment_archive
-from flows.train import train_unet
-from tasks.archive import open_archive
-from tasks.phantom import write_phantom_files
+from octseg.flows.config import IngestConfig, PreprocessConfig, SegmentConfig, TrainFlowConfig
+from octseg.flows.ingest import ingest_volumes
+from octseg.flows.preprocess import preprocess_archive
+from octseg.flows.segment import segment_archive
+from octseg.flows.train import train_unet
+from octseg.tasks.archive import open_archive
+from octseg.tasks.phantom import write_phantom_files
 
 SHAPE = dict(n_bscans=4, height=64, width=96)
 
@@ -114,8 +114,8 @@ def test_segment_with_unknown_alias_fails_before_writing(work):
 
 def test_pipeline_rerun_over_a_finished_archive_does_nothing(work):
     """The four stages chained: after the flows above, every stage finds its work done."""
-    from flows.config import PipelineConfig
-    from flows.pipeline import run_pipeline
+    from octseg.flows.config import PipelineConfig
+    from octseg.flows.pipeline import run_pipeline
 
     cfg = PipelineConfig(
         ingest=IngestConfig(sources=tuple(work["good"]), archive=work["archive"], labels=work["labels"]),
@@ -131,7 +131,7 @@ def test_pipeline_rerun_over_a_finished_archive_does_nothing(work):
 
 
 def test_preprocess_goes_on_past_a_broken_volume(tmp_path):
-    from tasks.phantom import make_phantom_volume
+    from octseg.tasks.phantom import make_phantom_volume
 
     archive = open_archive(tmp_path / "a.zarr")
     for vid in ("good", "broken"):

@@ -19,12 +19,12 @@ from ome_zarr_models.v05 import ImageLabel as OmeImageLabel
 from PIL import Image
 from scipy import ndimage
 
-from flows.config import IngestConfig, PreprocessConfig, SegmentConfig, TrainFlowConfig
-from flows.ingest import ingest_volumes
-from flows.preprocess import preprocess_archive
-from flows.segment import segment_archive
-from flows.train import train_unet
-from tasks.archive import open_archive
+from octseg.flows.config import IngestConfig, PreprocessConfig, SegmentConfig, TrainFlowConfig
+from octseg.flows.ingest import ingest_volumes
+from octseg.flows.preprocess import preprocess_archive
+from octseg.flows.segment import segment_archive
+from octseg.flows.train import train_unet
+from octseg.tasks.archive import open_archive
 
 SUBJECT = "duke_dme_subject01_volume"  # volume id = folder name
 FLUID = "images"  # duke_dme_fluid/images: the folder name is the volume id

@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.archive import open_archive
-from tasks.dataset import load_annotated, split_train_val
-from tasks.phantom import make_phantom_volume
-from tasks.preprocess import preprocess_volume
-from unet.data import BScanSet
-from unet.normalize import normalize_volume
+from octseg.tasks.archive import open_archive
+from octseg.tasks.dataset import load_annotated, split_train_val
+from octseg.tasks.phantom import make_phantom_volume
+from octseg.tasks.preprocess import preprocess_volume
+from octseg.unet.data import BScanSet
+from octseg.unet.normalize import normalize_volume
 
 
 def _set(n: int, value: float) -> BScanSet:

@@ -9,8 +9,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from tasks.archive import open_archive
-from tasks.ingest import ingest_source, ingest_source_task
+from octseg.tasks.archive import open_archive
+from octseg.tasks.ingest import ingest_source, ingest_source_task
 
 RNG = np.random.default_rng(3)
 STACK = (RNG.random((4, 16, 24)) * 250).astype(np.uint8)  # (Z, Y, X)
@@ -217,7 +217,7 @@ def test_updated_source_without_masks_drops_old_labels(tmp_path: Path, sources: 
 
 
 def test_source_is_hashed_once(tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks import readers
+    from octseg.tasks import readers
 
     calls: list[int] = []
     real = readers._sha256

@@ -11,7 +11,7 @@ from PIL import Image
 from scipy import ndimage
 
 import tasks.phantom as phantom
-from tasks.phantom import (
+from octseg.tasks.phantom import (
     FILL_VALUE,
     FLUID_LAYERS,
     LAYER_NAMES,
@@ -216,8 +216,8 @@ def test_module_imports_standalone_without_prefect():
 
 
 def test_tiff_phantoms_carry_their_voxel_size_into_the_reader(tmp_path):
-    from tasks.phantom import VOXEL_SIZE_UM
-    from tasks.readers import read_volume
+    from octseg.tasks.phantom import VOXEL_SIZE_UM
+    from octseg.tasks.readers import read_volume
 
     (path,) = write_phantom_files(tmp_path, n_volumes=1, fmt="tiff", n_bscans=3, height=64, width=96)
     volume = read_volume(path)

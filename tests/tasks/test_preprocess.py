@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.archive import open_archive
-from tasks.phantom import make_phantom_volume
-from tasks.preprocess import preprocess_volume
-from unet.normalize import normalize_volume
-from unet.weights import border_weight_map
+from octseg.tasks.archive import open_archive
+from octseg.tasks.phantom import make_phantom_volume
+from octseg.tasks.preprocess import preprocess_volume
+from octseg.unet.normalize import normalize_volume
+from octseg.unet.weights import border_weight_map
 
 ANNOTATED = [1, 2, 4, 8]  # spans two shards of 8 B-scans
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tasks.archive import open_archive
-from tasks.classes import DEFAULT_CLASS_NAMES
-from tasks.phantom import make_phantom_volume
-from tasks.segment import segment_one
-from unet import UNet
+from octseg.tasks.archive import open_archive
+from octseg.tasks.classes import DEFAULT_CLASS_NAMES
+from octseg.tasks.phantom import make_phantom_volume
+from octseg.tasks.segment import segment_one
+from octseg.unet import UNet
 
 
 def _info(version: str) -> dict:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tasks.tracking import (
+from octseg.tasks.tracking import (
     CHAMPION,
     DEFAULT_MODEL_NAME,
     ensure_experiment,
@@ -23,11 +23,11 @@ from tasks.tracking import (
     resolve_tracking_uri,
     using_tracking_uri,
 )
-from tasks.training import train_and_register
-from unet.config import UNetConfig
-from unet.data import BScanSet
-from unet.model import UNet
-from unet.train import TrainConfig
+from octseg.tasks.training import train_and_register
+from octseg.unet.config import UNetConfig
+from octseg.unet.data import BScanSet
+from octseg.unet.model import UNet
+from octseg.unet.train import TrainConfig
 
 UNET = UNetConfig(base_channels=4, depth=2)
 EPOCHS = 2
@@ -203,10 +203,10 @@ def test_without_validation_set_scores_on_training_data(tmp_path, monkeypatch):
 def test_masks_with_more_classes_than_the_network_fail_before_any_run(tmp_path):
     from mlflow import MlflowClient
 
-    from tasks.training import train_and_register
-    from unet.config import UNetConfig
-    from unet.data import BScanSet
-    from unet.train import TrainConfig
+    from octseg.tasks.training import train_and_register
+    from octseg.unet.config import UNetConfig
+    from octseg.unet.data import BScanSet
+    from octseg.unet.train import TrainConfig
 
     labels = np.zeros((2, 40, 40), np.int64)
     labels[:, 10:20, 10:20] = 2  # a class the 2-class network cannot predict

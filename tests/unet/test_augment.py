@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unet.augment import augment, displacement_field, elastic_deform, intensity_jitter, random_flip
+from octseg.unet.augment import augment, displacement_field, elastic_deform, intensity_jitter, random_flip
 
 
 def blobs(shape: tuple[int, int], seed: int = 0, dtype=np.uint8) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unet.losses import center_crop, soft_dice_loss, weighted_cross_entropy
+from octseg.unet.losses import center_crop, soft_dice_loss, weighted_cross_entropy
 
 # One 2x2 image, 2 classes: LOGITS[k][i][j] is the logit of class k at pixel (i, j).
 LOGITS = [[[1.0, 0.0], [2.0, -1.0]], [[0.0, 0.0], [0.0, 1.0]]]

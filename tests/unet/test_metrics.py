@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unet.metrics import adapted_rand_error, confusion_matrix, dice_per_class, iou_per_class, pixel_error
+from octseg.unet.metrics import adapted_rand_error, confusion_matrix, dice_per_class, iou_per_class, pixel_error
 
 PRED = np.array([[0, 1], [1, 1]])
 TARGET = np.array([[0, 1], [0, 1]])

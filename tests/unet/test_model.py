@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from unet.config import UNetConfig
-from unet.model import UNet, Unet, nearest_valid_input_size, output_size, valid_input_sizes
-from unet.parts import center_crop
+from octseg.unet.config import UNetConfig
+from octseg.unet.model import UNet, Unet, nearest_valid_input_size, output_size, valid_input_sizes
+from octseg.unet.parts import center_crop
 
 
 @pytest.fixture(scope="module")

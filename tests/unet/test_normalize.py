@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unet.normalize import fill_mask, normalize_bscan, normalize_volume
+from octseg.unet.normalize import fill_mask, normalize_bscan, normalize_volume
 
 
 def _bscan_with_fill() -> np.ndarray:

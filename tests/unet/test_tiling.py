@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import unet.tiling as tiling
-from unet.tiling import gaussian_weight, halo_from_shapes, mirror_pad, plan_tiles, predict_tiled, tile_starts
+from octseg.unet.tiling import gaussian_weight, halo_from_shapes, mirror_pad, plan_tiles, predict_tiled, tile_starts
 
 
 def crop_identity(halo: tuple[int, int]):

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.phantom import make_phantom_volume
-from unet import UNet, border_weight_map
-from unet.data import BScanSet, TileDataset, choose_tile_size
-from unet.inference import default_tile, resolve_device, segment_volume
-from unet.normalize import normalize_volume
-from unet.train import TrainConfig, evaluate, fit
+from octseg.tasks.phantom import make_phantom_volume
+from octseg.unet import UNet, border_weight_map
+from octseg.unet.data import BScanSet, TileDataset, choose_tile_size
+from octseg.unet.inference import default_tile, resolve_device, segment_volume
+from octseg.unet.normalize import normalize_volume
+from octseg.unet.train import TrainConfig, evaluate, fit
 
 
 def _coords_set(n=2, h=40, w=52) -> BScanSet:

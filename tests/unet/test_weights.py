@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from unet import weights as weights_module
-from unet.weights import (
+from octseg.unet import weights as weights_module
+from octseg.unet.weights import (
     BORDER_TOLERANCE,
     border_weight_map,
     border_weight_map_reference,

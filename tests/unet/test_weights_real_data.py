@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage as ndi
 
-from unet.weights import border_weight_map, border_weight_map_reference
+from octseg.unet.weights import border_weight_map, border_weight_map_reference
 
 MAX_ERROR = 0.01
 
