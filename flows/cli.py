@@ -1,25 +1,46 @@
 """The ``octseg`` command: OCT files -> segmented OME-Zarr archive, on embedded defaults.
 
-Heavy modules (prefect, torch, mlflow) are imported inside the commands so ``--help`` stays fast.
+Every command fills its flow's one config object (:mod:`octseg.flows.config`): ``--config FILE``
+(YAML or JSON) first, then the options given on the command line; ``--show-config`` prints the
+result and stops. Before the Prefect engine starts, the command checks its paths, the tracking URI
+and the model (:mod:`octseg.flows.preflight`): a user error is one line and exit code 2. A command
+with nothing to do says so without starting a flow run. Heavy modules (prefect, torch, mlflow) are
+imported inside the commands so that ``--help`` stays fast.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from typer.core import TyperGroup
 
+from octseg.flows.config import (
+    IngestConfig,
+    PipelineConfig,
+    PreprocessConfig,
+    SegmentConfig,
+    TrainFlowConfig,
+    load_config_file,
+)
+from octseg.flows import preflight
 
-def _one_line(error: ValueError) -> str:
+__all__ = ["app", "main"]
+
+QUIET_LOGGERS = ("distributed", "mlflow", "alembic")  # third-party INFO lines off the console by default
+
+
+def _one_line(error: Exception) -> str:
     """The error as one line; a pydantic ValidationError as ``field: message; ...``."""
     from pydantic import ValidationError
 
     if isinstance(error, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
-    return " ".join(str(error).splitlines())
+    return " ".join(str(error).split())
 
 
 class _UserErrorGroup(TyperGroup):
@@ -43,34 +64,218 @@ app = typer.Typer(
         "Typical session: [bold]octseg ingest[/] scans into an archive, [bold]octseg preprocess[/] it, "
         "[bold]octseg train[/] a model, [bold]octseg segment[/] the archive — or [bold]octseg pipeline[/] "
         "for all four, and [bold]octseg demo[/] to see it work on synthetic scans.\n\n"
+        "Every command takes [bold]--config FILE[/] (YAML or JSON of its settings; options override it) and "
+        "[bold]--show-config[/] (print the settings it would run with, then stop).\n\n"
         "Embedded defaults: Prefect's ephemeral server (set PREFECT_API_URL for a real one), a Dask "
         "LocalCluster (set DASK_SCHEDULER_ADDRESS or --dask-address for a cluster), MLflow in "
         "./mlflow.db with artifacts in ./mlartifacts (set MLFLOW_TRACKING_URI or --tracking-uri)."
     ),
 )
 
-ArchiveOpt = Annotated[Path, typer.Option("--archive", "-a", help="The OME-Zarr archive (a folder, created by ingest).")]
-VolumesOpt = Annotated[Optional[list[str]], typer.Option("--volume", "-v", help="Only this volume id (repeatable). Default: all.")]
-TrackingOpt = Annotated[Optional[str], typer.Option(help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db.")]
-DaskOpt = Annotated[Optional[str], typer.Option(help="Dask scheduler (tcp://host:8786). Default: $DASK_SCHEDULER_ADDRESS, else a LocalCluster.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto (GPU when present), cpu or cuda.")]
-SourcesArg = Annotated[list[Path], typer.Argument(metavar="SOURCE", help="TIFF stacks, .npy files, 2-D images, or folders of 2-D B-scans (one folder = one volume).", show_default=False)]
-LabelsOpt = Annotated[Optional[Path], typer.Option(help="Folder of manual masks with the same file names as the sources.")]
+
+# ---- settings: one config object per command ----------------------------------------------------
+
+def _default(cls: Any, dotted: str) -> Any:
+    """The default of ``dotted`` (e.g. ``"train.epochs"``) in a flow config class: shown by ``--help``,
+    read from the config objects themselves so it is never written twice."""
+    value: Any = cls
+    for part in dotted.split("."):
+        if isinstance(value, type) and hasattr(value, "model_fields"):
+            field = value.model_fields[part]
+            value = field.default_factory() if field.default_factory else field.default
+        elif is_dataclass(value):
+            value = {f.name: getattr(value, f.name) for f in fields(value)}[part]
+        else:
+            raise KeyError(dotted)
+    return value
 
 
-def _echo_summary(summary, failures: list[str] | None = None) -> None:
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = data.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"config: {part} must be a mapping of settings, got {node!r}")
+        data = node
+    data[leaf] = value
+
+
+def _settings(cls: Any, config_file: Path | None, show: bool, options: dict[str, Any]) -> Any:
+    """``cls`` from the config file, then every option given (``None`` = not given); ``--show-config``
+    prints it as YAML (which ``--config`` reads back) and stops."""
+    data = load_config_file(config_file) if config_file is not None else {}
+    for dotted, value in options.items():
+        if value is not None:
+            _set(data, dotted, [str(v) for v in value] if isinstance(value, (list, tuple)) else value)
+    config = cls.model_validate(data)
+    if show:
+        import yaml
+
+        typer.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip())
+        raise typer.Exit(0)
+    return config
+
+
+def _opt(help: str, *decls: str, cls: Any = None, key: str | None = None, panel: str | None = None) -> Any:
+    """A ``typer.Option`` whose shown default comes from ``cls`` at ``key``."""
+    shown: Any = False
+    if cls is not None and key is not None:
+        default = _default(cls, key)
+        shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+    return typer.Option(*decls, help=help, show_default=shown, rich_help_panel=panel)
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", help="YAML or JSON file of this command's settings; options given here override it.",
+    rich_help_panel="Settings")]
+ShowOpt = Annotated[bool, typer.Option(
+    "--show-config", help="Print the settings this command would run with (YAML), then stop.",
+    rich_help_panel="Settings")]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", help="Also show third-party INFO logs (Dask, MLflow) and the tracebacks of failed items.",
+    rich_help_panel="Settings")]
+ArchiveOpt = Annotated[Optional[Path], typer.Option(
+    "--archive", "-a", help="The OME-Zarr archive (a folder, created by ingest).", show_default=False)]
+VolumesOpt = Annotated[Optional[list[str]], typer.Option(
+    "--volume", "-v", help="Only this volume id (repeatable). Default: all.", show_default=False)]
+TrackingOpt = Annotated[Optional[str], typer.Option(
+    help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db.", show_default=False)]
+DaskOpt = Annotated[Optional[str], typer.Option(
+    help="Dask scheduler (tcp://host:8786). Default: $DASK_SCHEDULER_ADDRESS, else a LocalCluster.",
+    show_default=False)]
+SourcesArg = Annotated[Optional[list[Path]], typer.Argument(
+    metavar="SOURCE", show_default=False,
+    help="TIFF stacks, .npy files, 2-D images, or folders of 2-D B-scans (one folder = one volume).")]
+LabelsOpt = Annotated[Optional[Path], typer.Option(
+    help="Folder of manual masks with the same file names as the sources.", show_default=False)]
+
+_T, _NET, _OPT, _INF = TrainFlowConfig, "Network (UNetConfig)", "Optimisation (TrainConfig)", "Inference"
+# the training options shared by `train` and `pipeline`: (parameter name, key in TrainFlowConfig)
+_TRAIN_KEYS = {
+    "classes": "unet.out_channels", "base_channels": "unet.base_channels", "depth": "unet.depth",
+    "padding": "unet.padding", "batch_norm": "unet.batch_norm", "dropout": "unet.dropout", "up_mode": "unet.up_mode",
+    "epochs": "train.epochs", "batch_size": "train.batch_size", "optimizer": "train.optimizer", "lr": "train.lr",
+    "momentum": "train.momentum", "weight_decay": "train.weight_decay", "tile_size": "train.tile_size",
+    "max_tile": "train.max_tile", "tiles_per_epoch": "train.tiles_per_epoch",
+    "foreground_fraction": "train.foreground_fraction", "augment": "train.augment", "seed": "train.seed",
+    "device": "train.device", "amp": "train.amp", "val_fraction": "val_fraction",
+    "tracking_uri": "tracking_uri", "experiment": "experiment", "model_name": "model_name", "force": "force",
+}
+ClassesOpt = Annotated[Optional[int], _opt("Classes the network predicts (background + fluid = 2; raise it for "
+                                           "masks with more labels).", "--classes", cls=_T, key="unet.out_channels",
+                                           panel=_NET)]
+BaseOpt = Annotated[Optional[int], _opt("Channels of the first level (the paper: 64).", cls=_T,
+                                        key="unet.base_channels", panel=_NET)]
+DepthOpt = Annotated[Optional[int], _opt("Number of 2x2 max-poolings (the paper: 4).", cls=_T, key="unet.depth",
+                                         panel=_NET)]
+PaddingOpt = Annotated[Optional[str], _opt("valid (the paper's unpadded convolutions) or same.", cls=_T,
+                                           key="unet.padding", panel=_NET)]
+BatchNormOpt = Annotated[Optional[bool], _opt("BatchNorm after each 3x3 conv (not in the paper).",
+                                              "--batch-norm/--no-batch-norm", cls=_T, key="unet.batch_norm",
+                                              panel=_NET)]
+DropoutOpt = Annotated[Optional[float], _opt("Drop-out at the end of the contracting path.", cls=_T,
+                                             key="unet.dropout", panel=_NET)]
+UpModeOpt = Annotated[Optional[str], _opt("transpose (the paper's 2x2 up-convolution) or bilinear.", cls=_T,
+                                          key="unet.up_mode", panel=_NET)]
+EpochsOpt = Annotated[Optional[int], _opt("Training epochs.", cls=_T, key="train.epochs", panel=_OPT)]
+BatchOpt = Annotated[Optional[int], _opt("Tiles per optimisation step.", cls=_T, key="train.batch_size", panel=_OPT)]
+OptimOpt = Annotated[Optional[str], _opt("sgd (the paper's, with momentum) or adam.", cls=_T, key="train.optimizer",
+                                         panel=_OPT)]
+LrOpt = Annotated[Optional[float], _opt("Learning rate.", cls=_T, key="train.lr", panel=_OPT)]
+MomentumOpt = Annotated[Optional[float], _opt("SGD momentum (the paper: 0.99).", cls=_T, key="train.momentum",
+                                              panel=_OPT)]
+DecayOpt = Annotated[Optional[float], _opt("Weight decay.", cls=_T, key="train.weight_decay", panel=_OPT)]
+TileOpt = Annotated[Optional[int], _opt("Input tile (pixels); none: the largest valid tile <= --max-tile whose "
+                                        "output fits the B-scan.", cls=_T, key="train.tile_size", panel=_OPT)]
+MaxTileOpt = Annotated[Optional[int], _opt("Largest input tile the tile rule may pick (the paper: 572).", cls=_T,
+                                           key="train.max_tile", panel=_OPT)]
+TilesOpt = Annotated[Optional[int], _opt("Random tiles drawn per epoch.", cls=_T, key="train.tiles_per_epoch",
+                                         panel=_OPT)]
+FgOpt = Annotated[Optional[float], _opt("Share of tiles centred on foreground pixels.", cls=_T,
+                                        key="train.foreground_fraction", panel=_OPT)]
+AugmentOpt = Annotated[Optional[bool], _opt("Elastic deformation, flips, grey-value jitter.", "--augment/--no-augment",
+                                            cls=_T, key="train.augment", panel=_OPT)]
+SeedOpt = Annotated[Optional[int], _opt("Random seed (tiles, split, initialisation).", cls=_T, key="train.seed",
+                                        panel=_OPT)]
+DeviceOpt = Annotated[Optional[str], _opt("auto (GPU when present), cpu, cuda or cuda:N.", cls=_T, key="train.device",
+                                          panel=_OPT)]
+AmpOpt = Annotated[Optional[bool], _opt("bfloat16 autocast on CUDA.", "--amp/--no-amp", cls=_T, key="train.amp",
+                                        panel=_OPT)]
+ValOpt = Annotated[Optional[float], _opt("Share held out for validation (whole volumes when there are several).",
+                                         cls=_T, key="val_fraction", panel=_OPT)]
+ExperimentOpt = Annotated[Optional[str], _opt("MLflow experiment.", cls=_T, key="experiment")]
+ModelNameOpt = Annotated[Optional[str], _opt("Registered model name.", cls=_T, key="model_name")]
+ForceTrainOpt = Annotated[Optional[bool], _opt("Train even if an identical run (same data and settings) is "
+                                               "registered.", "--force/--no-force", cls=_T, key="force")]
+
+
+# ---- running a flow ----------------------------------------------------------------------------
+
+class _NoTracebackFormatter(logging.Formatter):
+    """Prefect's console format without exception tracebacks (the message names the error already)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not record.exc_info:
+            return self.inner.format(record)
+        exc_info, exc_text = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = exc_info, exc_text
+
+
+def _prepare_runtime(verbose: bool) -> None:
+    """Environment and logging for a flow run from the command line (before Prefect is imported).
+
+    The ephemeral Prefect server's first start migrates its database, which outlasts Prefect's 20 s
+    default on a small machine: the command allows 120 s unless the variable is set. Third-party INFO
+    logs stay off the console unless ``--verbose``; Prefect's own logs and run records are unchanged.
+    """
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not verbose:  # Dask reads these in every worker process it starts, too
+        os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+    if verbose:
+        return
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler" and handler.formatter is not None:
+            if not isinstance(handler.formatter, _NoTracebackFormatter):
+                handler.setFormatter(_NoTracebackFormatter(handler.formatter))
+
+
+def _run(flow_fn: Any, config: Any, verbose: bool) -> Any:
+    """Run ``flow_fn(config)`` as a Prefect flow run and return its summary, failed or not."""
+    _prepare_runtime(verbose)
+    from octseg.flows.runs import summary_of
+
+    return summary_of(flow_fn(config, return_state=True))
+
+
+def _report(summary: Any) -> None:
+    """The summary, one line per failed item, and exit code 1 when any failed."""
+    failures = list(getattr(summary, "failures", []))
     typer.secho(summary.headline(), fg=typer.colors.GREEN if not failures else typer.colors.YELLOW)
-    for f in failures or []:
+    for f in failures:
         typer.secho(f"  failed: {f}", fg=typer.colors.RED, err=True)
-
-
-def _fail_on(failures: list[str]) -> None:
     if failures:
         raise typer.Exit(code=1)
 
 
+# ---- the commands ------------------------------------------------------------------------------
+
 @app.command()
-def ingest(sources: SourcesArg, archive: ArchiveOpt, labels: LabelsOpt = None) -> None:
+def ingest(sources: SourcesArg = None, archive: ArchiveOpt = None, labels: LabelsOpt = None,
+           config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False) -> None:
     """Read OCT files into the archive: one volume per file (or per folder of B-scans).
 
     Files are read in parallel; a file that cannot be read is reported with what was wrong and the
@@ -78,71 +283,74 @@ def ingest(sources: SourcesArg, archive: ArchiveOpt, labels: LabelsOpt = None) -
 
     Example: [bold]octseg ingest scans/*.tif --labels scans/masks --archive oct.zarr[/]
     """
-    from octseg.flows.config import IngestConfig
-    from octseg.flows.ingest import ingest_volumes
+    cfg = _settings(IngestConfig, config, show_config, {"sources": sources, "archive": archive, "labels": labels})
+    preflight.check_sources(cfg.sources)
+    preflight.check_new_archive(cfg.archive)
+    from octseg.flows.ingest import ingest_volumes, plan_ingest
 
-    summary = ingest_volumes(IngestConfig(sources=tuple(sources), archive=archive, labels=labels))
-    _echo_summary(summary, summary.failures)
-    _fail_on(summary.failures)
+    todo, summary = plan_ingest(cfg)
+    if not todo:
+        return _report(summary)
+    _report(_run(ingest_volumes, cfg, verbose))
 
 
 @app.command()
 def preprocess(
-    archive: ArchiveOpt,
+    archive: ArchiveOpt = None,
     volume: VolumesOpt = None,
     dask_address: DaskOpt = None,
-    workers: Annotated[int, typer.Option(help="LocalCluster worker processes.")] = 2,
-    w0: Annotated[float, typer.Option(help="Border weight w0 of the paper.")] = 10.0,
-    sigma: Annotated[float, typer.Option(help="Border weight sigma (pixels).")] = 5.0,
-    balanced: Annotated[bool, typer.Option("--balanced/--no-balanced", help="Class weights w_c by inverse class frequency (the paper's w_c); default w_c = 1.")] = False,
+    workers: Annotated[Optional[int], _opt("LocalCluster worker processes.", cls=PreprocessConfig,
+                                           key="n_workers")] = None,
+    w0: Annotated[Optional[float], _opt("Border weight w0 of the paper.", cls=PreprocessConfig,
+                                        key="weights.w0")] = None,
+    sigma: Annotated[Optional[float], _opt("Border weight sigma (pixels).", cls=PreprocessConfig,
+                                           key="weights.sigma")] = None,
+    balanced: Annotated[bool, typer.Option("--balanced", help="Class weights w_c by inverse class frequency (the "
+                                           "paper's w_c); default w_c = 1.")] = False,
+    config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Normalise intensities (ignoring the white fill) and compute U-Net border-weight maps.
 
     Runs on Dask over B-scans; reruns skip what is up to date.
     """
-    from octseg.flows.config import PreprocessConfig
-    from octseg.flows.preprocess import preprocess_archive
+    cfg = _settings(PreprocessConfig, config, show_config, {
+        "archive": archive, "volumes": volume, "dask_address": dask_address, "n_workers": workers,
+        "weights.w0": w0, "weights.sigma": sigma, "weights.class_weights": "balanced" if balanced else None,
+    })
+    preflight.check_archive(cfg.archive, writable=True)
+    from octseg.flows.preprocess import plan_preprocess, preprocess_archive
 
-    cfg = PreprocessConfig(
-        archive=archive, volumes=tuple(volume) if volume else None, n_workers=workers, w0=w0, sigma=sigma,
-        class_weights="balanced" if balanced else None,
-        **({"dask_address": dask_address} if dask_address else {}),
-    )
-    summary = preprocess_archive(cfg)
-    _echo_summary(summary, summary.failures)
-    _fail_on(summary.failures)
-
-
-def _train_config(archive: Path, volume, **kw):
-    from octseg.flows.config import TrainFlowConfig
-
-    kw = {k: v for k, v in kw.items() if v is not None}
-    return TrainFlowConfig(archive=archive, volumes=tuple(volume) if volume else None, **kw)
+    todo, summary = plan_preprocess(cfg)
+    if not todo:
+        return _report(summary)
+    _report(_run(preprocess_archive, cfg, verbose))
 
 
-EpochsOpt = Annotated[int, typer.Option(help="Training epochs.")]
-BaseOpt = Annotated[int, typer.Option(help="Channels of the first level (the paper: 64).")]
-DepthOpt = Annotated[int, typer.Option(help="Number of 2x2 max-poolings (the paper: 4).")]
-BatchOpt = Annotated[int, typer.Option(help="Tiles per optimisation step.")]
-LrOpt = Annotated[float, typer.Option(help="Learning rate.")]
-OptimOpt = Annotated[str, typer.Option(help="sgd (the paper's, momentum 0.99) or adam.")]
-TilesOpt = Annotated[int, typer.Option(help="Random tiles drawn per epoch.")]
+def _train_options(values: dict[str, Any]) -> dict[str, Any]:
+    return {_TRAIN_KEYS[k]: v for k, v in values.items() if k in _TRAIN_KEYS}
+
+
+def _check_train(cfg: TrainFlowConfig) -> str:
+    from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
+
+    preflight.check_archive(cfg.archive, writable=False)
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    check_tracking_uri(uri)
+    return uri
 
 
 @app.command()
 def train(
-    archive: ArchiveOpt,
-    volume: VolumesOpt = None,
-    epochs: EpochsOpt = 20,
-    base_channels: BaseOpt = 64,
-    depth: DepthOpt = 4,
-    batch_size: BatchOpt = 4,
-    lr: LrOpt = 0.01,
-    optimizer: OptimOpt = "sgd",
-    tiles_per_epoch: TilesOpt = 64,
-    device: DeviceOpt = "auto",
-    tracking_uri: TrackingOpt = None,
-    force: Annotated[bool, typer.Option(help="Train even if an identical run (same data and settings) is registered.")] = False,
+    archive: ArchiveOpt = None, volume: VolumesOpt = None,
+    classes: ClassesOpt = None, base_channels: BaseOpt = None, depth: DepthOpt = None, padding: PaddingOpt = None,
+    batch_norm: BatchNormOpt = None, dropout: DropoutOpt = None, up_mode: UpModeOpt = None,
+    epochs: EpochsOpt = None, batch_size: BatchOpt = None, optimizer: OptimOpt = None, lr: LrOpt = None,
+    momentum: MomentumOpt = None, weight_decay: DecayOpt = None, tile_size: TileOpt = None,
+    max_tile: MaxTileOpt = None, tiles_per_epoch: TilesOpt = None, foreground_fraction: FgOpt = None,
+    augment: AugmentOpt = None, seed: SeedOpt = None, device: DeviceOpt = None, amp: AmpOpt = None,
+    val_fraction: ValOpt = None, tracking_uri: TrackingOpt = None, experiment: ExperimentOpt = None,
+    model_name: ModelNameOpt = None, force: ForceTrainOpt = None,
+    config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Train a U-Net on the annotated B-scans; log to MLflow and register it as octseg-unet.
 
@@ -150,80 +358,116 @@ def train(
     A rerun with unchanged data and settings reuses the registered run instead of training again.
     Watch it with [bold]mlflow ui --backend-store-uri sqlite:///mlflow.db[/].
     """
-    from octseg.flows.train import train_unet
+    options = _train_options(locals())
+    cfg = _settings(TrainFlowConfig, config, show_config, {"archive": archive, "volumes": volume, **options})
+    uri = _check_train(cfg)
+    from octseg.flows.train import previous_training, train_unet
 
-    cfg = _train_config(archive, volume, epochs=epochs, base_channels=base_channels, depth=depth,
-                        batch_size=batch_size, lr=lr, optimizer=optimizer, tiles_per_epoch=tiles_per_epoch,
-                        device=device, tracking_uri=tracking_uri, force=force)
-    _echo_summary(train_unet(cfg))
+    done = None if cfg.force else previous_training(cfg, uri)
+    _report(done if done is not None else _run(train_unet, cfg, verbose))
 
 
 @app.command()
 def segment(
-    archive: ArchiveOpt,
-    model: Annotated[str, typer.Option(help="Model URI: models:/NAME@ALIAS or models:/NAME/VERSION.")] = "models:/octseg-unet@champion",
+    archive: ArchiveOpt = None,
+    model: Annotated[Optional[str], _opt("Model URI: models:/NAME@ALIAS or models:/NAME/VERSION.", cls=SegmentConfig,
+                                         key="model_uri")] = None,
     volume: VolumesOpt = None,
-    device: DeviceOpt = "auto",
+    tile_size: Annotated[Optional[int], _opt("Input tile (pixels); none: the largest valid tile <= --max-tile whose "
+                                             "output fits the B-scan.", cls=SegmentConfig,
+                                             key="inference.tile_size", panel=_INF)] = None,
+    max_tile: Annotated[Optional[int], _opt("Largest input tile the tile rule may pick.", cls=SegmentConfig,
+                                            key="inference.max_tile", panel=_INF)] = None,
+    overlap: Annotated[Optional[float], _opt("Overlap of neighbouring output tiles (fraction), blended.",
+                                             cls=SegmentConfig, key="inference.overlap", panel=_INF)] = None,
+    batch_size: Annotated[Optional[int], _opt("Tiles per forward pass.", cls=SegmentConfig,
+                                              key="inference.batch_size", panel=_INF)] = None,
+    device: Annotated[Optional[str], _opt("auto (GPU when present), cpu, cuda or cuda:N.", cls=SegmentConfig,
+                                          key="inference.device", panel=_INF)] = None,
+    amp: Annotated[Optional[bool], _opt("bfloat16 autocast on CUDA.", "--amp/--no-amp", cls=SegmentConfig,
+                                        key="inference.amp", panel=_INF)] = None,
     tracking_uri: TrackingOpt = None,
-    qc_dir: Annotated[Optional[Path], typer.Option(help="Where QC overlays go. Default: <archive>.qc")] = None,
-    force: Annotated[bool, typer.Option(help="Re-segment volumes this model version already did.")] = False,
+    qc_dir: Annotated[Optional[Path], typer.Option(help="Where QC overlays go. Default: <archive>.qc",
+                                                   show_default=False)] = None,
+    force: Annotated[Optional[bool], _opt("Re-segment volumes this model version already did.", "--force/--no-force",
+                                          cls=SegmentConfig, key="force")] = None,
+    config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Segment every volume (or those named) into labels/prediction, with QC overlays.
 
     Resumable: volumes already segmented by the same model version are skipped. Open the result in
     napari with [bold]napari --plugin napari-ome-zarr ARCHIVE/VOLUME[/].
     """
-    from octseg.flows.config import SegmentConfig
-    from octseg.flows.segment import segment_archive
-    from octseg.tasks.tracking import resolve_model, resolve_tracking_uri
+    cfg = _settings(SegmentConfig, config, show_config, {
+        "archive": archive, "model_uri": model, "volumes": volume, "inference.tile_size": tile_size,
+        "inference.max_tile": max_tile, "inference.overlap": overlap, "inference.batch_size": batch_size,
+        "inference.device": device, "inference.amp": amp, "tracking_uri": tracking_uri, "qc_dir": qc_dir,
+        "force": force,
+    })
+    from octseg.flows.segment import default_qc_dir, plan_segmentation, segment_archive
+    from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
 
-    resolve_model(model, resolve_tracking_uri(tracking_uri))  # a missing model is a one-line error, not a failed run
-    cfg = SegmentConfig(archive=archive, model_uri=model, volumes=tuple(volume) if volume else None,
-                        device=device, tracking_uri=tracking_uri, qc_dir=qc_dir, force=force)
-    summary = segment_archive(cfg)
-    _echo_summary(summary, summary.failures)
-    _fail_on(summary.failures)
+    preflight.check_archive(cfg.archive, writable=True)
+    preflight.check_output_folder(cfg.qc_dir or default_qc_dir(cfg.archive), "QC folder")
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    check_tracking_uri(uri, must_exist=True)
+    from octseg.tasks.registry import resolve_model
+
+    ref = resolve_model(cfg.model_uri, uri)  # a missing model is a one-line error, not a failed run
+    todo, done = plan_segmentation(cfg, ref)
+    if not todo:
+        from octseg.flows.summary import SegmentSummary
+
+        return _report(SegmentSummary(str(cfg.archive), f"{ref.name} v{ref.version}", skipped=done,
+                                      qc_dir=str(cfg.qc_dir or default_qc_dir(cfg.archive))))
+    _report(_run(segment_archive, cfg, verbose))
 
 
 @app.command()
 def pipeline(
-    sources: SourcesArg,
-    archive: ArchiveOpt,
-    labels: LabelsOpt = None,
-    epochs: EpochsOpt = 20,
-    base_channels: BaseOpt = 64,
-    depth: DepthOpt = 4,
-    batch_size: BatchOpt = 4,
-    lr: LrOpt = 0.01,
-    optimizer: OptimOpt = "sgd",
-    tiles_per_epoch: TilesOpt = 64,
-    device: DeviceOpt = "auto",
-    tracking_uri: TrackingOpt = None,
-    dask_address: DaskOpt = None,
+    sources: SourcesArg = None, archive: ArchiveOpt = None, labels: LabelsOpt = None,
+    classes: ClassesOpt = None, base_channels: BaseOpt = None, depth: DepthOpt = None,
+    epochs: EpochsOpt = None, batch_size: BatchOpt = None, optimizer: OptimOpt = None, lr: LrOpt = None,
+    tiles_per_epoch: TilesOpt = None, max_tile: MaxTileOpt = None, device: DeviceOpt = None,
+    tracking_uri: TrackingOpt = None, dask_address: DaskOpt = None,
+    config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
 ) -> None:
-    """ingest -> preprocess -> train -> segment in one Prefect flow run."""
-    from octseg.flows.config import IngestConfig, PipelineConfig, PreprocessConfig, SegmentConfig
+    """ingest -> preprocess -> train -> segment in one Prefect flow run.
+
+    The options here are the common ones; every setting of every stage can be given with [bold]--config[/]
+    (a YAML file with ingest, preprocess, train and segment sections; see [bold]--show-config[/]).
+    """
+    stages: dict[str, Any] = {
+        "ingest.sources": sources, "ingest.labels": labels, "preprocess.dask_address": dask_address,
+        "segment.inference.device": device, "segment.tracking_uri": tracking_uri,
+        **{f"train.{k}": v for k, v in _train_options(locals()).items()},
+    }
+    stages.update({f"{stage}.archive": archive for stage in ("ingest", "preprocess", "train", "segment")})
+    cfg = _settings(PipelineConfig, config, show_config, stages)
+    preflight.check_sources(cfg.ingest.sources)
+    preflight.check_new_archive(cfg.ingest.archive)
+    from octseg.flows.segment import default_qc_dir
+    from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
+
+    preflight.check_output_folder(cfg.segment.qc_dir or default_qc_dir(cfg.segment.archive), "QC folder")
+    check_tracking_uri(resolve_tracking_uri(cfg.train.tracking_uri))
     from octseg.flows.pipeline import run_pipeline
 
-    dask = {"dask_address": dask_address} if dask_address else {}
-    cfg = PipelineConfig(
-        ingest=IngestConfig(sources=tuple(sources), archive=archive, labels=labels),
-        preprocess=PreprocessConfig(archive=archive, **dask),
-        train=_train_config(archive, None, epochs=epochs, base_channels=base_channels, depth=depth,
-                            batch_size=batch_size, lr=lr, optimizer=optimizer, tiles_per_epoch=tiles_per_epoch,
-                            device=device, tracking_uri=tracking_uri),
-        segment=SegmentConfig(archive=archive, device=device, tracking_uri=tracking_uri),
-    )
-    summary = run_pipeline(cfg)
+    summary = _run(run_pipeline, cfg, verbose)
     typer.echo(summary.headline())
-    _fail_on(summary.ingest.failures + summary.preprocess.failures + summary.segment.failures)
+    for f in summary.failures:
+        typer.secho(f"  failed: {f}", fg=typer.colors.RED, err=True)
+    if summary.failures:
+        raise typer.Exit(code=1)
 
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Work folder for phantoms, archive, MLflow and Prefect state.")] = Path("octseg-demo"),
-    epochs: EpochsOpt = 30,
+    workdir: Annotated[Path, typer.Option(help="Work folder for phantoms, archive, MLflow and Prefect state.")] = Path(
+        "octseg-demo"),
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
     volumes: Annotated[int, typer.Option(help="Annotated phantom volumes to train on.")] = 4,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run the whole pipeline on synthetic OCT phantoms, then score a held-out phantom volume.
 
@@ -232,12 +476,11 @@ def demo(
     """
     workdir = workdir.resolve()
     os.environ.setdefault("PREFECT_HOME", str(workdir / ".prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    _prepare_runtime(verbose)
     from octseg.flows.demo import run_demo
 
-    report = run_demo(workdir, epochs=epochs, n_volumes=volumes)
-    typer.echo(report)
+    typer.echo(run_demo(workdir, epochs=epochs, n_volumes=volumes))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -1,4 +1,10 @@
-"""One frozen pydantic config per flow.
+"""One frozen pydantic config per flow, nesting the settings objects of :mod:`octseg.unet.config`.
+
+A default and its check live in one place: the network's in ``UNetConfig``, the optimiser's in
+``TrainConfig``, inference's in ``InferenceConfig``, the border weights' in ``WeightMapConfig``; the
+flow configs below only add what belongs to a flow (archive, volumes, where MLflow and Dask are).
+The ``octseg`` command fills these objects (``--config FILE`` then its options, ``--show-config`` to
+print them), and Prefect deployments pass them as the flows' parameters.
 
 Defaults are the embedded ones: a Dask LocalCluster, MLflow in a SQLite file in the working
 directory (or ``MLFLOW_TRACKING_URI``), the model ``octseg-unet@champion``. Each config is logged
@@ -6,20 +12,31 @@ once at the start of its flow.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from octseg.unet.config import InferenceConfig, TrainConfig, UNetConfig, WeightMapConfig
 
 __all__ = [
+    "DEFAULT_EXPERIMENT",
+    "DEFAULT_MODEL_NAME",
+    "DEFAULT_MODEL_URI",
     "IngestConfig",
-    "PreprocessConfig",
-    "TrainFlowConfig",
-    "SegmentConfig",
     "PipelineConfig",
+    "PreprocessConfig",
+    "SegmentConfig",
+    "TrainFlowConfig",
     "dask_address_from_env",
+    "load_config_file",
 ]
+
+DEFAULT_MODEL_NAME = "octseg-unet"
+DEFAULT_EXPERIMENT = "octseg"
+DEFAULT_MODEL_URI = f"models:/{DEFAULT_MODEL_NAME}@champion"
 
 
 def dask_address_from_env() -> str | None:
@@ -38,14 +55,6 @@ class IngestConfig(_Config):
     archive: Path
     labels: Path | None = None  # folder of masks with the same file names as the sources
 
-    @field_validator("sources")
-    @classmethod
-    def _sources_exist(cls, v: tuple[Path, ...]) -> tuple[Path, ...]:
-        missing = [str(p) for p in v if not Path(p).exists()]
-        if missing:
-            raise ValueError(f"source(s) not found: {', '.join(missing)}")
-        return v
-
 
 class PreprocessConfig(_Config):
     """Normalisation and border-weight maps, Dask-parallel over B-scans."""
@@ -54,9 +63,7 @@ class PreprocessConfig(_Config):
     volumes: tuple[str, ...] | None = None  # None: every volume in the archive
     dask_address: str | None = Field(default_factory=dask_address_from_env)  # None: LocalCluster
     n_workers: int = Field(default=2, ge=1)  # LocalCluster workers (processes)
-    w0: float = Field(default=10.0, ge=0)
-    sigma: float = Field(default=5.0, gt=0)
-    class_weights: Literal["balanced"] | None = None
+    weights: WeightMapConfig = WeightMapConfig()
 
 
 class TrainFlowConfig(_Config):
@@ -64,30 +71,12 @@ class TrainFlowConfig(_Config):
 
     archive: Path
     volumes: tuple[str, ...] | None = None
-    # the network (unet.UNetConfig); the defaults are the paper's
-    base_channels: int = Field(default=64, ge=1)
-    depth: int = Field(default=4, ge=1)
-    padding: Literal["valid", "same"] = "valid"
-    batch_norm: bool = False
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    # optimisation (unet.train.TrainConfig); SGD with momentum 0.99 as in the paper
-    epochs: int = Field(default=20, ge=1)
-    batch_size: int = Field(default=4, ge=1)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(default=0.01, gt=0)
-    momentum: float = Field(default=0.99, ge=0, lt=1)
-    tiles_per_epoch: int = Field(default=64, ge=1)
-    foreground_fraction: float = Field(default=0.33, ge=0, le=1)  # tiles centred near fluid
-    tile_size: int | None = None
-    max_tile: int = Field(default=256, ge=16)
-    augment: bool = True
-    val_fraction: float = Field(default=0.2, ge=0, lt=1)
-    seed: int = 0
-    device: str = "auto"
-    # tracking
+    unet: UNetConfig = UNetConfig()  # the network; the paper's by default
+    train: TrainConfig = TrainConfig()  # the optimisation; SGD with momentum 0.99 as in the paper
+    val_fraction: float = Field(default=0.2, ge=0, lt=1)  # whole volumes held out when there are several
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
-    experiment: str = "octseg"
-    model_name: str = "octseg-unet"
+    experiment: str = DEFAULT_EXPERIMENT
+    model_name: str = DEFAULT_MODEL_NAME
     force: bool = False  # train again even when an identical run (same data and configs) is registered
 
 
@@ -95,21 +84,48 @@ class SegmentConfig(_Config):
     """Bulk, resumable inference into ``labels/prediction``."""
 
     archive: Path
-    model_uri: str = "models:/octseg-unet@champion"
+    model_uri: str = DEFAULT_MODEL_URI
     volumes: tuple[str, ...] | None = None
     tracking_uri: str | None = None
-    device: str = "auto"
-    tile_size: int | None = None
-    overlap: float = Field(default=0.25, ge=0, lt=1)
-    batch_size: int = Field(default=4, ge=1)
+    inference: InferenceConfig = InferenceConfig()
     qc_dir: Path | None = None  # None: <archive>.qc beside the archive
     force: bool = False  # re-segment volumes already done by this model version
 
 
 class PipelineConfig(_Config):
-    """ingest -> preprocess -> train -> segment."""
+    """ingest -> preprocess -> train -> segment, on one archive."""
 
     ingest: IngestConfig
     preprocess: PreprocessConfig
     train: TrainFlowConfig
     segment: SegmentConfig
+
+    @model_validator(mode="after")
+    def _one_archive(self) -> PipelineConfig:
+        archives = {str(c.archive) for c in (self.ingest, self.preprocess, self.train, self.segment)}
+        if len(archives) > 1:
+            raise ValueError(f"the pipeline's stages must share one archive, got {sorted(archives)}")
+        return self
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML (``.yaml``/``.yml``) or JSON file; ValueError naming the file otherwise."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {path}: cannot be read ({e})") from None
+    try:
+        if Path(path).suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError: both name line and column
+        raise ValueError(f"config file {path}: not valid {'YAML' if path.suffix != '.json' else 'JSON'}: "
+                         f"{' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
+    return data

@@ -36,6 +36,7 @@ def _write_inputs(scans: Path, n_volumes: int) -> tuple[list[Path], np.ndarray]:
 
 def _demo_config(workdir: Path, sources: list[Path], epochs: int):
     from octseg.flows.config import IngestConfig, PipelineConfig, PreprocessConfig, SegmentConfig, TrainFlowConfig
+    from octseg.unet.config import TrainConfig, UNetConfig
 
     archive = workdir / "archive.zarr"
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -46,8 +47,9 @@ def _demo_config(workdir: Path, sources: list[Path], epochs: int):
         # trains it in about a minute, and Adam: the paper's SGD with momentum 0.99 (the flow's
         # default) needs far more than the demo's 30 short epochs on so little data
         train=TrainFlowConfig(
-            archive=archive, base_channels=16, depth=3, epochs=epochs, batch_size=4, tiles_per_epoch=48,
-            optimizer="adam", lr=1e-3, max_tile=188, val_fraction=0.25, tracking_uri=tracking,
+            archive=archive, unet=UNetConfig(base_channels=16, depth=3),
+            train=TrainConfig(epochs=epochs, batch_size=4, tiles_per_epoch=48, optimizer="adam", lr=1e-3, max_tile=188),
+            val_fraction=0.25, tracking_uri=tracking,
         ),
         segment=SegmentConfig(archive=archive, tracking_uri=tracking, qc_dir=workdir / "qc"),
     )
@@ -56,6 +58,7 @@ def _demo_config(workdir: Path, sources: list[Path], epochs: int):
 def run_demo(workdir: Path, epochs: int = 30, n_volumes: int = 4) -> str:
     """Write phantoms, run the pipeline, score the held-out volume; return a report for the terminal."""
     from octseg.flows.pipeline import run_pipeline
+    from octseg.flows.runs import summary_of
     from octseg.tasks.archive import open_archive
     from octseg.unet.metrics import dice_per_class
 
@@ -63,7 +66,7 @@ def run_demo(workdir: Path, epochs: int = 30, n_volumes: int = 4) -> str:
     workdir.mkdir(parents=True, exist_ok=True)
     sources, truth = _write_inputs(workdir / "scans", n_volumes)
     config = _demo_config(workdir, sources, epochs)
-    summary = run_pipeline(config)
+    summary = summary_of(run_pipeline(config, return_state=True))
     prediction = np.asarray(open_archive(config.segment.archive, create=False).prediction(HELDOUT)[...])
     dice = dice_per_class(prediction, truth, num_classes=2)[1]
     minutes = (time.perf_counter() - t0) / 60

@@ -4,16 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, unmapped
-from prefect.futures import as_completed
+from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from octseg.flows.config import IngestConfig
+from octseg.flows.runs import collect, finish
 from octseg.flows.summary import IngestSummary
 from octseg.tasks.archive import open_archive, volume_id_from_path
-from octseg.tasks.ingest import IngestResult, ingest_source_task
-from octseg.tasks.progress import progress_bar
+from octseg.tasks.ingest import ingest_source_task, is_up_to_date
 
-__all__ = ["ingest_volumes"]
+__all__ = ["ingest_volumes", "plan_ingest"]
 
 
 def _duplicate_ids(sources: list[Path]) -> dict[Path, str]:
@@ -29,28 +29,39 @@ def _duplicate_ids(sources: list[Path]) -> dict[Path, str]:
     return dup
 
 
+def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
+    """(sources to ingest, a summary listing those already in the archive unchanged)."""
+    summary = IngestSummary(str(config.archive))
+    if not (Path(config.archive) / "zarr.json").is_file():
+        return [str(s) for s in config.sources], summary
+    archive = open_archive(config.archive, create=False)
+    todo = []
+    for src in config.sources:
+        try:
+            done = is_up_to_date(src, archive, config.labels)
+        except Exception:  # an unreadable file: the flow reports it
+            done = False
+        if done:
+            summary.skipped.append(volume_id_from_path(src))
+        else:
+            todo.append(str(src))
+    return todo, summary
+
+
 @flow(name="ingest-volumes", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=False)
-def ingest_volumes(config: IngestConfig) -> IngestSummary:
-    """Read every source in parallel and write it as one volume; bad files are reported, not fatal."""
+def ingest_volumes(config: IngestConfig) -> State:
+    """Read every source in parallel and write it as one volume; a bad file fails its own task run."""
     logger = get_run_logger()
     logger.info("ingest config: %s", config.model_dump_json())
     open_archive(config.archive, create=True)
     sources = [Path(s) for s in config.sources]
     duplicates = _duplicate_ids(sources)
-    todo = [s for s in sources if s not in duplicates]
-    futures = ingest_source_task.map(
-        [str(s) for s in todo], archive_path=unmapped(str(config.archive)), labels_dir=unmapped(
-            str(config.labels) if config.labels else None
-        )
-    )
-    results: list[IngestResult] = []
-    with progress_bar("ingest files", len(futures)) as update:
-        for done, future in enumerate(as_completed(futures), start=1):
-            results.append(future.result())
-            update(done, len(futures))
-    results += [IngestResult(source=str(s), volume_id=None, status="failed", error=msg) for s, msg in duplicates.items()]
-    summary = IngestSummary.from_results(str(config.archive), results)
+    todo = [str(s) for s in sources if s not in duplicates]
+    labels = str(config.labels) if config.labels else None
+    futures = ingest_source_task.map(todo, archive_path=unmapped(str(config.archive)), labels_dir=unmapped(labels))
+    results, failures = collect(futures, todo, "ingest files")
+    summary = IngestSummary.from_results(str(config.archive), results, failures + list(duplicates.values()))
     for failure in summary.failures:
         logger.error("failed: %s", failure)
     logger.info(summary.headline())
-    return summary
+    return finish(summary)

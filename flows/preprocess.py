@@ -5,15 +5,15 @@ import contextlib
 from collections.abc import Iterator
 
 from prefect import flow, get_run_logger, unmapped
-from prefect.futures import as_completed
+from prefect.states import State
 
 from octseg.flows.config import PreprocessConfig
+from octseg.flows.runs import collect, finish
 from octseg.flows.summary import PreprocessSummary
 from octseg.tasks.archive import open_archive
-from octseg.tasks.preprocess import preprocess_volume_task
-from octseg.tasks.progress import progress_bar
+from octseg.tasks.preprocess import outdated, preprocess_volume_task
 
-__all__ = ["preprocess_archive", "dask_scheduler"]
+__all__ = ["dask_scheduler", "plan_preprocess", "preprocess_archive", "select_volumes"]
 
 
 @contextlib.contextmanager
@@ -39,36 +39,38 @@ def select_volumes(archive_path, volumes: tuple[str, ...] | None) -> list[str]:
     return list(volumes)
 
 
+def plan_preprocess(config: PreprocessConfig) -> tuple[list[str], PreprocessSummary]:
+    """(volumes with a derived array to (re)compute, a summary listing those up to date)."""
+    archive = open_archive(config.archive, create=False)
+    summary = PreprocessSummary(str(config.archive))
+    todo = []
+    for vid in select_volumes(config.archive, config.volumes):
+        try:
+            current = not outdated(archive, vid, config.weights)
+        except Exception:  # a broken volume: the flow reports it
+            current = False
+        (summary.up_to_date if current else todo).append(vid)
+    return todo, summary
+
+
 @flow(name="preprocess-archive")
-def preprocess_archive(config: PreprocessConfig) -> PreprocessSummary:
+def preprocess_archive(config: PreprocessConfig) -> State:
     """Normalise every volume and compute weight maps of annotated B-scans; skip what is up to date."""
     logger = get_run_logger()
     logger.info("preprocess config: %s", config.model_dump_json())
     volumes = select_volumes(config.archive, config.volumes)
     with dask_scheduler(config.dask_address, config.n_workers) as address:
         logger.info("Dask scheduler at %s", address)
-        futures = preprocess_volume_task.map(
-            unmapped(str(config.archive)),
-            volumes,
-            scheduler_address=unmapped(address),
-            w0=unmapped(config.w0),
-            sigma=unmapped(config.sigma),
-            class_weights=unmapped(config.class_weights),
-        )
-        results = []
-        with progress_bar("preprocess volumes", len(futures)) as update:
-            for done, future in enumerate(as_completed(futures), start=1):
-                results.append(future.result())
-                update(done, len(futures))
-    summary = PreprocessSummary(str(config.archive))
+        futures = preprocess_volume_task.map(unmapped(str(config.archive)), volumes,
+                                             scheduler_address=unmapped(address), weights=unmapped(config.weights))
+        results, failures = collect(futures, volumes, "preprocess volumes")
+    summary = PreprocessSummary(str(config.archive), failures=failures)
     for r in results:
-        if r.error:
-            summary.failures.append(r.error)
-        elif r.computed:
+        if r.computed:
             summary.computed[r.volume_id] = r.computed
         else:
             summary.up_to_date.append(r.volume_id)
     for failure in summary.failures:
         logger.error("failed: %s", failure)
     logger.info(summary.headline())
-    return summary
+    return finish(summary)

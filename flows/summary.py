@@ -14,15 +14,10 @@ class IngestSummary:
     failures: list[str] = field(default_factory=list)  # "file: what was wrong"
 
     @classmethod
-    def from_results(cls, archive: str, results) -> IngestSummary:
-        s = cls(archive)
+    def from_results(cls, archive: str, results, failures: list[str]) -> IngestSummary:
+        s = cls(archive, failures=list(failures))
         for r in results:
-            if r.status == "written":
-                s.written.append(r.volume_id)
-            elif r.status == "skipped":
-                s.skipped.append(r.volume_id)
-            else:
-                s.failures.append(r.error or f"{r.source}: failed")
+            (s.written if r.status == "written" else s.skipped).append(r.volume_id)
         return s
 
     def headline(self) -> str:
@@ -59,6 +54,13 @@ class TrainSummary:
     qc_image: str | None = None
     reused: bool = False  # an identical run was already registered; nothing was trained
 
+    @classmethod
+    def from_result(cls, r, tracking_uri: str) -> TrainSummary:
+        """From a :class:`octseg.tasks.training.TrainResult`."""
+        return cls(run_id=r.run_id, model_name=r.model_name, model_version=r.model_version, score=r.score,
+                   promoted=r.promoted, tracking_uri=tracking_uri, n_train=r.n_train, n_val=r.n_val,
+                   qc_image=r.qc_image, reused=r.reused)
+
     def headline(self) -> str:
         champion = "now champion" if self.promoted else "champion unchanged"
         source = "val" if self.n_val else "train"
@@ -91,6 +93,10 @@ class PipelineSummary:
     preprocess: PreprocessSummary
     train: TrainSummary
     segment: SegmentSummary
+
+    @property
+    def failures(self) -> list[str]:
+        return self.ingest.failures + self.preprocess.failures + self.segment.failures
 
     def headline(self) -> str:
         return "\n".join(s.headline() for s in (self.ingest, self.preprocess, self.train, self.segment))

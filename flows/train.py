@@ -7,29 +7,17 @@ from octseg.flows.config import TrainFlowConfig
 from octseg.flows.preprocess import select_volumes
 from octseg.flows.summary import TrainSummary
 from octseg.tasks.tracking import resolve_tracking_uri
-from octseg.tasks.training import train_from_archive_task
-from octseg.unet.config import UNetConfig
-from octseg.unet.train import TrainConfig
+from octseg.tasks.training import identical_training, train_from_archive_task
 
-__all__ = ["train_unet", "unet_config_of", "train_config_of"]
+__all__ = ["previous_training", "train_unet"]
 
 
-def unet_config_of(config: TrainFlowConfig) -> UNetConfig:
-    """The network part of the flow config (2 classes: background, fluid)."""
-    return UNetConfig(
-        in_channels=1, out_channels=2, base_channels=config.base_channels, depth=config.depth,
-        padding=config.padding, batch_norm=config.batch_norm, dropout=config.dropout,
-    )
-
-
-def train_config_of(config: TrainFlowConfig) -> TrainConfig:
-    """The optimisation part of the flow config."""
-    return TrainConfig(
-        epochs=config.epochs, batch_size=config.batch_size, optimizer=config.optimizer, lr=config.lr,
-        momentum=config.momentum, tile_size=config.tile_size, max_tile=config.max_tile,
-        tiles_per_epoch=config.tiles_per_epoch, foreground_fraction=config.foreground_fraction,
-        augment=config.augment, seed=config.seed, device=config.device,
-    )
+def previous_training(config: TrainFlowConfig, tracking_uri: str) -> TrainSummary | None:
+    """The summary of a registered run that trained on this data with these settings, or None."""
+    found = identical_training(str(config.archive), select_volumes(config.archive, config.volumes), config.unet,
+                               config.train, val_fraction=config.val_fraction, tracking_uri=tracking_uri,
+                               experiment=config.experiment, model_name=config.model_name)
+    return None if found is None else TrainSummary.from_result(found, tracking_uri)
 
 
 @flow(name="train-unet")
@@ -40,14 +28,9 @@ def train_unet(config: TrainFlowConfig) -> TrainSummary:
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
     volumes = select_volumes(config.archive, config.volumes)
     r = train_from_archive_task(
-        str(config.archive), volumes, unet_config_of(config), train_config_of(config),
-        val_fraction=config.val_fraction, tracking_uri=tracking_uri,
-        experiment=config.experiment, model_name=config.model_name, force=config.force,
+        str(config.archive), volumes, config.unet, config.train, val_fraction=config.val_fraction,
+        tracking_uri=tracking_uri, experiment=config.experiment, model_name=config.model_name, force=config.force,
     )
-    summary = TrainSummary(
-        run_id=r.run_id, model_name=r.model_name, model_version=r.model_version, score=r.score,
-        promoted=r.promoted, tracking_uri=tracking_uri, n_train=r.n_train, n_val=r.n_val, qc_image=r.qc_image,
-        reused=r.reused,
-    )
+    summary = TrainSummary.from_result(r, tracking_uri)
     logger.info(summary.headline())
     return summary

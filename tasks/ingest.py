@@ -1,10 +1,10 @@
 """Ingest one scan source (file or folder of B-scans) into the archive as one volume.
 
-:func:`ingest_source` does the work and never raises for bad input: a batch goes on, and the
-result says what happened. A source the archive already holds is skipped without decoding unless
+:func:`ingest_source` does the work and raises for bad input (:class:`~octseg.tasks.readers.ReadError` or ValueError,
+naming the file), so its Prefect task run ends Failed while the flow goes on with the other files. A source the archive already holds is skipped without decoding unless
 new masks are given for it; an existing volume is never overwritten by a different file that maps
 to the same volume id (see :func:`ingest_source`). :func:`ingest_source_task` is the thin Prefect
-wrapper.
+wrapper; it retries transient I/O errors (:mod:`octseg.tasks.retry`).
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from prefect import get_run_logger, task
 
 from octseg.tasks.archive import open_archive, volume_id_from_path
 from octseg.tasks.classes import DEFAULT_CLASS_NAMES
-from octseg.tasks.readers import ReadError, mask_files, read_masks, read_volume, source_sha256
+from octseg.tasks.readers import mask_files, read_masks, read_volume, source_sha256
+from octseg.tasks.retry import TRANSIENT_IO_RETRIES
 
-__all__ = ["IngestResult", "ingest_source", "ingest_source_task", "labels_sha256"]
+__all__ = ["IngestResult", "ingest_source", "ingest_source_task", "is_up_to_date", "labels_sha256"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -31,10 +32,9 @@ class IngestResult:
 
     source: str
     volume_id: str | None
-    status: Literal["written", "skipped", "failed"]
+    status: Literal["written", "skipped"]
     n_bscans: int = 0
     annotated: list[int] = field(default_factory=list)
-    error: str | None = None
 
 
 def labels_sha256(labels_dir: str | Path | None, source: str | Path) -> str | None:
@@ -66,6 +66,17 @@ def _existing_volume(meta: dict, volume_id: str, src: Path, sha: str,
     return "write", None  # new or changed masks
 
 
+def is_up_to_date(source: str | Path, archive, labels_dir: str | Path | None = None) -> bool:
+    """True when ``archive`` already holds ``source`` (same bytes) and ingest would skip it."""
+    src = Path(source)
+    volume_id = volume_id_from_path(src)
+    if not archive.has_volume(volume_id):
+        return False
+    action, _ = _existing_volume(archive.volume_meta(volume_id), volume_id, src, source_sha256(src),
+                                 labels_sha256(labels_dir, src))
+    return action == "skip"
+
+
 def ingest_source(source: str | Path, archive_path: str | Path,
                   labels_dir: str | Path | None = None) -> IngestResult:
     """Read ``source`` (and its masks under ``labels_dir``) and write it as one archive volume.
@@ -83,54 +94,41 @@ def ingest_source(source: str | Path, archive_path: str | Path,
     * different bytes from a different path (e.g. ``scan 1.tif`` and ``scan_1.tif``, both id
       ``scan_1``): "failed", naming both files; the stored volume is left alone.
 
-    Returns ``status="failed"`` with a message naming the file instead of raising.
+    Raises :class:`~octseg.tasks.readers.ReadError` (bad file) or ValueError (id clash), both naming the file.
     """
     src = Path(source)
     volume_id = volume_id_from_path(src)
-    try:
-        sha, labels_fp = source_sha256(src), labels_sha256(labels_dir, src)
-        archive = open_archive(archive_path)
-        if archive.has_volume(volume_id):
-            meta = archive.volume_meta(volume_id)
-            action, error = _existing_volume(meta, volume_id, src, sha, labels_fp)
-            if action == "skip":
-                manual = archive.manual_labels(volume_id)
-                return IngestResult(str(src), volume_id, "skipped", archive.image(volume_id).shape[0],
-                                    manual[1] if manual else [])
-            if action == "fail":
-                LOGGER.warning("ingest failed: %s", error)
-                return IngestResult(str(src), volume_id, "failed", error=error)
-            if labels_fp is None and meta.get("labels_sha256") is not None:
-                LOGGER.warning("%s changed: re-writing volume %r drops its manual labels (no masks given)",
-                               src, volume_id)
-        volume = read_volume(src, sha256=sha)
-        masks = read_masks(labels_dir, volume) if labels_dir is not None else None
-        labels, annotated = masks if masks is not None else (None, [])
-        provenance = {"source": str(src.resolve()), "source_sha256": volume.sha256, "reader": volume.reader,
-                      "labels_dir": str(Path(labels_dir).resolve()) if masks is not None else None,
-                      "labels_sha256": labels_fp, "n_bscans": int(volume.image.shape[0])}
-        binary = labels is not None and labels.max() <= 1
-        archive.write_volume(volume_id, volume.image, scale_um=volume.scale_um, provenance=provenance,
-                             manual_labels=labels, annotated=annotated if masks is not None else None,
-                             class_names=dict(DEFAULT_CLASS_NAMES) if binary else None)
-        return IngestResult(str(src), volume_id, "written", volume.image.shape[0], list(annotated))
-    except ReadError as e:
-        LOGGER.warning("ingest failed: %s", e)
-        return IngestResult(str(src), volume_id, "failed", error=str(e))
-    except Exception as e:  # a batch must go on: report, do not raise
-        LOGGER.exception("ingest of %s failed unexpectedly", src)
-        return IngestResult(str(src), volume_id, "failed", error=f"{src.name}: {type(e).__name__}: {e}")
+    sha, labels_fp = source_sha256(src), labels_sha256(labels_dir, src)
+    archive = open_archive(archive_path)
+    if archive.has_volume(volume_id):
+        meta = archive.volume_meta(volume_id)
+        action, error = _existing_volume(meta, volume_id, src, sha, labels_fp)
+        if action == "skip":
+            manual = archive.manual_labels(volume_id)
+            return IngestResult(str(src), volume_id, "skipped", archive.image(volume_id).shape[0],
+                                manual[1] if manual else [])
+        if action == "fail":
+            raise ValueError(error)
+        if labels_fp is None and meta.get("labels_sha256") is not None:
+            LOGGER.warning("%s changed: re-writing volume %r drops its manual labels (no masks given)",
+                           src, volume_id)
+    volume = read_volume(src, sha256=sha)
+    masks = read_masks(labels_dir, volume) if labels_dir is not None else None
+    labels, annotated = masks if masks is not None else (None, [])
+    provenance = {"source": str(src.resolve()), "source_sha256": volume.sha256, "reader": volume.reader,
+                  "labels_dir": str(Path(labels_dir).resolve()) if masks is not None else None,
+                  "labels_sha256": labels_fp, "n_bscans": int(volume.image.shape[0])}
+    binary = labels is not None and labels.max() <= 1
+    archive.write_volume(volume_id, volume.image, scale_um=volume.scale_um, provenance=provenance,
+                         manual_labels=labels, annotated=annotated if masks is not None else None,
+                         class_names=dict(DEFAULT_CLASS_NAMES) if binary else None)
+    return IngestResult(str(src), volume_id, "written", volume.image.shape[0], list(annotated))
 
 
-@task(name="ingest-source", task_run_name="ingest-{source}")
-def ingest_source_task(source: str | Path, archive_path: str | Path,
-                       labels_dir: str | Path | None = None) -> IngestResult:
-    """Prefect wrapper of :func:`ingest_source`; logs the outcome."""
+@task(name="ingest-source", task_run_name="ingest-{source}", **TRANSIENT_IO_RETRIES)
+def ingest_source_task(source: str, archive_path: str, labels_dir: str | None = None) -> IngestResult:
+    """Prefect wrapper of :func:`ingest_source`; a bad file fails this task run with its error."""
     result = ingest_source(source, archive_path, labels_dir)
-    logger = get_run_logger()
-    if result.status == "failed":
-        logger.warning("%s: failed: %s", source, result.error)
-    else:
-        logger.info("%s -> %s: %s (%d B-scans, %d annotated)", source, result.volume_id, result.status,
-                    result.n_bscans, len(result.annotated))
+    get_run_logger().info("%s -> %s: %s (%d B-scans, %d annotated)", source, result.volume_id, result.status,
+                          result.n_bscans, len(result.annotated))
     return result

@@ -9,7 +9,6 @@ rerun skips outputs whose fingerprint still matches.
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +16,14 @@ import numpy as np
 from prefect import get_run_logger, task
 
 from octseg.tasks.archive import open_archive
+from octseg.tasks.retry import TRANSIENT_IO_RETRIES
+from octseg.unet.config import WeightMapConfig
 from octseg.unet.normalize import normalize_volume
 from octseg.unet.weights import border_weight_map
 
-__all__ = ["PreprocessResult", "preprocess_volume", "preprocess_volume_task", "NORMALIZATION_METHOD"]
+__all__ = ["NORMALIZATION_METHOD", "PreprocessResult", "derived_fingerprints", "outdated", "preprocess_volume",
+           "preprocess_volume_task"]
 
-log = logging.getLogger(__name__)
 
 NORMALIZATION_METHOD = "zscore-excluding-fill-v1"
 
@@ -32,7 +33,6 @@ class PreprocessResult:
     volume_id: str
     computed: list[str] = field(default_factory=list)  # derived arrays written in this run
     skipped: list[str] = field(default_factory=list)  # derived arrays already up to date
-    error: str | None = None  # set when the volume failed; the batch goes on
 
 
 def _normalize_block(block: np.ndarray) -> np.ndarray:
@@ -71,69 +71,66 @@ def _store(result, target, scheduler_address: str | None) -> None:
         client.compute(stored).result()
 
 
+def derived_fingerprints(archive, volume_id: str, weights: WeightMapConfig) -> dict[str, dict]:
+    """The fingerprint each derived array of ``volume_id`` must carry to be up to date: ``normalized``
+    always, ``weights`` when the volume has manual labels."""
+    meta = archive.volume_meta(volume_id)
+    fps = {"normalized": {"source_sha256": meta.get("source_sha256"), "method": NORMALIZATION_METHOD}}
+    manual = archive.manual_labels(volume_id)
+    if manual is not None:
+        # ingest records the masks' sha256 (and rewrites the volume when they change); else hash the labels
+        labels_fp = meta.get("labels_sha256") or _labels_digest(*manual)
+        fps["weights"] = {"labels_sha256": labels_fp, "w0": weights.w0, "sigma": weights.sigma,
+                          "class_weights": weights.class_weights}
+    return fps
+
+
+def outdated(archive, volume_id: str, weights: WeightMapConfig) -> list[str]:
+    """Names of the derived arrays of ``volume_id`` that preprocessing would (re)compute."""
+    return [name for name, fp in derived_fingerprints(archive, volume_id, weights).items()
+            if not archive.derived_is_current(volume_id, name, fp)]
+
+
 def preprocess_volume(
     archive_path: str | Path,
     volume_id: str,
     scheduler_address: str | None = None,
-    w0: float = 10.0,
-    sigma: float = 5.0,
-    class_weights: str | None = None,
+    weights: WeightMapConfig = WeightMapConfig(),
 ) -> PreprocessResult:
     """Write ``derived/normalized`` and (when annotated) ``derived/weights`` for one volume."""
     import dask.array as da
 
     archive = open_archive(archive_path, create=False)
-    meta = archive.volume_meta(volume_id)
     image = archive.image(volume_id)  # (Z, Y, X)
     shard_z = archive.shard_bscans(volume_id)
-    result = PreprocessResult(volume_id)
-
-    fp = {"source_sha256": meta.get("source_sha256"), "method": NORMALIZATION_METHOD}
-    if archive.derived_is_current(volume_id, "normalized", fp):
-        result.skipped.append("normalized")
-    else:
+    fps = derived_fingerprints(archive, volume_id, weights)
+    todo = outdated(archive, volume_id, weights)
+    result = PreprocessResult(volume_id, skipped=[name for name in fps if name not in todo])
+    if "normalized" in todo:
         src = da.from_zarr(image).rechunk((shard_z, -1, -1))
         out = archive.create_derived(volume_id, "normalized", "float32", {"method": NORMALIZATION_METHOD})
         _store(src.map_blocks(_normalize_block, dtype=np.float32), out, scheduler_address)
-        archive.mark_derived_complete(volume_id, "normalized", fp)
+        archive.mark_derived_complete(volume_id, "normalized", fps["normalized"])
         result.computed.append("normalized")
-
-    manual = archive.manual_labels(volume_id)
-    if manual is None:
-        return result
-    labels, annotated = manual
-    # ingest records the masks' sha256 (and rewrites the volume when they change); else hash the labels
-    labels_fp = meta.get("labels_sha256") or _labels_digest(labels, annotated)
-    fp = {"labels_sha256": labels_fp, "w0": w0, "sigma": sigma, "class_weights": class_weights}
-    if archive.derived_is_current(volume_id, "weights", fp):
-        result.skipped.append("weights")
-        return result
-    lab = da.from_zarr(labels).rechunk((shard_z, -1, -1))
-    flags = np.zeros((image.shape[0], 1, 1), dtype=bool)
-    flags[annotated] = True
-    flags_da = da.from_array(flags, chunks=(shard_z, 1, 1))
-    weights = da.map_blocks(_weights_block, lab, flags_da, w0, sigma, class_weights, dtype=np.float32)
-    out = archive.create_derived(volume_id, "weights", "float32", {"w0": w0, "sigma": sigma})
-    _store(weights, out, scheduler_address)
-    archive.mark_derived_complete(volume_id, "weights", fp)
-    result.computed.append("weights")
+    if "weights" in todo:
+        labels, annotated = archive.manual_labels(volume_id)
+        lab = da.from_zarr(labels).rechunk((shard_z, -1, -1))
+        flags = np.zeros((image.shape[0], 1, 1), dtype=bool)
+        flags[annotated] = True
+        flags_da = da.from_array(flags, chunks=(shard_z, 1, 1))
+        maps = da.map_blocks(_weights_block, lab, flags_da, weights.w0, weights.sigma, weights.class_weights,
+                             dtype=np.float32)
+        out = archive.create_derived(volume_id, "weights", "float32", {"w0": weights.w0, "sigma": weights.sigma})
+        _store(maps, out, scheduler_address)
+        archive.mark_derived_complete(volume_id, "weights", fps["weights"])
+        result.computed.append("weights")
     return result
 
 
-@task(name="preprocess-volume", task_run_name="preprocess-{volume_id}")
-def preprocess_volume_task(
-    archive_path: str,
-    volume_id: str,
-    scheduler_address: str | None = None,
-    w0: float = 10.0,
-    sigma: float = 5.0,
-    class_weights: str | None = None,
-) -> PreprocessResult:
-    """Prefect wrapper of :func:`preprocess_volume`; a failing volume is reported and the batch goes on."""
-    try:
-        result = preprocess_volume(archive_path, volume_id, scheduler_address, w0, sigma, class_weights)
-    except Exception as e:  # one bad volume must not stop the others
-        get_run_logger().error("%s: preprocessing failed: %s: %s", volume_id, type(e).__name__, e)
-        return PreprocessResult(volume_id, error=f"{volume_id}: {type(e).__name__}: {e}")
+@task(name="preprocess-volume", task_run_name="preprocess-{volume_id}", **TRANSIENT_IO_RETRIES)
+def preprocess_volume_task(archive_path: str, volume_id: str, scheduler_address: str | None,
+                           weights: WeightMapConfig) -> PreprocessResult:
+    """Prefect wrapper of :func:`preprocess_volume`; a failing volume fails this task run with its error."""
+    result = preprocess_volume(archive_path, volume_id, scheduler_address, weights)
     get_run_logger().info("%s: computed %s, up to date %s", volume_id, result.computed or "-", result.skipped or "-")
     return result

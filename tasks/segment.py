@@ -5,8 +5,6 @@ and it records the model name and version, so a rerun skips volumes that model a
 """
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,22 +14,21 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from octseg.tasks.archive import open_archive
-from octseg.tasks.classes import DEFAULT_CLASS_NAMES
 from octseg.tasks.dataset import normalized_bscans
 from octseg.tasks.qc import overlay, save_png
-from octseg.tasks.tracking import ModelRef, load_unet
-from octseg.unet.inference import resolve_device, segment_volume
+from octseg.tasks.registry import ModelRef, cached_unet
+from octseg.tasks.retry import TRANSIENT_IO_RETRIES
+from octseg.tasks.training import class_names_of
+from octseg.unet.config import InferenceConfig, UNetConfig
+from octseg.unet.inference import segment_volume
 
-__all__ = ["SegmentResult", "segment_one", "segment_volume_task", "already_segmented", "cached_unet"]
-
-log = logging.getLogger(__name__)
+__all__ = ["SegmentResult", "segment_one", "segment_volume_task", "already_segmented"]
 
 
 @dataclass
 class SegmentResult:
     volume_id: str
-    status: str  # "segmented" | "skipped" | "failed"
-    error: str | None = None
+    status: str  # "segmented" | "skipped"
     qc_image: str | None = None
 
 
@@ -47,10 +44,8 @@ def segment_one(
     model,
     model_info: dict,
     class_names: dict[int, str],
+    inference: InferenceConfig,
     *,
-    tile: int | None = None,
-    overlap: float = 0.25,
-    batch_size: int = 4,
     qc_dir: str | Path | None = None,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -60,7 +55,7 @@ def segment_one(
     if not force and already_segmented(archive, volume_id, model_info["model_name"], model_info["model_version"]):
         return SegmentResult(volume_id, "skipped")
     image = normalized_bscans(archive, volume_id)
-    labels = segment_volume(model, image, tile=tile, overlap=overlap, batch_size=batch_size, progress=progress)
+    labels = segment_volume(model, image, inference, progress=progress)
     archive.write_prediction(volume_id, labels, class_names=class_names, model_info=model_info)
     qc = None
     if qc_dir is not None:
@@ -70,31 +65,15 @@ def segment_one(
     return SegmentResult(volume_id, "segmented", qc_image=qc)
 
 
-_MODELS: dict[tuple[str, str, str], object] = {}
-_MODELS_LOCK = threading.Lock()
-
-
-def cached_unet(ref: ModelRef, tracking_uri: str, device: str = "auto"):
-    """The registered U-Net ``ref``, loaded once per process (tasks receive the reference, not weights)."""
-    key = (ref.uri, tracking_uri, device)
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = load_unet(ref, tracking_uri, device=resolve_device(device))
-        return _MODELS[key]
-
-
-@task(name="segment-volume", task_run_name="segment-{volume_id}", cache_policy=NO_CACHE)
+@task(name="segment-volume", task_run_name="segment-{volume_id}", cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
 def segment_volume_task(archive_path: str, volume_id: str, ref: ModelRef, tracking_uri: str, *,
-                        requested_uri: str, device: str = "auto", class_names: dict | None = None,
-                        **kw) -> SegmentResult:
-    """Prefect wrapper of :func:`segment_one`; a failing volume is reported and the batch goes on."""
-    logger = get_run_logger()
+                        requested_uri: str, inference: InferenceConfig, qc_dir: str | None, force: bool,
+                        progress: Callable[[int, int], None] | None = None) -> SegmentResult:
+    """Prefect wrapper of :func:`segment_one`; a failing volume fails this task run with its error."""
     info = {"model_name": ref.name, "model_version": ref.version, "run_id": ref.run_id, "model_uri": requested_uri}
-    try:
-        model = cached_unet(ref, tracking_uri, device)
-        result = segment_one(archive_path, volume_id, model, info, class_names or dict(DEFAULT_CLASS_NAMES), **kw)
-    except Exception as e:  # one bad volume must not stop a batch of thousands
-        logger.error("%s: segmentation failed: %s: %s", volume_id, type(e).__name__, e)
-        return SegmentResult(volume_id, "failed", error=f"{volume_id}: {type(e).__name__}: {e}")
-    logger.info("%s: %s", volume_id, result.status)
+    model = cached_unet(ref, tracking_uri, inference.device)
+    names = class_names_of(UNetConfig.from_dict(ref.unet_config))
+    result = segment_one(archive_path, volume_id, model, info, names, inference, qc_dir=qc_dir, force=force,
+                         progress=progress)
+    get_run_logger().info("%s: %s", volume_id, result.status)
     return result

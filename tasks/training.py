@@ -24,24 +24,21 @@ from prefect.cache_policies import NO_CACHE
 from octseg.tasks.classes import DEFAULT_CLASS_NAMES
 from octseg.tasks.progress import progress_bar
 from octseg.tasks.qc import side_by_side
-from octseg.tasks.tracking import (
-    DEFAULT_EXPERIMENT,
-    DEFAULT_MODEL_NAME,
-    ensure_experiment,
-    log_unet,
-    promote_if_better,
-    resolve_tracking_uri,
-    using_tracking_uri,
-)
+from octseg.tasks.registry import find_registered_run, log_unet, promote_if_better
+from octseg.tasks.tracking import ensure_experiment, using_tracking_uri
+
+from octseg.unet.config import TrainConfig, UNetConfig
 
 if TYPE_CHECKING:  # torch-free import: unet.data and unet.train import torch
-    from octseg.unet.config import UNetConfig
     from octseg.unet.data import BScanSet
-    from octseg.unet.train import EpochStats, TrainConfig
+    from octseg.unet.train import EpochStats
 
 __all__ = [
     "DEFAULT_CLASS_NAMES",
     "TrainResult",
+    "check_classes",
+    "class_names_of",
+    "identical_training",
     "run_context_tags",
     "train_and_register",
     "train_from_archive_task",
@@ -81,22 +78,15 @@ def training_fingerprint(train: BScanSet, val: BScanSet | None, unet_config: UNe
 def find_previous_training(fingerprint: str, tracking_uri: str, experiment_id: str, model_name: str,
                            names: Mapping[int, str]) -> TrainResult | None:
     """The finished, registered run with this fingerprint, as a result (``reused=True``), or None."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    runs = client.search_runs([experiment_id], f"tags.`octseg.fingerprint` = '{fingerprint}' and "
-                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
-    for run in runs:
-        versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run.info.run_id}'")
-        if not versions:
-            continue
-        prefix = "val" if run.data.tags.get("octseg.score_source") == "validation" else "train"
-        dice = {c: run.data.metrics.get(f"{prefix}_dice_{n}", math.nan) for c, n in names.items()}
-        return TrainResult(run.info.run_id, model_name, str(versions[0].version), dice,
-                           dice.get(FOREGROUND, math.nan), False, None,
-                           n_train=int(run.data.params.get("data.n_train", 0)),
-                           n_val=int(run.data.params.get("data.n_val", 0)), reused=True)
-    return None
+    found = find_registered_run(tracking_uri, experiment_id, model_name, "octseg.fingerprint", fingerprint)
+    if found is None:
+        return None
+    run, version = found
+    prefix = "val" if run.data.tags.get("octseg.score_source") == "validation" else "train"
+    dice = {c: run.data.metrics.get(f"{prefix}_dice_{n}", math.nan) for c, n in names.items()}
+    return TrainResult(run.info.run_id, model_name, version, dice, dice.get(FOREGROUND, math.nan), False, None,
+                       n_train=int(run.data.params.get("data.n_train", 0)),
+                       n_val=int(run.data.params.get("data.n_val", 0)), reused=True)
 
 
 def _git(*args: str) -> str | None:
@@ -162,17 +152,31 @@ def _epoch_logger(names: Mapping[int, str], progress: Callable[[EpochStats], Non
     return on_epoch_end
 
 
-def _log_qc(model, data: BScanSet, prefix: str, artifact_uri: str) -> str:
+def _log_qc(model, data: BScanSet, prefix: str, artifact_uri: str, train_config: TrainConfig) -> str:
     """Log ground truth | prediction of the B-scan with the most foreground; returns the artifact URI."""
     import mlflow
 
     from octseg.unet.inference import predict_probabilities
+    from octseg.unet.train import validation_inference
 
     k = int(np.argmax((data.labels == FOREGROUND).sum(axis=(1, 2))))
-    pred = predict_probabilities(model, data.images[k]).argmax(0)
+    pred = predict_probabilities(model, data.images[k], validation_inference(train_config)).argmax(0)
     artifact_file = f"qc/{prefix}_bscan{k:03d}.png"
     mlflow.log_image(side_by_side(data.images[k], data.labels[k], pred), artifact_file=artifact_file)
     return f"{artifact_uri}/{artifact_file}"
+
+
+def class_names_of(unet_config: UNetConfig, class_names: Mapping[int, str] = DEFAULT_CLASS_NAMES) -> dict[int, str]:
+    """A name for every class the network predicts (``class<k>`` where none is known)."""
+    return {c: class_names.get(c, f"class{c}") for c in range(unet_config.out_channels)}
+
+
+def check_classes(train: BScanSet, val: BScanSet | None, unet_config: UNetConfig) -> None:
+    """ValueError before any run starts when the masks hold a class the network cannot predict."""
+    top = max(int(d.labels.max()) for d in (train, val) if d is not None and len(d))
+    if top >= unet_config.out_channels:
+        raise ValueError(f"the masks hold class {top} but the network predicts {unet_config.out_channels} classes; "
+                         f"binarise the masks or train with --classes {top + 1}")
 
 
 def train_and_register(
@@ -181,9 +185,9 @@ def train_and_register(
     unet_config: UNetConfig,
     train_config: TrainConfig,
     *,
-    tracking_uri: str | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
-    model_name: str = DEFAULT_MODEL_NAME,
+    tracking_uri: str,
+    experiment: str,
+    model_name: str,
     class_names: Mapping[int, str] = DEFAULT_CLASS_NAMES,
     tags: Mapping[str, str] | None = None,
     progress: Callable[[EpochStats], None] | None = None,
@@ -200,17 +204,12 @@ def train_and_register(
     import mlflow
 
     from octseg.unet.model import UNet
-    from octseg.unet.train import evaluate, fit
+    from octseg.unet.train import evaluate, fit, validation_inference
 
-    if unet_config.out_channels < 2:
-        raise ValueError(f"need a foreground class 1, got out_channels={unet_config.out_channels}")
-    top = max(int(d.labels.max()) for d in (train, val) if d is not None and len(d))
-    if top >= unet_config.out_channels:
-        raise ValueError(f"the masks hold class {top} but the network predicts {unet_config.out_channels} classes "
-                         f"({dict(class_names)}); binarise the masks or train with more output channels")
-    uri = resolve_tracking_uri(tracking_uri)
+    check_classes(train, val, unet_config)
+    uri = tracking_uri
     experiment_id = ensure_experiment(uri, experiment)
-    names = {c: class_names.get(c, f"class{c}") for c in range(unet_config.out_channels)}
+    names = class_names_of(unet_config, class_names)
     has_val = val is not None and len(val) > 0
     prefix = "val" if has_val else "train"
     fingerprint = training_fingerprint(train, val if has_val else None, unet_config, train_config, model_name)
@@ -226,9 +225,9 @@ def train_and_register(
         if has_val:
             dice = _as_class_dict(history[-1].val_dice)
         else:
-            dice = _as_class_dict(evaluate(model, train, unet_config.out_channels))
+            dice = _as_class_dict(evaluate(model, train, validation_inference(train_config)))
             mlflow.log_metrics(_dice_metrics("train", dice, names), step=history[-1].epoch)
-        qc_image = _log_qc(model, val if has_val else train, prefix, run.info.artifact_uri)
+        qc_image = _log_qc(model, val if has_val else train, prefix, run.info.artifact_uri, train_config)
         version = log_unet(model, model_name, metadata={"class_names": {str(k): v for k, v in names.items()}})
     score = dice.get(FOREGROUND, math.nan)
     promoted = promote_if_better(model_name, version, score, uri, metric=f"{prefix}_dice_{names[FOREGROUND]}")
@@ -249,19 +248,28 @@ def _progress_logger(bar: Callable[[int, int], None] | None = None, epochs: int 
     return progress
 
 
+def identical_training(archive_path: str | Path, volumes: list[str], unet_config: UNetConfig,
+                       train_config: TrainConfig, *, val_fraction: float, tracking_uri: str, experiment: str,
+                       model_name: str) -> TrainResult | None:
+    """The registered run that already trained on exactly this data with these settings, or None.
+
+    What the train flow would find before training; the command asks it first, so that a rerun with
+    nothing to do answers in seconds without starting a flow run.
+    """
+    from octseg.tasks.dataset import load_training_data
+
+    train, val = load_training_data(archive_path, volumes, val_fraction, seed=train_config.seed)
+    has_val = val is not None and len(val) > 0
+    names = class_names_of(unet_config)
+    fingerprint = training_fingerprint(train, val if has_val else None, unet_config, train_config, model_name)
+    experiment_id = ensure_experiment(tracking_uri, experiment)
+    return find_previous_training(fingerprint, tracking_uri, experiment_id, model_name, names)
+
+
 @task(name="train-unet-from-archive", cache_policy=NO_CACHE)
-def train_from_archive_task(
-    archive_path: str,
-    volumes: list[str],
-    unet_config: UNetConfig,
-    train_config: TrainConfig,
-    *,
-    val_fraction: float = 0.2,
-    tracking_uri: str | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
-    model_name: str = DEFAULT_MODEL_NAME,
-    force: bool = False,
-) -> TrainResult:
+def train_from_archive_task(archive_path: str, volumes: list[str], unet_config: UNetConfig,
+                            train_config: TrainConfig, *, val_fraction: float, tracking_uri: str,
+                            experiment: str, model_name: str, force: bool) -> TrainResult:
     """Load the annotated B-scans of ``volumes`` from the archive, split them, then train and register."""
     from octseg.tasks.dataset import load_training_data
 

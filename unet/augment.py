@@ -13,7 +13,6 @@ are (H, W) and receive the same geometric transform as the image.
 """
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 from scipy import ndimage
@@ -26,7 +25,6 @@ __all__ = [
     "random_flip",
 ]
 
-log = logging.getLogger(__name__)
 
 Arrays = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
 

@@ -53,7 +53,7 @@ def _check_number(name: str, value: Any, lo: float, hi: float | None = None, *, 
     too_high = hi is not None and (value >= hi if hi_open else value > hi)
     if too_low or too_high or value != value:  # NaN fails every comparison
         left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{name} must be in {left}{lo}, {hi if hi is not None else 'inf'}{right}, got {value}")
+        raise ValueError(f"{name} must be in {left}{lo:g}, {'inf' if hi is None else f'{hi:g}'}{right}, got {value}")
     return float(value)
 
 
@@ -69,6 +69,9 @@ def _check_bool(name: str, value: Any) -> None:
 
 class _Config:
     """``to_dict``/``from_dict`` shared by the configs below (unknown keys are an error, never ignored)."""
+
+    # read by pydantic when a flow config nests these dataclasses: unknown keys fail there too
+    __pydantic_config__ = {"extra": "forbid"}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict of all fields, e.g. to store beside the weights."""

@@ -14,10 +14,7 @@ from torch.utils.data import Dataset
 
 from octseg.unet.augment import augment as augment_tile
 
-__all__ = ["BScanSet", "TileDataset", "choose_tile_size"]
-
-IGNORE_INDEX = -100
-
+__all__ = ["BScanSet", "TileDataset"]
 
 @dataclass
 class BScanSet:
@@ -37,22 +34,6 @@ class BScanSet:
 
     def __len__(self) -> int:
         return len(self.images)
-
-
-def choose_tile_size(output_size_fn, image_hw: tuple[int, int], max_input: int = 256) -> int:
-    """Largest valid input tile <= ``max_input`` whose output fits inside an (H, W) image.
-
-    ``output_size_fn(n)`` returns the network's output size for input ``n`` or raises ValueError.
-    """
-    limit = min(image_hw)
-    for n in range(max_input, 0, -1):
-        try:
-            out = output_size_fn(n)
-        except ValueError:
-            continue
-        if 0 < out <= limit:
-            return n
-    raise ValueError(f"no valid input tile <= {max_input} gives an output that fits an image of {image_hw}")
 
 
 class TileDataset(Dataset):

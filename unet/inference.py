@@ -5,17 +5,16 @@ tiling itself stays pure and is tested without a network.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from octseg.unet.config import InferenceConfig
+from octseg.unet.model import choose_tile_size
 from octseg.unet.tiling import predict_tiled
 
-__all__ = ["resolve_device", "torch_predictor", "predict_probabilities", "segment_volume", "default_tile"]
-
-log = logging.getLogger(__name__)
+__all__ = ["resolve_device", "torch_predictor", "predict_probabilities", "segment_volume"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -46,28 +45,13 @@ def torch_predictor(
     return predict
 
 
-def default_tile(model: torch.nn.Module, image_hw: tuple[int, int], max_input: int = 572) -> int:
-    """A valid input tile: the image plus its context when that fits in ``max_input``, else the
-    largest valid tile <= ``max_input`` (the paper's 572 for its network)."""
-    below, above = model.nearest_valid_input_size(max_input)
-    largest = below if below is not None else above
-    halo = (largest - model.output_size(largest)) // 2
-    below, above = model.nearest_valid_input_size(min(largest, max(image_hw) + 2 * halo))
-    return above if above <= largest or below is None else below
-
-
 def predict_probabilities(
-    model: torch.nn.Module,
-    image: np.ndarray,
-    tile: int | None = None,
-    overlap: float = 0.25,
-    batch_size: int = 4,
-    amp: bool = False,
+    model: torch.nn.Module, image: np.ndarray, cfg: InferenceConfig = InferenceConfig()
 ) -> np.ndarray:
-    """Class probabilities float32 (K, H, W) for one normalised B-scan (H, W)."""
-    tile = tile or default_tile(model, image.shape[-2:])
+    """Class probabilities float32 (K, H, W) for one normalised B-scan (H, W), on the model's device."""
+    tile = cfg.tile_size or choose_tile_size(model.config, image.shape[-2:], cfg.max_tile)
     return predict_tiled(
-        image, torch_predictor(model, amp=amp), tile, overlap=overlap, batch_size=batch_size,
+        image, torch_predictor(model, amp=cfg.amp), tile, overlap=cfg.overlap, batch_size=cfg.batch_size,
         output_tile=model.output_size(tile),
     )
 
@@ -75,15 +59,13 @@ def predict_probabilities(
 def segment_volume(
     model: torch.nn.Module,
     volume: np.ndarray,
-    tile: int | None = None,
-    overlap: float = 0.25,
-    batch_size: int = 4,
+    cfg: InferenceConfig = InferenceConfig(),
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Arg-max labels uint8 (Z, H, W) for a normalised (Z, H, W) volume, B-scan by B-scan."""
     out = np.empty(volume.shape, dtype=np.uint8)
     for z, bscan in enumerate(volume):
-        out[z] = predict_probabilities(model, bscan, tile, overlap, batch_size).argmax(0)
+        out[z] = predict_probabilities(model, bscan, cfg).argmax(0)
         if progress is not None:
             progress(z + 1, len(volume))
     return out

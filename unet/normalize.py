@@ -6,14 +6,12 @@ shift the intensity statistics nor look like bright retina to the network.
 """
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 from skimage import measure
 
 __all__ = ["fill_mask", "normalize_bscan", "normalize_volume"]
 
-log = logging.getLogger(__name__)
 
 
 def _saturation_value(bscan: np.ndarray) -> float:

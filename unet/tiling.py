@@ -24,6 +24,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from octseg.unet.config import InferenceConfig
+
 __all__ = [
     "BLENDS",
     "Predictor",
@@ -252,8 +254,8 @@ def predict_tiled(
     image: np.ndarray,
     predictor: Predictor,
     tile: int | Sequence[int],
-    overlap: float = 0.25,
-    batch_size: int = 4,
+    overlap: float = InferenceConfig.overlap,
+    batch_size: int = InferenceConfig.batch_size,
     output_tile: int | Sequence[int] | None = None,
     blend: str = "gaussian",
     progress: Callable[[int, int], None] | None = None,

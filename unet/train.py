@@ -8,49 +8,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from octseg.unet.data import BScanSet, TileDataset, choose_tile_size
+from octseg.unet.config import InferenceConfig, TrainConfig
+from octseg.unet.data import BScanSet, TileDataset
 from octseg.unet.inference import predict_probabilities, resolve_device
 from octseg.unet.losses import weighted_cross_entropy
 from octseg.unet.metrics import dice_per_class
+from octseg.unet.model import choose_tile_size
 
-__all__ = ["TrainConfig", "EpochStats", "fit", "evaluate", "make_optimizer"]
+__all__ = ["EpochStats", "fit", "evaluate", "make_optimizer", "validation_inference"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of one training run (the U-Net's own live in :class:`octseg.unet.config.UNetConfig`)."""
-
-    epochs: int = 20
-    batch_size: int = 4
-    optimizer: str = "sgd"  # "sgd" (the paper's, momentum 0.99) or "adam"
-    lr: float = 0.01
-    momentum: float = 0.99
-    weight_decay: float = 0.0
-    tile_size: int | None = None  # network input tile; None -> largest valid <= max_tile that fits
-    max_tile: int = 256
-    tiles_per_epoch: int = 64
-    foreground_fraction: float = 0.33  # tiles centred near a foreground pixel (class imbalance)
-    augment: bool = True
-    seed: int = 0
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    amp: bool = False  # bfloat16 autocast on CUDA
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.tiles_per_epoch < 1:
-            raise ValueError(f"epochs, batch_size and tiles_per_epoch must be >= 1, got {asdict(self)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -63,16 +36,21 @@ class EpochStats:
     val_dice: dict[int, float] = field(default_factory=dict)
 
 
+def validation_inference(cfg: TrainConfig) -> InferenceConfig:
+    """How training scores its model: the tile rule, device and precision of its own run."""
+    return InferenceConfig(max_tile=cfg.max_tile, device=cfg.device, amp=cfg.amp)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def evaluate(model: torch.nn.Module, data: BScanSet, num_classes: int, tile: int | None = None) -> dict[int, float]:
+def evaluate(model: torch.nn.Module, data: BScanSet, inference: InferenceConfig = InferenceConfig()) -> dict[int, float]:
     """Per-class Dice over the pooled pixels of ``data``; a class absent from both gives NaN."""
-    preds = np.stack([predict_probabilities(model, img, tile).argmax(0) for img in data.images])
-    return {k: float(d) for k, d in enumerate(dice_per_class(preds, data.labels, num_classes))}
+    preds = np.stack([predict_probabilities(model, img, inference).argmax(0) for img in data.images])
+    return {k: float(d) for k, d in enumerate(dice_per_class(preds, data.labels, model.config.out_channels))}
 
 
 def _train_epoch(model, loader, optimizer, device, amp) -> float:
@@ -104,13 +82,13 @@ def fit(
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model.to(device)
-    tile = cfg.tile_size or choose_tile_size(model.output_size, train.images.shape[1:], cfg.max_tile)
+    tile = cfg.tile_size or choose_tile_size(model.config, train.images.shape[1:], cfg.max_tile)
     out = model.output_size(tile)
     dataset = TileDataset(train, tile, out, cfg.tiles_per_epoch, augment=cfg.augment, seed=cfg.seed,
                           foreground=cfg.foreground_fraction)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, pin_memory=device.type == "cuda")
     optimizer = make_optimizer(model, cfg)
-    num_classes = model.config.out_channels
+    inference = validation_inference(cfg)
     log.info("training on %s: %d B-scans, tiles %d -> %d, %s", device, len(train), tile, out, cfg)
     history: list[EpochStats] = []
     for epoch in range(cfg.epochs):
@@ -119,7 +97,7 @@ def fit(
         loss = _train_epoch(model, loader, optimizer, device, cfg.amp)
         if not np.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} in epoch {epoch}; lower the learning rate")
-        val_dice = evaluate(model, val, num_classes) if val is not None and len(val) else {}
+        val_dice = evaluate(model, val, inference) if val is not None and len(val) else {}
         stats = EpochStats(epoch, loss, time.perf_counter() - t0, val_dice)
         history.append(stats)
         log.info("epoch %d: loss %.4f, val dice %s", epoch, loss, val_dice)

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
+from octseg.unet.config import WeightMapConfig
 from scipy import ndimage as ndi
 
 try:  # the C routine behind ndi.distance_transform_edt(..., return_indices=True), see _feature_transform
@@ -34,6 +35,7 @@ __all__ = [
     "border_weight_map_volume",
 ]
 
+_PAPER = WeightMapConfig()  # w0 = 10, sigma = 5 px
 log = logging.getLogger(__name__)
 
 BORDER_TOLERANCE = 1e-3
@@ -299,8 +301,8 @@ def _weight_map(labels: object, instances: object, w0: float, sigma: float,
     return weights
 
 
-def border_weight_map(labels: np.ndarray, instances: np.ndarray | None = None, w0: float = 10.0,
-                      sigma: float = 5.0, class_weights: ClassWeights = None) -> np.ndarray:
+def border_weight_map(labels: np.ndarray, instances: np.ndarray | None = None, w0: float = _PAPER.w0,
+                      sigma: float = _PAPER.sigma, class_weights: ClassWeights = None) -> np.ndarray:
     """U-Net weight map w(x) (eq. 2 of arXiv 1505.04597) of one B-scan, float32 (H, W).
 
     Args:
@@ -333,8 +335,8 @@ def border_weight_map(labels: np.ndarray, instances: np.ndarray | None = None, w
     return _weight_map(labels, instances, w0, sigma, class_weights, _two_nearest_windowed)
 
 
-def border_weight_map_reference(labels: np.ndarray, instances: np.ndarray | None = None, w0: float = 10.0,
-                                sigma: float = 5.0, class_weights: ClassWeights = None) -> np.ndarray:
+def border_weight_map_reference(labels: np.ndarray, instances: np.ndarray | None = None, w0: float = _PAPER.w0,
+                                sigma: float = _PAPER.sigma, class_weights: ClassWeights = None) -> np.ndarray:
     """Brute-force :func:`border_weight_map`: one full-image EDT per instance, sorted; float32 (H, W).
 
     Slow (O(N H W log N) time, N H W memory) and obviously right; for tests and benchmarks.

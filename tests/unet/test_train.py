@@ -7,10 +7,12 @@ import torch
 
 from octseg.tasks.phantom import make_phantom_volume
 from octseg.unet import UNet, border_weight_map
-from octseg.unet.data import BScanSet, TileDataset, choose_tile_size
-from octseg.unet.inference import default_tile, resolve_device, segment_volume
+from octseg.unet.config import InferenceConfig, TrainConfig, UNetConfig
+from octseg.unet.data import BScanSet, TileDataset
+from octseg.unet.inference import resolve_device, segment_volume
+from octseg.unet.model import choose_tile_size
 from octseg.unet.normalize import normalize_volume
-from octseg.unet.train import TrainConfig, evaluate, fit
+from octseg.unet.train import evaluate, fit, validation_inference
 
 
 def _coords_set(n=2, h=40, w=52) -> BScanSet:
@@ -66,16 +68,33 @@ def test_tile_dataset_rejects_bad_geometry(tile, output, message):
 
 def test_choose_tile_size_fits_the_image():
     model = UNet(base_channels=4, depth=2)
-    tile = choose_tile_size(model.output_size, (60, 90), max_input=128)
+    tile = choose_tile_size(model.config, (60, 90), max_input=128)
     assert model.output_size(tile) <= 60
     assert model.output_size(tile + 4) > 60 or tile + 4 > 128
 
 
-def test_default_tile_is_valid_and_covers_small_images():
-    model = UNet(base_channels=4, depth=2)
-    tile = default_tile(model, (37, 53))
-    assert model.output_size(tile) >= 53  # one tile covers the whole image
-    assert default_tile(UNet(), (496, 768)) == 572  # the paper's tile for a large B-scan
+@pytest.mark.parametrize(("config", "image_hw", "max_input", "expected"), [
+    (UNetConfig(), (496, 768), 572, 572),  # the paper's tile for a Duke B-scan: 572 -> 388
+    (UNetConfig(), (496, 768), 256, 252),  # a smaller cap: the largest valid tile below it
+    (UNetConfig(depth=2), (64, 96), 572, 104),  # output 64 = the shorter side
+    (UNetConfig(depth=2), (5, 5), 572, 44),  # smaller than any output: the smallest valid tile
+    (UNetConfig(padding="same"), (64, 96), 572, 64),  # no halo: the tile is the shorter side
+])
+def test_one_tile_rule(config, image_hw, max_input, expected):
+    """A brute-force reading of the rule: largest valid input <= max_input with output <= min(H, W)."""
+    from octseg.unet.model import output_size, valid_input_sizes
+
+    tile = choose_tile_size(config, image_hw, max_input)
+    assert tile == expected
+    fitting = [n for n in valid_input_sizes(1, max_input, config.depth, config.padding)
+               if output_size(n, config.depth, config.padding) <= min(image_hw)]
+    assert tile == (max(fitting) if fitting else valid_input_sizes(1, 200, config.depth, config.padding)[0])
+
+
+def test_training_validates_with_the_inference_tile_rule():
+    """Validation during training sees B-scans the way segment does: same rule, its own cap and device."""
+    cfg = TrainConfig(max_tile=188, device="cpu")
+    assert validation_inference(cfg) == InferenceConfig(max_tile=188, device="cpu")
 
 
 def test_segment_volume_shapes_and_progress():
@@ -105,7 +124,7 @@ def test_small_unet_overfits_one_phantom_bscan():
     cfg = TrainConfig(epochs=60, batch_size=4, optimizer="adam", lr=3e-3, tiles_per_epoch=16, augment=False, max_tile=96)
     history = fit(model, data, None, cfg)
     assert history[-1].train_loss < history[0].train_loss / 5
-    dice = evaluate(model, data, num_classes=2)
+    dice = evaluate(model, data)
     assert dice[1] > 0.9, dice  # fluid
 
 

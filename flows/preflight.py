@@ -1,0 +1,91 @@
+"""Checks the command runs before the Prefect engine starts: a user error is one line, at once.
+
+Standard library only (no zarr, torch, mlflow or prefect), so a wrong path answers in well under a
+second. Each check raises ValueError naming the path and what is wrong with it. The flows check
+again where they touch the data; these checks only make the common mistakes fast and clear.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["check_archive", "check_new_archive", "check_output_folder", "check_sources", "check_writable"]
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists; ValueError when that is not a folder."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir() and p != path:
+                raise ValueError(f"{path}: {p} is a file, not a folder")
+            return p
+    return Path("/")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """ValueError unless a file can be created in ``folder`` (a real probe: root ignores mode bits,
+    a read-only mount does not)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".octseg-write-probe-", dir=folder)
+    except OSError as e:
+        raise ValueError(f"{what} {folder} is not writable ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_sources(sources: Iterable[Path]) -> None:
+    """Every source given on the command line exists."""
+    missing = [str(p) for p in sources if not Path(p).exists()]
+    if missing:
+        raise ValueError(f"source(s) not found: {', '.join(missing)}")
+
+
+def _octseg_group(path: Path) -> bool:
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return isinstance(attrs, dict) and "octseg" in attrs
+
+
+def check_archive(path: Path, writable: bool) -> None:
+    """An existing octseg archive at ``path`` (written by ``octseg ingest``), writable if asked."""
+    path = Path(path)
+    _existing_ancestor(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no archive here; create one with `octseg ingest FILES --archive {path}`")
+    if not path.is_dir():
+        raise ValueError(f"{path}: is a file, not an archive folder")
+    if not (path / "zarr.json").is_file():
+        raise ValueError(f"{path}: no archive here (no zarr.json); create one with `octseg ingest`")
+    if not _octseg_group(path):
+        raise ValueError(f"{path}: a Zarr store but not an octseg archive")
+    if writable:
+        check_writable(path, "archive")
+        check_writable(path.resolve().parent, "folder beside the archive (for staging)")
+
+
+def check_new_archive(path: Path) -> None:
+    """``path`` is an octseg archive, an empty folder, or can be created; and it can be written."""
+    path = Path(path)
+    where = _existing_ancestor(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path}: is a file, not an archive folder")
+        if not (path / "zarr.json").is_file() and any(path.iterdir()):
+            raise ValueError(f"{path}: exists and is not an empty folder; refusing to create an archive in it")
+        if (path / "zarr.json").is_file() and not _octseg_group(path):
+            raise ValueError(f"{path}: a Zarr store but not an octseg archive")
+    check_writable(where, "archive" if where == path else "folder")
+
+
+def check_output_folder(path: Path, what: str) -> None:
+    """``path`` is a folder (or can be made one) that can be written, e.g. the QC overlays' folder."""
+    path = Path(path)
+    where = _existing_ancestor(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder")
+    check_writable(where, what)
