@@ -238,8 +238,10 @@ def _prepare_runtime(verbose: bool) -> None:
     """
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if not verbose:  # Dask reads these in every worker process it starts, too
-        os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
+    if not verbose:  # read when `distributed` is first imported; LocalCluster hands it to its workers
+        import dask
+
+        dask.config.set({"distributed.logging.distributed": "warning"})
     from prefect.logging.configuration import ensure_logging_setup
 
     ensure_logging_setup()

@@ -10,12 +10,24 @@ import tifffile
 from octseg.flows.config import IngestConfig, PreprocessConfig, SegmentConfig, TrainFlowConfig
 from octseg.flows.ingest import ingest_volumes
 from octseg.flows.preprocess import preprocess_archive
+from octseg.flows.runs import summary_of
 from octseg.flows.segment import segment_archive
 from octseg.flows.train import train_unet
 from octseg.tasks.archive import open_archive
 from octseg.tasks.phantom import write_phantom_files
 
 SHAPE = dict(n_bscans=4, height=64, width=96)
+
+
+def _recorded_states(flow_state) -> tuple[str, dict[str, str]]:
+    """The flow run's final state type and its task runs' (name -> state type), read back from Prefect."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_state.state_details.flow_run_id)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    return run.state.type.value, {t.name: t.state.type.value for t in tasks}
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +57,25 @@ def work(tmp_path_factory) -> dict:
 
 
 def _train_config(work, **kw) -> TrainFlowConfig:
-    defaults = dict(archive=work["archive"], base_channels=4, depth=2, epochs=2, tiles_per_epoch=8,
-                    optimizer="adam", lr=1e-3, max_tile=64, tracking_uri=work["tracking"])
+    defaults = dict(archive=work["archive"], unet={"base_channels": 4, "depth": 2},
+                    train={"epochs": 2, "tiles_per_epoch": 8, "optimizer": "adam", "lr": 1e-3, "max_tile": 64},
+                    tracking_uri=work["tracking"])
     return TrainFlowConfig(**{**defaults, **kw})
 
 
 def test_ingest_lands_good_files_and_reports_bad_ones(work):
-    summary = ingest_volumes(IngestConfig(sources=(*work["good"], *work["bad"]), archive=work["archive"],
-                                          labels=work["labels"]))
+    state = ingest_volumes(IngestConfig(sources=(*work["good"], *work["bad"]), archive=work["archive"],
+                                        labels=work["labels"]), return_state=True)
+    summary = summary_of(state)
     assert sorted(summary.written) == ["phantom_000", "phantom_001", "phantom_002"]
+    # Prefect saw it: each bad file is a Failed task run, the good ones Completed, the flow run Failed
+    flow_state, task_states = _recorded_states(state)
+    assert flow_state == "FAILED" and state.is_failed()
+    for path in work["bad"]:
+        assert task_states[f"ingest-{path}"] == "FAILED", task_states
+    for path in work["good"]:
+        assert task_states[f"ingest-{path}"] == "COMPLETED", task_states
+    assert all(path.name in state.message for path in work["bad"])  # the run's message names each failure
     assert len(summary.failures) == 4
     for path in work["bad"]:
         assert any(path.name in f for f in summary.failures), (path.name, summary.failures)
@@ -123,7 +145,9 @@ def test_pipeline_rerun_over_a_finished_archive_does_nothing(work):
         train=_train_config(work),
         segment=SegmentConfig(archive=work["archive"], tracking_uri=work["tracking"], qc_dir=work["root"] / "qc"),
     )
-    summary = run_pipeline(cfg)
+    state = run_pipeline(cfg, return_state=True)
+    assert state.is_completed()
+    summary = summary_of(state)
     assert summary.ingest.written == [] and len(summary.ingest.skipped) == 3
     assert summary.preprocess.computed == {}
     assert summary.train.reused and summary.train.model_version == "1"
@@ -141,7 +165,11 @@ def test_preprocess_goes_on_past_a_broken_volume(tmp_path):
     assert shards
     for p in shards:
         p.write_bytes(p.read_bytes()[:20])  # a truncated shard: the volume cannot be decoded
-    summary = preprocess_archive(PreprocessConfig(archive=tmp_path / "a.zarr", n_workers=1))
+    state = preprocess_archive(PreprocessConfig(archive=tmp_path / "a.zarr", n_workers=1), return_state=True)
+    summary = summary_of(state)
     assert list(summary.computed) == ["good"]
     assert len(summary.failures) == 1 and summary.failures[0].startswith("broken:")
+    flow_state, task_states = _recorded_states(state)
+    assert flow_state == "FAILED"
+    assert task_states == {"preprocess-good": "COMPLETED", "preprocess-broken": "FAILED"}
     assert not archive.derived_is_complete("broken", "normalized")

@@ -52,10 +52,12 @@ def run(shared_data: Path, tmp_path_factory) -> Iterator[dict]:
         ingest = ingest_volumes(IngestConfig(sources=(shared_data / SUBJECT, fluid / "images"), archive=archive,
                                              labels=fluid / "masks"))
         preprocess = preprocess_archive(PreprocessConfig(archive=archive, n_workers=2))
-        train = train_unet(TrainFlowConfig(archive=archive, base_channels=4, depth=2, epochs=1, tiles_per_epoch=8,
-                                           optimizer="adam", lr=1e-3, max_tile=128, tracking_uri=tracking))
+        train = train_unet(TrainFlowConfig(
+            archive=archive, unet={"base_channels": 4, "depth": 2},
+            train={"epochs": 1, "tiles_per_epoch": 8, "optimizer": "adam", "lr": 1e-3, "max_tile": 128},
+            tracking_uri=tracking))
         segment = segment_archive(SegmentConfig(archive=archive, tracking_uri=tracking, qc_dir=qc,
-                                                tile_size=SEGMENT_TILE, device="cpu"))
+                                                inference={"tile_size": SEGMENT_TILE, "device": "cpu"}))
     finally:
         torch.set_num_threads(threads)
     yield {"data": shared_data, "archive": archive, "qc": qc, "ingest": ingest, "preprocess": preprocess,

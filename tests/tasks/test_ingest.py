@@ -9,8 +9,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from octseg.tasks.archive import open_archive
-from octseg.tasks.ingest import ingest_source, ingest_source_task
+from octseg.tasks.archive import ArchiveError, open_archive
+from octseg.tasks.ingest import IngestResult, ingest_source, ingest_source_task, is_up_to_date
+from octseg.tasks.readers import ReadError
 
 RNG = np.random.default_rng(3)
 STACK = (RNG.random((4, 16, 24)) * 250).astype(np.uint8)  # (Z, Y, X)
@@ -42,11 +43,12 @@ def _ino(archive_path: Path, volume_id: str) -> int:
 def test_ingest_writes_volumes(tmp_path: Path, sources: dict[str, Path]) -> None:
     arc_path = tmp_path / "arc.zarr"
     results = [ingest_source(sources[k], arc_path, sources["labels"]) for k in "abc"]
-    assert [(r.volume_id, r.status, r.n_bscans, r.annotated, r.error) for r in results] == [
-        ("eye_a", "written", 4, [0, 1, 2, 3], None),
-        ("eye_b", "written", 4, [0, 2], None),
-        ("eye_c", "written", 1, [], None),  # no mask: not annotated
+    assert [(r.volume_id, r.status, r.n_bscans, r.annotated) for r in results] == [
+        ("eye_a", "written", 4, [0, 1, 2, 3]),
+        ("eye_b", "written", 4, [0, 2]),
+        ("eye_c", "written", 1, []),  # no mask: not annotated
     ]
+    assert all(isinstance(r, IngestResult) and not hasattr(r, "error") for r in results)
     arc = open_archive(arc_path, create=False)
     assert arc.volume_ids() == ["eye_a", "eye_b", "eye_c"]
     np.testing.assert_array_equal(arc.image("eye_b")[:], STACK)
@@ -140,7 +142,7 @@ def test_rerun_keeps_ground_truth_unless_masks_change(tmp_path: Path, sources: d
 
     again = ingest_source(sources[key], arc_path, rerun_labels(sources))
 
-    assert (again.status, again.n_bscans, again.annotated, again.error) == (status, 4, annotated, None)
+    assert (again.status, again.n_bscans, again.annotated) == (status, 4, annotated)
     labels, stored_annotated = arc.manual_labels(vid)
     assert stored_annotated == annotated
     assert (_ino(arc_path, vid) == inode) is kept
@@ -193,12 +195,15 @@ def test_volume_id_belongs_to_one_source(tmp_path: Path, sources: dict[str, Path
     arc = open_archive(arc_path)
     meta_before, inode = arc.volume_meta("eye_a"), _ino(arc_path, "eye_a")
 
-    result = ingest_source(second(sources), arc_path)  # a separate batch: no labels dir
-
-    assert (result.volume_id, result.status) == ("eye_a", status)
-    for phrase in phrases:
-        assert phrase in result.error, result.error
-    assert (result.error is None) is (status != "failed")
+    if status == "failed":
+        with pytest.raises(ValueError) as info:
+            ingest_source(second(sources), arc_path)  # a separate batch: no labels dir
+        assert phrases
+        for phrase in phrases:
+            assert phrase in str(info.value), str(info.value)
+    else:
+        result = ingest_source(second(sources), arc_path)  # a separate batch: no labels dir
+        assert (result.volume_id, result.status) == ("eye_a", status)
     meta = arc.volume_meta("eye_a")
     assert meta["source"] == first_source
     assert (meta == meta_before and _ino(arc_path, "eye_a") == inode) is first_kept
@@ -247,23 +252,46 @@ def _bad_sources(tmp_path: Path) -> list[tuple[Path, str]]:
 def test_bad_sources_fail_clearly_while_good_ones_land(tmp_path: Path, sources: dict[str, Path]) -> None:
     arc_path = tmp_path / "arc.zarr"
     bad = _bad_sources(tmp_path)
-    batch = [sources["a"], *[p for p, _ in bad], sources["b"]]
-    results = {Path(r.source).name: r for r in (ingest_source(p, arc_path, tmp_path / "labels") for p in batch)}
-    assert results["eye_a.tif"].status == results["eye_b"].status == "written"
+    assert ingest_source(sources["a"], arc_path, tmp_path / "labels").status == "written"
     for path, phrase in bad:
-        r = results[path.name]
-        assert r.status == "failed" and r.n_bscans == 0
-        assert path.name in r.error and phrase in r.error, r.error
+        with pytest.raises(ReadError) as info:
+            ingest_source(path, arc_path, tmp_path / "labels")
+        message = str(info.value)
+        assert path.name in message and phrase in message, message
+        assert "\n" not in message
+    assert ingest_source(sources["b"], arc_path, tmp_path / "labels").status == "written"
     assert open_archive(arc_path).volume_ids() == ["eye_a", "eye_b"]  # nothing partial
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arc.zarr", "bad", "labels", "src"]  # no staging
 
 
-def test_unexpected_error_is_reported_not_raised(tmp_path: Path, sources: dict[str, Path]) -> None:
+def test_unexpected_error_propagates_as_it_is(tmp_path: Path, sources: dict[str, Path]) -> None:
     not_an_archive = tmp_path / "file.zarr"
     not_an_archive.write_text("a file where the archive should be")
-    result = ingest_source(sources["a"], not_an_archive)
-    assert result.status == "failed" and result.volume_id == "eye_a"
-    assert result.error.startswith("eye_a.tif: ArchiveError:") and "not an empty folder" in result.error
+    with pytest.raises(ArchiveError, match="not an empty folder") as info:
+        ingest_source(sources["a"], not_an_archive)
+    assert str(not_an_archive) in str(info.value)
+    assert not_an_archive.read_text() == "a file where the archive should be"  # left alone
+
+
+def test_is_up_to_date_says_whether_ingest_would_skip(tmp_path: Path, sources: dict[str, Path]) -> None:
+    arc_path = tmp_path / "arc.zarr"
+    labels = sources["labels"]
+    ingest_source(sources["a"], arc_path)  # no masks yet
+    ingest_source(sources["b"], arc_path, labels)
+    arc = open_archive(arc_path)
+    assert not is_up_to_date(sources["c"], arc)  # not in the archive
+    assert is_up_to_date(sources["a"], arc) and is_up_to_date(sources["b"], arc, labels)  # unchanged
+    assert is_up_to_date(sources["b"], arc)  # no labels dir: masks are never dropped from unchanged bytes
+    assert not is_up_to_date(sources["a"], arc, labels)  # new masks
+    assert ingest_source(sources["a"], arc_path, labels).status == "written"
+    assert is_up_to_date(sources["a"], arc, labels)
+    assert ingest_source(sources["a"], arc_path, labels).status == "skipped"
+    Image.fromarray(MASK[1]).save(labels / "eye_b" / "b_3.png")  # one more mask
+    assert not is_up_to_date(sources["b"], arc, labels)
+    _updated_in_place(sources)  # changed file
+    assert not is_up_to_date(sources["a"], arc) and not is_up_to_date(sources["a"], arc, labels)
+    assert ingest_source(sources["a"], arc_path).status == "written"
+    assert is_up_to_date(sources["a"], arc)
 
 
 def test_task_wrapper_calls_the_plain_function(tmp_path: Path, sources: dict[str, Path]) -> None:

@@ -10,7 +10,7 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-import tasks.phantom as phantom
+import octseg.tasks.phantom as phantom
 from octseg.tasks.phantom import (
     FILL_VALUE,
     FLUID_LAYERS,

@@ -7,7 +7,8 @@ import pytest
 
 from octseg.tasks.archive import open_archive
 from octseg.tasks.phantom import make_phantom_volume
-from octseg.tasks.preprocess import preprocess_volume
+from octseg.tasks.preprocess import derived_fingerprints, outdated, preprocess_volume
+from octseg.unet.config import WeightMapConfig
 from octseg.unet.normalize import normalize_volume
 from octseg.unet.weights import border_weight_map
 
@@ -58,7 +59,7 @@ def test_rerun_skips_and_changed_parameters_recompute_only_what_depends_on_them(
     preprocess_volume(arc.path, "vol")
     again = preprocess_volume(arc.path, "vol")
     assert again.computed == [] and again.skipped == ["normalized", "weights"]
-    changed = preprocess_volume(arc.path, "vol", sigma=3.0)
+    changed = preprocess_volume(arc.path, "vol", weights=WeightMapConfig(sigma=3.0))
     assert changed.computed == ["weights"] and changed.skipped == ["normalized"]
     w = np.asarray(arc.open_derived("vol", "weights")[ANNOTATED[0]])
     np.testing.assert_allclose(w, border_weight_map(labels[ANNOTATED[0]], sigma=3.0), atol=1e-6)
@@ -71,3 +72,19 @@ def test_unannotated_volume_gets_no_weights(tmp_path):
     result = preprocess_volume(arc.path, "plain")
     assert result.computed == ["normalized"]
     assert arc.open_derived("plain", "weights") is None
+    assert list(derived_fingerprints(arc, "plain", WeightMapConfig())) == ["normalized"]
+    assert outdated(arc, "plain", WeightMapConfig(sigma=3.0)) == []
+
+
+def test_outdated_names_what_preprocessing_would_recompute(archive):
+    arc, _, _ = archive
+    assert outdated(arc, "vol", WeightMapConfig()) == ["normalized", "weights"]  # nothing computed yet
+    fps = derived_fingerprints(arc, "vol", WeightMapConfig(sigma=3.0))
+    assert list(fps) == ["normalized", "weights"] and fps["weights"]["sigma"] == 3.0
+    preprocess_volume(arc.path, "vol")
+    assert outdated(arc, "vol", WeightMapConfig()) == []
+    assert outdated(arc, "vol", WeightMapConfig(sigma=3.0)) == ["weights"]
+    assert outdated(arc, "vol", WeightMapConfig(w0=5.0)) == ["weights"]
+    preprocess_volume(arc.path, "vol", weights=WeightMapConfig(sigma=3.0))
+    assert outdated(arc, "vol", WeightMapConfig(sigma=3.0)) == []
+    assert outdated(arc, "vol", WeightMapConfig()) == ["weights"]

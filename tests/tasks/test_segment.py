@@ -9,6 +9,9 @@ from octseg.tasks.classes import DEFAULT_CLASS_NAMES
 from octseg.tasks.phantom import make_phantom_volume
 from octseg.tasks.segment import segment_one
 from octseg.unet import UNet
+from octseg.unet.config import InferenceConfig
+
+INFERENCE = InferenceConfig()
 
 
 def _info(version: str) -> dict:
@@ -22,14 +25,15 @@ def test_segment_then_skip_then_new_version(tmp_path):
                      provenance={"source": "p", "source_sha256": "s", "reader": "t"})
     model = UNet(base_channels=4, depth=2)
     calls = []
-    first = segment_one(arc.path, "v", model, _info("1"), dict(DEFAULT_CLASS_NAMES), qc_dir=tmp_path / "qc",
-                        progress=lambda d, t: calls.append(d))
+    first = segment_one(arc.path, "v", model, _info("1"), dict(DEFAULT_CLASS_NAMES), INFERENCE,
+                        qc_dir=tmp_path / "qc", progress=lambda d, t: calls.append(d))
     assert first.status == "segmented" and calls == [1, 2, 3]
     pred = arc.prediction("v")
     assert pred.shape == (3, 40, 56) and set(np.unique(pred[...])) <= {0, 1}
     assert arc.prediction_info("v")["model_version"] == "1"
     assert (tmp_path / "qc").is_dir() and first.qc_image.endswith(".png")
-    assert segment_one(arc.path, "v", model, _info("1"), dict(DEFAULT_CLASS_NAMES)).status == "skipped"
-    assert segment_one(arc.path, "v", model, _info("1"), dict(DEFAULT_CLASS_NAMES), force=True).status == "segmented"
-    assert segment_one(arc.path, "v", model, _info("2"), dict(DEFAULT_CLASS_NAMES)).status == "segmented"
+    assert segment_one(arc.path, "v", model, _info("1"), dict(DEFAULT_CLASS_NAMES), INFERENCE).status == "skipped"
+    again = segment_one(arc.path, "v", model, _info("1"), dict(DEFAULT_CLASS_NAMES), INFERENCE, force=True)
+    assert again.status == "segmented"
+    assert segment_one(arc.path, "v", model, _info("2"), dict(DEFAULT_CLASS_NAMES), INFERENCE).status == "segmented"
     assert arc.prediction_info("v")["model_version"] == "2"

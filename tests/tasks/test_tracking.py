@@ -12,22 +12,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from octseg.tasks.tracking import (
-    CHAMPION,
-    DEFAULT_MODEL_NAME,
-    ensure_experiment,
-    load_unet,
-    log_unet,
-    promote_if_better,
-    resolve_model,
-    resolve_tracking_uri,
-    using_tracking_uri,
-)
+from octseg.flows.config import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
+from octseg.tasks.registry import CHAMPION, load_unet, log_unet, promote_if_better, resolve_model
+from octseg.tasks.tracking import check_tracking_uri, ensure_experiment, resolve_tracking_uri, using_tracking_uri
 from octseg.tasks.training import train_and_register
-from octseg.unet.config import UNetConfig
+from octseg.unet.config import TrainConfig, UNetConfig
 from octseg.unet.data import BScanSet
 from octseg.unet.model import UNet
-from octseg.unet.train import TrainConfig
 
 UNET = UNetConfig(base_channels=4, depth=2)
 EPOCHS = 2
@@ -59,6 +50,7 @@ def trained(tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", decoy)
         seen = []
         result = train_and_register(_bscans(3, 0), _bscans(1, 1), UNET, TRAIN, tracking_uri=uri,
+                                    experiment=DEFAULT_EXPERIMENT, model_name=DEFAULT_MODEL_NAME,
                                     tags={"purpose": "test"}, progress=seen.append)
         env_after = os.environ["MLFLOW_TRACKING_URI"]
     return {"root": root, "uri": uri, "cwd": cwd, "result": result, "epochs_seen": seen, "env_after": env_after}
@@ -143,7 +135,7 @@ def _log_version(uri: str, name: str, experiment_id: str, score: float, seed: in
 
 def test_load_unet_restores_config_and_weights(trained):
     uri = trained["uri"]
-    version, original = _log_version(uri, "roundtrip", ensure_experiment(uri), 0.5, seed=3)
+    version, original = _log_version(uri, "roundtrip", ensure_experiment(uri, DEFAULT_EXPERIMENT), 0.5, seed=3)
     loaded = load_unet(resolve_model(f"models:/roundtrip/{version}", uri), uri)
     assert loaded.config == original.config
     expected, got = original.state_dict(), loaded.state_dict()
@@ -153,7 +145,7 @@ def test_load_unet_restores_config_and_weights(trained):
 
 def test_champion_moves_only_for_a_better_score(trained):
     uri, name = trained["uri"], "promotion"
-    experiment_id = ensure_experiment(uri)
+    experiment_id = ensure_experiment(uri, DEFAULT_EXPERIMENT)
     client = MlflowClient(uri)
     champion = lambda: str(client.get_model_version_by_alias(name, CHAMPION).version)  # noqa: E731
     cases = [  # (score of the new version, promoted?, champion afterwards)
@@ -191,7 +183,8 @@ def test_without_validation_set_scores_on_training_data(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "0f9e-flow-run")  # what prefect.runtime reads in a flow run
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = TrainConfig(epochs=1, batch_size=2, tiles_per_epoch=2, device="cpu")
-    result = train_and_register(_bscans(2, 2), None, UNET, cfg, tracking_uri=uri, model_name="no-val")
+    result = train_and_register(_bscans(2, 2), None, UNET, cfg, tracking_uri=uri, experiment=DEFAULT_EXPERIMENT,
+                                model_name="no-val")
     run = MlflowClient(uri).get_run(result.run_id)
     assert run.data.tags["octseg.score_source"] == "training"
     assert run.data.tags["prefect_flow_run_id"] == "0f9e-flow-run"
@@ -203,16 +196,42 @@ def test_without_validation_set_scores_on_training_data(tmp_path, monkeypatch):
 def test_masks_with_more_classes_than_the_network_fail_before_any_run(tmp_path):
     from mlflow import MlflowClient
 
-    from octseg.tasks.training import train_and_register
-    from octseg.unet.config import UNetConfig
-    from octseg.unet.data import BScanSet
-    from octseg.unet.train import TrainConfig
-
     labels = np.zeros((2, 40, 40), np.int64)
     labels[:, 10:20, 10:20] = 2  # a class the 2-class network cannot predict
     data = BScanSet(np.zeros(labels.shape, np.float32), labels)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with pytest.raises(ValueError, match="class 2"):
-        train_and_register(data, None, UNetConfig(base_channels=4, depth=2), TrainConfig(epochs=1), tracking_uri=uri)
+    with pytest.raises(ValueError, match=r"class 2 .*train with --classes 3"):
+        train_and_register(data, None, UNetConfig(base_channels=4, depth=2), TrainConfig(epochs=1), tracking_uri=uri,
+                           experiment=DEFAULT_EXPERIMENT, model_name=DEFAULT_MODEL_NAME)
     experiments = MlflowClient(uri).search_experiments()
     assert all(not MlflowClient(uri).search_runs([e.experiment_id]) for e in experiments)
+
+
+def test_using_tracking_uri_restores_the_environment(monkeypatch, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////before/mlflow.db")
+    with using_tracking_uri(uri):
+        assert mlflow.get_tracking_uri() == uri
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////before/mlflow.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with using_tracking_uri(uri):
+        assert mlflow.get_tracking_uri() == uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_check_tracking_uri(tmp_path):
+    db = tmp_path / "mlflow.db"
+    check_tracking_uri(f"sqlite:///{db}")  # absent, in an existing folder: MLflow creates it
+    check_tracking_uri("http://127.0.0.1:5000")  # left to MLflow
+    with pytest.raises(ValueError, match="no MLflow database"):
+        check_tracking_uri(f"sqlite:///{db}", must_exist=True)
+    with pytest.raises(ValueError, match="does not exist"):
+        check_tracking_uri(f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}")
+    with pytest.raises(ValueError, match="is a folder"):
+        check_tracking_uri(f"sqlite:///{tmp_path}")
+    db.write_text("not a database, just text\n")
+    with pytest.raises(ValueError, match="is not a SQLite database") as info:
+        check_tracking_uri(f"sqlite:///{db}", must_exist=True)
+    assert "\n" not in str(info.value)
+    db.write_bytes(b"SQLite format 3\x00" + bytes(84))
+    check_tracking_uri(f"sqlite:///{db}", must_exist=True)
