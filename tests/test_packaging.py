@@ -1,0 +1,28 @@
+"""The installed distribution owns one import name, ``octseg``: the bare names unet, tasks and flows
+belong to other projects on the package index."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_installs_only_the_octseg_namespace(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+         "--disable-pip-version-check", "--wheel-dir", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wheel,) = tmp_path.glob("octseg-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {"octseg"}, top
+    for package in ("unet", "tasks", "flows"):
+        assert f"octseg/{package}/__init__.py" in names
+    assert not any(n.startswith("octseg/tests") for n in names)
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "octseg = octseg.flows.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
