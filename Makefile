@@ -37,13 +37,13 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check --select F,E9 unet tasks flows tests benchmarks
 
+# the command itself allows the ephemeral Prefect server a generous first start and keeps logs quiet
 demo: $(STAMP)
-	PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true \
-	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 \
 	$(BIN)/octseg demo --workdir $(WORK)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/weights.py
+	$(BIN)/python benchmarks/startup.py
 
 clean:
 	rm -rf $(VENV) $(WORK) .pytest_cache
