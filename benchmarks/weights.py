@@ -1,4 +1,4 @@
-"""Benchmark: fast vs brute-force U-Net border-weight maps (unet.weights).
+"""Benchmark: fast vs brute-force U-Net border-weight maps (octseg.unet.weights).
 
 Run from the repository root:  .venv/bin/python benchmarks/weights.py [--repeat N]
 
@@ -21,11 +21,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from octseg.unet.weights import border_weight_map, border_weight_map_reference
 
-from octseg.unet.weights import border_weight_map, border_weight_map_reference  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 MAX_ERROR = 0.01

@@ -32,6 +32,12 @@ from octseg.flows import preflight
 __all__ = ["app", "main"]
 
 QUIET_LOGGERS = ("distributed", "mlflow", "alembic")  # third-party INFO lines off the console by default
+EXPLICIT_NONE = object()  # an option that sets a setting to None (e.g. --no-balanced over a config file)
+
+# Read by Prefect when it is first imported, so set before any command can import it. The ephemeral
+# server's first start migrates its database, which outlasts Prefect's 20 s default on a small machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _one_line(error: Exception) -> str:
@@ -105,7 +111,9 @@ def _settings(cls: Any, config_file: Path | None, show: bool, options: dict[str,
     prints it as YAML (which ``--config`` reads back) and stops."""
     data = load_config_file(config_file) if config_file is not None else {}
     for dotted, value in options.items():
-        if value is not None:
+        if value is EXPLICIT_NONE:
+            _set(data, dotted, None)
+        elif value is not None:
             _set(data, dotted, [str(v) for v in value] if isinstance(value, (list, tuple)) else value)
     config = cls.model_validate(data)
     if show:
@@ -229,16 +237,18 @@ class _NoTracebackFormatter(logging.Formatter):
             record.exc_info, record.exc_text = exc_info, exc_text
 
 
-def _prepare_runtime(verbose: bool) -> None:
-    """Environment and logging for a flow run from the command line (before Prefect is imported).
+def _quiet(verbose: bool) -> None:
+    """Third-party INFO logs off the console unless ``--verbose``: set first in every command, since
+    MLflow and Dask read these when they are first imported (and Dask's workers inherit them)."""
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
 
-    The ephemeral Prefect server's first start migrates its database, which outlasts Prefect's 20 s
-    default on a small machine: the command allows 120 s unless the variable is set. Third-party INFO
-    logs stay off the console unless ``--verbose``; Prefect's own logs and run records are unchanged.
-    """
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if not verbose:  # read when `distributed` is first imported; LocalCluster hands it to its workers
+
+def _prepare_runtime(verbose: bool) -> None:
+    """Logging for a flow run from the command line: third-party INFO logs and the tracebacks of failed
+    items stay off the console unless ``--verbose``; Prefect's own logs and run records are unchanged."""
+    if not verbose:  # in case Dask was imported before the variable was set (e.g. in tests)
         import dask
 
         dask.config.set({"distributed.logging.distributed": "warning"})
@@ -256,11 +266,24 @@ def _prepare_runtime(verbose: bool) -> None:
 
 
 def _run(flow_fn: Any, config: Any, verbose: bool) -> Any:
-    """Run ``flow_fn(config)`` as a Prefect flow run and return its summary, failed or not."""
+    """Run ``flow_fn(config)`` as a Prefect flow run and return its summary, failed or not.
+
+    A flow that raised a ValueError (bad input found on the way) is a user error (exit 2, one line);
+    any other error is one line and exit 1, with its traceback only under ``--verbose``.
+    """
     _prepare_runtime(verbose)
     from octseg.flows.runs import summary_of
 
-    return summary_of(flow_fn(config, return_state=True))
+    try:
+        return summary_of(flow_fn(config, return_state=True))
+    except ValueError:
+        raise
+    except Exception as e:
+        if verbose:
+            raise
+        typer.secho(f"Error: {type(e).__name__}: {_one_line(e)} (--verbose shows the traceback)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
 
 
 def _report(summary: Any) -> None:
@@ -285,15 +308,21 @@ def ingest(sources: SourcesArg = None, archive: ArchiveOpt = None, labels: Label
 
     Example: [bold]octseg ingest scans/*.tif --labels scans/masks --archive oct.zarr[/]
     """
+    _quiet(verbose)
     cfg = _settings(IngestConfig, config, show_config, {"sources": sources, "archive": archive, "labels": labels})
     preflight.check_sources(cfg.sources)
     preflight.check_new_archive(cfg.archive)
-    from octseg.flows.ingest import ingest_volumes, plan_ingest
+    from octseg.flows.plans import plan_ingest
 
-    todo, summary = plan_ingest(cfg)
+    todo, planned = plan_ingest(cfg)
     if not todo:
-        return _report(summary)
-    _report(_run(ingest_volumes, cfg, verbose))
+        return _report(planned)
+    from octseg.flows.ingest import ingest_volumes
+
+    summary = _run(ingest_volumes, cfg.model_copy(update={"sources": tuple(Path(s) for s in todo)}), verbose)
+    summary.skipped = planned.skipped + summary.skipped  # found unchanged by the plan, not hashed again
+    summary.failures = planned.failures + summary.failures  # duplicate ids in the batch
+    _report(summary)
 
 
 @app.command()
@@ -307,24 +336,28 @@ def preprocess(
                                         key="weights.w0")] = None,
     sigma: Annotated[Optional[float], _opt("Border weight sigma (pixels).", cls=PreprocessConfig,
                                            key="weights.sigma")] = None,
-    balanced: Annotated[bool, typer.Option("--balanced", help="Class weights w_c by inverse class frequency (the "
-                                           "paper's w_c); default w_c = 1.")] = False,
+    balanced: Annotated[Optional[bool], typer.Option("--balanced/--no-balanced", show_default=False, help=(
+        "Class weights w_c by inverse class frequency (the paper's w_c); default w_c = 1."))] = None,
     config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Normalise intensities (ignoring the white fill) and compute U-Net border-weight maps.
 
     Runs on Dask over B-scans; reruns skip what is up to date.
     """
+    _quiet(verbose)
+    class_weights = None if balanced is None else "balanced" if balanced else EXPLICIT_NONE
     cfg = _settings(PreprocessConfig, config, show_config, {
         "archive": archive, "volumes": volume, "dask_address": dask_address, "n_workers": workers,
-        "weights.w0": w0, "weights.sigma": sigma, "weights.class_weights": "balanced" if balanced else None,
+        "weights.w0": w0, "weights.sigma": sigma, "weights.class_weights": class_weights,
     })
     preflight.check_archive(cfg.archive, writable=True)
-    from octseg.flows.preprocess import plan_preprocess, preprocess_archive
+    from octseg.flows.plans import plan_preprocess
 
     todo, summary = plan_preprocess(cfg)
     if not todo:
         return _report(summary)
+    from octseg.flows.preprocess import preprocess_archive
+
     _report(_run(preprocess_archive, cfg, verbose))
 
 
@@ -361,12 +394,17 @@ def train(
     Watch it with [bold]mlflow ui --backend-store-uri sqlite:///mlflow.db[/].
     """
     options = _train_options(locals())
+    _quiet(verbose)
     cfg = _settings(TrainFlowConfig, config, show_config, {"archive": archive, "volumes": volume, **options})
     uri = _check_train(cfg)
-    from octseg.flows.train import previous_training, train_unet
+    from octseg.flows.plans import previous_training
 
     done = None if cfg.force else previous_training(cfg, uri)
-    _report(done if done is not None else _run(train_unet, cfg, verbose))
+    if done is not None:
+        return _report(done)
+    from octseg.flows.train import train_unet
+
+    _report(_run(train_unet, cfg, verbose))
 
 
 @app.command()
@@ -400,28 +438,30 @@ def segment(
     Resumable: volumes already segmented by the same model version are skipped. Open the result in
     napari with [bold]napari --plugin napari-ome-zarr ARCHIVE/VOLUME[/].
     """
+    _quiet(verbose)
     cfg = _settings(SegmentConfig, config, show_config, {
         "archive": archive, "model_uri": model, "volumes": volume, "inference.tile_size": tile_size,
         "inference.max_tile": max_tile, "inference.overlap": overlap, "inference.batch_size": batch_size,
         "inference.device": device, "inference.amp": amp, "tracking_uri": tracking_uri, "qc_dir": qc_dir,
         "force": force,
     })
-    from octseg.flows.segment import default_qc_dir, plan_segmentation, segment_archive
     from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
 
     preflight.check_archive(cfg.archive, writable=True)
-    preflight.check_output_folder(cfg.qc_dir or default_qc_dir(cfg.archive), "QC folder")
+    preflight.check_output_folder(cfg.qc_folder, "QC folder")
     uri = resolve_tracking_uri(cfg.tracking_uri)
     check_tracking_uri(uri, must_exist=True)
+    from octseg.flows.plans import plan_segmentation
+    from octseg.flows.summary import SegmentSummary
     from octseg.tasks.registry import resolve_model
 
     ref = resolve_model(cfg.model_uri, uri)  # a missing model is a one-line error, not a failed run
     todo, done = plan_segmentation(cfg, ref)
     if not todo:
-        from octseg.flows.summary import SegmentSummary
-
         return _report(SegmentSummary(str(cfg.archive), f"{ref.name} v{ref.version}", skipped=done,
-                                      qc_dir=str(cfg.qc_dir or default_qc_dir(cfg.archive))))
+                                      qc_dir=str(cfg.qc_folder)))
+    from octseg.flows.segment import segment_archive
+
     _report(_run(segment_archive, cfg, verbose))
 
 
@@ -439,6 +479,7 @@ def pipeline(
     The options here are the common ones; every setting of every stage can be given with [bold]--config[/]
     (a YAML file with ingest, preprocess, train and segment sections; see [bold]--show-config[/]).
     """
+    _quiet(verbose)
     stages: dict[str, Any] = {
         "ingest.sources": sources, "ingest.labels": labels, "preprocess.dask_address": dask_address,
         "segment.inference.device": device, "segment.tracking_uri": tracking_uri,
@@ -448,10 +489,9 @@ def pipeline(
     cfg = _settings(PipelineConfig, config, show_config, stages)
     preflight.check_sources(cfg.ingest.sources)
     preflight.check_new_archive(cfg.ingest.archive)
-    from octseg.flows.segment import default_qc_dir
     from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
 
-    preflight.check_output_folder(cfg.segment.qc_dir or default_qc_dir(cfg.segment.archive), "QC folder")
+    preflight.check_output_folder(cfg.segment.qc_folder, "QC folder")
     check_tracking_uri(resolve_tracking_uri(cfg.train.tracking_uri))
     from octseg.flows.pipeline import run_pipeline
 
@@ -476,6 +516,7 @@ def demo(
     Everything lives in WORKDIR: Prefect's ephemeral server state, MLflow's SQLite file and
     artifacts, the archive and QC overlays. About 2 minutes on a 2-core CPU.
     """
+    _quiet(verbose)
     workdir = workdir.resolve()
     os.environ.setdefault("PREFECT_HOME", str(workdir / ".prefect"))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

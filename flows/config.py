@@ -91,6 +91,11 @@ class SegmentConfig(_Config):
     qc_dir: Path | None = None  # None: <archive>.qc beside the archive
     force: bool = False  # re-segment volumes already done by this model version
 
+    @property
+    def qc_folder(self) -> Path:
+        """Where QC overlays go: ``qc_dir``, else ``<archive>.qc/`` beside the archive."""
+        return self.qc_dir or self.archive.with_name(self.archive.name + ".qc")
+
 
 class PipelineConfig(_Config):
     """ingest -> preprocess -> train -> segment, on one archive."""
@@ -102,7 +107,7 @@ class PipelineConfig(_Config):
 
     @model_validator(mode="after")
     def _one_archive(self) -> PipelineConfig:
-        archives = {str(c.archive) for c in (self.ingest, self.preprocess, self.train, self.segment)}
+        archives = {str(c.archive.resolve()) for c in (self.ingest, self.preprocess, self.train, self.segment)}
         if len(archives) > 1:
             raise ValueError(f"the pipeline's stages must share one archive, got {sorted(archives)}")
         return self
@@ -114,16 +119,16 @@ def load_config_file(path: Path) -> dict[str, Any]:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"config file {path}: cannot be read ({e})") from None
+    kind = "JSON" if Path(path).suffix.lower() == ".json" else "YAML"  # JSON is YAML too; .json is strict
     try:
-        if Path(path).suffix.lower() in (".yaml", ".yml"):
+        if kind == "JSON":
+            data = json.loads(text)
+        else:
             import yaml
 
             data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
     except Exception as e:  # yaml.YAMLError, json.JSONDecodeError: both name line and column
-        raise ValueError(f"config file {path}: not valid {'YAML' if path.suffix != '.json' else 'JSON'}: "
-                         f"{' '.join(str(e).split())}") from None
+        raise ValueError(f"config file {path}: not valid {kind}: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -10,14 +10,14 @@ from prefect.states import State
 from octseg.flows.config import PreprocessConfig
 from octseg.flows.runs import collect, finish
 from octseg.flows.summary import PreprocessSummary
-from octseg.tasks.archive import open_archive
-from octseg.tasks.preprocess import outdated, preprocess_volume_task
+from octseg.tasks.archive import select_volumes
+from octseg.tasks.preprocess import preprocess_volume_task
 
-__all__ = ["dask_scheduler", "plan_preprocess", "preprocess_archive", "select_volumes"]
+__all__ = ["dask_scheduler", "preprocess_archive"]
 
 
 @contextlib.contextmanager
-def dask_scheduler(address: str | None, n_workers: int = 2) -> Iterator[str]:
+def dask_scheduler(address: str | None, n_workers: int) -> Iterator[str]:
     """Yield a scheduler address: ``address`` itself, or that of a LocalCluster started here."""
     if address:
         yield address
@@ -26,31 +26,6 @@ def dask_scheduler(address: str | None, n_workers: int = 2) -> Iterator[str]:
 
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         yield cluster.scheduler_address
-
-
-def select_volumes(archive_path, volumes: tuple[str, ...] | None) -> list[str]:
-    """The named volumes (each must exist) or every volume of the archive."""
-    available = open_archive(archive_path, create=False).volume_ids()
-    if volumes is None:
-        return available
-    missing = sorted(set(volumes) - set(available))
-    if missing:
-        raise ValueError(f"volume(s) {missing} not in archive {archive_path}; it holds {available}")
-    return list(volumes)
-
-
-def plan_preprocess(config: PreprocessConfig) -> tuple[list[str], PreprocessSummary]:
-    """(volumes with a derived array to (re)compute, a summary listing those up to date)."""
-    archive = open_archive(config.archive, create=False)
-    summary = PreprocessSummary(str(config.archive))
-    todo = []
-    for vid in select_volumes(config.archive, config.volumes):
-        try:
-            current = not outdated(archive, vid, config.weights)
-        except Exception:  # a broken volume: the flow reports it
-            current = False
-        (summary.up_to_date if current else todo).append(vid)
-    return todo, summary
 
 
 @flow(name="preprocess-archive")

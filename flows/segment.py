@@ -1,38 +1,29 @@
 """Flow ``segment-archive``: the registered U-Net over every volume, resumable."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.states import State
 
 from octseg.flows.config import SegmentConfig
-from octseg.flows.preprocess import select_volumes
+from octseg.flows.plans import plan_segmentation
 from octseg.flows.runs import failure_line, finish
 from octseg.flows.summary import SegmentSummary
 from octseg.tasks.archive import open_archive
 from octseg.tasks.progress import progress_bar
-from octseg.tasks.segment import already_segmented, segment_volume_task
-from octseg.tasks.registry import ModelRef, resolve_model
+from octseg.tasks.segment import segment_volume_task
+from octseg.tasks.registry import resolve_model
 from octseg.tasks.tracking import resolve_tracking_uri
 
-__all__ = ["segment_archive", "default_qc_dir", "plan_segmentation"]
+__all__ = ["segment_archive"]
 
 
-def default_qc_dir(archive: Path) -> Path:
-    """QC overlays live beside the archive: ``<archive>.qc/``."""
-    archive = Path(archive)
-    return archive.with_name(archive.name + ".qc")
-
-
-def plan_segmentation(config: SegmentConfig, ref: ModelRef) -> tuple[list[str], list[str]]:
-    """(volumes to segment, volumes this model version already segmented) of the selection."""
-    archive = open_archive(config.archive, create=False)
-    todo, done = [], []
-    for vid in select_volumes(config.archive, config.volumes):
-        finished = not config.force and already_segmented(archive, vid, ref.name, ref.version)
-        (done if finished else todo).append(vid)
-    return todo, done
+def _n_bscans(archive, volume_id: str) -> int:
+    """B-scans of a volume for its progress bar; 0 when unreadable (its task then fails with the error)."""
+    try:
+        return int(archive.image(volume_id).shape[0])
+    except Exception:
+        return 0
 
 
 @flow(name="segment-archive")
@@ -43,11 +34,11 @@ def segment_archive(config: SegmentConfig) -> State:
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
     ref = resolve_model(config.model_uri, tracking_uri)  # raises before anything is written
     archive = open_archive(config.archive, create=False)
-    qc_dir = config.qc_dir or default_qc_dir(config.archive)
+    qc_dir = config.qc_folder
     summary = SegmentSummary(str(config.archive), f"{ref.name} v{ref.version}", qc_dir=str(qc_dir))
     todo, summary.skipped = plan_segmentation(config, ref)
     for vid in todo:  # the task gets the pinned model reference and loads the weights once per process
-        with progress_bar(f"segment {vid}", archive.image(vid).shape[0]) as update:
+        with progress_bar(f"segment {vid}", _n_bscans(archive, vid)) as update:
             state = segment_volume_task(
                 str(config.archive), vid, ref, tracking_uri, requested_uri=config.model_uri,
                 inference=config.inference, qc_dir=str(qc_dir), force=config.force, progress=update,

@@ -4,20 +4,12 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from octseg.flows.config import TrainFlowConfig
-from octseg.flows.preprocess import select_volumes
 from octseg.flows.summary import TrainSummary
 from octseg.tasks.tracking import resolve_tracking_uri
-from octseg.tasks.training import identical_training, train_from_archive_task
+from octseg.tasks.archive import select_volumes
+from octseg.tasks.training import train_from_archive_task
 
-__all__ = ["previous_training", "train_unet"]
-
-
-def previous_training(config: TrainFlowConfig, tracking_uri: str) -> TrainSummary | None:
-    """The summary of a registered run that trained on this data with these settings, or None."""
-    found = identical_training(str(config.archive), select_volumes(config.archive, config.volumes), config.unet,
-                               config.train, val_fraction=config.val_fraction, tracking_uri=tracking_uri,
-                               experiment=config.experiment, model_name=config.model_name)
-    return None if found is None else TrainSummary.from_result(found, tracking_uri)
+__all__ = ["train_unet"]
 
 
 @flow(name="train-unet")

@@ -68,7 +68,8 @@ from octseg.tasks._archive_layout import (
 )
 
 __all__ = ["ARCHIVE_VERSION", "AXES", "IMAGE_DTYPES", "OME_VERSION", "SHARD_BSCANS", "UNIT", "Archive", "ArchiveError",
-           "bscan_chunks", "bscan_shards", "label_metadata", "open_archive", "volume_id_from_path"]
+           "already_segmented", "bscan_chunks", "bscan_shards", "label_metadata", "open_archive", "select_volumes",
+           "volume_id_from_path"]
 
 ARCHIVE_VERSION = 1
 REQUIRED_PROVENANCE = ("source", "source_sha256", "reader")
@@ -312,3 +313,21 @@ def open_archive(path: str | os.PathLike[str], create: bool = True) -> Archive:
     group = zarr.open_group(root, mode="a", zarr_format=3)
     group.attrs["octseg"] = {"archive_version": ARCHIVE_VERSION}
     return Archive(root)
+
+
+def select_volumes(archive_path: str | os.PathLike[str], volumes: Sequence[str] | None) -> list[str]:
+    """The named volumes (each must exist) or every volume of the archive."""
+    available = open_archive(archive_path, create=False).volume_ids()
+    if volumes is None:
+        return available
+    missing = sorted(set(volumes) - set(available))
+    if missing:
+        raise ValueError(f"volume(s) {missing} not in archive {archive_path}; it holds {available}")
+    return list(volumes)
+
+
+def already_segmented(archive: Archive, volume_id: str, model_name: str, model_version: str) -> bool:
+    """True when ``volume_id`` holds a complete prediction by this model name and version."""
+    done = archive.prediction_info(volume_id)
+    return bool(done) and (done.get("model_name"), str(done.get("model_version"))) == (model_name, str(model_version))
+

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-__all__ = ["CLASS_COLORS", "DEFAULT_CLASS_NAMES", "palette_color"]
+__all__ = ["CLASS_COLORS", "DEFAULT_CLASS_NAMES", "class_names_of", "palette_color"]
 
 # Class value -> name of the binary fluid task the U-Net is trained for.
 DEFAULT_CLASS_NAMES: Mapping[int, str] = MappingProxyType({0: "background", 1: "fluid"})
@@ -28,3 +28,8 @@ CLASS_COLORS: Mapping[int, tuple[int, int, int]] = MappingProxyType({
 def palette_color(value: int) -> tuple[int, int, int]:
     """Palette colour of class ``value`` > 0: ``CLASS_COLORS``, cycling past class 6."""
     return CLASS_COLORS[(value - 1) % len(CLASS_COLORS) + 1]
+
+
+def class_names_of(n_classes: int, class_names: Mapping[int, str] = DEFAULT_CLASS_NAMES) -> dict[int, str]:
+    """A name for each of ``n_classes`` classes (``class<k>`` where none is known)."""
+    return {c: class_names.get(c, f"class{c}") for c in range(n_classes)}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from octseg.tasks.archive import open_archive
-from octseg.unet.data import BScanSet
+from octseg.unet.bscans import BScanSet
 from octseg.unet.normalize import normalize_volume
 
 __all__ = ["normalized_bscans", "load_annotated", "split_train_val", "load_training_data"]
@@ -65,7 +65,7 @@ def _concat(sets: list[BScanSet]) -> BScanSet:
     return BScanSet(np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets]), weights)
 
 
-def split_train_val(sets: dict[str, BScanSet], val_fraction: float, seed: int = 0) -> tuple[BScanSet, BScanSet | None]:
+def split_train_val(sets: dict[str, BScanSet], val_fraction: float, seed: int) -> tuple[BScanSet, BScanSet | None]:
     """Hold out whole volumes when there are several (no leakage between neighbouring B-scans);
     with a single volume, hold out a fraction of its B-scans."""
     if not sets:
@@ -93,7 +93,7 @@ def split_train_val(sets: dict[str, BScanSet], val_fraction: float, seed: int = 
 
 
 def load_training_data(
-    archive_path: str | Path, volume_ids: list[str], val_fraction: float, seed: int = 0
+    archive_path: str | Path, volume_ids: list[str], val_fraction: float, seed: int
 ) -> tuple[BScanSet, BScanSet | None]:
     """Load every annotated volume and split it into training and validation sets."""
     sets = {v: s for v in volume_ids if (s := load_annotated(archive_path, v)) is not None}

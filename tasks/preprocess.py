@@ -1,7 +1,7 @@
 """Preprocessing of archive volumes, Dask-parallel over B-scans.
 
 Per volume: the intensity-normalised image (``derived/normalized``) and, for annotated B-scans, the
-U-Net border-weight maps (``derived/weights``). The Dask graph maps pure functions of :mod:`unet`
+U-Net border-weight maps (``derived/weights``). The Dask graph maps pure functions of :mod:`octseg.unet`
 over shard-aligned blocks of B-scans and stores straight into the Zarr arrays, so no two tasks write
 into one shard. Each output carries a fingerprint of its inputs and parameters, written last; a
 rerun skips outputs whose fingerprint still matches.

@@ -15,6 +15,7 @@ How a model is stored (flavor ``octseg_unet``, see :func:`log_unet`)::
 from __future__ import annotations
 
 import io
+import hashlib
 import json
 import logging
 import math
@@ -23,17 +24,26 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from octseg.tasks.tracking import check_tracking_uri, client
 
 if TYPE_CHECKING:
     import torch
 
+    from octseg.unet.bscans import BScanSet
+    from octseg.unet.config import TrainConfig, UNetConfig
     from octseg.unet.model import UNet
 
 __all__ = [
     "CHAMPION",
+    "FOREGROUND",
+    "TrainResult",
+    "find_previous_training",
+    "training_fingerprint",
     "ModelRef",
     "cached_unet",
     "find_registered_run",
@@ -98,7 +108,7 @@ def log_unet(
     Weights are stored as a ``state_dict`` beside the ``UNetConfig`` (nanoGPT style), not as a pickled
     module (``mlflow.pytorch.log_model(serialization_format="pickle")``) nor as ``pt2``:
 
-    - a pickle stores references to ``unet.model``/``unet.parts`` classes, so renaming or moving a
+    - a pickle stores references to ``octseg.unet.model``/``octseg.unet.parts`` classes, so renaming or moving a
       block breaks every registered version, and unpickling runs arbitrary code;
     - ``pt2`` (``torch.export``) freezes the input sizes unless every dimension is declared dynamic,
       and the valid-padding U-Net accepts only some sizes, which ``forward`` checks in Python;
@@ -232,7 +242,8 @@ def promote_if_better(
     score: float,
     tracking_uri: str,
     alias: str = CHAMPION,
-    metric: str = "val_dice_fluid",
+    *,
+    metric: str,
 ) -> bool:
     """Point ``alias`` at ``version`` if there is no champion or ``score`` beats its ``metric``; True if moved.
 
@@ -285,3 +296,46 @@ def cached_unet(ref: ModelRef, tracking_uri: str, device: str = "auto") -> UNet:
         if key not in _MODELS:
             _MODELS[key] = load_unet(ref, tracking_uri, device=resolve_device(device))
         return _MODELS[key]  # type: ignore[return-value]
+
+
+FOREGROUND = 1  # the class whose Dice decides promotion
+
+
+@dataclass
+class TrainResult:
+    """What one training run produced; ``score`` is the final Dice of class 1 (validation if any)."""
+
+    run_id: str
+    model_name: str
+    model_version: str
+    val_dice: dict[int, float]  # final per-class Dice (on the training set when there is no validation set)
+    score: float
+    promoted: bool
+    qc_image: str | None  # artifact URI of the QC PNG
+    n_train: int = 0
+    n_val: int = 0
+    reused: bool = False  # an identical earlier run (same data, configs and model name) was found
+
+
+def training_fingerprint(train: BScanSet, val: BScanSet | None, unet_config: UNetConfig,
+                         train_config: TrainConfig, model_name: str) -> str:
+    """sha256 over the training data, both configs and the model name: equal means "already trained"."""
+    h = hashlib.sha256(json.dumps([unet_config.to_dict(), train_config.to_dict(), model_name], sort_keys=True).encode())
+    for data in (train, val):
+        for arr in () if data is None else (data.images, data.labels, data.weights):
+            h.update(b"-" if arr is None else np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def find_previous_training(fingerprint: str, tracking_uri: str, experiment_id: str, model_name: str,
+                           names: Mapping[int, str]) -> TrainResult | None:
+    """The finished, registered run with this fingerprint, as a result (``reused=True``), or None."""
+    found = find_registered_run(tracking_uri, experiment_id, model_name, "octseg.fingerprint", fingerprint)
+    if found is None:
+        return None
+    run, version = found
+    prefix = "val" if run.data.tags.get("octseg.score_source") == "validation" else "train"
+    dice = {c: run.data.metrics.get(f"{prefix}_dice_{n}", math.nan) for c, n in names.items()}
+    return TrainResult(run.info.run_id, model_name, version, dice, dice.get(FOREGROUND, math.nan), False, None,
+                       n_train=int(run.data.params.get("data.n_train", 0)),
+                       n_val=int(run.data.params.get("data.n_val", 0)), reused=True)

@@ -16,8 +16,14 @@ _PERMANENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirecto
 
 
 def is_transient(error: BaseException | None) -> bool:
-    """True for an ``OSError`` that a retry may cure; False for bad input and every other error."""
-    return isinstance(error, OSError) and not isinstance(error, _PERMANENT)
+    """True for an ``OSError`` that a retry may cure, raised directly or as the cause of another error
+    (a reader reports an EIO as a ReadError naming the file); False for bad input and anything else."""
+    seen = 0
+    while error is not None and seen < 8:  # the cause chain, guarded against cycles
+        if isinstance(error, OSError) and not isinstance(error, _PERMANENT):
+            return True
+        error, seen = error.__cause__, seen + 1
+    return False
 
 
 def retry_on_transient_io(task, task_run, state) -> bool:

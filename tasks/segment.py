@@ -13,16 +13,16 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from octseg.tasks.archive import open_archive
+from octseg.tasks.archive import already_segmented, open_archive
 from octseg.tasks.dataset import normalized_bscans
 from octseg.tasks.qc import overlay, save_png
 from octseg.tasks.registry import ModelRef, cached_unet
 from octseg.tasks.retry import TRANSIENT_IO_RETRIES
-from octseg.tasks.training import class_names_of
+from octseg.tasks.classes import class_names_of
 from octseg.unet.config import InferenceConfig, UNetConfig
 from octseg.unet.inference import segment_volume
 
-__all__ = ["SegmentResult", "segment_one", "segment_volume_task", "already_segmented"]
+__all__ = ["SegmentResult", "segment_one", "segment_volume_task"]
 
 
 @dataclass
@@ -30,12 +30,6 @@ class SegmentResult:
     volume_id: str
     status: str  # "segmented" | "skipped"
     qc_image: str | None = None
-
-
-def already_segmented(archive, volume_id: str, model_name: str, model_version: str) -> bool:
-    """True when ``volume_id`` holds a complete prediction by this model name and version."""
-    done = archive.prediction_info(volume_id)
-    return bool(done) and (done.get("model_name"), str(done.get("model_version"))) == (model_name, str(model_version))
 
 
 def segment_one(
@@ -72,7 +66,7 @@ def segment_volume_task(archive_path: str, volume_id: str, ref: ModelRef, tracki
     """Prefect wrapper of :func:`segment_one`; a failing volume fails this task run with its error."""
     info = {"model_name": ref.name, "model_version": ref.version, "run_id": ref.run_id, "model_uri": requested_uri}
     model = cached_unet(ref, tracking_uri, inference.device)
-    names = class_names_of(UNetConfig.from_dict(ref.unet_config))
+    names = class_names_of(UNetConfig.from_dict(ref.unet_config).out_channels)
     result = segment_one(archive_path, volume_id, model, info, names, inference, qc_dir=qc_dir, force=force,
                          progress=progress)
     get_run_logger().info("%s: %s", volume_id, result.status)

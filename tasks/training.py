@@ -1,19 +1,17 @@
 """Train a U-Net inside ONE MLflow run, register it, and promote it to champion when it is better.
 
-``unet.train.fit`` knows nothing of MLflow; :func:`train_and_register` hands it an ``on_epoch_end``
+``octseg.unet.train.fit`` knows nothing of MLflow; :func:`train_and_register` hands it an ``on_epoch_end``
 callback that logs ``train_loss`` and ``val_dice_<class>`` per epoch (step = epoch). The run is tagged
 with the git commit and the Prefect flow-run id, carries both configs as params, a QC picture of a
 validation B-scan (ground truth left, prediction right) and the registered model.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import subprocess
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +19,17 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from octseg.tasks.classes import DEFAULT_CLASS_NAMES
+from octseg.tasks.classes import DEFAULT_CLASS_NAMES, class_names_of
 from octseg.tasks.progress import progress_bar
 from octseg.tasks.qc import side_by_side
-from octseg.tasks.registry import find_registered_run, log_unet, promote_if_better
+from octseg.tasks.registry import (
+    FOREGROUND,
+    TrainResult,
+    find_previous_training,
+    log_unet,
+    promote_if_better,
+    training_fingerprint,
+)
 from octseg.tasks.tracking import ensure_experiment, using_tracking_uri
 
 from octseg.unet.config import TrainConfig, UNetConfig
@@ -35,10 +40,7 @@ if TYPE_CHECKING:  # torch-free import: unet.data and unet.train import torch
 
 __all__ = [
     "DEFAULT_CLASS_NAMES",
-    "TrainResult",
     "check_classes",
-    "class_names_of",
-    "identical_training",
     "run_context_tags",
     "train_and_register",
     "train_from_archive_task",
@@ -46,47 +48,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FOREGROUND = 1  # the class whose Dice decides promotion
-
-
-@dataclass
-class TrainResult:
-    """What one training run produced; ``score`` is the final Dice of class 1 (validation if any)."""
-
-    run_id: str
-    model_name: str
-    model_version: str
-    val_dice: dict[int, float]  # final per-class Dice (on the training set when there is no validation set)
-    score: float
-    promoted: bool
-    qc_image: str | None  # artifact URI of the QC PNG
-    n_train: int = 0
-    n_val: int = 0
-    reused: bool = False  # an identical earlier run (same data, configs and model name) was found
-
-
-def training_fingerprint(train: BScanSet, val: BScanSet | None, unet_config: UNetConfig,
-                         train_config: TrainConfig, model_name: str) -> str:
-    """sha256 over the training data, both configs and the model name: equal means "already trained"."""
-    h = hashlib.sha256(json.dumps([unet_config.to_dict(), train_config.to_dict(), model_name], sort_keys=True).encode())
-    for data in (train, val):
-        for arr in () if data is None else (data.images, data.labels, data.weights):
-            h.update(b"-" if arr is None else np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
-
-
-def find_previous_training(fingerprint: str, tracking_uri: str, experiment_id: str, model_name: str,
-                           names: Mapping[int, str]) -> TrainResult | None:
-    """The finished, registered run with this fingerprint, as a result (``reused=True``), or None."""
-    found = find_registered_run(tracking_uri, experiment_id, model_name, "octseg.fingerprint", fingerprint)
-    if found is None:
-        return None
-    run, version = found
-    prefix = "val" if run.data.tags.get("octseg.score_source") == "validation" else "train"
-    dice = {c: run.data.metrics.get(f"{prefix}_dice_{n}", math.nan) for c, n in names.items()}
-    return TrainResult(run.info.run_id, model_name, version, dice, dice.get(FOREGROUND, math.nan), False, None,
-                       n_train=int(run.data.params.get("data.n_train", 0)),
-                       n_val=int(run.data.params.get("data.n_val", 0)), reused=True)
 
 
 def _git(*args: str) -> str | None:
@@ -166,11 +127,6 @@ def _log_qc(model, data: BScanSet, prefix: str, artifact_uri: str, train_config:
     return f"{artifact_uri}/{artifact_file}"
 
 
-def class_names_of(unet_config: UNetConfig, class_names: Mapping[int, str] = DEFAULT_CLASS_NAMES) -> dict[int, str]:
-    """A name for every class the network predicts (``class<k>`` where none is known)."""
-    return {c: class_names.get(c, f"class{c}") for c in range(unet_config.out_channels)}
-
-
 def check_classes(train: BScanSet, val: BScanSet | None, unet_config: UNetConfig) -> None:
     """ValueError before any run starts when the masks hold a class the network cannot predict."""
     top = max(int(d.labels.max()) for d in (train, val) if d is not None and len(d))
@@ -207,19 +163,18 @@ def train_and_register(
     from octseg.unet.train import evaluate, fit, validation_inference
 
     check_classes(train, val, unet_config)
-    uri = tracking_uri
-    experiment_id = ensure_experiment(uri, experiment)
-    names = class_names_of(unet_config, class_names)
+    experiment_id = ensure_experiment(tracking_uri, experiment)
+    names = class_names_of(unet_config.out_channels, class_names)
     has_val = val is not None and len(val) > 0
     prefix = "val" if has_val else "train"
     fingerprint = training_fingerprint(train, val if has_val else None, unet_config, train_config, model_name)
-    if not force and (done := find_previous_training(fingerprint, uri, experiment_id, model_name, names)):
+    if not force and (done := find_previous_training(fingerprint, tracking_uri, experiment_id, model_name, names)):
         log.info("identical training already registered as %s v%s (run %s)", model_name, done.model_version, done.run_id)
         return done
     run_tags = {**run_context_tags(), "octseg.score_source": "validation" if has_val else "training",
                 "octseg.fingerprint": fingerprint, **(tags or {})}
     model = UNet.from_config(unet_config)
-    with using_tracking_uri(uri), mlflow.start_run(experiment_id=experiment_id, tags=run_tags) as run:
+    with using_tracking_uri(tracking_uri), mlflow.start_run(experiment_id=experiment_id, tags=run_tags) as run:
         mlflow.log_params(_params(unet_config, train_config, train, val, names))
         history = fit(model, train, val if has_val else None, train_config, _epoch_logger(names, progress))
         if has_val:
@@ -230,7 +185,7 @@ def train_and_register(
         qc_image = _log_qc(model, val if has_val else train, prefix, run.info.artifact_uri, train_config)
         version = log_unet(model, model_name, metadata={"class_names": {str(k): v for k, v in names.items()}})
     score = dice.get(FOREGROUND, math.nan)
-    promoted = promote_if_better(model_name, version, score, uri, metric=f"{prefix}_dice_{names[FOREGROUND]}")
+    promoted = promote_if_better(model_name, version, score, tracking_uri, metric=f"{prefix}_dice_{names[FOREGROUND]}")
     return TrainResult(run.info.run_id, model_name, version, dice, score, promoted, qc_image,
                        n_train=len(train), n_val=len(val) if has_val else 0)
 
@@ -246,24 +201,6 @@ def _progress_logger(bar: Callable[[int, int], None] | None = None, epochs: int 
             bar(stats.epoch + 1, epochs)
 
     return progress
-
-
-def identical_training(archive_path: str | Path, volumes: list[str], unet_config: UNetConfig,
-                       train_config: TrainConfig, *, val_fraction: float, tracking_uri: str, experiment: str,
-                       model_name: str) -> TrainResult | None:
-    """The registered run that already trained on exactly this data with these settings, or None.
-
-    What the train flow would find before training; the command asks it first, so that a rerun with
-    nothing to do answers in seconds without starting a flow run.
-    """
-    from octseg.tasks.dataset import load_training_data
-
-    train, val = load_training_data(archive_path, volumes, val_fraction, seed=train_config.seed)
-    has_val = val is not None and len(val) > 0
-    names = class_names_of(unet_config)
-    fingerprint = training_fingerprint(train, val if has_val else None, unet_config, train_config, model_name)
-    experiment_id = ensure_experiment(tracking_uri, experiment)
-    return find_previous_training(fingerprint, tracking_uri, experiment_id, model_name, names)
 
 
 @task(name="train-unet-from-archive", cache_policy=NO_CACHE)

@@ -2,6 +2,7 @@
 belong to other projects on the package index."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,9 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_installs_only_the_octseg_namespace(tmp_path: Path) -> None:
+    src = tmp_path / "src"  # a copy: an in-tree build would leave build/ and *.egg-info in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "unet", "tasks", "flows", "tests"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-         "--disable-pip-version-check", "--wheel-dir", str(tmp_path), str(ROOT)],
+         "--disable-pip-version-check", "--wheel-dir", str(tmp_path), str(src)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,7 +10,8 @@ Pure PyTorch / NumPy / SciPy / scikit-image: this package never imports prefect,
 - :mod:`octseg.unet.augment`, :mod:`octseg.unet.metrics`, :mod:`octseg.unet.train`,
   :mod:`octseg.unet.inference`.
 
-Names are imported on first use, so ``from octseg.unet.config import UNetConfig`` does not load torch.
+Names are imported on first use (all but the NumPy/SciPy augmentation), so
+``from octseg.unet.config import UNetConfig`` does not load torch.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "augment": "augment", "elastic_deform": "augment",
     "UNetConfig": "config", "TrainConfig": "config", "InferenceConfig": "config", "WeightMapConfig": "config",
     "center_crop": "losses", "soft_dice_loss": "losses", "weighted_cross_entropy": "losses",
     "adapted_rand_error": "metrics", "dice_per_class": "metrics", "iou_per_class": "metrics",
@@ -29,7 +29,10 @@ _WHERE = {
     "border_weight_map": "weights", "border_weight_map_reference": "weights", "border_weight_map_volume": "weights",
 }
 
-__all__ = sorted(_WHERE)
+# eager: ``augment`` is both a submodule and a function, and the package attribute must be the function
+from octseg.unet.augment import augment, elastic_deform  # noqa: E402
+
+__all__ = sorted([*_WHERE, "augment", "elastic_deform"])
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,7 @@ without paying for torch.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, Mapping, get_args
 
@@ -123,13 +124,13 @@ class TrainConfig(_Config):
     lr: float = 0.01
     momentum: float = 0.99  # SGD only
     weight_decay: float = 0.0
-    tile_size: int | None = None  # network input tile; None: the rule of unet.model.choose_tile_size
-    max_tile: int = MAX_TILE  # largest input tile that rule may pick
+    tile_size: int | None = None  # network input tile; None: octseg.unet.model.choose_tile_size
+    max_tile: int = 256  # largest input tile that rule may pick (smaller than inference's: CPU cost)
     tiles_per_epoch: int = 64
     foreground_fraction: float = 0.33  # tiles centred near a foreground pixel (class imbalance)
     augment: bool = True  # the paper's elastic deformation, flips and grey-value jitter
     seed: int = 0
-    device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:N"
+    device: str = "auto"  # "auto" (CUDA when present) or a torch device: "cpu", "cuda:1", ...
     amp: bool = False  # bfloat16 autocast on CUDA
 
     def __post_init__(self) -> None:
@@ -154,7 +155,7 @@ class TrainConfig(_Config):
 class InferenceConfig(_Config):
     """How a trained U-Net is run over B-scans: the overlap-tile strategy of the paper (Fig. 2)."""
 
-    tile_size: int | None = None  # network input tile; None: the rule of unet.model.choose_tile_size
+    tile_size: int | None = None  # network input tile; None: octseg.unet.model.choose_tile_size
     max_tile: int = MAX_TILE  # largest input tile that rule may pick
     overlap: float = 0.25  # fraction of an output tile shared with its neighbour, blended
     batch_size: int = 4  # tiles per forward pass
@@ -186,9 +187,11 @@ class WeightMapConfig(_Config):
             _check_choice("class_weights", self.class_weights, ("balanced",))
 
 
+_DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
+
+
 def _check_device(device: Any) -> None:
-    """"auto", "cpu", "cuda" or "cuda:N" (whether CUDA is there is checked when a model is moved)."""
-    if not isinstance(device, str) or not (
-        device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
-    ):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    """"auto" or a torch device ("cpu", "cuda", "cuda:N", "mps", "xpu"); whether it is there is checked
+    when a model is moved to it."""
+    if not isinstance(device, str) or not _DEVICE.match(device):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu', got {device!r}")

@@ -6,35 +6,14 @@ context it needs for every labelled pixel (the paper's overlap-tile strategy, ap
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from octseg.unet.augment import augment as augment_tile
+from octseg.unet.bscans import BScanSet
 
 __all__ = ["BScanSet", "TileDataset"]
-
-@dataclass
-class BScanSet:
-    """Annotated B-scans in memory: images float32 (N, H, W), labels int64 (N, H, W), weights (N, H, W)."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    weights: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.images.ndim != 3 or self.labels.shape != self.images.shape:
-            raise ValueError(
-                f"images and labels must both be (N, H, W); got {self.images.shape} and {self.labels.shape}"
-            )
-        if self.weights is not None and self.weights.shape != self.images.shape:
-            raise ValueError(f"weights shape {self.weights.shape} != images shape {self.images.shape}")
-
-    def __len__(self) -> int:
-        return len(self.images)
-
 
 class TileDataset(Dataset):
     """Random (input tile, label crop, weight crop) samples from a :class:`BScanSet`.
@@ -59,7 +38,7 @@ class TileDataset(Dataset):
         self.augment, self.seed, self.epoch, self.foreground = augment, seed, 0, foreground
         self._fg = np.argwhere(data.labels > 0)  # (M, 3) k, y, x of foreground pixels
         pad = ((0, 0), (self.halo, self.halo), (self.halo, self.halo))
-        # the same mirror as inference (unet.tiling.mirror_pad): reflect, the edge pixel not repeated
+        # the same mirror as inference (octseg.unet.tiling.mirror_pad): reflect, the edge pixel not repeated
         self._images = np.pad(data.images, pad, mode="reflect")
         self._labels = np.pad(data.labels, pad, mode="reflect")
         w = data.weights if data.weights is not None else np.ones_like(data.images, dtype=np.float32)

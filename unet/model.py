@@ -1,5 +1,5 @@
 """The U-Net of Ronneberger, Fischer, Brox 2015, "U-Net: Convolutional Networks for Biomedical Image
-Segmentation" (arXiv 1505.04597), wired from the blocks in ``unet.parts``.
+Segmentation" (arXiv 1505.04597), wired from the blocks in ``octseg.unet.parts``.
 
 With the defaults this is the paper's network (Fig. 1): unpadded 3x3 convs + ReLU, 64 -> 1024 channels
 over 4 max-poolings, 23 conv layers, 31,030,658 parameters for 2 classes, and a 572x572 input tile
@@ -99,7 +99,8 @@ def choose_tile_size(config: UNetConfig, image_hw: tuple[int, int], max_input: i
     The largest valid input <= ``max_input`` whose output fits inside the image (so a training tile
     carries labels on every output pixel, and inference covers the image with as few tiles as
     possible); when even the smallest output is larger than the image, the smallest valid input
-    (inference mirror-pads the image to fit it, training refuses it).
+    (inference mirror-pads the image to fit it, training refuses it); a ``max_input`` below the
+    smallest valid input is a ValueError.
 
     >>> choose_tile_size(UNetConfig(), (496, 768), 572)  # the paper's tile for a Duke B-scan
     572
@@ -107,15 +108,17 @@ def choose_tile_size(config: UNetConfig, image_hw: tuple[int, int], max_input: i
     104
     """
     depth, padding, limit = config.depth, config.padding, min(image_hw)
+    smallest = nearest_valid_input_size(1, depth, padding)[1]
+    if max_input < smallest:
+        raise ValueError(f"max tile {max_input} is below the smallest valid input ({smallest}) of a U-Net with "
+                         f"depth={depth}, padding={padding!r}")
     best = None
     for n in range(max(max_input, 1), 0, -1):
         out = _trace_size(n, depth, padding)[0]
         if out is not None and out <= limit:
             best = n
             break
-    if best is not None:
-        return best
-    return nearest_valid_input_size(1, depth, padding)[1]
+    return best if best is not None else smallest
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -211,15 +214,6 @@ class UNet(nn.Module):
         return self.outc(x)  # (N, out_channels, 388, 388)
 
 
-def Unet(  # noqa: N802 - the seed article's spelling
-    in_channel: int = 1,
-    out_channel: int = 2,
-    base_channels: int = 64,
-    depth: int = 4,
-    padding: str = "valid",
-    batch_norm: bool = False,
-    dropout: float = 0.0,
-    up_mode: str = "transpose",
-) -> UNet:
+def Unet(in_channel: int = 1, out_channel: int = 2, **fields) -> UNet:  # noqa: N802 - the seed article's spelling
     """Alias for the seed article's call ``Unet(in_channel=1, out_channel=2)``; returns the same UNet."""
-    return UNet(UNetConfig(in_channel, out_channel, base_channels, depth, padding, batch_norm, dropout, up_mode))
+    return UNet(UNetConfig(in_channels=in_channel, out_channels=out_channel, **fields))

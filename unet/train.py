@@ -37,8 +37,8 @@ class EpochStats:
 
 
 def validation_inference(cfg: TrainConfig) -> InferenceConfig:
-    """How training scores its model: the tile rule, device and precision of its own run."""
-    return InferenceConfig(max_tile=cfg.max_tile, device=cfg.device, amp=cfg.amp)
+    """How training scores its model: as ``octseg segment`` would by default, on the training device."""
+    return InferenceConfig(device=cfg.device)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

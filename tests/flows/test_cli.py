@@ -46,7 +46,7 @@ def _invoke(*args: str):
     (("train",), ["--archive", "--epochs", "--base-channels", "--depth", "--batch-size", "--lr", "--optimizer",
                   "--tiles-per-epoch", "--device", "--tracking-uri", "--classes", "--weight-decay", "--amp",
                   "--up-mode", "--padding", "--batch-norm", "--momentum", "--tile-size", "--max-tile", "--config",
-                  "--show-config", "--verbose", "[default: (64)]", "[default: (572)]"]),
+                  "--show-config", "--verbose", "[default: (64)]", "[default: (256)]"]),
     (("segment",), ["--archive", "--model", "models:/octseg-unet@champion", "--tracking-uri", "--qc-dir", "--force",
                     "--tile-size", "--overlap", "--batch-size", "[default: (0.25)]", "--config", "--show-config"]),
     (("pipeline",), ["SOURCE", "--archive", "--labels", "--epochs", "--base-channels", "--tracking-uri",
@@ -265,3 +265,44 @@ def test_first_command_on_a_fresh_machine_works_and_is_quiet(tmp_path: Path) -> 
         assert done.returncode == 0, (args, done.stderr[-3000:])
         assert "Traceback" not in done.stderr and "Timed out" not in done.stderr
         assert not [x for x in done.stderr.splitlines() if "distributed." in x and "INFO" in x], done.stderr[-3000:]
+
+
+def test_prefect_reads_the_commands_start_up_timeout() -> None:
+    """The setting is in place before any command can import Prefect (which reads settings once)."""
+    code = ("import octseg.flows.cli, octseg.flows.ingest\n"
+            "from prefect.settings import get_current_settings\n"
+            "print('TIMEOUT', get_current_settings().server.ephemeral.startup_timeout_seconds)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "TIMEOUT 120" in done.stdout
+
+
+def test_an_unexpected_flow_error_is_one_line_and_exit_1(capsys) -> None:
+    """Not a user error (exit 2) and not a traceback: one line naming the error; --verbose re-raises."""
+    import typer
+    from prefect import flow
+
+    from octseg.flows import cli
+
+    @flow(name="octseg-test-boom")
+    def boom(config: int) -> None:
+        raise RuntimeError(f"disk {config} on fire")
+
+    with pytest.raises(typer.Exit) as exit_info:
+        cli._run(boom, 7, verbose=False)
+    assert exit_info.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert "Error: RuntimeError: disk 7 on fire" in err and "Traceback" not in err
+    with pytest.raises(RuntimeError, match="disk 8 on fire"):
+        cli._run(boom, 8, verbose=True)
+
+
+def test_a_duplicate_id_fails_even_when_everything_else_is_up_to_date(ingested) -> None:
+    good = ingested["good"][0]
+    twin = good.parent / "twin" / good.name
+    twin.parent.mkdir(exist_ok=True)
+    twin.write_bytes(good.read_bytes())
+    result = _invoke("ingest", str(good), str(twin), "--archive", str(ingested["archive"]))
+    assert result.exit_code == 1, result.output
+    assert "1 up to date, 1 failed" in result.plain and "is already used by" in result.plain

@@ -8,7 +8,7 @@ from octseg.tasks.archive import open_archive
 from octseg.tasks.dataset import load_annotated, split_train_val
 from octseg.tasks.phantom import make_phantom_volume
 from octseg.tasks.preprocess import preprocess_volume
-from octseg.unet.data import BScanSet
+from octseg.unet.bscans import BScanSet
 from octseg.unet.normalize import normalize_volume
 
 
@@ -48,14 +48,14 @@ def test_mixed_shapes_fail_whatever_the_seed():
 
 def test_volumes_without_weight_maps_get_uniform_weights_only_themselves():
     weighted = BScanSet(np.zeros((2, 4, 4), np.float32), np.zeros((2, 4, 4), np.int64), np.full((2, 4, 4), 3.0, np.float32))
-    train, _ = split_train_val({"w": weighted, "plain": _set(2, 1)}, 0.0)
+    train, _ = split_train_val({"w": weighted, "plain": _set(2, 1)}, 0.0, seed=0)
     assert train.weights is not None
     assert sorted(np.unique(train.weights).tolist()) == [1.0, 3.0]  # the weighted volume keeps its maps
 
 
 def test_split_without_annotations_is_a_clear_error():
     with pytest.raises(ValueError, match="no annotated B-scans"):
-        split_train_val({}, 0.2)
+        split_train_val({}, 0.2, seed=0)
 
 
 def test_load_annotated_uses_preprocessed_arrays(tmp_path):

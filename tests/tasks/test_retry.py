@@ -10,6 +10,11 @@ from octseg.tasks.archive import ArchiveError
 from octseg.tasks.readers import ReadError
 from octseg.tasks.retry import TRANSIENT_IO_RETRIES, is_transient, retry_on_transient_io
 
+def _caused_by(error: BaseException, cause: BaseException) -> BaseException:
+    error.__cause__ = cause
+    return error
+
+
 CASES = [  # (exception, transient?)
     (OSError(errno.EIO, "Input/output error"), True),
     (OSError(errno.ESTALE, "Stale file handle"), True),
@@ -23,6 +28,8 @@ CASES = [  # (exception, transient?)
     (NotADirectoryError(errno.ENOTDIR, "Not a directory", "scan.tif/x"), False),
     (PermissionError(errno.EACCES, "Permission denied", "scan.tif"), False),
     (ReadError("scan.tif", "truncated file"), False),  # bad input
+    (_caused_by(ReadError("scan.tif", "cannot read"), OSError(errno.EIO, "Input/output error")), True),  # a reader's
+    (_caused_by(ReadError("scan.tif", "cannot read"), FileNotFoundError(errno.ENOENT, "gone")), False),
     (ArchiveError("a.zarr: exists and is not an empty folder"), False),
     (ValueError("volume id 'eye_a' already holds another file"), False),
     (RuntimeError("boom"), False),

@@ -17,7 +17,7 @@ from octseg.tasks.registry import CHAMPION, load_unet, log_unet, promote_if_bett
 from octseg.tasks.tracking import check_tracking_uri, ensure_experiment, resolve_tracking_uri, using_tracking_uri
 from octseg.tasks.training import train_and_register
 from octseg.unet.config import TrainConfig, UNetConfig
-from octseg.unet.data import BScanSet
+from octseg.unet.bscans import BScanSet
 from octseg.unet.model import UNet
 
 UNET = UNetConfig(base_channels=4, depth=2)
@@ -157,9 +157,9 @@ def test_champion_moves_only_for_a_better_score(trained):
     ]
     for seed, (score, promoted, after) in enumerate(cases):
         version, _ = _log_version(uri, name, experiment_id, score, seed)
-        assert promote_if_better(name, version, score, uri) is promoted, (score, version)
+        assert promote_if_better(name, version, score, uri, metric="val_dice_fluid") is promoted, (score, version)
         assert champion() == after
-    assert promote_if_better(name, "4", 0.9, uri) is False  # already champion
+    assert promote_if_better(name, "4", 0.9, uri, metric="val_dice_fluid") is False  # already champion
 
 
 def test_ensure_experiment_is_idempotent_and_keeps_artifacts_beside_the_db(tmp_path):

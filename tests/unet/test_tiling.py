@@ -1,4 +1,4 @@
-"""Tests of unet.tiling: tile layout, blending weights, mirror padding and the stitched prediction.
+"""Tests of octseg.unet.tiling: tile layout, blending weights, mirror padding and the stitched prediction.
 
 The predictors are plain functions (identity with a centre crop, ``x * 2``), as in MONAI's tests:
 the stitched result of an identity predictor must equal the input, exact up to float rounding.
@@ -10,7 +10,7 @@ import doctest
 import numpy as np
 import pytest
 
-import unet.tiling as tiling
+import octseg.unet.tiling as tiling
 from octseg.unet.tiling import gaussian_weight, halo_from_shapes, mirror_pad, plan_tiles, predict_tiled, tile_starts
 
 

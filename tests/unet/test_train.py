@@ -91,10 +91,10 @@ def test_one_tile_rule(config, image_hw, max_input, expected):
     assert tile == (max(fitting) if fitting else valid_input_sizes(1, 200, config.depth, config.padding)[0])
 
 
-def test_training_validates_with_the_inference_tile_rule():
-    """Validation during training sees B-scans the way segment does: same rule, its own cap and device."""
+def test_training_validates_the_way_segment_infers():
+    """Validation during training sees B-scans as segment does by default (tile rule, cap), on its device."""
     cfg = TrainConfig(max_tile=188, device="cpu")
-    assert validation_inference(cfg) == InferenceConfig(max_tile=188, device="cpu")
+    assert validation_inference(cfg) == InferenceConfig(device="cpu")
 
 
 def test_segment_volume_shapes_and_progress():

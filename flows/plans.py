@@ -1,0 +1,101 @@
+"""What a command would do, found without Prefect or torch: the command asks first, and when there is
+nothing to do it says so in a few seconds instead of starting a flow run.
+
+Each plan applies the same rule as its flow's tasks (the flow checks again as it works, so a plan
+never decides what is written): ingest skips sources the archive holds unchanged, preprocess skips
+volumes whose derived arrays carry current fingerprints, train reuses a registered run with the
+same data and settings, segment skips volumes the pinned model version already segmented.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from octseg.flows.config import IngestConfig, PreprocessConfig, SegmentConfig, TrainFlowConfig
+from octseg.flows.summary import IngestSummary, PreprocessSummary, TrainSummary
+from octseg.tasks.archive import already_segmented, open_archive, select_volumes, volume_id_from_path
+from octseg.tasks.registry import ModelRef
+
+__all__ = ["duplicate_ids", "plan_ingest", "plan_preprocess", "plan_segmentation", "previous_training"]
+
+
+def duplicate_ids(sources: list[Path]) -> dict[Path, str]:
+    """Sources whose volume id is already taken by an earlier source in the batch -> error text."""
+    seen: dict[str, Path] = {}
+    dup: dict[Path, str] = {}
+    for src in sources:
+        vid = volume_id_from_path(src)
+        if vid in seen:
+            dup[src] = f"{src}: volume id {vid!r} is already used by {seen[vid]} in this batch; rename one of them"
+        else:
+            seen[vid] = src
+    return dup
+
+
+def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
+    """(sources to ingest, a summary of the rest): those the archive holds unchanged are skipped, a
+    source whose volume id an earlier one in the batch already uses is a failure, as in the flow."""
+    from octseg.tasks.ingest import is_up_to_date
+
+    duplicates = duplicate_ids(list(config.sources))
+    summary = IngestSummary(str(config.archive), failures=list(duplicates.values()))
+    sources = [s for s in config.sources if s not in duplicates]
+    if not (Path(config.archive) / "zarr.json").is_file():
+        return [str(s) for s in sources], summary
+    archive = open_archive(config.archive, create=False)
+    todo = []
+    for src in sources:
+        try:
+            done = is_up_to_date(src, archive, config.labels)
+        except Exception:  # an unreadable file: the flow reports it
+            done = False
+        if done:
+            summary.skipped.append(volume_id_from_path(src))
+        else:
+            todo.append(str(src))
+    return todo, summary
+
+
+def plan_preprocess(config: PreprocessConfig) -> tuple[list[str], PreprocessSummary]:
+    """(volumes with a derived array to (re)compute, a summary listing those up to date)."""
+    from octseg.tasks.preprocess import outdated
+
+    archive = open_archive(config.archive, create=False)
+    summary = PreprocessSummary(str(config.archive))
+    todo = []
+    for vid in select_volumes(config.archive, config.volumes):
+        try:
+            current = not outdated(archive, vid, config.weights)
+        except Exception:  # a broken volume: the flow reports it
+            current = False
+        (summary.up_to_date if current else todo).append(vid)
+    return todo, summary
+
+
+def previous_training(config: TrainFlowConfig, tracking_uri: str) -> TrainSummary | None:
+    """The summary of a registered run that trained on this data with these settings, or None.
+
+    Raises ValueError, before any run, when the selection holds no annotated B-scans.
+    """
+    from octseg.tasks.classes import class_names_of
+    from octseg.tasks.dataset import load_training_data
+    from octseg.tasks.registry import find_previous_training, training_fingerprint
+    from octseg.tasks.tracking import ensure_experiment
+
+    volumes = select_volumes(config.archive, config.volumes)
+    train, val = load_training_data(config.archive, volumes, config.val_fraction, seed=config.train.seed)
+    has_val = val is not None and len(val) > 0
+    fingerprint = training_fingerprint(train, val if has_val else None, config.unet, config.train, config.model_name)
+    experiment_id = ensure_experiment(tracking_uri, config.experiment)
+    found = find_previous_training(fingerprint, tracking_uri, experiment_id, config.model_name,
+                                   class_names_of(config.unet.out_channels))
+    return None if found is None else TrainSummary.from_result(found, tracking_uri)
+
+
+def plan_segmentation(config: SegmentConfig, ref: ModelRef) -> tuple[list[str], list[str]]:
+    """(volumes to segment, volumes this model version already segmented) of the selection."""
+    archive = open_archive(config.archive, create=False)
+    todo, done = [], []
+    for vid in select_volumes(config.archive, config.volumes):
+        finished = not config.force and already_segmented(archive, vid, ref.name, ref.version)
+        (done if finished else todo).append(vid)
+    return todo, done
