@@ -20,6 +20,7 @@ import typer
 from typer.core import TyperGroup
 
 from octseg.flows.config import (
+    EvaluateConfig,
     IngestConfig,
     PipelineConfig,
     PreprocessConfig,
@@ -69,7 +70,8 @@ app = typer.Typer(
         "Segment retinal OCT archives with the U-Net of Ronneberger et al. 2015.\n\n"
         "Typical session: [bold]octseg ingest[/] scans into an archive, [bold]octseg preprocess[/] it, "
         "[bold]octseg train[/] a model, [bold]octseg segment[/] the archive — or [bold]octseg pipeline[/] "
-        "for all four, and [bold]octseg demo[/] to see it work on synthetic scans.\n\n"
+        "for all four, and [bold]octseg demo[/] to see it work on synthetic scans. [bold]octseg evaluate[/] "
+        "scores a model on annotated volumes.\n\n"
         "Every command takes [bold]--config FILE[/] (YAML or JSON of its settings; options override it) and "
         "[bold]--show-config[/] (print the settings it would run with, then stop).\n\n"
         "Embedded defaults: Prefect's ephemeral server (set PREFECT_API_URL for a real one), a Dask "
@@ -463,6 +465,52 @@ def segment(
     from octseg.flows.segment import segment_archive
 
     _report(_run(segment_archive, cfg, verbose))
+
+
+@app.command()
+def evaluate(
+    archive: ArchiveOpt = None,
+    model: Annotated[Optional[str], _opt("Model URI: models:/NAME@ALIAS or models:/NAME/VERSION.", cls=EvaluateConfig,
+                                         key="model_uri")] = None,
+    volume: Annotated[Optional[list[str]], typer.Option(
+        "--volume", "-v", show_default=False, help="Evaluate on this volume (repeatable). Default: the archive's "
+        "fixed evaluation set, else every annotated volume.")] = None,
+    fix: Annotated[Optional[bool], _opt("Record these volumes as the archive's fixed evaluation set: training then "
+                                        "holds them out and chooses the champion by its score on them.",
+                                        "--fix/--no-fix", cls=EvaluateConfig, key="fix")] = None,
+    tile_size: Annotated[Optional[int], _opt("Input tile (pixels); none: the tile rule.", cls=EvaluateConfig,
+                                             key="inference.tile_size", panel=_INF)] = None,
+    overlap: Annotated[Optional[float], _opt("Overlap of neighbouring output tiles (fraction).", cls=EvaluateConfig,
+                                             key="inference.overlap", panel=_INF)] = None,
+    device: Annotated[Optional[str], _opt("auto (GPU when present), cpu, cuda or cuda:N.", cls=EvaluateConfig,
+                                          key="inference.device", panel=_INF)] = None,
+    tracking_uri: TrackingOpt = None,
+    config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Score a registered model (default the champion) on the annotated B-scans of archive volumes.
+
+    Per class and per volume: Dice, IoU, precision and recall on pooled pixels (a class absent from both
+    prediction and truth scores —), pixel error and adapted Rand error. The report (Markdown and PNG plots,
+    with the worst B-scans) goes to [bold]ARCHIVE.reports/[/] and into the model's MLflow run; the score is
+    recorded on the model version. Predictions come from the same code as [bold]octseg segment[/].
+    """
+    _quiet(verbose)
+    cfg = _settings(EvaluateConfig, config, show_config, {
+        "archive": archive, "model_uri": model, "volumes": volume, "fix": fix, "inference.tile_size": tile_size,
+        "inference.overlap": overlap, "inference.device": device, "tracking_uri": tracking_uri,
+    })
+    from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
+
+    preflight.check_archive(cfg.archive, writable=cfg.fix)
+    preflight.check_output_folder(cfg.archive.with_name(cfg.archive.name + ".reports"), "report folder")
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    check_tracking_uri(uri, must_exist=True)
+    from octseg.tasks.registry import resolve_model
+
+    resolve_model(cfg.model_uri, uri)  # a missing model is a one-line error, not a failed run
+    from octseg.flows.evaluate import evaluate_model
+
+    _report(_run(evaluate_model, cfg, verbose))
 
 
 @app.command()

@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_EXPERIMENT",
     "DEFAULT_MODEL_NAME",
     "DEFAULT_MODEL_URI",
+    "EvaluateConfig",
     "IngestConfig",
     "PipelineConfig",
     "PreprocessConfig",
@@ -74,6 +75,9 @@ class TrainFlowConfig(_Config):
     unet: UNetConfig = UNetConfig()  # the network; the paper's by default
     train: TrainConfig = TrainConfig()  # the optimisation; SGD with momentum 0.99 as in the paper
     val_fraction: float = Field(default=0.2, ge=0, lt=1)  # whole volumes held out when there are several
+    # held out of training; the champion is chosen by the pooled fluid Dice on them. None: the
+    # archive's fixed evaluation set (`octseg evaluate --fix`), if any, else the validation Dice
+    evaluation_volumes: tuple[str, ...] | None = None
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
     experiment: str = DEFAULT_EXPERIMENT
     model_name: str = DEFAULT_MODEL_NAME
@@ -95,6 +99,17 @@ class SegmentConfig(_Config):
     def qc_folder(self) -> Path:
         """Where QC overlays go: ``qc_dir``, else ``<archive>.qc/`` beside the archive."""
         return self.qc_dir or self.archive.with_name(self.archive.name + ".qc")
+
+
+class EvaluateConfig(_Config):
+    """A registered model scored on the annotated B-scans of archive volumes."""
+
+    archive: Path
+    model_uri: str = DEFAULT_MODEL_URI
+    volumes: tuple[str, ...] | None = None  # None: the archive's evaluation set, else every annotated volume
+    tracking_uri: str | None = None
+    inference: InferenceConfig = InferenceConfig()
+    fix: bool = False  # record these volumes as the archive's fixed evaluation set
 
 
 class PipelineConfig(_Config):

@@ -15,7 +15,7 @@ from octseg.flows.summary import IngestSummary, PreprocessSummary, TrainSummary
 from octseg.tasks.archive import already_segmented, open_archive, select_volumes, volume_id_from_path
 from octseg.tasks.registry import ModelRef
 
-__all__ = ["duplicate_ids", "plan_ingest", "plan_preprocess", "plan_segmentation", "previous_training"]
+__all__ = ["duplicate_ids", "plan_ingest", "training_volumes", "plan_preprocess", "plan_segmentation", "previous_training"]
 
 
 def duplicate_ids(sources: list[Path]) -> dict[Path, str]:
@@ -71,6 +71,17 @@ def plan_preprocess(config: PreprocessConfig) -> tuple[list[str], PreprocessSumm
     return todo, summary
 
 
+def training_volumes(config: TrainFlowConfig) -> tuple[list[str], list[str]]:
+    """(volumes to train on, the evaluation set held out of them: the config's, else the archive's)."""
+    evaluation = list(config.evaluation_volumes or open_archive(config.archive, create=False).evaluation_set() or [])
+    if evaluation:
+        select_volumes(config.archive, evaluation)  # each must exist
+    volumes = [v for v in select_volumes(config.archive, config.volumes) if v not in evaluation]
+    if not volumes:
+        raise ValueError(f"every selected volume is in the evaluation set {evaluation}; nothing left to train on")
+    return volumes, evaluation
+
+
 def previous_training(config: TrainFlowConfig, tracking_uri: str) -> TrainSummary | None:
     """The summary of a registered run that trained on this data with these settings, or None.
 
@@ -81,7 +92,7 @@ def previous_training(config: TrainFlowConfig, tracking_uri: str) -> TrainSummar
     from octseg.tasks.registry import find_previous_training, training_fingerprint
     from octseg.tasks.tracking import ensure_experiment
 
-    volumes = select_volumes(config.archive, config.volumes)
+    volumes, _ = training_volumes(config)
     train, val = load_training_data(config.archive, volumes, config.val_fraction, seed=config.train.seed)
     has_val = val is not None and len(val) > 0
     fingerprint = training_fingerprint(train, val if has_val else None, config.unet, config.train, config.model_name)

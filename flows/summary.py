@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["IngestSummary", "PreprocessSummary", "TrainSummary", "SegmentSummary", "PipelineSummary"]
+__all__ = ["EvaluateSummary", "IngestSummary", "PipelineSummary", "PreprocessSummary", "SegmentSummary",
+           "TrainSummary"]
 
 
 @dataclass
@@ -53,6 +54,9 @@ class TrainSummary:
     n_val: int = 0
     qc_image: str | None = None
     reused: bool = False  # an identical run was already registered; nothing was trained
+    eval_score: float | None = None  # pooled fluid Dice on the evaluation set, when there is one
+    eval_set: str | None = None  # its fingerprint
+    champion_version: str | None = None  # the champion after this run
 
     @classmethod
     def from_result(cls, r, tracking_uri: str) -> TrainSummary:
@@ -63,11 +67,15 @@ class TrainSummary:
 
     def headline(self) -> str:
         champion = "now champion" if self.promoted else "champion unchanged"
+        if not self.promoted and self.champion_version:
+            champion = f"champion stays v{self.champion_version}"
         source = "val" if self.n_val else "train"
         what = "already trained as" if self.reused else "trained"
+        scored = "" if self.eval_score is None else (
+            f", evaluation-set fluid Dice {self.eval_score:.3f} (set {(self.eval_set or '')[:8]})")
         return (
             f"train: {what} {self.model_name} v{self.model_version} (run {self.run_id[:8]}), "
-            f"{source} fluid Dice {self.score:.3f}, {champion}; tracking at {self.tracking_uri}"
+            f"{source} fluid Dice {self.score:.3f}{scored}, {champion}; tracking at {self.tracking_uri}"
         )
 
 
@@ -85,6 +93,22 @@ class SegmentSummary:
             f"segment: {len(self.segmented)} segmented, {len(self.skipped)} already done, "
             f"{len(self.failures)} failed with {self.model}; QC overlays in {self.qc_dir}"
         )
+
+
+@dataclass
+class EvaluateSummary:
+    archive: str
+    model: str  # "name vN"
+    evaluation_set: str  # fingerprint
+    volumes: list[str] = field(default_factory=list)  # scored
+    dice: dict[str, float] = field(default_factory=dict)  # class name -> pooled Dice
+    report: str | None = None  # the report's folder
+    failures: list[str] = field(default_factory=list)
+
+    def headline(self) -> str:
+        dice = ", ".join(f"{name} {d:.3f}" for name, d in self.dice.items())
+        return (f"evaluate: {self.model} on {len(self.volumes)} volumes (set {self.evaluation_set[:8]}): "
+                f"pooled Dice {dice or '-'}, {len(self.failures)} failed; report in {self.report}")
 
 
 @dataclass

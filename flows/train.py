@@ -4,25 +4,34 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from octseg.flows.config import TrainFlowConfig
+from octseg.flows.plans import training_volumes
 from octseg.flows.summary import TrainSummary
+from octseg.tasks.evaluation import choose_champion_task
 from octseg.tasks.tracking import resolve_tracking_uri
-from octseg.tasks.archive import select_volumes
 from octseg.tasks.training import train_from_archive_task
+from octseg.unet.train import validation_inference
 
 __all__ = ["train_unet"]
 
 
 @flow(name="train-unet")
 def train_unet(config: TrainFlowConfig) -> TrainSummary:
-    """Load annotated B-scans, train, log to MLflow, register, promote to champion when better."""
+    """Load annotated B-scans, train, log to MLflow, register; then choose the champion: on the
+    evaluation set when there is one (both versions scored on it), else on validation Dice."""
     logger = get_run_logger()
     logger.info("train config: %s", config.model_dump_json())
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
-    volumes = select_volumes(config.archive, config.volumes)
+    volumes, evaluation = training_volumes(config)
     r = train_from_archive_task(
         str(config.archive), volumes, config.unet, config.train, val_fraction=config.val_fraction,
         tracking_uri=tracking_uri, experiment=config.experiment, model_name=config.model_name, force=config.force,
+        promote=not evaluation,
     )
     summary = TrainSummary.from_result(r, tracking_uri)
+    if evaluation:
+        chosen = choose_champion_task(str(config.archive), evaluation, r.model_name, r.model_version, tracking_uri,
+                                      validation_inference(config.train))
+        summary.eval_score, summary.eval_set = chosen["score"], chosen["fingerprint"]
+        summary.promoted, summary.champion_version = chosen["promoted"], chosen["champion"]
     logger.info(summary.headline())
     return summary

@@ -108,6 +108,25 @@ class Archive:
 
     path: Path
 
+    # ----- the archive's fixed evaluation set -----
+    def evaluation_set(self) -> list[str] | None:
+        """Volume ids fixed as this archive's evaluation set (``octseg.evaluation_set``), or None."""
+        attrs = zarr.open_group(self.path, mode="r", use_consolidated=False).attrs.get("octseg", {})
+        fixed = attrs.get("evaluation_set") if isinstance(attrs, dict) else None
+        return list(fixed) if fixed else None
+
+    def set_evaluation_set(self, volume_ids: Sequence[str]) -> None:
+        """Fix ``volume_ids`` (each annotated and in the archive) as the evaluation set: training holds
+        them out and the champion is chosen by its score on them."""
+        missing = sorted(set(volume_ids) - set(self.volume_ids()))
+        if missing:
+            raise ArchiveError(f"{self.path}: cannot fix an evaluation set with volumes not in it: {missing}")
+        unannotated = sorted(v for v in volume_ids if not (self.manual_labels(v) or (None, []))[1])
+        if unannotated:
+            raise ArchiveError(f"{self.path}: evaluation volumes need manual labels: {unannotated}")
+        group = zarr.open_group(self.path, mode="a", use_consolidated=False)
+        group.attrs["octseg"] = {**dict(group.attrs.get("octseg", {})), "evaluation_set": sorted(set(volume_ids))}
+
     # ----- reading -----
     def volume_ids(self) -> list[str]:
         """Sorted ids of the volumes in the archive."""

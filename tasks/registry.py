@@ -42,7 +42,11 @@ __all__ = [
     "CHAMPION",
     "FOREGROUND",
     "TrainResult",
+    "cached_eval_score",
+    "champion",
     "find_previous_training",
+    "promote_on_evaluation",
+    "record_eval_score",
     "training_fingerprint",
     "ModelRef",
     "cached_unet",
@@ -339,3 +343,54 @@ def find_previous_training(fingerprint: str, tracking_uri: str, experiment_id: s
     return TrainResult(run.info.run_id, model_name, version, dice, dice.get(FOREGROUND, math.nan), False, None,
                        n_train=int(run.data.params.get("data.n_train", 0)),
                        n_val=int(run.data.params.get("data.n_val", 0)), reused=True)
+
+
+EVAL_SET_TAG = "octseg.eval_set"  # fingerprint of the evaluation set of the version's latest evaluation
+EVAL_SCORE_TAG = "octseg.eval_score"  # its pooled foreground Dice
+
+
+def _score_tag(fingerprint: str) -> str:
+    return f"{EVAL_SCORE_TAG}.{fingerprint[:16]}"
+
+
+def cached_eval_score(ref: ModelRef, fingerprint: str, tracking_uri: str) -> float | None:
+    """The score of version ``ref`` on the evaluation set ``fingerprint`` recorded earlier, or None."""
+    tags = client(tracking_uri).get_model_version(ref.name, ref.version).tags
+    value = tags.get(_score_tag(fingerprint))
+    return None if value is None else float(value)
+
+
+def record_eval_score(ref: ModelRef, fingerprint: str, score: float, tracking_uri: str,
+                      report_dir: str | Path | None = None) -> None:
+    """Record on the version its score on the evaluation set (``octseg.eval_set``, ``octseg.eval_score``
+    and a per-set ``octseg.eval_score.<fp16>`` that caches it) and log the report into the version's run
+    under ``evaluation/<fp16>/``."""
+    mlflow_client = client(tracking_uri)
+    for key, value in ((EVAL_SET_TAG, fingerprint), (EVAL_SCORE_TAG, repr(float(score))),
+                       (_score_tag(fingerprint), repr(float(score)))):
+        mlflow_client.set_model_version_tag(ref.name, ref.version, key, value)
+    if report_dir is not None and ref.run_id:
+        mlflow_client.log_artifacts(ref.run_id, str(report_dir), artifact_path=f"evaluation/{fingerprint[:16]}")
+
+
+def champion(name: str, tracking_uri: str, alias: str = CHAMPION) -> ModelRef | None:
+    """The version ``alias`` points at, resolved, or None when there is none yet."""
+    if alias not in client(tracking_uri).get_registered_model(name).aliases:
+        return None
+    return resolve_model(f"models:/{name}@{alias}", tracking_uri)
+
+
+def promote_on_evaluation(ref: ModelRef, score: float, current: ModelRef | None, current_score: float | None,
+                          tracking_uri: str, alias: str = CHAMPION) -> bool:
+    """Point ``alias`` at ``ref`` when there is no champion or ``score`` beats the champion's score on the
+    same evaluation set; True if moved. A NaN never wins; a champion scored NaN loses to any number."""
+    if current is not None:
+        if current.version == ref.version:
+            return False
+        if math.isnan(score) or not (current_score is None or math.isnan(current_score) or score > current_score):
+            log.info("%s v%s: evaluation Dice %.4f does not beat %s@%s (v%s) %.4f", ref.name, ref.version, score,
+                     ref.name, alias, current.version, current_score)
+            return False
+    client(tracking_uri).set_registered_model_alias(ref.name, alias, ref.version)
+    log.info("%s v%s is now %s@%s (evaluation Dice %.4f)", ref.name, ref.version, ref.name, alias, score)
+    return True

@@ -148,14 +148,16 @@ def train_and_register(
     tags: Mapping[str, str] | None = None,
     progress: Callable[[EpochStats], None] | None = None,
     force: bool = False,
+    promote: bool = True,
 ) -> TrainResult:
     """Train a fresh ``UNet(unet_config)`` in one MLflow run, register it as ``model_name``, maybe promote.
 
     A rerun on the same data with the same configs returns the earlier registered run (``reused``)
     instead of training again, unless ``force``.
 
-    Promotion compares ``val_dice_<name of class 1>`` (``train_dice_...`` when ``val`` is None or empty,
-    tagged ``octseg.score_source=training``) with the champion's value of the same metric.
+    Promotion (unless ``promote`` is False: the flow then chooses the champion on its evaluation set)
+    compares ``val_dice_<name of class 1>`` (``train_dice_...`` when ``val`` is None or empty, tagged
+    ``octseg.score_source=training``) with the champion's value of the same metric.
     """
     import mlflow
 
@@ -185,7 +187,8 @@ def train_and_register(
         qc_image = _log_qc(model, val if has_val else train, prefix, run.info.artifact_uri, train_config)
         version = log_unet(model, model_name, metadata={"class_names": {str(k): v for k, v in names.items()}})
     score = dice.get(FOREGROUND, math.nan)
-    promoted = promote_if_better(model_name, version, score, tracking_uri, metric=f"{prefix}_dice_{names[FOREGROUND]}")
+    promoted = promote and promote_if_better(model_name, version, score, tracking_uri,
+                                             metric=f"{prefix}_dice_{names[FOREGROUND]}")
     return TrainResult(run.info.run_id, model_name, version, dice, score, promoted, qc_image,
                        n_train=len(train), n_val=len(val) if has_val else 0)
 
@@ -206,7 +209,7 @@ def _progress_logger(bar: Callable[[int, int], None] | None = None, epochs: int 
 @task(name="train-unet-from-archive", cache_policy=NO_CACHE)
 def train_from_archive_task(archive_path: str, volumes: list[str], unet_config: UNetConfig,
                             train_config: TrainConfig, *, val_fraction: float, tracking_uri: str,
-                            experiment: str, model_name: str, force: bool) -> TrainResult:
+                            experiment: str, model_name: str, force: bool, promote: bool) -> TrainResult:
     """Load the annotated B-scans of ``volumes`` from the archive, split them, then train and register."""
     from octseg.tasks.dataset import load_training_data
 
@@ -215,4 +218,5 @@ def train_from_archive_task(archive_path: str, volumes: list[str], unet_config: 
     with progress_bar("train epochs", train_config.epochs) as bar:
         return train_and_register(train, val, unet_config, train_config, tracking_uri=tracking_uri,
                                   experiment=experiment, model_name=model_name,
-                                  progress=_progress_logger(bar, train_config.epochs), force=force)
+                                  progress=_progress_logger(bar, train_config.epochs), force=force,
+                                  promote=promote)

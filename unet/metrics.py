@@ -15,7 +15,14 @@ import numpy as np
 from numpy.typing import ArrayLike
 from skimage.metrics import adapted_rand_error as _skimage_adapted_rand_error
 
-__all__ = ["confusion_matrix", "dice_per_class", "iou_per_class", "pixel_error", "adapted_rand_error"]
+__all__ = [
+    "adapted_rand_error",
+    "confusion_matrix",
+    "dice_per_class",
+    "iou_per_class",
+    "pixel_error",
+    "scores_from_confusion",
+]
 
 
 def _as_label_pair(pred: ArrayLike, target: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -92,3 +99,28 @@ def adapted_rand_error(pred: ArrayLike, target: ArrayLike) -> float:
     pred, target = _as_label_pair(pred, target)
     error, _precision, _recall = _skimage_adapted_rand_error(target, pred)
     return float(error)
+
+
+def scores_from_confusion(cm: np.ndarray, empty: float = float("nan")) -> dict[str, np.ndarray | float]:
+    """Pooled scores from a confusion matrix ``cm[pred, target]`` (summed over images or volumes).
+
+    Returns per-class ``dice``, ``iou``, ``precision`` TP / (TP + FP) and ``recall`` TP / (TP + FN),
+    each (K,) float64 with ``empty`` where the denominator is 0 (the rule above), and the scalar
+    ``pixel_error`` (off-diagonal share; NaN for an empty matrix).
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    fp, fn = cm.sum(axis=1) - tp, cm.sum(axis=0) - tp
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / den, empty)
+
+    total = cm.sum()
+    return {
+        "dice": ratio(2 * tp, 2 * tp + fp + fn),
+        "iou": ratio(tp, tp + fp + fn),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+        "pixel_error": float((total - tp.sum()) / total) if total > 0 else float("nan"),
+    }

@@ -39,7 +39,9 @@ def _invoke(*args: str):
 
 
 @pytest.mark.parametrize(("command", "options"), [
-    ((), ["ingest", "preprocess", "train", "segment", "pipeline", "demo"]),
+    ((), ["ingest", "preprocess", "train", "segment", "evaluate", "pipeline", "demo"]),
+    (("evaluate",), ["--archive", "--model", "--volume", "--fix", "--tile-size", "--overlap", "--tracking-uri",
+                     "--config", "--show-config"]),
     (("ingest",), ["SOURCE", "--archive", "--labels", "--config", "--show-config", "--verbose"]),
     (("preprocess",), ["--archive", "--volume", "--dask-address", "--workers", "--w0", "--sigma", "--balanced",
                        "[default: (10.0)]", "--config", "--show-config"]),
@@ -250,6 +252,11 @@ def test_pipeline_on_tiny_phantoms(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=300, env=offline, cwd=tmp_path)
         assert done.returncode == 0, (args, done.stdout, done.stderr[-2000:])
         assert phrase in done.stdout, (args, done.stdout)
+    evaluated = _invoke("evaluate", "--archive", str(archive), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                        "--fix", "--volume", "phantom_001")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "evaluate: octseg-unet v1 on 1 volumes" in evaluated.plain and "pooled Dice" in evaluated.plain
+    assert open_archive(archive, create=False).evaluation_set() == ["phantom_001"]
 
 
 def test_first_command_on_a_fresh_machine_works_and_is_quiet(tmp_path: Path) -> None:

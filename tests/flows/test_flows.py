@@ -3,6 +3,8 @@ Zarr under tmp_path and MLflow in a SQLite file. Built once per module, checked 
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
@@ -173,3 +175,80 @@ def test_preprocess_goes_on_past_a_broken_volume(tmp_path):
     assert flow_state == "FAILED"
     assert task_states == {"preprocess-good": "COMPLETED", "preprocess-broken": "FAILED"}
     assert not archive.derived_is_complete("broken", "normalized")
+
+
+def test_evaluate_scores_the_champion_on_annotated_bscans_and_reports(work):
+    """Pooled scores equal a direct computation (same predictions, one confusion matrix over the
+    concatenated annotated B-scans); the report lands beside the archive and in the model's run."""
+    from mlflow import MlflowClient
+
+    from octseg.flows.config import EvaluateConfig
+    from octseg.flows.evaluate import evaluate_model
+    from octseg.tasks.dataset import normalized_bscans
+    from octseg.tasks.registry import load_unet, resolve_model
+    from octseg.unet.config import InferenceConfig
+    from octseg.unet.inference import segment_volume
+    from octseg.unet.metrics import dice_per_class
+
+    volumes = ("phantom_000", "phantom_001")
+    state = evaluate_model(EvaluateConfig(archive=work["archive"], tracking_uri=work["tracking"], volumes=volumes),
+                           return_state=True)
+    assert state.is_completed(), state.message
+    summary = summary_of(state)
+    archive = open_archive(work["archive"], create=False)
+    ref = resolve_model("models:/octseg-unet@champion", work["tracking"])
+    model = load_unet(ref, work["tracking"])
+    preds, truths = [], []
+    for vid in volumes:  # the slow, obvious reference
+        labels, annotated = archive.manual_labels(vid)
+        idx = sorted(annotated)
+        preds.append(segment_volume(model, normalized_bscans(archive, vid, idx), InferenceConfig()))
+        truths.append(np.asarray(labels.get_orthogonal_selection((idx,))))
+    expected = dice_per_class(np.concatenate(preds), np.concatenate(truths), 2)
+    assert summary.volumes == list(volumes)
+    assert summary.dice["fluid"] == pytest.approx(expected[1]) and summary.dice["background"] == pytest.approx(expected[0])
+    report = Path(summary.report)
+    assert report.parent == work["archive"].with_name("archive.zarr.reports")
+    assert {p.name for p in report.iterdir()} == {"report.md", "scores.json", "per_volume_dice.png", "worst_bscans.png"}
+    assert "| fluid |" in (report / "report.md").read_text()
+    client = MlflowClient(work["tracking"])
+    tags = client.get_model_version("octseg-unet", ref.version).tags
+    assert tags["octseg.eval_set"] == summary.evaluation_set
+    assert float(tags["octseg.eval_score"]) == pytest.approx(expected[1])
+    logged = [a.path for a in client.list_artifacts(ref.run_id, f"evaluation/{summary.evaluation_set[:16]}")]
+    assert any(p.endswith("report.md") for p in logged), logged
+    _, task_states = _recorded_states(state)
+    assert task_states == {"evaluate-phantom_000": "COMPLETED", "evaluate-phantom_001": "COMPLETED"}
+
+
+def test_champion_is_chosen_on_the_fixed_evaluation_set(tmp_path):
+    """The archive fixes an evaluation set: training holds it out, both versions are scored on it (the
+    champion's score cached on its version), and the alias moves only on a better score."""
+    from mlflow import MlflowClient
+
+    from octseg.tasks.registry import resolve_model
+
+    sources = write_phantom_files(tmp_path / "scans", n_volumes=3, fmt="tiff", seed=5, **SHAPE)
+    archive_path = tmp_path / "a.zarr"
+    ingest_volumes(IngestConfig(sources=tuple(sources), archive=archive_path, labels=tmp_path / "scans" / "labels"))
+    archive = open_archive(archive_path, create=False)
+    archive.set_evaluation_set(["phantom_002"])
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = dict(archive=archive_path, unet={"base_channels": 4, "depth": 2}, tracking_uri=tracking, val_fraction=0.0)
+    first = train_unet(TrainFlowConfig(**base, train={"epochs": 1, "tiles_per_epoch": 2, "optimizer": "adam",
+                                                      "lr": 1e-3, "max_tile": 64, "seed": 1}))
+    assert first.promoted and first.champion_version == "1" and first.eval_score is not None
+    annotated = sum(len(archive.manual_labels(v)[1]) for v in ("phantom_000", "phantom_001"))
+    assert first.n_train == annotated  # phantom_002 was held out of training
+    v1_report = next((tmp_path / "a.zarr.reports").iterdir())
+    v1_written = v1_report.stat().st_mtime_ns
+    second = train_unet(TrainFlowConfig(**base, train={"epochs": 6, "tiles_per_epoch": 8, "optimizer": "adam",
+                                                       "lr": 3e-3, "max_tile": 64, "seed": 2}))
+    assert second.model_version == "2" and second.eval_set == first.eval_set
+    assert second.promoted == (second.eval_score > first.eval_score)
+    champion = resolve_model("models:/octseg-unet@champion", tracking).version
+    assert champion == ("2" if second.promoted else "1") == second.champion_version
+    assert v1_report.stat().st_mtime_ns == v1_written  # the champion's score came from its cache
+    tags = MlflowClient(tracking).get_model_version("octseg-unet", "2").tags
+    assert float(tags["octseg.eval_score"]) == pytest.approx(second.eval_score)
+    assert tags["octseg.eval_set"] == second.eval_set

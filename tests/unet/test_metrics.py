@@ -92,3 +92,29 @@ def test_adapted_rand_error_ignores_target_background() -> None:
     target = np.array([[0, 0], [1, 1]])
     pred = np.array([[5, 3], [1, 1]])  # differs only where the target is 0 (background)
     assert adapted_rand_error(pred, target) == 0.0
+
+
+def test_scores_from_confusion_match_the_direct_functions_and_a_hand_count():
+    from octseg.unet.metrics import confusion_matrix, scores_from_confusion
+
+    rng = np.random.default_rng(3)
+    pred, target = rng.integers(0, 3, (2, 17, 19)), rng.integers(0, 3, (2, 17, 19))
+    scores = scores_from_confusion(confusion_matrix(pred, target, 3))
+    np.testing.assert_allclose(scores["dice"], dice_per_class(pred, target, 3))
+    np.testing.assert_allclose(scores["iou"], iou_per_class(pred, target, 3))
+    assert scores["pixel_error"] == pytest.approx(pixel_error(pred, target))
+    for k in range(3):  # precision and recall counted by hand
+        tp = np.sum((pred == k) & (target == k))
+        assert scores["precision"][k] == pytest.approx(tp / np.sum(pred == k))
+        assert scores["recall"][k] == pytest.approx(tp / np.sum(target == k))
+
+
+def test_scores_from_confusion_empty_class_rule():
+    """A class absent from prediction and target: NaN (or the given value) for every ratio."""
+    from octseg.unet.metrics import scores_from_confusion
+
+    cm = np.array([[5, 1, 0], [2, 3, 0], [0, 0, 0]])
+    scores = scores_from_confusion(cm)
+    assert all(np.isnan(scores[m][2]) for m in ("dice", "iou", "precision", "recall"))
+    assert scores_from_confusion(cm, empty=1.0)["dice"][2] == 1.0
+    assert scores["pixel_error"] == pytest.approx(3 / 11)

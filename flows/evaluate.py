@@ -1,0 +1,71 @@
+"""Flow ``evaluate-model``: a registered U-Net scored on the annotated B-scans of archive volumes."""
+from __future__ import annotations
+
+import math
+
+from prefect import flow, get_run_logger
+from prefect.states import State
+
+from octseg.flows.config import EvaluateConfig
+from octseg.flows.runs import failure_line, finish
+from octseg.flows.summary import EvaluateSummary
+from octseg.tasks.archive import open_archive, select_volumes
+from octseg.tasks.classes import class_names_of
+from octseg.tasks.evaluation import evaluate_volume_task, evaluation_fingerprint, report_folder, summarize, write_report
+from octseg.tasks.registry import record_eval_score, resolve_model
+from octseg.tasks.tracking import resolve_tracking_uri
+from octseg.unet.config import UNetConfig
+
+__all__ = ["evaluation_volumes", "evaluate_model"]
+
+
+def evaluation_volumes(config: EvaluateConfig) -> list[str]:
+    """The named volumes, else the archive's fixed evaluation set, else every annotated volume."""
+    archive = open_archive(config.archive, create=False)
+    if config.volumes is not None:
+        return select_volumes(config.archive, config.volumes)
+    fixed = archive.evaluation_set()
+    if fixed:
+        return select_volumes(config.archive, fixed)
+    annotated = [v for v in archive.volume_ids() if (archive.manual_labels(v) or (None, []))[1]]
+    if not annotated:
+        raise ValueError(f"{config.archive}: no volume with manual labels to evaluate on; ingest with --labels")
+    return annotated
+
+
+@flow(name="evaluate-model")
+def evaluate_model(config: EvaluateConfig) -> State:
+    """Resolve the model, score each volume in its own task run, pool the scores, write the report
+    beside the archive and into the model's MLflow run, and record the score on the model version."""
+    logger = get_run_logger()
+    logger.info("evaluate config: %s", config.model_dump_json())
+    tracking_uri = resolve_tracking_uri(config.tracking_uri)
+    ref = resolve_model(config.model_uri, tracking_uri)
+    volumes = evaluation_volumes(config)
+    if config.fix:
+        open_archive(config.archive, create=False).set_evaluation_set(volumes)
+        logger.info("fixed %s as the evaluation set of %s", volumes, config.archive)
+    fingerprint = evaluation_fingerprint(config.archive, volumes, config.inference)
+    model = f"{ref.name} v{ref.version}"
+    summary = EvaluateSummary(str(config.archive), model, fingerprint)
+    results = []
+    for vid in volumes:
+        state = evaluate_volume_task(str(config.archive), vid, ref, tracking_uri, config.inference, return_state=True)
+        outcome = state.result(raise_on_failure=False)
+        if isinstance(outcome, BaseException):
+            summary.failures.append(failure_line(vid, outcome))
+            logger.error("failed: %s", summary.failures[-1])
+        else:
+            results.append(outcome)
+    if results:
+        names = class_names_of(UNetConfig.from_dict(ref.unet_config).out_channels)
+        report = summarize(model, fingerprint, results, names)
+        folder = report_folder(config.archive, model, fingerprint)
+        write_report(report, folder)
+        if not summary.failures:  # a score on part of the set is not the set's score
+            record_eval_score(ref, fingerprint, report.score, tracking_uri, folder)
+        summary.volumes = [r.volume_id for r in results]
+        summary.dice = {names[c]: d for c, d in enumerate(report.scores["dice"]) if not math.isnan(d)}
+        summary.report = str(folder)
+    logger.info(summary.headline())
+    return finish(summary)
