@@ -30,7 +30,7 @@ _WHERE = {
 }
 
 # eager: ``augment`` is both a submodule and a function, and the package attribute must be the function
-from octseg.unet.augment import augment, elastic_deform  # noqa: E402
+from octseg.unet.augment import augment, elastic_deform  # noqa: E402, F401 - re-exported
 
 __all__ = sorted([*_WHERE, "augment", "elastic_deform"])
 
