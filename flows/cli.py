@@ -167,7 +167,7 @@ _TRAIN_KEYS = {
     "epochs": "train.epochs", "batch_size": "train.batch_size", "optimizer": "train.optimizer", "lr": "train.lr",
     "momentum": "train.momentum", "weight_decay": "train.weight_decay", "tile_size": "train.tile_size",
     "max_tile": "train.max_tile", "tiles_per_epoch": "train.tiles_per_epoch",
-    "foreground_fraction": "train.foreground_fraction", "augment": "train.augment", "seed": "train.seed",
+    "foreground_fraction": "train.foreground_fraction", "dice_weight": "train.dice_weight", "augment": "train.augment", "seed": "train.seed",
     "device": "train.device", "amp": "train.amp", "val_fraction": "val_fraction",
     "tracking_uri": "tracking_uri", "experiment": "experiment", "model_name": "model_name", "force": "force",
 }
@@ -203,6 +203,8 @@ TilesOpt = Annotated[Optional[int], _opt("Random tiles drawn per epoch.", cls=_T
                                          panel=_OPT)]
 FgOpt = Annotated[Optional[float], _opt("Share of tiles centred on foreground pixels.", cls=_T,
                                         key="train.foreground_fraction", panel=_OPT)]
+DiceOpt = Annotated[Optional[float], _opt("Weight of a foreground soft-Dice term added to the paper's loss "
+                                          "(nnU-Net: 1).", cls=_T, key="train.dice_weight", panel=_OPT)]
 AugmentOpt = Annotated[Optional[bool], _opt("Elastic deformation, flips, grey-value jitter.", "--augment/--no-augment",
                                             cls=_T, key="train.augment", panel=_OPT)]
 SeedOpt = Annotated[Optional[int], _opt("Random seed (tiles, split, initialisation).", cls=_T, key="train.seed",
@@ -384,7 +386,7 @@ def train(
     epochs: EpochsOpt = None, batch_size: BatchOpt = None, optimizer: OptimOpt = None, lr: LrOpt = None,
     momentum: MomentumOpt = None, weight_decay: DecayOpt = None, tile_size: TileOpt = None,
     max_tile: MaxTileOpt = None, tiles_per_epoch: TilesOpt = None, foreground_fraction: FgOpt = None,
-    augment: AugmentOpt = None, seed: SeedOpt = None, device: DeviceOpt = None, amp: AmpOpt = None,
+    dice_weight: DiceOpt = None, augment: AugmentOpt = None, seed: SeedOpt = None, device: DeviceOpt = None, amp: AmpOpt = None,
     val_fraction: ValOpt = None, tracking_uri: TrackingOpt = None, experiment: ExperimentOpt = None,
     model_name: ModelNameOpt = None, force: ForceTrainOpt = None,
     config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,

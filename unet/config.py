@@ -128,6 +128,7 @@ class TrainConfig(_Config):
     max_tile: int = 256  # largest input tile that rule may pick (smaller than inference's: CPU cost)
     tiles_per_epoch: int = 64
     foreground_fraction: float = 0.33  # tiles centred near a foreground pixel (class imbalance)
+    dice_weight: float = 0.0  # departure: + this x soft Dice of the foreground classes (nnU-Net: 1); paper: 0
     augment: bool = True  # the paper's elastic deformation, flips and grey-value jitter
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when present) or a torch device: "cpu", "cuda:1", ...
@@ -143,6 +144,7 @@ class TrainConfig(_Config):
         if self.tile_size is not None:
             _check_int("tile_size", self.tile_size, 1)
         _check_int("max_tile", self.max_tile, 1)
+        object.__setattr__(self, "dice_weight", _check_number("dice_weight", self.dice_weight, 0.0))
         object.__setattr__(self, "foreground_fraction",
                            _check_number("foreground_fraction", self.foreground_fraction, 0.0, 1.0, hi_open=False))
         _check_bool("augment", self.augment)

@@ -69,11 +69,13 @@ def soft_dice_loss(
     target: torch.Tensor,
     eps: float = 1.0,
     ignore_index: int = -100,
+    include_background: bool = True,
 ) -> torch.Tensor:
     """1 - mean over classes k of (2 sum p_k g_k + eps) / (sum p_k + sum g_k + eps), pooled over the batch.
 
     logits (N, C, H, W); target (N, H, W) int64; p = softmax(logits), g = one-hot(target); ignored pixels
-    count for neither. Not in the paper (an optional alternative); ~0 for perfect confident logits.
+    count for neither. ``include_background=False`` averages over classes 1.. only (nnU-Net's choice for
+    rare foreground). Not in the paper (an optional addition); ~0 for perfect confident logits.
     """
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
@@ -86,4 +88,4 @@ def soft_dice_loss(
     dims = (0, 2, 3)
     inter = (probs * onehot).sum(dims)  # (C,)
     dice = (2 * inter + eps) / (probs.sum(dims) + onehot.sum(dims) + eps)  # (C,)
-    return 1.0 - dice.mean()
+    return 1.0 - (dice if include_background else dice[1:]).mean()

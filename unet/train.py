@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader
 from octseg.unet.config import InferenceConfig, TrainConfig
 from octseg.unet.data import BScanSet, TileDataset
 from octseg.unet.inference import predict_probabilities, resolve_device
-from octseg.unet.losses import weighted_cross_entropy
+from octseg.unet.losses import soft_dice_loss, weighted_cross_entropy
 from octseg.unet.metrics import dice_per_class
 from octseg.unet.model import choose_tile_size
 
-__all__ = ["EpochStats", "fit", "evaluate", "make_optimizer", "validation_inference"]
+__all__ = ["EpochStats", "evaluate", "fit", "make_optimizer", "training_loss", "validation_inference"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,15 @@ def evaluate(model: torch.nn.Module, data: BScanSet, inference: InferenceConfig 
     return {k: float(d) for k, d in enumerate(dice_per_class(preds, data.labels, model.config.out_channels))}
 
 
-def _train_epoch(model, loader, optimizer, device, amp) -> float:
+def training_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, dice_weight: float) -> torch.Tensor:
+    """The paper's weighted cross-entropy, plus ``dice_weight`` x the foreground soft Dice when > 0."""
+    loss = weighted_cross_entropy(logits, target, weight)
+    if dice_weight > 0:
+        loss = loss + dice_weight * soft_dice_loss(logits, target, include_background=False)
+    return loss
+
+
+def _train_epoch(model, loader, optimizer, device, amp, dice_weight: float) -> float:
     model.train()
     total, count = 0.0, 0
     for batch in loader:
@@ -62,7 +70,7 @@ def _train_epoch(model, loader, optimizer, device, amp) -> float:
         w = batch["weight"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             logits = model(x)  # (N, K, O, O)
-        loss = weighted_cross_entropy(logits.float(), y, w)
+        loss = training_loss(logits.float(), y, w, dice_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -94,7 +102,7 @@ def fit(
     for epoch in range(cfg.epochs):
         dataset.set_epoch(epoch)
         t0 = time.perf_counter()
-        loss = _train_epoch(model, loader, optimizer, device, cfg.amp)
+        loss = _train_epoch(model, loader, optimizer, device, cfg.amp, cfg.dice_weight)
         if not np.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} in epoch {epoch}; lower the learning rate")
         val_dice = evaluate(model, val, inference) if val is not None and len(val) else {}

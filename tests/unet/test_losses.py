@@ -173,3 +173,26 @@ def test_soft_dice_ignores_pixels_and_has_gradients() -> None:
     logits = torch.zeros(1, 2, 2, 2, requires_grad=True)
     soft_dice_loss(logits, target).backward()
     assert torch.count_nonzero(logits.grad[:, :, 1, 1]) == 0 and torch.count_nonzero(logits.grad) > 0
+
+
+def test_soft_dice_without_background_is_the_foreground_term():
+    from octseg.unet.losses import soft_dice_loss
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 2, 5, 6), torch.randint(0, 2, (2, 5, 6))
+    p = torch.softmax(logits, 1)[:, 1]
+    g = (target == 1).float()
+    expected = 1 - (2 * (p * g).sum() + 1) / (p.sum() + g.sum() + 1)
+    assert soft_dice_loss(logits, target, include_background=False).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_training_loss_adds_the_dice_term_only_when_weighted():
+    from octseg.unet.losses import soft_dice_loss, weighted_cross_entropy
+    from octseg.unet.train import training_loss
+
+    torch.manual_seed(1)
+    logits, target, w = torch.randn(1, 2, 4, 4), torch.randint(0, 2, (1, 4, 4)), torch.rand(1, 4, 4) + 1
+    ce = weighted_cross_entropy(logits, target, w)
+    assert training_loss(logits, target, w, 0.0).item() == pytest.approx(ce.item())
+    both = ce + 0.5 * soft_dice_loss(logits, target, include_background=False)
+    assert training_loss(logits, target, w, 0.5).item() == pytest.approx(both.item())
