@@ -130,6 +130,8 @@ class TrainConfig(_Config):
     foreground_fraction: float = 0.33  # tiles centred near a foreground pixel (class imbalance)
     dice_weight: float = 0.0  # departure: + this x soft Dice of the foreground classes (nnU-Net: 1); paper: 0
     augment: bool = True  # the paper's elastic deformation, flips and grey-value jitter
+    patience: int | None = None  # stop after this many epochs without a better validation Dice; None: never
+    restore_best: bool = True  # end with the weights of the epoch with the best validation Dice
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when present) or a torch device: "cpu", "cuda:1", ...
     amp: bool = False  # bfloat16 autocast on CUDA
@@ -148,6 +150,9 @@ class TrainConfig(_Config):
         object.__setattr__(self, "foreground_fraction",
                            _check_number("foreground_fraction", self.foreground_fraction, 0.0, 1.0, hi_open=False))
         _check_bool("augment", self.augment)
+        if self.patience is not None:
+            _check_int("patience", self.patience, 1)
+        _check_bool("restore_best", self.restore_best)
         _check_int("seed", self.seed, 0)
         _check_device(self.device)
         _check_bool("amp", self.amp)

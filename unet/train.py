@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -79,14 +80,29 @@ def _train_epoch(model, loader, optimizer, device, amp, dice_weight: float) -> f
     return total / max(count, 1)
 
 
+def _state_on_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def fit(
     model: torch.nn.Module,
     train: BScanSet,
     val: BScanSet | None,
     cfg: TrainConfig,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
+    *,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> list[EpochStats]:
-    """Train ``model`` in place on random valid-padding tiles of ``train``; returns per-epoch stats."""
+    """Train ``model`` in place on random valid-padding tiles of ``train``; returns per-epoch stats.
+
+    After every epoch ``on_checkpoint(state)`` receives everything needed to continue: model and
+    optimiser state, the epoch, torch's RNG state, the history and the best epoch so far (tiles are
+    drawn from generators seeded by (seed, epoch, tile), so they need no state). ``resume=state``
+    continues from such a checkpoint and ends with the weights an uninterrupted run would have.
+    With validation data, the weights of the epoch with the best foreground (class 1) Dice are restored
+    at the end (``cfg.restore_best``), and ``cfg.patience`` epochs without improvement stop early.
+    """
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model.to(device)
@@ -97,9 +113,18 @@ def fit(
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, pin_memory=device.type == "cuda")
     optimizer = make_optimizer(model, cfg)
     inference = validation_inference(cfg)
-    log.info("training on %s: %d B-scans, tiles %d -> %d, %s", device, len(train), tile, out, cfg)
     history: list[EpochStats] = []
-    for epoch in range(cfg.epochs):
+    best: dict[str, Any] | None = None  # {"epoch", "dice", "model"} of the best validated epoch
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        torch.set_rng_state(resume["torch_rng"])
+        history = [EpochStats(**h) for h in resume["history"]]
+        best, start = resume["best"], resume["epoch"] + 1
+        log.info("resuming after epoch %d", resume["epoch"])
+    log.info("training on %s: %d B-scans, tiles %d -> %d, %s", device, len(train), tile, out, cfg)
+    for epoch in range(start, cfg.epochs):
         dataset.set_epoch(epoch)
         t0 = time.perf_counter()
         loss = _train_epoch(model, loader, optimizer, device, cfg.amp, cfg.dice_weight)
@@ -109,7 +134,19 @@ def fit(
         stats = EpochStats(epoch, loss, time.perf_counter() - t0, val_dice)
         history.append(stats)
         log.info("epoch %d: loss %.4f, val dice %s", epoch, loss, val_dice)
+        score = val_dice.get(1, float("nan"))
+        if not np.isnan(score) and (best is None or score > best["dice"]):
+            best = {"epoch": epoch, "dice": score, "model": _state_on_cpu(model)}
         if on_epoch_end is not None:
             on_epoch_end(stats)
+        if on_checkpoint is not None:
+            on_checkpoint({"epoch": epoch, "model": _state_on_cpu(model), "optimizer": optimizer.state_dict(),
+                           "torch_rng": torch.get_rng_state(), "history": [asdict(h) for h in history], "best": best})
+        if cfg.patience is not None and best is not None and epoch - best["epoch"] >= cfg.patience:
+            log.info("stopping early after epoch %d: no better validation Dice since epoch %d", epoch, best["epoch"])
+            break
+    if cfg.restore_best and best is not None:
+        model.load_state_dict(best["model"])
+        log.info("restored the weights of epoch %d (validation Dice %.4f)", best["epoch"], best["dice"])
     model.eval()
     return history

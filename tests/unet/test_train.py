@@ -1,6 +1,8 @@
 """Training tiles, the training loop and whole-image inference."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -137,3 +139,48 @@ def test_fit_reports_validation_dice_each_epoch():
     assert [s.epoch for s in seen] == [0, 1]
     assert set(seen[-1].val_dice) == {0, 1}
     assert all(np.isfinite(s.train_loss) for s in seen)
+
+
+def _phantom_set(seed: int = 1) -> BScanSet:
+    ph = make_phantom_volume(n_bscans=2, height=64, width=64, seed=seed)
+    return BScanSet(normalize_volume(ph.image), ph.fluid.astype(np.int64))
+
+
+def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights():
+    """Checkpoint after epoch 1, rebuild everything, resume: the same weights as 4 epochs in one go."""
+    data = _phantom_set()
+    cfg = TrainConfig(epochs=4, batch_size=2, tiles_per_epoch=4, optimizer="adam", lr=1e-3, max_tile=64,
+                      restore_best=False)
+    torch.manual_seed(0)
+    whole = UNet(base_channels=4, depth=2, dropout=0.3)  # dropout: torch's RNG state matters
+    fit(whole, data, data, cfg)
+    checkpoints = []
+    torch.manual_seed(0)  # the same initial weights
+    first = UNet(base_channels=4, depth=2, dropout=0.3)
+    fit(first, data, data, TrainConfig(**{**cfg.to_dict(), "epochs": 2}), on_checkpoint=checkpoints.append)
+    assert [c["epoch"] for c in checkpoints] == [0, 1]
+    buffer = io.BytesIO()
+    torch.save(checkpoints[-1], buffer)  # what goes into the run's artifacts, and back
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    resumed = UNet(base_channels=4, depth=2, dropout=0.3)
+    history = fit(resumed, data, data, cfg, resume=state)
+    assert [h.epoch for h in history] == [0, 1, 2, 3]
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_best_epoch_restored_and_early_stopping():
+    data = _phantom_set()
+    seen, kept = [], {}
+    cfg = TrainConfig(epochs=6, batch_size=2, tiles_per_epoch=4, optimizer="adam", lr=1e-3, max_tile=64, patience=2)
+
+    def remember(state):
+        kept[state["epoch"]] = {k: v.clone() for k, v in state["model"].items()}
+
+    model = UNet(base_channels=4, depth=2)
+    history = fit(model, data, data, cfg, on_epoch_end=seen.append, on_checkpoint=remember)
+    dice = [h.val_dice[1] for h in history]
+    best = int(np.nanargmax(dice))
+    assert len(history) == 6 or len(history) - 1 - best == 2  # ran out, or stopped 2 epochs after the best
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, kept[best][key], rtol=0, atol=0)
