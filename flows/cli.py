@@ -126,13 +126,14 @@ def _settings(cls: Any, config_file: Path | None, show: bool, options: dict[str,
     return config
 
 
-def _opt(help: str, *decls: str, cls: Any = None, key: str | None = None, panel: str | None = None) -> Any:
+def _opt(help: str, *decls: str, cls: Any = None, key: str | None = None, panel: str | None = None,
+         metavar: str | None = None) -> Any:
     """A ``typer.Option`` whose shown default comes from ``cls`` at ``key``."""
     shown: Any = False
     if cls is not None and key is not None:
         default = _default(cls, key)
         shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
-    return typer.Option(*decls, help=help, show_default=shown, rich_help_panel=panel)
+    return typer.Option(*decls, help=help, show_default=shown, rich_help_panel=panel, metavar=metavar)
 
 
 ConfigOpt = Annotated[Optional[Path], typer.Option(
@@ -170,6 +171,7 @@ _TRAIN_KEYS = {
     "foreground_fraction": "train.foreground_fraction", "dice_weight": "train.dice_weight", "augment": "train.augment", "seed": "train.seed",
     "device": "train.device", "amp": "train.amp", "val_fraction": "val_fraction",
     "tracking_uri": "tracking_uri", "experiment": "experiment", "model_name": "model_name", "force": "force",
+    "patience": "train.patience", "restore_best": "train.restore_best", "resume": "resume",
 }
 ClassesOpt = Annotated[Optional[int], _opt("Classes the network predicts (background + fluid = 2; raise it for "
                                            "masks with more labels).", "--classes", cls=_T, key="unet.out_channels",
@@ -215,6 +217,13 @@ AmpOpt = Annotated[Optional[bool], _opt("bfloat16 autocast on CUDA.", "--amp/--n
                                         panel=_OPT)]
 ValOpt = Annotated[Optional[float], _opt("Share held out for validation (whole volumes when there are several).",
                                          cls=_T, key="val_fraction", panel=_OPT)]
+PatienceOpt = Annotated[Optional[int], _opt("Stop after this many epochs without a better validation Dice.", cls=_T,
+                                            key="train.patience", panel=_OPT)]
+RestoreOpt = Annotated[Optional[bool], _opt("End with the weights of the best validated epoch.",
+                                            "--restore-best/--no-restore-best", cls=_T, key="train.restore_best",
+                                            panel=_OPT)]
+ResumeOpt = Annotated[Optional[str], _opt("Continue this MLflow run from its last checkpoint (an unfinished identical "
+                                          "run is continued without it).", "--resume", metavar="RUN_ID")]
 ExperimentOpt = Annotated[Optional[str], _opt("MLflow experiment.", cls=_T, key="experiment")]
 ModelNameOpt = Annotated[Optional[str], _opt("Registered model name.", cls=_T, key="model_name")]
 ForceTrainOpt = Annotated[Optional[bool], _opt("Train even if an identical run (same data and settings) is "
@@ -386,9 +395,9 @@ def train(
     epochs: EpochsOpt = None, batch_size: BatchOpt = None, optimizer: OptimOpt = None, lr: LrOpt = None,
     momentum: MomentumOpt = None, weight_decay: DecayOpt = None, tile_size: TileOpt = None,
     max_tile: MaxTileOpt = None, tiles_per_epoch: TilesOpt = None, foreground_fraction: FgOpt = None,
-    dice_weight: DiceOpt = None, augment: AugmentOpt = None, seed: SeedOpt = None, device: DeviceOpt = None, amp: AmpOpt = None,
+    dice_weight: DiceOpt = None, patience: PatienceOpt = None, restore_best: RestoreOpt = None, augment: AugmentOpt = None, seed: SeedOpt = None, device: DeviceOpt = None, amp: AmpOpt = None,
     val_fraction: ValOpt = None, tracking_uri: TrackingOpt = None, experiment: ExperimentOpt = None,
-    model_name: ModelNameOpt = None, force: ForceTrainOpt = None,
+    model_name: ModelNameOpt = None, force: ForceTrainOpt = None, resume: ResumeOpt = None,
     config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Train a U-Net on the annotated B-scans; log to MLflow and register it as octseg-unet.
@@ -403,7 +412,7 @@ def train(
     uri = _check_train(cfg)
     from octseg.flows.plans import previous_training
 
-    done = None if cfg.force else previous_training(cfg, uri)
+    done = None if cfg.force or cfg.resume else previous_training(cfg, uri)
     if done is not None:
         return _report(done)
     from octseg.flows.train import train_unet

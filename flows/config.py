@@ -82,6 +82,7 @@ class TrainFlowConfig(_Config):
     experiment: str = DEFAULT_EXPERIMENT
     model_name: str = DEFAULT_MODEL_NAME
     force: bool = False  # train again even when an identical run (same data and configs) is registered
+    resume: str | None = None  # MLflow run id to continue from its last checkpoint (same data and settings)
 
 
 class SegmentConfig(_Config):

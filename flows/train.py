@@ -25,7 +25,7 @@ def train_unet(config: TrainFlowConfig) -> TrainSummary:
     r = train_from_archive_task(
         str(config.archive), volumes, config.unet, config.train, val_fraction=config.val_fraction,
         tracking_uri=tracking_uri, experiment=config.experiment, model_name=config.model_name, force=config.force,
-        promote=not evaluation,
+        promote=not evaluation, resume_run_id=config.resume,
     )
     summary = TrainSummary.from_result(r, tracking_uri)
     if evaluation:

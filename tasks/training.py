@@ -149,11 +149,15 @@ def train_and_register(
     progress: Callable[[EpochStats], None] | None = None,
     force: bool = False,
     promote: bool = True,
+    resume_run_id: str | None = None,
 ) -> TrainResult:
     """Train a fresh ``UNet(unet_config)`` in one MLflow run, register it as ``model_name``, maybe promote.
 
     A rerun on the same data with the same configs returns the earlier registered run (``reused``)
-    instead of training again, unless ``force``.
+    instead of training again, unless ``force``. Every epoch the run's ``checkpoint/last.pt`` artifact
+    is replaced; an identical run that never finished (killed, crashed) is continued from it in the
+    same MLflow run, as is ``resume_run_id`` when given (it must have trained on the same data and
+    settings).
 
     Promotion (unless ``promote`` is False: the flow then chooses the champion on its evaluation set)
     compares ``val_dice_<name of class 1>`` (``train_dice_...`` when ``val`` is None or empty, tagged
@@ -175,10 +179,19 @@ def train_and_register(
         return done
     run_tags = {**run_context_tags(), "octseg.score_source": "validation" if has_val else "training",
                 "octseg.fingerprint": fingerprint, **(tags or {})}
+    import torch
+
+    torch.manual_seed(train_config.seed)  # the initial weights too: same data and settings, same model
     model = UNet.from_config(unet_config)
-    with using_tracking_uri(tracking_uri), mlflow.start_run(experiment_id=experiment_id, tags=run_tags) as run:
-        mlflow.log_params(_params(unet_config, train_config, train, val, names))
-        history = fit(model, train, val if has_val else None, train_config, _epoch_logger(names, progress))
+    run_id, state = unfinished_run(tracking_uri, experiment_id, fingerprint, resume_run_id)
+    start = {"run_id": run_id} if run_id else {"experiment_id": experiment_id}
+    with using_tracking_uri(tracking_uri), mlflow.start_run(**start, tags=run_tags) as run:
+        if state is None:
+            mlflow.log_params(_params(unet_config, train_config, train, val, names))
+        else:
+            log.info("continuing run %s after epoch %d", run_id, state["epoch"])
+        history = fit(model, train, val if has_val else None, train_config, _epoch_logger(names, progress),
+                      on_checkpoint=_save_checkpoint, resume=state)
         if has_val:
             dice = _as_class_dict(history[-1].val_dice)
         else:
@@ -191,6 +204,66 @@ def train_and_register(
                                              metric=f"{prefix}_dice_{names[FOREGROUND]}")
     return TrainResult(run.info.run_id, model_name, version, dice, score, promoted, qc_image,
                        n_train=len(train), n_val=len(val) if has_val else 0)
+
+
+CHECKPOINT_DIR, CHECKPOINT_FILE = "checkpoint", "last.pt"
+
+
+def _save_checkpoint(state: dict[str, Any]) -> None:
+    """Replace the active run's ``checkpoint/last.pt`` with ``state`` (see ``octseg.unet.train.fit``)."""
+    import tempfile
+
+    import mlflow
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="octseg-checkpoint-") as tmp:
+        path = Path(tmp) / CHECKPOINT_FILE
+        torch.save(state, path)
+        mlflow.log_artifact(str(path), CHECKPOINT_DIR)
+
+
+def _load_checkpoint(tracking_uri: str, run_id: str) -> dict[str, Any] | None:
+    import tempfile
+
+    import mlflow
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="octseg-checkpoint-") as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}",
+                                                       dst_path=tmp, tracking_uri=tracking_uri)
+        except Exception:  # no checkpoint yet (killed before the first epoch ended)
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def unfinished_run(tracking_uri: str, experiment_id: str, fingerprint: str,
+                   run_id: str | None = None) -> tuple[str | None, dict[str, Any] | None]:
+    """(run id, checkpoint) to continue: ``run_id`` when given (ValueError unless it trained on the same
+    data and settings and has a checkpoint), else the newest unfinished run with this fingerprint that
+    has one; (None, None) when there is nothing to continue."""
+    from octseg.tasks.tracking import client
+
+    mlflow_client = client(tracking_uri)
+    if run_id is not None:
+        try:
+            run = mlflow_client.get_run(run_id)
+        except Exception as e:
+            raise ValueError(f"no run {run_id} in {tracking_uri} to resume ({type(e).__name__})") from None
+        if run.data.tags.get("octseg.fingerprint") != fingerprint:
+            raise ValueError(f"run {run_id} trained on other data or settings; resume it with the same "
+                             "archive, volumes and options (see its params in the MLflow UI)")
+        state = _load_checkpoint(tracking_uri, run_id)
+        if state is None:
+            raise ValueError(f"run {run_id} has no checkpoint to resume from")
+        return run_id, state
+    runs = mlflow_client.search_runs([experiment_id], f"tags.`octseg.fingerprint` = '{fingerprint}' and "
+                                     "attributes.status != 'FINISHED'", order_by=["attributes.start_time DESC"])
+    for run in runs:
+        state = _load_checkpoint(tracking_uri, run.info.run_id)
+        if state is not None:
+            return run.info.run_id, state
+    return None, None
 
 
 def _progress_logger(bar: Callable[[int, int], None] | None = None, epochs: int = 0) -> Callable[[EpochStats], None]:
@@ -209,7 +282,8 @@ def _progress_logger(bar: Callable[[int, int], None] | None = None, epochs: int 
 @task(name="train-unet-from-archive", cache_policy=NO_CACHE)
 def train_from_archive_task(archive_path: str, volumes: list[str], unet_config: UNetConfig,
                             train_config: TrainConfig, *, val_fraction: float, tracking_uri: str,
-                            experiment: str, model_name: str, force: bool, promote: bool) -> TrainResult:
+                            experiment: str, model_name: str, force: bool, promote: bool,
+                            resume_run_id: str | None = None) -> TrainResult:
     """Load the annotated B-scans of ``volumes`` from the archive, split them, then train and register."""
     from octseg.tasks.dataset import load_training_data
 
@@ -219,4 +293,4 @@ def train_from_archive_task(archive_path: str, volumes: list[str], unet_config: 
         return train_and_register(train, val, unet_config, train_config, tracking_uri=tracking_uri,
                                   experiment=experiment, model_name=model_name,
                                   progress=_progress_logger(bar, train_config.epochs), force=force,
-                                  promote=promote)
+                                  promote=promote, resume_run_id=resume_run_id)
