@@ -135,6 +135,7 @@ class TrainConfig(_Config):
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when present) or a torch device: "cpu", "cuda:1", ...
     amp: bool = False  # bfloat16 autocast on CUDA
+    num_workers: int | None = None  # tile-loading processes; None: 0 on CPU (cores train), up to 4 on CUDA
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "tiles_per_epoch"):
@@ -156,6 +157,8 @@ class TrainConfig(_Config):
         _check_int("seed", self.seed, 0)
         _check_device(self.device)
         _check_bool("amp", self.amp)
+        if self.num_workers is not None:
+            _check_int("num_workers", self.num_workers, 0)
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from octseg.unet.augment import augment as augment_tile
 from octseg.unet.bscans import BScanSet
 
-__all__ = ["BScanSet", "TileDataset"]
+__all__ = ["BScanSet", "EpochSampler", "TileDataset"]
 
 class TileDataset(Dataset):
     """Random (input tile, label crop, weight crop) samples from a :class:`BScanSet`.
 
-    Item ``i`` of epoch ``e`` is drawn from a generator seeded with ``(seed, e, i)``, so runs repeat.
+    Item ``i`` of epoch ``e`` is drawn from a generator seeded with ``(seed, e, i)``, so runs repeat,
+    whichever process draws it. Index ``e * n_tiles + i`` is that item too (added to :meth:`set_epoch`'s
+    epoch), so :class:`EpochSampler` can name epochs to persistent DataLoader workers.
     A fraction ``foreground`` of the tiles is centred near a random foreground pixel (label > 0), the
     rest anywhere: small structures such as fluid pockets are otherwise rarely seen (nnU-Net samples
     a third of its patches this way).
@@ -60,8 +62,9 @@ class TileDataset(Dataset):
             return int(k), y, x
         return int(rng.integers(n)), int(rng.integers(h - self.output + 1)), int(rng.integers(w - self.output + 1))
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng((self.seed, self.epoch, i))
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, i = divmod(int(index), self.n_tiles)
+        rng = np.random.default_rng((self.seed, self.epoch + epoch, i))
         k, y, x = self._origin(rng)
         window = np.s_[k, y : y + self.tile, x : x + self.tile]  # padded coordinates
         image, labels, weights = self._images[window], self._labels[window], self._weights[window]
@@ -73,3 +76,19 @@ class TileDataset(Dataset):
             "target": torch.from_numpy(np.ascontiguousarray(labels[c], dtype=np.int64)),
             "weight": torch.from_numpy(np.ascontiguousarray(weights[c], dtype=np.float32)),
         }
+
+
+class EpochSampler(Sampler[int]):
+    """Indices ``epoch * n_tiles + i`` for i < n_tiles, in order: the tiles of the current epoch."""
+
+    def __init__(self, n_tiles: int) -> None:
+        self.n_tiles, self.epoch = n_tiles, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_tiles
+
+    def __iter__(self):
+        return iter(range(self.epoch * self.n_tiles, (self.epoch + 1) * self.n_tiles))

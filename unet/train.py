@@ -6,6 +6,7 @@ epoch, and the caller (a Prefect task) forwards it to MLflow.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from octseg.unet.config import InferenceConfig, TrainConfig
-from octseg.unet.data import BScanSet, TileDataset
+from octseg.unet.data import BScanSet, EpochSampler, TileDataset
 from octseg.unet.inference import predict_probabilities, resolve_device
 from octseg.unet.losses import soft_dice_loss, weighted_cross_entropy
 from octseg.unet.metrics import dice_per_class
@@ -80,6 +81,14 @@ def _train_epoch(model, loader, optimizer, device, amp, dice_weight: float) -> f
     return total / max(count, 1)
 
 
+def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
+    """Tile-loading worker processes: ``cfg.num_workers``, else 0 on CPU (its cores run the network)
+    and up to 4 on a GPU (they keep it fed)."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return 0 if device.type == "cpu" else max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
 def _state_on_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
@@ -110,7 +119,11 @@ def fit(
     out = model.output_size(tile)
     dataset = TileDataset(train, tile, out, cfg.tiles_per_epoch, augment=cfg.augment, seed=cfg.seed,
                           foreground=cfg.foreground_fraction)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, pin_memory=device.type == "cuda")
+    sampler = EpochSampler(cfg.tiles_per_epoch)
+    workers = loader_workers(cfg, device)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        multiprocessing_context="spawn" if workers else None)  # no fork of a threaded process
     optimizer = make_optimizer(model, cfg)
     inference = validation_inference(cfg)
     history: list[EpochStats] = []
@@ -125,7 +138,7 @@ def fit(
         log.info("resuming after epoch %d", resume["epoch"])
     log.info("training on %s: %d B-scans, tiles %d -> %d, %s", device, len(train), tile, out, cfg)
     for epoch in range(start, cfg.epochs):
-        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         loss = _train_epoch(model, loader, optimizer, device, cfg.amp, cfg.dice_weight)
         if not np.isfinite(loss):

@@ -184,3 +184,17 @@ def test_best_epoch_restored_and_early_stopping():
     assert len(history) == 6 or len(history) - 1 - best == 2  # ran out, or stopped 2 epochs after the best
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, kept[best][key], rtol=0, atol=0)
+
+
+def test_worker_processes_load_the_same_tiles():
+    """Tiles are seeded by (seed, epoch, index): two spawned loader processes give the weights of none."""
+    data = _phantom_set()
+    weights = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        model = UNet(base_channels=4, depth=2)
+        fit(model, data, None, TrainConfig(epochs=2, batch_size=2, tiles_per_epoch=6, optimizer="adam", lr=1e-3,
+                                           max_tile=64, num_workers=workers))
+        weights.append(model.state_dict())
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0)
