@@ -125,7 +125,7 @@ class TrainConfig(_Config):
     momentum: float = 0.99  # SGD only
     weight_decay: float = 0.0
     tile_size: int | None = None  # network input tile; None: octseg.unet.model.choose_tile_size
-    max_tile: int = 256  # largest input tile that rule may pick (smaller than inference's: CPU cost)
+    max_tile: int = MAX_TILE  # largest input tile that rule may pick: the paper's 572 -> 388 tile
     tiles_per_epoch: int = 64
     foreground_fraction: float = 0.33  # tiles centred near a foreground pixel (class imbalance)
     dice_weight: float = 0.0  # departure: + this x soft Dice of the foreground classes (nnU-Net: 1); paper: 0

@@ -79,16 +79,18 @@ class TileDataset(Dataset):
 
 
 class EpochSampler(Sampler[int]):
-    """Indices ``epoch * n_tiles + i`` for i < n_tiles, in order: the tiles of the current epoch."""
+    """Indices ``epoch * n_tiles + i`` of the current epoch's tiles, in order; with ``world`` processes
+    (DistributedDataParallel), process ``rank`` takes the tiles i = rank, rank + world, ..., so batch b of
+    every process together holds the tiles of batch b of a single process with a ``world`` x larger batch."""
 
-    def __init__(self, n_tiles: int) -> None:
-        self.n_tiles, self.epoch = n_tiles, 0
+    def __init__(self, n_tiles: int, rank: int = 0, world: int = 1) -> None:
+        self.n_tiles, self.rank, self.world, self.epoch = n_tiles, rank, world, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n_tiles
+        return len(range(self.rank, self.n_tiles, self.world))
 
     def __iter__(self):
-        return iter(range(self.epoch * self.n_tiles, (self.epoch + 1) * self.n_tiles))
+        return iter(range(self.epoch * self.n_tiles + self.rank, (self.epoch + 1) * self.n_tiles, self.world))

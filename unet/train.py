@@ -70,6 +70,8 @@ def _train_epoch(model, loader, optimizer, device, amp, dice_weight: float) -> f
         x = batch["image"].to(device, non_blocking=True)
         y = batch["target"].to(device, non_blocking=True)
         w = batch["weight"].to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             logits = model(x)  # (N, K, O, O)
         loss = training_loss(logits.float(), y, w, dice_weight)
@@ -79,6 +81,13 @@ def _train_epoch(model, loader, optimizer, device, amp, dice_weight: float) -> f
         total += loss.item() * len(x)
         count += len(x)
     return total / max(count, 1)
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed process group (``torchrun``), else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
@@ -119,11 +128,22 @@ def fit(
     out = model.output_size(tile)
     dataset = TileDataset(train, tile, out, cfg.tiles_per_epoch, augment=cfg.augment, seed=cfg.seed,
                           foreground=cfg.foreground_fraction)
-    sampler = EpochSampler(cfg.tiles_per_epoch)
+    rank, world = _process_group()
+    if world > 1 and (cfg.batch_size % world or cfg.tiles_per_epoch % cfg.batch_size):
+        raise ValueError(f"with {world} processes the batch ({cfg.batch_size}) must be a multiple of {world} and "
+                         f"divide tiles_per_epoch ({cfg.tiles_per_epoch})")
+    sampler = EpochSampler(cfg.tiles_per_epoch, rank, world)
     workers = loader_workers(cfg, device)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+    loader = DataLoader(dataset, batch_size=cfg.batch_size // world, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                         multiprocessing_context="spawn" if workers else None)  # no fork of a threaded process
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(model, cfg)
     inference = validation_inference(cfg)
     history: list[EpochStats] = []
@@ -140,7 +160,11 @@ def fit(
     for epoch in range(start, cfg.epochs):
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        loss = _train_epoch(model, loader, optimizer, device, cfg.amp, cfg.dice_weight)
+        loss = _train_epoch(net, loader, optimizer, device, cfg.amp, cfg.dice_weight)
+        if world > 1:  # the mean over every process's tiles
+            total = torch.tensor([loss], dtype=torch.float64)
+            torch.distributed.all_reduce(total)
+            loss = float(total.item()) / world
         if not np.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} in epoch {epoch}; lower the learning rate")
         val_dice = evaluate(model, val, inference) if val is not None and len(val) else {}

@@ -48,7 +48,7 @@ def _invoke(*args: str):
     (("train",), ["--archive", "--epochs", "--base-channels", "--depth", "--batch-size", "--lr", "--optimizer",
                   "--tiles-per-epoch", "--device", "--tracking-uri", "--classes", "--weight-decay", "--amp",
                   "--up-mode", "--padding", "--batch-norm", "--momentum", "--tile-size", "--max-tile", "--config",
-                  "--show-config", "--verbose", "[default: (64)]", "[default: (256)]"]),
+                  "--show-config", "--verbose", "[default: (64)]", "[default: (572)]"]),
     (("segment",), ["--archive", "--model", "models:/octseg-unet@champion", "--tracking-uri", "--qc-dir", "--force",
                     "--tile-size", "--overlap", "--batch-size", "[default: (0.25)]", "--config", "--show-config"]),
     (("pipeline",), ["SOURCE", "--archive", "--labels", "--epochs", "--base-channels", "--tracking-uri",
