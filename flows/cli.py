@@ -517,6 +517,8 @@ def evaluate(
     })
     from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
 
+    if cfg.fix and not cfg.volumes:
+        raise ValueError("--fix needs the evaluation volumes named with --volume (training holds them out)")
     preflight.check_archive(cfg.archive, writable=cfg.fix)
     preflight.check_output_folder(cfg.archive.with_name(cfg.archive.name + ".reports"), "report folder")
     uri = resolve_tracking_uri(cfg.tracking_uri)

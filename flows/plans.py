@@ -75,7 +75,11 @@ def training_volumes(config: TrainFlowConfig) -> tuple[list[str], list[str]]:
     """(volumes to train on, the evaluation set held out of them: the config's, else the archive's)."""
     evaluation = list(config.evaluation_volumes or open_archive(config.archive, create=False).evaluation_set() or [])
     if evaluation:
-        select_volumes(config.archive, evaluation)  # each must exist
+        archive = open_archive(config.archive, create=False)
+        select_volumes(config.archive, evaluation)  # each must exist ...
+        unannotated = [v for v in evaluation if not (archive.manual_labels(v) or (None, []))[1]]
+        if unannotated:  # ... and be annotated
+            raise ValueError(f"evaluation volumes need manual labels: {unannotated}")
     volumes = [v for v in select_volumes(config.archive, config.volumes) if v not in evaluation]
     if not volumes:
         raise ValueError(f"every selected volume is in the evaluation set {evaluation}; nothing left to train on")
@@ -92,7 +96,9 @@ def previous_training(config: TrainFlowConfig, tracking_uri: str) -> TrainSummar
     from octseg.tasks.registry import find_previous_training, training_fingerprint
     from octseg.tasks.tracking import ensure_experiment
 
-    volumes, _ = training_volumes(config)
+    volumes, evaluation = training_volumes(config)
+    if evaluation:  # the flow reuses the training and chooses the champion (cached scores): it must run
+        return None
     train, val = load_training_data(config.archive, volumes, config.val_fraction, seed=config.train.seed)
     has_val = val is not None and len(val) > 0
     fingerprint = training_fingerprint(train, val if has_val else None, config.unet, config.train, config.model_name)

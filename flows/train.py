@@ -1,12 +1,14 @@
 """Flow ``train-unet``: a U-Net on the annotated B-scans, tracked and registered in MLflow."""
 from __future__ import annotations
 
+import json
+
 from prefect import flow, get_run_logger
 
 from octseg.flows.config import TrainFlowConfig
 from octseg.flows.plans import training_volumes
 from octseg.flows.summary import TrainSummary
-from octseg.tasks.evaluation import choose_champion_task
+from octseg.tasks.evaluation import HELD_OUT_TAG, choose_champion_task
 from octseg.tasks.tracking import resolve_tracking_uri
 from octseg.tasks.training import train_from_archive_task
 from octseg.unet.train import validation_inference
@@ -26,6 +28,7 @@ def train_unet(config: TrainFlowConfig) -> TrainSummary:
         str(config.archive), volumes, config.unet, config.train, val_fraction=config.val_fraction,
         tracking_uri=tracking_uri, experiment=config.experiment, model_name=config.model_name, force=config.force,
         promote=not evaluation, resume_run_id=config.resume,
+        tags={HELD_OUT_TAG: json.dumps(sorted(evaluation))} if evaluation else None,
     )
     summary = TrainSummary.from_result(r, tracking_uri)
     if evaluation:

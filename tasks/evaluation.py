@@ -15,6 +15,7 @@ same set (:func:`evaluation_fingerprint`).
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -42,13 +43,17 @@ __all__ = [
     "choose_champion_task",
     "evaluation_fingerprint",
     "evaluate_volume_task",
+    "held_out",
     "report_folder",
     "score_on_evaluation_set",
     "summarize",
     "write_report",
 ]
 
+log = logging.getLogger(__name__)
+
 WORST_KEPT = 4  # B-scans per volume kept for the QC panel of the worst B-scans
+HELD_OUT_TAG = "octseg.held_out"  # run tag: the JSON list of evaluation volumes training held out
 
 
 @dataclass
@@ -75,8 +80,8 @@ def _label_fingerprint(archive, volume_id: str) -> str:
 
 
 def evaluation_fingerprint(archive_path: str | Path, volume_ids: Sequence[str], inference: InferenceConfig) -> str:
-    """sha256 naming an evaluation set: its volumes' source bytes and manual labels, and the tile rule
-    (tile size, cap, overlap); device, batch size and precision do not change what is scored."""
+    """sha256 naming an evaluation set: its volumes' source bytes and manual labels, the tile rule (tile
+    size, cap, overlap) and the precision (bf16 changes predictions); device and batch size do not."""
     archive = open_archive(archive_path, create=False)
     parts = []
     for vid in sorted(set(volume_ids)):
@@ -84,7 +89,8 @@ def evaluation_fingerprint(archive_path: str | Path, volume_ids: Sequence[str], 
         if archive.manual_labels(vid) is None:
             raise ValueError(f"{vid}: no manual labels; an evaluation set needs annotated volumes")
         parts.append([vid, meta.get("source_sha256"), _label_fingerprint(archive, vid)])
-    rule = {"tile_size": inference.tile_size, "max_tile": inference.max_tile, "overlap": inference.overlap}
+    rule = {"tile_size": inference.tile_size, "max_tile": inference.max_tile, "overlap": inference.overlap,
+            "amp": inference.amp}
     return hashlib.sha256(json.dumps([parts, rule], sort_keys=True).encode()).hexdigest()
 
 
@@ -158,6 +164,17 @@ def summarize(model: str, fingerprint: str, volumes: list[VolumeEvaluation],
     return EvaluationReport(model, fingerprint, dict(class_names), volumes, pooled)
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN (the empty-class rule) as JSON null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _fmt(x: float) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
@@ -167,7 +184,8 @@ def _markdown(report: EvaluationReport) -> str:
     lines = [f"# Evaluation of {report.model}", "",
              f"Evaluation set `{report.fingerprint[:16]}`: {len(report.volumes)} volumes, "
              f"{sum(len(v.annotated) for v in report.volumes)} annotated B-scans. Scores pool the pixels of "
-             "all annotated B-scans; — means the class is absent from both prediction and truth.", "",
+             "all annotated B-scans; — means the score's denominator is 0 (Dice, IoU: the class is absent from "
+             "prediction and truth; precision: never predicted; recall: not in the truth).", "",
              "| class | Dice | IoU | precision | recall |", "|---|---|---|---|---|"]
     for c, name in names.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(report.scores[m][c]) for m in
@@ -220,7 +238,7 @@ def write_report(report: EvaluationReport, folder: str | Path) -> list[Path]:
     (folder / "report.md").write_text(_markdown(report))
     scores = {"model": report.model, "evaluation_set": report.fingerprint, "scores": report.scores,
               "per_volume_dice": per_volume, "class_names": report.class_names}
-    (folder / "scores.json").write_text(json.dumps(scores, indent=2, allow_nan=True))
+    (folder / "scores.json").write_text(json.dumps(_json_safe(scores), indent=2, allow_nan=False))
     return [folder / n for n in ("report.md", "scores.json", "per_volume_dice.png", "worst_bscans.png")]
 
 
@@ -275,10 +293,24 @@ def choose_champion(archive_path: str | Path, volume_ids: Sequence[str], name: s
     current = champion(name, tracking_uri)
     current_score = None
     if current is not None and current.version != ref.version:
-        current_score, _ = score_on_evaluation_set(archive_path, volume_ids, current, tracking_uri, inference)
+        if held_out(current, tracking_uri) >= set(volume_ids):
+            current_score, _ = score_on_evaluation_set(archive_path, volume_ids, current, tracking_uri, inference)
+        else:  # it trained on (some of) the set: its score there would be a training score
+            log.warning("%s@champion (v%s) did not hold out the evaluation set %s: not comparable, replaced",
+                        name, current.version, sorted(volume_ids))
+            current_score = math.nan
     promoted = promote_on_evaluation(ref, score, current, current_score, tracking_uri)
     after = ref.version if promoted or current is None else current.version
     return {"score": score, "fingerprint": fingerprint, "promoted": promoted, "champion": after}
+
+
+def held_out(ref: ModelRef, tracking_uri: str) -> set[str]:
+    """The evaluation volumes the run of registered version ``ref`` held out of its training."""
+    from octseg.tasks.tracking import client
+
+    if not ref.run_id:
+        return set()
+    return set(json.loads(client(tracking_uri).get_run(ref.run_id).data.tags.get(HELD_OUT_TAG, "[]")))
 
 
 @task(name="choose-champion", cache_policy=NO_CACHE)

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHAMPION",
     "FOREGROUND",
+    "REGISTERED",
     "TrainResult",
     "cached_eval_score",
     "champion",
@@ -234,10 +235,19 @@ def load_unet(ref: ModelRef, tracking_uri: str, device: str | torch.device = "cp
     return model.to(device).eval()
 
 
+REGISTERED = "registered_"  # metric prefix: the score of the weights a run registered
+
+
 def _metric_of(mlflow_client, run_id: str | None, metric: str) -> float | None:
+    """``metric`` of a run; for a ``registered_*`` metric that a run of an earlier octseg lacks, its last
+    per-epoch value (what those runs registered)."""
     if run_id is None:
         return None
-    return mlflow_client.get_run(run_id).data.metrics.get(metric)
+    metrics = mlflow_client.get_run(run_id).data.metrics
+    value = metrics.get(metric)
+    if value is None and metric.startswith(REGISTERED):
+        value = metrics.get(metric.removeprefix(REGISTERED))
+    return value
 
 
 def promote_if_better(
@@ -303,6 +313,7 @@ def cached_unet(ref: ModelRef, tracking_uri: str, device: str = "auto") -> UNet:
 
 
 FOREGROUND = 1  # the class whose Dice decides promotion
+SPEED_ONLY = ("num_workers",)  # training settings that change how fast, not what is trained
 
 
 @dataclass
@@ -324,7 +335,8 @@ class TrainResult:
 def training_fingerprint(train: BScanSet, val: BScanSet | None, unet_config: UNetConfig,
                          train_config: TrainConfig, model_name: str) -> str:
     """sha256 over the training data, both configs and the model name: equal means "already trained"."""
-    h = hashlib.sha256(json.dumps([unet_config.to_dict(), train_config.to_dict(), model_name], sort_keys=True).encode())
+    settings = {k: v for k, v in train_config.to_dict().items() if k not in SPEED_ONLY}
+    h = hashlib.sha256(json.dumps([unet_config.to_dict(), settings, model_name], sort_keys=True).encode())
     for data in (train, val):
         for arr in () if data is None else (data.images, data.labels, data.weights):
             h.update(b"-" if arr is None else np.ascontiguousarray(arr).tobytes())
@@ -339,7 +351,9 @@ def find_previous_training(fingerprint: str, tracking_uri: str, experiment_id: s
         return None
     run, version = found
     prefix = "val" if run.data.tags.get("octseg.score_source") == "validation" else "train"
-    dice = {c: run.data.metrics.get(f"{prefix}_dice_{n}", math.nan) for c, n in names.items()}
+    client_ = client(tracking_uri)
+    dice = {c: v if (v := _metric_of(client_, run.info.run_id, f"{REGISTERED}{prefix}_dice_{n}")) is not None
+            else math.nan for c, n in names.items()}
     return TrainResult(run.info.run_id, model_name, version, dice, dice.get(FOREGROUND, math.nan), False, None,
                        n_train=int(run.data.params.get("data.n_train", 0)),
                        n_val=int(run.data.params.get("data.n_val", 0)), reused=True)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import subprocess
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +27,7 @@ from octseg.tasks.progress import progress_bar
 from octseg.tasks.qc import side_by_side
 from octseg.tasks.registry import (
     FOREGROUND,
+    REGISTERED,
     TrainResult,
     find_previous_training,
     log_unet,
@@ -193,24 +197,37 @@ def train_and_register(
         history = fit(model, train, val if has_val else None, train_config, _epoch_logger(names, progress),
                       on_checkpoint=_save_checkpoint, resume=state)
         if has_val:
-            dice = _as_class_dict(history[-1].val_dice)
+            scored = _registered_epoch(history, train_config)
+            dice = _as_class_dict(scored.val_dice)
+            mlflow.set_tag("octseg.registered_epoch", str(scored.epoch))
         else:
             dice = _as_class_dict(evaluate(model, train, validation_inference(train_config)))
             mlflow.log_metrics(_dice_metrics("train", dice, names), step=history[-1].epoch)
+        # the score of the weights registered (the best epoch's under restore_best): what promotion compares
+        mlflow.log_metrics(_dice_metrics(f"{REGISTERED}{prefix}", dice, names))
         qc_image = _log_qc(model, val if has_val else train, prefix, run.info.artifact_uri, train_config)
         version = log_unet(model, model_name, metadata={"class_names": {str(k): v for k, v in names.items()}})
     score = dice.get(FOREGROUND, math.nan)
     promoted = promote and promote_if_better(model_name, version, score, tracking_uri,
-                                             metric=f"{prefix}_dice_{names[FOREGROUND]}")
+                                             metric=f"{REGISTERED}{prefix}_dice_{names[FOREGROUND]}")
     return TrainResult(run.info.run_id, model_name, version, dice, score, promoted, qc_image,
                        n_train=len(train), n_val=len(val) if has_val else 0)
+
+
+def _registered_epoch(history: list[EpochStats], train_config: TrainConfig) -> EpochStats:
+    """The epoch whose weights ``fit`` ended with: the best validated one under ``restore_best``."""
+    scored = [h for h in history if not math.isnan(h.val_dice.get(FOREGROUND, math.nan))]
+    if not train_config.restore_best or not scored:
+        return history[-1]
+    return max(scored, key=lambda h: (h.val_dice[FOREGROUND], -h.epoch))
 
 
 CHECKPOINT_DIR, CHECKPOINT_FILE = "checkpoint", "last.pt"
 
 
 def _save_checkpoint(state: dict[str, Any]) -> None:
-    """Replace the active run's ``checkpoint/last.pt`` with ``state`` (see ``octseg.unet.train.fit``)."""
+    """Replace the active run's ``checkpoint/last.pt`` with ``state`` (see ``octseg.unet.train.fit``) and
+    renew the run's heartbeat: which process trains it, and when it last saved."""
     import tempfile
 
     import mlflow
@@ -220,6 +237,28 @@ def _save_checkpoint(state: dict[str, Any]) -> None:
         path = Path(tmp) / CHECKPOINT_FILE
         torch.save(state, path)
         mlflow.log_artifact(str(path), CHECKPOINT_DIR)
+    mlflow.set_tags({"octseg.host": socket.gethostname(), "octseg.pid": str(os.getpid()),
+                     "octseg.heartbeat": f"{time.time():.0f}"})
+
+
+STALE_SECONDS = 3600  # a RUNNING run on another machine without a checkpoint for this long is abandoned
+
+
+def _abandoned(run) -> bool:
+    """True when an unfinished run is not being trained any more: FAILED/KILLED, or RUNNING but its
+    process is gone (same machine) or silent for ``STALE_SECONDS`` (another machine)."""
+    if run.info.status != "RUNNING":
+        return True
+    tags = run.data.tags
+    if tags.get("octseg.host") == socket.gethostname() and tags.get("octseg.pid", "").isdigit():
+        try:
+            os.kill(int(tags["octseg.pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return time.time() - float(tags.get("octseg.heartbeat", 0)) > STALE_SECONDS
 
 
 def _load_checkpoint(tracking_uri: str, run_id: str) -> dict[str, Any] | None:
@@ -250,6 +289,8 @@ def unfinished_run(tracking_uri: str, experiment_id: str, fingerprint: str,
             run = mlflow_client.get_run(run_id)
         except Exception as e:
             raise ValueError(f"no run {run_id} in {tracking_uri} to resume ({type(e).__name__})") from None
+        if run.info.status == "FINISHED":
+            raise ValueError(f"run {run_id} finished; there is nothing to resume (train with --force for a new run)")
         if run.data.tags.get("octseg.fingerprint") != fingerprint:
             raise ValueError(f"run {run_id} trained on other data or settings; resume it with the same "
                              "archive, volumes and options (see its params in the MLflow UI)")
@@ -260,6 +301,8 @@ def unfinished_run(tracking_uri: str, experiment_id: str, fingerprint: str,
     runs = mlflow_client.search_runs([experiment_id], f"tags.`octseg.fingerprint` = '{fingerprint}' and "
                                      "attributes.status != 'FINISHED'", order_by=["attributes.start_time DESC"])
     for run in runs:
+        if not _abandoned(run):  # another process is training it right now
+            continue
         state = _load_checkpoint(tracking_uri, run.info.run_id)
         if state is not None:
             return run.info.run_id, state
@@ -283,7 +326,7 @@ def _progress_logger(bar: Callable[[int, int], None] | None = None, epochs: int 
 def train_from_archive_task(archive_path: str, volumes: list[str], unet_config: UNetConfig,
                             train_config: TrainConfig, *, val_fraction: float, tracking_uri: str,
                             experiment: str, model_name: str, force: bool, promote: bool,
-                            resume_run_id: str | None = None) -> TrainResult:
+                            resume_run_id: str | None = None, tags: dict[str, str] | None = None) -> TrainResult:
     """Load the annotated B-scans of ``volumes`` from the archive, split them, then train and register."""
     from octseg.tasks.dataset import load_training_data
 
@@ -293,4 +336,4 @@ def train_from_archive_task(archive_path: str, volumes: list[str], unet_config: 
         return train_and_register(train, val, unet_config, train_config, tracking_uri=tracking_uri,
                                   experiment=experiment, model_name=model_name,
                                   progress=_progress_logger(bar, train_config.epochs), force=force,
-                                  promote=promote, resume_run_id=resume_run_id)
+                                  promote=promote, resume_run_id=resume_run_id, tags=tags)

@@ -143,7 +143,8 @@ def fit(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=cuda)  # torchrun: torch.cuda.set_device(LOCAL_RANK) first
     optimizer = make_optimizer(model, cfg)
     inference = validation_inference(cfg)
     history: list[EpochStats] = []
@@ -154,7 +155,7 @@ def fit(
         optimizer.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["torch_rng"])
         history = [EpochStats(**h) for h in resume["history"]]
-        best, start = resume["best"], resume["epoch"] + 1
+        best, start = resume["best"], cfg.epochs if resume.get("stopped") else resume["epoch"] + 1
         log.info("resuming after epoch %d", resume["epoch"])
     log.info("training on %s: %d B-scans, tiles %d -> %d, %s", device, len(train), tile, out, cfg)
     for epoch in range(start, cfg.epochs):
@@ -162,7 +163,8 @@ def fit(
         t0 = time.perf_counter()
         loss = _train_epoch(net, loader, optimizer, device, cfg.amp, cfg.dice_weight)
         if world > 1:  # the mean over every process's tiles
-            total = torch.tensor([loss], dtype=torch.float64)
+            on = device if torch.distributed.get_backend() == "nccl" else "cpu"
+            total = torch.tensor([loss], dtype=torch.float64, device=on)
             torch.distributed.all_reduce(total)
             loss = float(total.item()) / world
         if not np.isfinite(loss):
@@ -176,11 +178,18 @@ def fit(
             best = {"epoch": epoch, "dice": score, "model": _state_on_cpu(model)}
         if on_epoch_end is not None:
             on_epoch_end(stats)
+        stop = cfg.patience is not None and best is not None and epoch - best["epoch"] >= cfg.patience
+        if world > 1:  # every process stops with rank 0
+            flag = torch.tensor([int(stop)], device=device if torch.distributed.get_backend() == "nccl" else "cpu")
+            torch.distributed.broadcast(flag, 0)
+            stop = bool(flag.item())
         if on_checkpoint is not None:
             on_checkpoint({"epoch": epoch, "model": _state_on_cpu(model), "optimizer": optimizer.state_dict(),
-                           "torch_rng": torch.get_rng_state(), "history": [asdict(h) for h in history], "best": best})
-        if cfg.patience is not None and best is not None and epoch - best["epoch"] >= cfg.patience:
-            log.info("stopping early after epoch %d: no better validation Dice since epoch %d", epoch, best["epoch"])
+                           "torch_rng": torch.get_rng_state(), "history": [asdict(h) for h in history], "best": best,
+                           "stopped": stop})
+        if stop:
+            log.info("stopping early after epoch %d: no better validation Dice since epoch %s", epoch,
+                     best["epoch"] if best else "-")
             break
     if cfg.restore_best and best is not None:
         model.load_state_dict(best["model"])

@@ -71,8 +71,13 @@ def test_one_run_with_params_tags_and_per_epoch_metrics(trained):
         history = client.get_metric_history(result.run_id, key)
         assert sorted(m.step for m in history) == list(range(EPOCHS)), key
     assert [s.epoch for s in trained["epochs_seen"]] == list(range(EPOCHS))  # progress callback
-    final = client.get_metric_history(result.run_id, "val_dice_fluid")[-1].value
-    assert result.score == result.val_dice[1] and (final == result.score or math.isnan(final))
+    # the registered weights are the best validated epoch's, and their score is what the result reports
+    per_epoch = [m.value for m in client.get_metric_history(result.run_id, "val_dice_fluid")]
+    best = max((v for v in per_epoch if not math.isnan(v)), default=math.nan)
+    registered = run.data.metrics["registered_val_dice_fluid"]
+    assert result.score == result.val_dice[1]
+    assert (result.score == registered == best) or all(math.isnan(v) for v in (result.score, registered, best))
+    assert run.data.tags["octseg.registered_epoch"] == str(per_epoch.index(best) if not math.isnan(best) else EPOCHS - 1)
 
 
 def test_qc_image_and_model_are_stored(trained):
