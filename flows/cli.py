@@ -378,6 +378,17 @@ def preprocess(
     _report(_run(preprocess_archive, cfg, verbose))
 
 
+def _registered_model(model_uri: str, tracking_uri: str | None) -> Any:
+    """The pinned registered model, resolved before any flow run: a missing database, model, alias or
+    version is a one-line error (exit 2), not a failed run."""
+    from octseg.tasks.registry import resolve_model
+    from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(uri, must_exist=True)
+    return resolve_model(model_uri, uri)
+
+
 def _train_options(values: dict[str, Any]) -> dict[str, Any]:
     return {_TRAIN_KEYS[k]: v for k, v in values.items() if k in _TRAIN_KEYS}
 
@@ -463,17 +474,12 @@ def segment(
         "inference.device": device, "inference.amp": amp, "tracking_uri": tracking_uri, "qc_dir": qc_dir,
         "force": force,
     })
-    from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
-
     preflight.check_archive(cfg.archive, writable=True)
     preflight.check_output_folder(cfg.qc_folder, "QC folder")
-    uri = resolve_tracking_uri(cfg.tracking_uri)
-    check_tracking_uri(uri, must_exist=True)
+    ref = _registered_model(cfg.model_uri, cfg.tracking_uri)
     from octseg.flows.plans import plan_segmentation
     from octseg.flows.summary import SegmentSummary
-    from octseg.tasks.registry import resolve_model
 
-    ref = resolve_model(cfg.model_uri, uri)  # a missing model is a one-line error, not a failed run
     todo, done = plan_segmentation(cfg, ref)
     if not todo:
         return _report(SegmentSummary(str(cfg.archive), f"{ref.name} v{ref.version}", skipped=done,
@@ -515,17 +521,11 @@ def evaluate(
         "archive": archive, "model_uri": model, "volumes": volume, "fix": fix, "inference.tile_size": tile_size,
         "inference.overlap": overlap, "inference.device": device, "tracking_uri": tracking_uri,
     })
-    from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
-
     if cfg.fix and not cfg.volumes:
         raise ValueError("--fix needs the evaluation volumes named with --volume (training holds them out)")
     preflight.check_archive(cfg.archive, writable=cfg.fix)
     preflight.check_output_folder(cfg.archive.with_name(cfg.archive.name + ".reports"), "report folder")
-    uri = resolve_tracking_uri(cfg.tracking_uri)
-    check_tracking_uri(uri, must_exist=True)
-    from octseg.tasks.registry import resolve_model
-
-    resolve_model(cfg.model_uri, uri)  # a missing model is a one-line error, not a failed run
+    _registered_model(cfg.model_uri, cfg.tracking_uri)
     from octseg.flows.evaluate import evaluate_model
 
     _report(_run(evaluate_model, cfg, verbose))
