@@ -2,7 +2,9 @@
 global batch (the same tiles per step, gradients averaged), within float tolerance."""
 from __future__ import annotations
 
+import gc
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +39,12 @@ def _train(out: Path) -> None:
 
 
 def _worker(rank: int, world: int, folder: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback: never an interface the host name happens to resolve to
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     try:
         _train(Path(folder) / "ddp")
+        gc.collect()  # the DDP wrapper and its reducer go before the group does
+        dist.barrier()  # nobody tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
