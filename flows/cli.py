@@ -172,7 +172,7 @@ _TRAIN_KEYS = {
     "device": "train.device", "amp": "train.amp", "val_fraction": "val_fraction",
     "tracking_uri": "tracking_uri", "experiment": "experiment", "model_name": "model_name", "force": "force",
     "patience": "train.patience", "restore_best": "train.restore_best", "resume": "resume",
-    "num_workers": "train.num_workers",
+    "num_workers": "train.num_workers", "processes": "train.processes",
 }
 ClassesOpt = Annotated[Optional[int], _opt("Classes the network predicts (background + fluid = 2; raise it for "
                                            "masks with more labels).", "--classes", cls=_T, key="unet.out_channels",
@@ -228,6 +228,9 @@ ResumeOpt = Annotated[Optional[str], _opt("Continue this MLflow run from its las
 WorkersOpt = Annotated[Optional[int], _opt("Tile-loading worker processes (default: 0 on CPU, up to 4 on a GPU).",
                                            "--loader-workers", cls=_T, key="train.num_workers",
                                            panel=_OPT)]
+ProcessesOpt = Annotated[Optional[int], _opt("Data-parallel training processes (DistributedDataParallel): one per GPU "
+                                             "with NCCL, or CPU processes with gloo. The batch is split between them.",
+                                             "--gpus", "--processes", cls=_T, key="train.processes", panel=_OPT)]
 ExperimentOpt = Annotated[Optional[str], _opt("MLflow experiment.", cls=_T, key="experiment")]
 ModelNameOpt = Annotated[Optional[str], _opt("Registered model name.", cls=_T, key="model_name")]
 ForceTrainOpt = Annotated[Optional[bool], _opt("Train even if an identical run (same data and settings) is "
@@ -410,7 +413,8 @@ def train(
     epochs: EpochsOpt = None, batch_size: BatchOpt = None, optimizer: OptimOpt = None, lr: LrOpt = None,
     momentum: MomentumOpt = None, weight_decay: DecayOpt = None, tile_size: TileOpt = None,
     max_tile: MaxTileOpt = None, tiles_per_epoch: TilesOpt = None, foreground_fraction: FgOpt = None,
-    dice_weight: DiceOpt = None, patience: PatienceOpt = None, restore_best: RestoreOpt = None, num_workers: WorkersOpt = None,
+    dice_weight: DiceOpt = None, patience: PatienceOpt = None, restore_best: RestoreOpt = None,
+    num_workers: WorkersOpt = None, processes: ProcessesOpt = None,
     augment: AugmentOpt = None, seed: SeedOpt = None, device: DeviceOpt = None, amp: AmpOpt = None,
     val_fraction: ValOpt = None, tracking_uri: TrackingOpt = None, experiment: ExperimentOpt = None,
     model_name: ModelNameOpt = None, force: ForceTrainOpt = None, resume: ResumeOpt = None,

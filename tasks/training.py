@@ -169,8 +169,9 @@ def train_and_register(
     """
     import mlflow
 
+    from octseg.unet.distributed import fit_distributed
     from octseg.unet.model import UNet
-    from octseg.unet.train import evaluate, fit, validation_inference
+    from octseg.unet.train import evaluate, validation_inference
 
     check_classes(train, val, unet_config)
     experiment_id = ensure_experiment(tracking_uri, experiment)
@@ -194,8 +195,8 @@ def train_and_register(
             mlflow.log_params(_params(unet_config, train_config, train, val, names))
         else:
             log.info("continuing run %s after epoch %d", run_id, state["epoch"])
-        history = fit(model, train, val if has_val else None, train_config, _epoch_logger(names, progress),
-                      on_checkpoint=_save_checkpoint, resume=state)
+        history = fit_distributed(model, train, val if has_val else None, train_config, train_config.processes,
+                                  _epoch_logger(names, progress), on_checkpoint=_save_checkpoint, resume=state)
         if has_val:
             scored = _registered_epoch(history, train_config)
             dice = _as_class_dict(scored.val_dice)

@@ -136,6 +136,7 @@ class TrainConfig(_Config):
     device: str = "auto"  # "auto" (CUDA when present) or a torch device: "cpu", "cuda:1", ...
     amp: bool = False  # bfloat16 autocast on CUDA
     num_workers: int | None = None  # tile-loading processes; None: 0 on CPU (cores train), up to 4 on CUDA
+    processes: int = 1  # data-parallel training processes (DDP): one per GPU (nccl), or CPU processes (gloo)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "tiles_per_epoch"):
@@ -159,6 +160,7 @@ class TrainConfig(_Config):
         _check_bool("amp", self.amp)
         if self.num_workers is not None:
             _check_int("num_workers", self.num_workers, 0)
+        _check_int("processes", self.processes, 1)
 
 
 @dataclass(frozen=True)

@@ -313,3 +313,22 @@ def test_a_duplicate_id_fails_even_when_everything_else_is_up_to_date(ingested) 
     result = _invoke("ingest", str(good), str(twin), "--archive", str(ingested["archive"]))
     assert result.exit_code == 1, result.output
     assert "1 up to date, 1 failed" in result.plain and "is already used by" in result.plain
+
+
+def test_train_with_two_processes_logs_every_epoch_to_one_mlflow_run(ingested, tmp_path: Path) -> None:
+    """``--gpus/--processes 2`` on CPU: two gloo DDP processes train; the command's own process keeps the
+    MLflow run (per-epoch metrics, checkpoint) and registers the weights."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = _invoke("train", "--archive", str(ingested["archive"]), "--tracking-uri", uri, "--processes", "2",
+                     "--epochs", "2", "--batch-size", "2", "--tiles-per-epoch", "4", "--base-channels", "4",
+                     "--depth", "2", "--optimizer", "adam", "--lr", "0.001", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "octseg-unet v1" in result.plain
+    client = MlflowClient(uri)
+    version = client.get_model_version("octseg-unet", "1")
+    run = client.get_run(version.run_id)
+    assert run.data.params["train.processes"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0, 1]
+    assert "checkpoint" in [a.path for a in client.list_artifacts(run.info.run_id)]

@@ -61,3 +61,34 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path: Path)
     b = torch.load(tmp_path / "ddp" / "weights.pt", weights_only=True)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
+
+
+def test_fit_distributed_launches_the_processes_and_reports_to_the_caller(tmp_path: Path) -> None:
+    """``octseg train --gpus/--processes N``: the caller spawns N gloo processes, gets every epoch's stats and
+    checkpoint from rank 0 (for its MLflow run) and ends with the weights of one process's training."""
+    from octseg.unet.distributed import fit_distributed
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    one = UNet(base_channels=4, depth=2)
+    ddp = UNet(base_channels=4, depth=2)
+    ddp.load_state_dict(one.state_dict())
+    single = fit(one, _data(), None, CFG)
+    epochs, checkpoints = [], []
+    history = fit_distributed(ddp, _data(), None, CFG, 2, epochs.append, on_checkpoint=checkpoints.append)
+    assert [h.epoch for h in history] == [e.epoch for e in epochs] == [c["epoch"] for c in checkpoints] == [0, 1, 2]
+    np.testing.assert_allclose([h.train_loss for h in history], [h.train_loss for h in single], rtol=1e-4)
+    for key, value in one.state_dict().items():
+        torch.testing.assert_close(ddp.state_dict()[key], value, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(checkpoints[-1]["model"][key], ddp.state_dict()[key])
+
+
+def test_fit_distributed_refuses_a_batch_it_cannot_split() -> None:
+    import pytest
+
+    from octseg.unet.distributed import fit_distributed
+
+    with pytest.raises(ValueError, match="multiple of 3"):
+        fit_distributed(UNet(base_channels=4, depth=2), _data(), None, CFG, 3)
+    with pytest.raises(ValueError, match="cuda"):
+        fit_distributed(UNet(base_channels=4, depth=2), _data(), None, TrainConfig(device="cuda:1"), 2)
