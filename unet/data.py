@@ -42,7 +42,8 @@ class TileDataset(Dataset):
         pad = ((0, 0), (self.halo, self.halo), (self.halo, self.halo))
         # the same mirror as inference (octseg.unet.tiling.mirror_pad): reflect, the edge pixel not repeated
         self._images = np.pad(data.images, pad, mode="reflect")
-        self._labels = np.pad(data.labels, pad, mode="reflect")
+        small = np.uint8 if data.labels.size == 0 or (data.labels.min() >= 0 and data.labels.max() < 256) else np.int32
+        self._labels = np.pad(data.labels.astype(small), pad, mode="reflect")  # a quarter of the int64's memory
         w = data.weights if data.weights is not None else np.ones_like(data.images, dtype=np.float32)
         self._weights = np.pad(w.astype(np.float32), pad, mode="reflect")
 
@@ -68,13 +69,15 @@ class TileDataset(Dataset):
         k, y, x = self._origin(rng)
         window = np.s_[k, y : y + self.tile, x : x + self.tile]  # padded coordinates
         image, labels, weights = self._images[window], self._labels[window], self._weights[window]
+        c = np.s_[self.halo : self.halo + self.output, self.halo : self.halo + self.output]  # what the loss sees
         if self.augment:
-            image, labels, weights = augment_tile(image, labels, weights, rng)
-        c = np.s_[self.halo : self.halo + self.output, self.halo : self.halo + self.output]
+            image, labels, weights = augment_tile(image, labels, weights, rng, window=c)
+        else:
+            labels, weights = labels[c], weights[c]
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None]),
-            "target": torch.from_numpy(np.ascontiguousarray(labels[c], dtype=np.int64)),
-            "weight": torch.from_numpy(np.ascontiguousarray(weights[c], dtype=np.float32)),
+            "target": torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
+            "weight": torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)),
         }
 
 

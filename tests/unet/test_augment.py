@@ -217,3 +217,27 @@ ZEROS = np.zeros((4, 4))
 def test_rejects_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("shape, grid", [((572, 572), 3), ((33, 47), 3), ((1, 1), 3), ((64, 40), 5)])
+def test_displacement_field_equals_the_2d_spline_zoom(shape, grid):
+    """The separable form (Ry @ coarse @ Rx^T) against the obvious one: zoom the coarse grid itself."""
+    from scipy import ndimage
+
+    coarse = np.random.default_rng(7).normal(0.0, 10.0, size=(2, grid, grid))
+    reference = ndimage.zoom(coarse, (1, shape[0] / grid, shape[1] / grid), order=3, mode="mirror", grid_mode=False)
+    np.testing.assert_allclose(displacement_field(shape, 7, grid=grid, sigma=10.0), reference, atol=1e-9)
+
+
+@pytest.mark.parametrize("elastic", [True, False])
+def test_window_returns_the_crop_of_the_whole_warp(elastic):
+    """Labels and weights warped for the loss's centre crop only equal that crop of the whole warp."""
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(60, 70)).astype(np.float32)
+    labels, weights = blobs((60, 70), seed=3), rng.random((60, 70)).astype(np.float32)
+    window = np.s_[10:50, 12:58]
+    whole = augment(image, labels, weights, 11, elastic=elastic)
+    part = augment(image, labels, weights, 11, elastic=elastic, window=window)
+    np.testing.assert_array_equal(part[0], whole[0])
+    np.testing.assert_array_equal(part[1], whole[1][window])
+    np.testing.assert_array_equal(part[2], whole[2][window])
