@@ -170,18 +170,26 @@ class InferenceConfig(_Config):
     tile_size: int | None = None  # network input tile; None: octseg.unet.model.choose_tile_size
     max_tile: int = MAX_TILE  # largest input tile that rule may pick
     overlap: float = 0.25  # fraction of an output tile shared with its neighbour, blended
-    batch_size: int = 4  # tiles per forward pass
+    batch_size: int | None = None  # B-scans (or tiles) per forward pass; None: what the memory budget holds
     device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:N"
     amp: bool = False  # bfloat16 autocast on CUDA
+    memory_budget_mb: int | None = None  # for one forward pass; None: half the free GPU memory, or 2048 on CPU
+    whole: bool = True  # a whole B-scan per pass when it fits the budget; False: always tiles
+    tta: bool = False  # test-time augmentation: mean of the B-scan's and its left-right mirror's probabilities
+    compile: bool = False  # torch.compile the network (CUDA; slow first batch)
 
     def __post_init__(self) -> None:
         if self.tile_size is not None:
             _check_int("tile_size", self.tile_size, 1)
         _check_int("max_tile", self.max_tile, 1)
         object.__setattr__(self, "overlap", _check_number("overlap", self.overlap, 0.0, 1.0))
-        _check_int("batch_size", self.batch_size, 1)
+        if self.batch_size is not None:
+            _check_int("batch_size", self.batch_size, 1)
         _check_device(self.device)
-        _check_bool("amp", self.amp)
+        for name in ("amp", "whole", "tta", "compile"):
+            _check_bool(name, getattr(self, name))
+        if self.memory_budget_mb is not None:
+            _check_int("memory_budget_mb", self.memory_budget_mb, 1)
 
 
 @dataclass(frozen=True)

@@ -75,12 +75,17 @@ def halo_from_shapes(tile_in: Sequence[int], tile_out: Sequence[int]) -> tuple[i
     return halo[0], halo[1]
 
 
-def tile_starts(length: int, tile_out: int, step: int) -> list[int]:
+def tile_starts(length: int, tile_out: int, step: int, align: int = 1) -> list[int]:
     """Start offsets of output tiles covering ``[0, length)``, the last one flush with the end.
 
     Tiles start every ``step`` pixels; the last start is moved back to ``length - tile_out`` so no
     tile hangs over the image. A length shorter than one tile gives a single tile at 0, which the
     caller pads to fit.
+
+    With ``align`` > 1 every start is a multiple of ``align`` (``step`` is rounded down to one, the
+    last start up): the last tile may then hang over the end, into the mirror padding. A valid U-Net
+    with ``depth`` poolings gives the same output for a pixel wherever a tile puts it, as long as tiles
+    move by multiples of ``2 ** depth``: aligned tiles agree with each other and with one whole pass.
 
     >>> tile_starts(10, 4, 3)  # 0..3, 3..6, 6..9 and 6..10 -> last start moved back
     [0, 3, 6]
@@ -90,14 +95,19 @@ def tile_starts(length: int, tile_out: int, step: int) -> list[int]:
     [0, 4]
     >>> tile_starts(3, 4, 2)  # shorter than one tile
     [0]
+    >>> tile_starts(11, 4, 3, align=2)  # step 2, the last start 8 (its tile ends at 12 > 11)
+    [0, 2, 4, 6, 8]
     """
     if length < 1 or tile_out < 1:
         raise ValueError(f"length and tile_out must be >= 1, got length={length}, tile_out={tile_out}")
     if not 1 <= step <= tile_out:
         raise ValueError(f"step must be >= 1 and <= tile_out={tile_out} (no gaps), got {step}")
+    if not 1 <= align <= tile_out:
+        raise ValueError(f"align must be >= 1 and <= tile_out={tile_out}, got {align}")
     if length <= tile_out:
         return [0]
-    last = length - tile_out
+    step = max(align, step - step % align)
+    last = -(-(length - tile_out) // align) * align
     starts = list(range(0, last, step))
     return starts + [last]
 
@@ -175,15 +185,20 @@ class TilePlan:
 
 
 def plan_tiles(
-    image_hw: Sequence[int], tile_in: Sequence[int], tile_out: Sequence[int], overlap: float
+    image_hw: Sequence[int], tile_in: Sequence[int], tile_out: Sequence[int], overlap: float, align: int = 1
 ) -> TilePlan:
     """Lay out tiles over an (H, W) image; ``overlap`` is a fraction of the output tile in [0, 1).
+
+    ``align``: tile starts are multiples of it (see :func:`tile_starts`); the padding grows to hold
+    a last tile that hangs over the image.
 
     >>> p = plan_tiles((37, 53), (20, 20), (12, 12), overlap=0.25)  # halo 4, step 9
     >>> p.starts_y, p.starts_x, p.pad
     ((0, 9, 18, 25), (0, 9, 18, 27, 36, 41), ((4, 4), (4, 4)))
     >>> plan_tiles((5, 30), (20, 20), (12, 12), 0.0).pad  # 5 rows < 12: pad 7 more at the bottom
     ((4, 11), (4, 4))
+    >>> plan_tiles((37, 53), (20, 20), (12, 12), 0.25, align=4).starts_y  # last tile ends at 40 > 37
+    (0, 8, 16, 24, 28)
     """
     _check_overlap(overlap)
     h, w = (int(v) for v in image_hw)
@@ -192,15 +207,16 @@ def plan_tiles(
     tile_in, tile_out = tuple(tile_in), tuple(tile_out)
     halo = halo_from_shapes(tile_in, tile_out)
     step = tuple(max(1, int(o * (1.0 - overlap))) for o in tile_out)
-    pad = tuple((hl, hl + max(0, o - n)) for hl, o, n in zip(halo, tile_out, (h, w)))
+    starts = tuple(tuple(tile_starts(n, o, s, min(align, o))) for n, o, s in zip((h, w), tile_out, step))
+    pad = tuple((hl, hl + max(0, st[-1] + o - n)) for hl, o, n, st in zip(halo, tile_out, (h, w), starts))
     return TilePlan(
         image_hw=(h, w),
         tile_in=tile_in,
         tile_out=tile_out,
         halo=halo,
         step=step,
-        starts_y=tuple(tile_starts(h, tile_out[0], step[0])),
-        starts_x=tuple(tile_starts(w, tile_out[1], step[1])),
+        starts_y=starts[0],
+        starts_x=starts[1],
         pad=pad,
     )
 
@@ -255,10 +271,11 @@ def predict_tiled(
     predictor: Predictor,
     tile: int | Sequence[int],
     overlap: float = InferenceConfig.overlap,
-    batch_size: int = InferenceConfig.batch_size,
+    batch_size: int = 4,
     output_tile: int | Sequence[int] | None = None,
     blend: str = "gaussian",
     progress: Callable[[int, int], None] | None = None,
+    align: int = 1,
 ) -> np.ndarray:
     """Segment an image of any size tile by tile with the overlap-tile strategy.
 
@@ -272,6 +289,7 @@ def predict_tiled(
             zero tile to find it. Input minus output must be even: halo = (th - oh) / 2.
         blend: "gaussian" (centre of a tile counts most) or "constant" (plain average).
         progress: called as ``progress(done_tiles, total_tiles)`` after each batch.
+        align: tile starts are multiples of this (``2 ** depth`` for a U-Net: see :func:`tile_starts`).
 
     Returns:
         float32 (C_out, H, W): the blended predictions, aligned pixel for pixel with ``image``.
@@ -284,7 +302,7 @@ def predict_tiled(
         tile_out = _probe_output_tile(predictor, chw.shape[0], tile_in)
     else:
         tile_out = _pair("output_tile", output_tile)
-    plan = plan_tiles(chw.shape[1:], tile_in, tile_out, overlap)
+    plan = plan_tiles(chw.shape[1:], tile_in, tile_out, overlap, align)
     padded = mirror_pad(chw, plan.pad)
     weight = gaussian_weight(tile_out) if blend == "gaussian" else np.ones(tile_out, dtype=np.float64)
     log.debug("tiling %s with %d tiles: %s", chw.shape, plan.n_tiles, plan)

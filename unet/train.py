@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from octseg.unet.config import InferenceConfig, TrainConfig
 from octseg.unet.data import BScanSet, EpochSampler, TileDataset
-from octseg.unet.inference import predict_probabilities, resolve_device
+from octseg.unet.inference import resolve_device, segment_volume
 from octseg.unet.losses import soft_dice_loss, weighted_cross_entropy
 from octseg.unet.metrics import dice_per_class
 from octseg.unet.model import choose_tile_size
@@ -51,7 +51,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 def evaluate(model: torch.nn.Module, data: BScanSet, inference: InferenceConfig = InferenceConfig()) -> dict[int, float]:
     """Per-class Dice over the pooled pixels of ``data``; a class absent from both gives NaN."""
-    preds = np.stack([predict_probabilities(model, img, inference).argmax(0) for img in data.images])
+    preds = segment_volume(model, data.images, inference)
     return {k: float(d) for k, d in enumerate(dice_per_class(preds, data.labels, model.config.out_channels))}
 
 
