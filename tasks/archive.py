@@ -25,10 +25,13 @@ The layout constants, input checks, OME label metadata and staging helpers sit i
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.metadata
+import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,7 +71,7 @@ from octseg.tasks._archive_layout import (
 )
 
 __all__ = ["ARCHIVE_VERSION", "AXES", "IMAGE_DTYPES", "OME_VERSION", "SHARD_BSCANS", "UNIT", "Archive", "ArchiveError",
-           "already_segmented", "bscan_chunks", "bscan_shards", "label_metadata", "open_archive", "select_volumes",
+           "StagedPrediction", "already_segmented", "bscan_chunks", "bscan_shards", "label_metadata", "open_archive", "select_volumes",
            "volume_id_from_path"]
 
 ARCHIVE_VERSION = 1
@@ -100,6 +103,39 @@ def _octseg_version() -> str:
         return importlib.metadata.version("octseg")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+class StagedPrediction:
+    """A prediction being written (see :meth:`Archive.staged_prediction`): shard-aligned writes, class counts."""
+
+    def __init__(self, array: zarr.Array, class_names: dict[int, str], scale_um: tuple[float, float, float] | None):
+        self.array, self.class_names, self.scale_um = array, class_names, scale_um
+        self.shard_bscans = int((array.shards or array.chunks)[0])
+        self.counts = np.zeros(256, dtype=np.int64)  # pixels per label value
+        self.foreground = np.zeros(array.shape[0], dtype=np.int64)  # non-background pixels per B-scan
+        self.written = 0
+        self.extra: dict[str, Any] = {}  # more report fields from the caller (e.g. seconds)
+
+    def write(self, z0: int, labels: np.ndarray) -> None:
+        """Store B-scans ``z0 .. z0 + len(labels) - 1``; ``z0`` starts a shard (two writers never share one)."""
+        if z0 % self.shard_bscans:
+            raise ArchiveError(f"prediction writes must start at a shard boundary ({self.shard_bscans} B-scans), "
+                               f"got {z0}")
+        labels = np.asarray(labels, dtype=np.uint8)
+        self.array[z0 : z0 + len(labels)] = labels
+        self.counts += np.bincount(labels.ravel(), minlength=256)
+        self.foreground[z0 : z0 + len(labels)] = (labels > 0).reshape(len(labels), -1).sum(axis=1)
+        self.written += len(labels)
+
+    def report(self) -> dict[str, Any]:
+        """B-scans, pixels per class and, when the voxel size is known, each foreground class's volume in mm^3."""
+        if self.written != self.array.shape[0]:
+            raise ArchiveError(f"prediction incomplete: {self.written} of {self.array.shape[0]} B-scans written")
+        pixels = {name: int(self.counts[v]) for v, name in sorted(self.class_names.items())}
+        voxel_mm3 = None if self.scale_um is None else float(np.prod(self.scale_um)) * 1e-9
+        volumes = {name: (None if voxel_mm3 is None else round(int(self.counts[v]) * voxel_mm3, 6))
+                   for v, name in sorted(self.class_names.items()) if v}
+        return {"bscans": int(self.array.shape[0]), "pixels": pixels, "volume_mm3": volumes, **self.extra}
 
 
 @dataclass(frozen=True)
@@ -230,23 +266,55 @@ class Archive:
                 raise ArchiveError(f"{where}: writing the volume failed, archive unchanged "
                                    f"({type(e).__name__}: {e})") from e
 
-    def write_prediction(self, volume_id: str, labels: np.ndarray, *, class_names: Mapping[int, str],
-                         model_info: Mapping[str, Any]) -> None:
-        """Write (or replace) ``labels/prediction`` atomically: (Z, Y, X) labels of the image's shape.
+    def image_fingerprint(self, volume_id: str) -> str:
+        """Identifies the volume's current image: its source's sha256 and when it was ingested. A
+        prediction records it; one made from another image (the volume was re-ingested) is not current."""
+        meta = self.volume_meta(volume_id)
+        key = json.dumps([meta.get("source_sha256"), meta.get("ingested_at"), meta.get("reader")])
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
 
+    @contextlib.contextmanager
+    def staged_prediction(self, volume_id: str, *, class_names: Mapping[int, str], model_info: Mapping[str, Any],
+                          image_fingerprint: str) -> Iterator[StagedPrediction]:
+        """Write ``labels/prediction`` shard by shard into a staging folder; publish it when the block ends.
+
+        Yields a :class:`StagedPrediction` whose ``write(z0, labels)`` stores whole shards of B-scans
+        (see :attr:`StagedPrediction.shard_bscans`) and counts pixels per class. On leaving the block the
+        prediction is published only if the volume's image is still the one ``image_fingerprint`` names
+        (ArchiveError otherwise, nothing published); an exception inside the block publishes nothing.
         ``model_info`` needs ``model_name``, ``model_version``, ``run_id`` and ``model_uri``.
         """
         where = str(self.path / volume_id / "labels" / "prediction")
-        lab = _as_labels(labels, self.image(volume_id).shape, where)
-        info = {**_require(model_info, REQUIRED_MODEL_INFO, f"{where}: model_info"), "written_at": _now(),
-                "complete": True}
+        shape = tuple(self.image(volume_id).shape)
+        info = {**_require(model_info, REQUIRED_MODEL_INFO, f"{where}: model_info"),
+                "image_fingerprint": image_fingerprint}
         with _staging_dir(self.path) as stage:
+            tmp = zarr.open_group(stage / "tmp", mode="w", zarr_format=3)
+            placeholder = da.zeros(shape, dtype=np.uint8, chunks=bscan_shards(shape))  # metadata only: never computed
+            _write_label_image(tmp, "prediction", placeholder, self._scale_dict(volume_id), class_names,
+                               {**info, "complete": False})
+            group = zarr.open_group(stage / "tmp" / "labels" / "prediction", mode="r+", zarr_format=3)
+            staged = StagedPrediction(_level0(group), dict(class_names), self.scale_um(volume_id))
+            yield staged
+            if self.image_fingerprint(volume_id) != image_fingerprint:
+                raise ArchiveError(f"{where}: the volume was re-ingested while it was segmented; the prediction "
+                                   "of the old image is discarded (segment it again)")
             try:
-                tmp = zarr.open_group(stage / "tmp", mode="w", zarr_format=3)
-                _compute(_write_label_image(tmp, "prediction", lab, self._scale_dict(volume_id), class_names, info))
+                group.attrs["octseg"] = {**info, "written_at": _now(), "complete": True, "report": staged.report()}
                 self._publish_label(stage, volume_id, "prediction")
             except Exception as e:
                 raise ArchiveError(f"{where}: writing the prediction failed ({type(e).__name__}: {e})") from e
+
+    def write_prediction(self, volume_id: str, labels: np.ndarray, *, class_names: Mapping[int, str],
+                         model_info: Mapping[str, Any]) -> None:
+        """Write (or replace) ``labels/prediction`` atomically: (Z, Y, X) labels of the image's shape,
+        recorded as made from the volume's current image."""
+        where = str(self.path / volume_id / "labels" / "prediction")
+        lab = _as_labels(labels, self.image(volume_id).shape, where)
+        with self.staged_prediction(volume_id, class_names=class_names, model_info=model_info,
+                                    image_fingerprint=self.image_fingerprint(volume_id)) as staged:
+            for z0 in range(0, len(lab), staged.shard_bscans):
+                staged.write(z0, lab[z0 : z0 + staged.shard_bscans])
 
     def _publish_label(self, stage: Path, volume_id: str, name: str) -> None:
         """Move the staged ``stage/tmp/labels/<name>`` into the volume, then list it in ``labels``."""
@@ -346,7 +414,9 @@ def select_volumes(archive_path: str | os.PathLike[str], volumes: Sequence[str] 
 
 
 def already_segmented(archive: Archive, volume_id: str, model_name: str, model_version: str) -> bool:
-    """True when ``volume_id`` holds a complete prediction by this model name and version."""
+    """True when ``volume_id`` holds a complete prediction by this model name and version, made from the
+    volume's current image (a re-ingested volume is segmented again)."""
     done = archive.prediction_info(volume_id)
-    return bool(done) and (done.get("model_name"), str(done.get("model_version"))) == (model_name, str(model_version))
+    return (bool(done) and (done.get("model_name"), str(done.get("model_version"))) == (model_name, str(model_version))
+            and done.get("image_fingerprint") == archive.image_fingerprint(volume_id))
 

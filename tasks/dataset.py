@@ -9,7 +9,7 @@ from octseg.tasks.archive import open_archive
 from octseg.unet.bscans import BScanSet
 from octseg.unet.normalize import normalize_volume
 
-__all__ = ["normalized_bscans", "load_annotated", "split_train_val", "load_training_data"]
+__all__ = ["bscan_reader", "normalized_bscans", "load_annotated", "split_train_val", "load_training_data"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,17 @@ def normalized_bscans(archive, volume_id: str, idx: list[int] | None = None) -> 
                           dtype=np.float32)
     log.warning("%s: no normalised image in the archive; normalising on the fly (run preprocess)", volume_id)
     return normalize_volume(np.asarray(archive.image(volume_id).get_orthogonal_selection((pick,))))
+
+
+def bscan_reader(archive, volume_id: str):
+    """``read(z0, z1)`` -> normalised float32 B-scans of a volume, from ``derived/normalized`` when
+    preprocessing completed it, else normalised on the fly with the same function (logged once)."""
+    if archive.derived_is_complete(volume_id, "normalized"):
+        derived = archive.open_derived(volume_id, "normalized")
+        return lambda z0, z1: np.asarray(derived[z0:z1], dtype=np.float32)
+    log.info("%s: no normalised image in the archive; normalising on the fly (run preprocess)", volume_id)
+    image = archive.image(volume_id)
+    return lambda z0, z1: normalize_volume(np.asarray(image[z0:z1]))
 
 
 def load_annotated(archive_path: str | Path, volume_id: str) -> BScanSet | None:

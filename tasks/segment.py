@@ -5,6 +5,7 @@ and it records the model name and version, so a rerun skips volumes that model a
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +15,16 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from octseg.tasks.archive import already_segmented, open_archive
-from octseg.tasks.dataset import normalized_bscans
+from octseg.tasks.dataset import bscan_reader
 from octseg.tasks.qc import overlay, save_png
 from octseg.tasks.registry import ModelRef, cached_unet
 from octseg.tasks.retry import TRANSIENT_IO_RETRIES
 from octseg.tasks.classes import class_names_of
 from octseg.unet.config import InferenceConfig, UNetConfig
-from octseg.unet.inference import segment_volume
+from octseg.unet.inference import segment_bscans
 
-__all__ = ["SegmentResult", "segment_one", "segment_volume_task"]
+__all__ = ["SegmentResult", "check_model_classes", "segment_one", "segment_volume_task", "segmentation_csv_path",
+           "write_segmentation_csv"]
 
 
 @dataclass
@@ -30,6 +32,18 @@ class SegmentResult:
     volume_id: str
     status: str  # "segmented" | "skipped"
     qc_image: str | None = None
+
+
+def check_model_classes(archive, volume_id: str, class_names: dict[int, str]) -> None:
+    """ValueError naming the volume when its manual labels hold a class the model does not predict."""
+    manual = archive.manual_labels(volume_id)
+    if manual is None or not manual[1]:
+        return
+    labels, annotated = manual
+    top = max(int(np.asarray(labels.get_orthogonal_selection((sorted(annotated),))).max()), 0)
+    if top not in class_names and top >= len(class_names):
+        raise ValueError(f"{volume_id}: its manual labels hold class {top}, the model predicts "
+                         f"{len(class_names)} classes {sorted(class_names.values())}; use a model trained on them")
 
 
 def segment_one(
@@ -44,18 +58,33 @@ def segment_one(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> SegmentResult:
-    """Segment one volume unless ``model_info``'s name and version already did it."""
+    """Segment one volume unless ``model_info``'s name and version already did it (on its current image).
+
+    B-scans are read and normalised a shard ahead, segmented, and written shard by shard into a staged
+    prediction (:func:`octseg.unet.inference.segment_bscans`), which is published only when complete and
+    only if the image did not change meanwhile. The prediction's attributes carry a report: B-scans,
+    pixels per class, foreground volume in mm^3 when the voxel size is known, seconds taken.
+    """
     archive = open_archive(archive_path, create=False)
     if not force and already_segmented(archive, volume_id, model_info["model_name"], model_info["model_version"]):
         return SegmentResult(volume_id, "skipped")
-    image = normalized_bscans(archive, volume_id)
-    labels = segment_volume(model, image, inference, progress=progress)
-    archive.write_prediction(volume_id, labels, class_names=class_names, model_info=model_info)
+    check_model_classes(archive, volume_id, class_names)
+    fingerprint = archive.image_fingerprint(volume_id)
+    n, h, w = archive.image(volume_id).shape
+    read = bscan_reader(archive, volume_id)
+    t0 = time.perf_counter()
+    with archive.staged_prediction(volume_id, class_names=class_names, model_info=model_info,
+                                   image_fingerprint=fingerprint) as staged:
+        segment_bscans(model, read, n, staged.write, inference, chunk=staged.shard_bscans, image_hw=(h, w),
+                       progress=progress)
+        staged.extra["seconds"] = round(time.perf_counter() - t0, 3)
+        staged.extra["tta"] = inference.tta
+        foreground = staged.foreground.copy()
     qc = None
     if qc_dir is not None:
-        z = int(np.argmax((labels > 0).sum(axis=(1, 2)))) if labels.any() else len(labels) // 2
+        z = int(np.argmax(foreground)) if foreground.any() else n // 2
         qc = str(Path(qc_dir) / f"{volume_id}_bscan{z:03d}.png")
-        save_png(overlay(np.asarray(archive.image(volume_id)[z]), labels[z]), qc)
+        save_png(overlay(np.asarray(archive.image(volume_id)[z]), np.asarray(archive.prediction(volume_id)[z])), qc)
     return SegmentResult(volume_id, "segmented", qc_image=qc)
 
 
@@ -71,3 +100,48 @@ def segment_volume_task(archive_path: str, volume_id: str, ref: ModelRef, tracki
                          progress=progress)
     get_run_logger().info("%s: %s", volume_id, result.status)
     return result
+
+
+def segmentation_csv_path(archive_path: str | Path) -> Path:
+    """``<archive>.reports/segmentation.csv`` beside the archive."""
+    archive = Path(archive_path)
+    return archive.with_name(archive.name + ".reports") / "segmentation.csv"
+
+
+def write_segmentation_csv(archive_path: str | Path) -> Path:
+    """One row per volume with a complete prediction: volume id, B-scans, pixels per class, the volume of
+    each foreground class in mm^3 (empty when the archive does not know the voxel size), model name and
+    version, whether flip TTA was on, seconds taken, when it was written. Replaced atomically."""
+    import csv
+    import os
+    import tempfile
+
+    archive = open_archive(archive_path, create=False)
+    rows, classes, foreground = [], [], []
+    for vid in archive.volume_ids():
+        info = archive.prediction_info(vid)
+        report = (info or {}).get("report")
+        if not report:
+            continue
+        rows.append((vid, info, report))
+        classes += [c for c in report["pixels"] if c not in classes]
+        foreground += [c for c in report["volume_mm3"] if c not in foreground]
+    header = ["volume_id", "bscans", *[f"pixels_{c}" for c in classes], *[f"{c}_mm3" for c in foreground],
+              "model_name", "model_version", "tta", "seconds", "written_at"]
+    path = segmentation_csv_path(archive_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".segmentation-", suffix=".csv", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(header)
+            for vid, info, report in rows:
+                mm3 = [report["volume_mm3"].get(c) for c in foreground]
+                out.writerow([vid, report["bscans"], *[report["pixels"].get(c, "") for c in classes],
+                              *["" if v is None else v for v in mm3], info["model_name"], info["model_version"],
+                              report.get("tta", False), report.get("seconds", ""), info.get("written_at", "")])
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
