@@ -172,7 +172,7 @@ _TRAIN_KEYS = {
     "device": "train.device", "amp": "train.amp", "val_fraction": "val_fraction",
     "tracking_uri": "tracking_uri", "experiment": "experiment", "model_name": "model_name", "force": "force",
     "patience": "train.patience", "restore_best": "train.restore_best", "resume": "resume",
-    "num_workers": "train.num_workers", "processes": "train.processes",
+    "num_workers": "train.num_workers", "processes": "train.processes", "val_volume": "val_volumes",
 }
 ClassesOpt = Annotated[Optional[int], _opt("Classes the network predicts (background + fluid = 2; raise it for "
                                            "masks with more labels).", "--classes", cls=_T, key="unet.out_channels",
@@ -218,6 +218,9 @@ AmpOpt = Annotated[Optional[bool], _opt("bfloat16 autocast on CUDA.", "--amp/--n
                                         panel=_OPT)]
 ValOpt = Annotated[Optional[float], _opt("Share held out for validation (whole volumes when there are several).",
                                          cls=_T, key="val_fraction", panel=_OPT)]
+ValVolumeOpt = Annotated[Optional[list[str]], typer.Option(
+    "--val-volume", help="Validate on this volume (repeatable; overrides --val-fraction).", show_default=False,
+    rich_help_panel=_OPT)]
 PatienceOpt = Annotated[Optional[int], _opt("Stop after this many epochs without a better validation Dice.", cls=_T,
                                             key="train.patience", panel=_OPT)]
 RestoreOpt = Annotated[Optional[bool], _opt("End with the weights of the best validated epoch.",
@@ -235,6 +238,41 @@ ExperimentOpt = Annotated[Optional[str], _opt("MLflow experiment.", cls=_T, key=
 ModelNameOpt = Annotated[Optional[str], _opt("Registered model name.", cls=_T, key="model_name")]
 ForceTrainOpt = Annotated[Optional[bool], _opt("Train even if an identical run (same data and settings) is "
                                                "registered.", "--force/--no-force", cls=_T, key="force")]
+
+
+# the inference options shared by `segment` and `evaluate`: (parameter name, key in their configs)
+_S = SegmentConfig
+_INFERENCE_KEYS = {name: f"inference.{key}" for name, key in (
+    ("tile_size", "tile_size"), ("max_tile", "max_tile"), ("overlap", "overlap"), ("batch_size", "batch_size"),
+    ("device", "device"), ("amp", "amp"), ("whole", "whole"), ("tta", "tta"), ("memory_budget", "memory_budget_mb"),
+    ("compile_model", "compile"))}
+InfTileOpt = Annotated[Optional[int], _opt("Tile B-scans with this input tile (pixels) instead of whole passes.",
+                                           cls=_S, key="inference.tile_size", panel=_INF)]
+InfMaxTileOpt = Annotated[Optional[int], _opt("Largest tile when B-scans must be tiled.", cls=_S,
+                                              key="inference.max_tile", panel=_INF)]
+InfOverlapOpt = Annotated[Optional[float], _opt("Overlap of neighbouring output tiles (fraction), blended.", cls=_S,
+                                                key="inference.overlap", panel=_INF)]
+InfBatchOpt = Annotated[Optional[int], _opt("B-scans (or tiles) per forward pass; none: what the memory budget "
+                                            "holds.", cls=_S, key="inference.batch_size", panel=_INF)]
+InfDeviceOpt = Annotated[Optional[str], _opt("auto (GPU when present), cpu, cuda or cuda:N.", cls=_S,
+                                             key="inference.device", panel=_INF)]
+InfAmpOpt = Annotated[Optional[bool], _opt("bfloat16 autocast on CUDA.", "--amp/--no-amp", cls=_S,
+                                           key="inference.amp", panel=_INF)]
+InfWholeOpt = Annotated[Optional[bool], _opt("A whole B-scan per forward pass when it fits the memory budget "
+                                             "(--tiles: always overlap-tiles).", "--whole/--tiles", cls=_S,
+                                             key="inference.whole", panel=_INF)]
+InfTtaOpt = Annotated[Optional[bool], _opt("Test-time augmentation: average with the mirrored B-scan.",
+                                           "--tta/--no-tta", cls=_S, key="inference.tta", panel=_INF)]
+InfBudgetOpt = Annotated[Optional[int], _opt("Memory for one forward pass, MiB (none: half the free GPU memory, "
+                                             "2048 on CPU).", "--memory-budget", cls=_S,
+                                             key="inference.memory_budget_mb", panel=_INF, metavar="MIB")]
+InfCompileOpt = Annotated[Optional[bool], _opt("torch.compile the network (GPU; slow first batch).",
+                                               "--compile/--no-compile", cls=_S, key="inference.compile",
+                                               panel=_INF)]
+
+
+def _inference_options(values: dict[str, Any]) -> dict[str, Any]:
+    return {_INFERENCE_KEYS[k]: v for k, v in values.items() if k in _INFERENCE_KEYS}
 
 
 # ---- running a flow ----------------------------------------------------------------------------
@@ -416,7 +454,8 @@ def train(
     dice_weight: DiceOpt = None, patience: PatienceOpt = None, restore_best: RestoreOpt = None,
     num_workers: WorkersOpt = None, processes: ProcessesOpt = None,
     augment: AugmentOpt = None, seed: SeedOpt = None, device: DeviceOpt = None, amp: AmpOpt = None,
-    val_fraction: ValOpt = None, tracking_uri: TrackingOpt = None, experiment: ExperimentOpt = None,
+    val_fraction: ValOpt = None, val_volume: ValVolumeOpt = None, tracking_uri: TrackingOpt = None,
+    experiment: ExperimentOpt = None,
     model_name: ModelNameOpt = None, force: ForceTrainOpt = None, resume: ResumeOpt = None,
     config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
 ) -> None:
@@ -446,19 +485,15 @@ def segment(
     model: Annotated[Optional[str], _opt("Model URI: models:/NAME@ALIAS or models:/NAME/VERSION.", cls=SegmentConfig,
                                          key="model_uri")] = None,
     volume: VolumesOpt = None,
-    tile_size: Annotated[Optional[int], _opt("Input tile (pixels); none: the largest valid tile <= --max-tile whose "
-                                             "output fits the B-scan.", cls=SegmentConfig,
-                                             key="inference.tile_size", panel=_INF)] = None,
-    max_tile: Annotated[Optional[int], _opt("Largest input tile the tile rule may pick.", cls=SegmentConfig,
-                                            key="inference.max_tile", panel=_INF)] = None,
-    overlap: Annotated[Optional[float], _opt("Overlap of neighbouring output tiles (fraction), blended.",
-                                             cls=SegmentConfig, key="inference.overlap", panel=_INF)] = None,
-    batch_size: Annotated[Optional[int], _opt("Tiles per forward pass.", cls=SegmentConfig,
-                                              key="inference.batch_size", panel=_INF)] = None,
-    device: Annotated[Optional[str], _opt("auto (GPU when present), cpu, cuda or cuda:N.", cls=SegmentConfig,
-                                          key="inference.device", panel=_INF)] = None,
-    amp: Annotated[Optional[bool], _opt("bfloat16 autocast on CUDA.", "--amp/--no-amp", cls=SegmentConfig,
-                                        key="inference.amp", panel=_INF)] = None,
+    tile_size: InfTileOpt = None, max_tile: InfMaxTileOpt = None, overlap: InfOverlapOpt = None,
+    batch_size: InfBatchOpt = None, device: InfDeviceOpt = None, amp: InfAmpOpt = None, whole: InfWholeOpt = None,
+    tta: InfTtaOpt = None, memory_budget: InfBudgetOpt = None, compile_model: InfCompileOpt = None,
+    dask_address: DaskOpt = None,
+    workers: Annotated[Optional[int], _opt("LocalCluster worker processes when no scheduler is given; 0: segment in "
+                                           "this process.", "--workers", cls=SegmentConfig, key="n_workers")] = None,
+    gpu: Annotated[Optional[bool], _opt("Each volume asks its Dask worker for the resource GPU=1 (default: when a "
+                                        "worker declares one).", "--gpu/--no-gpu", cls=SegmentConfig,
+                                        key="gpu")] = None,
     tracking_uri: TrackingOpt = None,
     qc_dir: Annotated[Optional[Path], typer.Option(help="Where QC overlays go. Default: <archive>.qc",
                                                    show_default=False)] = None,
@@ -468,15 +503,18 @@ def segment(
 ) -> None:
     """Segment every volume (or those named) into labels/prediction, with QC overlays.
 
-    Resumable: volumes already segmented by the same model version are skipped. Open the result in
-    napari with [bold]napari --plugin napari-ome-zarr ARCHIVE/VOLUME[/].
+    Each volume is a task on Dask workers (a LocalCluster, or [bold]--dask-address[/] /
+    $DASK_SCHEDULER_ADDRESS); each B-scan goes through the network whole when it fits the memory budget.
+    Resumable and crash-safe: volumes already segmented by the same model version from the same image are
+    skipped, a prediction is published only when complete. A per-volume CSV (B-scans, pixels per class,
+    fluid volume in mm^3) is written to ARCHIVE.reports/segmentation.csv. Open the result in napari with
+    [bold]napari --plugin napari-ome-zarr ARCHIVE/VOLUME[/].
     """
     _quiet(verbose)
     cfg = _settings(SegmentConfig, config, show_config, {
-        "archive": archive, "model_uri": model, "volumes": volume, "inference.tile_size": tile_size,
-        "inference.max_tile": max_tile, "inference.overlap": overlap, "inference.batch_size": batch_size,
-        "inference.device": device, "inference.amp": amp, "tracking_uri": tracking_uri, "qc_dir": qc_dir,
-        "force": force,
+        "archive": archive, "model_uri": model, "volumes": volume, "tracking_uri": tracking_uri, "qc_dir": qc_dir,
+        "force": force, "dask_address": dask_address, "n_workers": workers, "gpu": gpu,
+        **_inference_options(locals()),
     })
     preflight.check_archive(cfg.archive, writable=True)
     preflight.check_output_folder(cfg.qc_folder, "QC folder")
@@ -504,12 +542,9 @@ def evaluate(
     fix: Annotated[Optional[bool], _opt("Record these volumes as the archive's fixed evaluation set: training then "
                                         "holds them out and chooses the champion by its score on them.",
                                         "--fix/--no-fix", cls=EvaluateConfig, key="fix")] = None,
-    tile_size: Annotated[Optional[int], _opt("Input tile (pixels); none: the tile rule.", cls=EvaluateConfig,
-                                             key="inference.tile_size", panel=_INF)] = None,
-    overlap: Annotated[Optional[float], _opt("Overlap of neighbouring output tiles (fraction).", cls=EvaluateConfig,
-                                             key="inference.overlap", panel=_INF)] = None,
-    device: Annotated[Optional[str], _opt("auto (GPU when present), cpu, cuda or cuda:N.", cls=EvaluateConfig,
-                                          key="inference.device", panel=_INF)] = None,
+    tile_size: InfTileOpt = None, max_tile: InfMaxTileOpt = None, overlap: InfOverlapOpt = None,
+    batch_size: InfBatchOpt = None, device: InfDeviceOpt = None, amp: InfAmpOpt = None, whole: InfWholeOpt = None,
+    tta: InfTtaOpt = None, memory_budget: InfBudgetOpt = None, compile_model: InfCompileOpt = None,
     tracking_uri: TrackingOpt = None,
     config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
 ) -> None:
@@ -522,8 +557,8 @@ def evaluate(
     """
     _quiet(verbose)
     cfg = _settings(EvaluateConfig, config, show_config, {
-        "archive": archive, "model_uri": model, "volumes": volume, "fix": fix, "inference.tile_size": tile_size,
-        "inference.overlap": overlap, "inference.device": device, "tracking_uri": tracking_uri,
+        "archive": archive, "model_uri": model, "volumes": volume, "fix": fix, "tracking_uri": tracking_uri,
+        **_inference_options(locals()),
     })
     if cfg.fix and not cfg.volumes:
         raise ValueError("--fix needs the evaluation volumes named with --volume (training holds them out)")

@@ -75,6 +75,7 @@ class TrainFlowConfig(_Config):
     unet: UNetConfig = UNetConfig()  # the network; the paper's by default
     train: TrainConfig = TrainConfig()  # the optimisation; SGD with momentum 0.99 as in the paper
     val_fraction: float = Field(default=0.2, ge=0, lt=1)  # whole volumes held out when there are several
+    val_volumes: tuple[str, ...] | None = None  # validate on these volumes (overrides val_fraction)
     # held out of training; the champion is chosen by the pooled fluid Dice on them. None: the
     # archive's fixed evaluation set (`octseg evaluate --fix`), if any, else the validation Dice
     evaluation_volumes: tuple[str, ...] | None = None
@@ -95,6 +96,9 @@ class SegmentConfig(_Config):
     inference: InferenceConfig = InferenceConfig()
     qc_dir: Path | None = None  # None: <archive>.qc beside the archive
     force: bool = False  # re-segment volumes already done by this model version
+    dask_address: str | None = Field(default_factory=dask_address_from_env)  # None: a LocalCluster (n_workers)
+    n_workers: int = Field(default=1, ge=0)  # LocalCluster workers; 0: segment in the flow's own process
+    gpu: bool | None = None  # each volume asks for the Dask resource GPU=1; None: when a worker declares it
 
     @property
     def qc_folder(self) -> Path:

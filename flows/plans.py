@@ -99,7 +99,8 @@ def previous_training(config: TrainFlowConfig, tracking_uri: str) -> TrainSummar
     volumes, evaluation = training_volumes(config)
     if evaluation:  # the flow reuses the training and chooses the champion (cached scores): it must run
         return None
-    train, val = load_training_data(config.archive, volumes, config.val_fraction, seed=config.train.seed)
+    train, val = load_training_data(config.archive, volumes, config.val_fraction, seed=config.train.seed,
+                                    val_volumes=config.val_volumes)
     has_val = val is not None and len(val) > 0
     fingerprint = training_fingerprint(train, val if has_val else None, config.unet, config.train, config.model_name)
     experiment_id = ensure_experiment(tracking_uri, config.experiment)

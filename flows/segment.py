@@ -1,8 +1,10 @@
-"""Flow ``segment-archive``: the registered U-Net over every volume, resumable."""
+"""Flow ``segment-archive``: the registered U-Net over every volume, on Dask workers, resumable."""
 from __future__ import annotations
 
+import threading
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, unmapped
+from prefect.futures import as_completed
 from prefect.states import State
 
 from octseg.flows.config import SegmentConfig
@@ -10,25 +12,44 @@ from octseg.flows.plans import plan_segmentation
 from octseg.flows.runs import failure_line, finish
 from octseg.flows.summary import SegmentSummary
 from octseg.tasks.archive import open_archive
-from octseg.tasks.progress import progress_bar
-from octseg.tasks.segment import segment_volume_task
+from octseg.tasks.cluster import client_for, dask_scheduler, worker_resources
+from octseg.tasks.progress import progress_bars
 from octseg.tasks.registry import resolve_model
+from octseg.tasks.segment import PROGRESS_TOPIC, segment_volume_task, write_segmentation_csv
 from octseg.tasks.tracking import resolve_tracking_uri
 
 __all__ = ["segment_archive"]
 
 
 def _n_bscans(archive, volume_id: str) -> int:
-    """B-scans of a volume for its progress bar; 0 when unreadable (its task then fails with the error)."""
+    """B-scans of a volume for the progress bar; 0 when unreadable (its task then fails with the error)."""
     try:
         return int(archive.image(volume_id).shape[0])
     except Exception:
         return 0
 
 
+class _BScanCounter:
+    """B-scans done across volumes and workers, fed by each volume's progress (local or Dask events)."""
+
+    def __init__(self, update) -> None:
+        self.done: dict[str, int] = {}
+        self.update, self.lock = update, threading.Lock()
+
+    def __call__(self, volume_id: str, done: int) -> None:
+        with self.lock:
+            self.done[volume_id] = done
+            self.update("B-scans", sum(self.done.values()))
+
+    def event(self, event) -> None:  # distributed topic handler: (timestamp, message)
+        message = event[1]
+        self(message["volume"], message["done"])
+
+
 @flow(name="segment-archive")
 def segment_archive(config: SegmentConfig) -> State:
-    """Resolve the model first (no write before that succeeds), then segment volume by volume."""
+    """Resolve the model first (no write before that succeeds); then one task run per volume, each run
+    on the Dask cluster (a LocalCluster unless an address is given; in this process with 0 workers)."""
     logger = get_run_logger()
     logger.info("segment config: %s", config.model_dump_json())
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
@@ -37,18 +58,39 @@ def segment_archive(config: SegmentConfig) -> State:
     qc_dir = config.qc_folder
     summary = SegmentSummary(str(config.archive), f"{ref.name} v{ref.version}", qc_dir=str(qc_dir))
     todo, summary.skipped = plan_segmentation(config, ref)
-    for vid in todo:  # the task gets the pinned model reference and loads the weights once per process
-        with progress_bar(f"segment {vid}", _n_bscans(archive, vid)) as update:
-            state = segment_volume_task(
+    sizes = {vid: _n_bscans(archive, vid) for vid in todo}
+    local = config.n_workers == 0 and not config.dask_address
+    with dask_scheduler(None if local else config.dask_address, max(1, config.n_workers),
+                        gpus=int(bool(config.gpu))) as address, \
+            progress_bars({"volumes": len(todo), "B-scans": sum(sizes.values())}) as update:
+        scheduler = None if local else address
+        counter = _BScanCounter(update)
+        gpu = bool(config.gpu)
+        if scheduler is not None:
+            logger.info("Dask scheduler at %s", scheduler)
+            gpu = config.gpu if config.gpu is not None else "GPU" in worker_resources(scheduler)
+            client_for(scheduler).subscribe_topic(PROGRESS_TOPIC, counter.event)
+        futures = [
+            segment_volume_task.submit(
                 str(config.archive), vid, ref, tracking_uri, requested_uri=config.model_uri,
-                inference=config.inference, qc_dir=str(qc_dir), force=config.force, progress=update,
-                return_state=True,
-            )
-        outcome = state.result(raise_on_failure=False)
-        if isinstance(outcome, BaseException):
-            summary.failures.append(failure_line(vid, outcome))
-            logger.error("failed: %s", summary.failures[-1])
-        else:
-            (summary.segmented if outcome.status == "segmented" else summary.skipped).append(vid)
+                inference=config.inference, qc_dir=str(qc_dir), force=config.force, scheduler_address=scheduler,
+                gpu=gpu, progress=(lambda d, t, v=vid: counter(v, d)) if scheduler is None else None)
+            for vid in todo
+        ]
+        volume_of = {id(f): vid for f, vid in zip(futures, todo)}
+        for finished, future in enumerate(as_completed(futures), start=1):
+            vid = volume_of[id(future)]
+            outcome = future.result(raise_on_failure=False)
+            if isinstance(outcome, BaseException):
+                summary.failures.append(failure_line(vid, outcome))
+                logger.error("failed: %s", summary.failures[-1])
+            else:
+                {"segmented": summary.segmented, "busy": summary.busy}.get(outcome.status, summary.skipped).append(vid)
+                counter(vid, sizes[vid])
+            update("volumes", finished)
+        if scheduler is not None:
+            client_for(scheduler).unsubscribe_topic(PROGRESS_TOPIC)
+    if summary.segmented:
+        summary.report = str(write_segmentation_csv(config.archive))
     logger.info(summary.headline())
     return finish(summary)

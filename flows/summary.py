@@ -87,11 +87,15 @@ class SegmentSummary:
     skipped: list[str] = field(default_factory=list)  # already segmented by this model version
     failures: list[str] = field(default_factory=list)
     qc_dir: str | None = None
+    report: str | None = None  # the per-volume CSV (segmentation.csv), when anything was segmented
+    busy: list[str] = field(default_factory=list)  # being segmented by another run right now
 
     def headline(self) -> str:
+        report = f"; per-volume report {self.report}" if self.report else ""
+        busy = f", {len(self.busy)} held by another run" if self.busy else ""
         return (
-            f"segment: {len(self.segmented)} segmented, {len(self.skipped)} already done, "
-            f"{len(self.failures)} failed with {self.model}; QC overlays in {self.qc_dir}"
+            f"segment: {len(self.segmented)} segmented, {len(self.skipped)} already done{busy}, "
+            f"{len(self.failures)} failed with {self.model}; QC overlays in {self.qc_dir}{report}"
         )
 
 

@@ -29,6 +29,7 @@ def train_unet(config: TrainFlowConfig) -> TrainSummary:
         tracking_uri=tracking_uri, experiment=config.experiment, model_name=config.model_name, force=config.force,
         promote=not evaluation, resume_run_id=config.resume,
         tags={HELD_OUT_TAG: json.dumps(sorted(evaluation))} if evaluation else None,
+        val_volumes=list(config.val_volumes) if config.val_volumes else None,
     )
     summary = TrainSummary.from_result(r, tracking_uri)
     if evaluation:

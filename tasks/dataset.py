@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -76,9 +77,11 @@ def _concat(sets: list[BScanSet]) -> BScanSet:
     return BScanSet(np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets]), weights)
 
 
-def split_train_val(sets: dict[str, BScanSet], val_fraction: float, seed: int) -> tuple[BScanSet, BScanSet | None]:
-    """Hold out whole volumes when there are several (no leakage between neighbouring B-scans);
-    with a single volume, hold out a fraction of its B-scans."""
+def split_train_val(sets: dict[str, BScanSet], val_fraction: float, seed: int,
+                    val_volumes: Sequence[str] | None = None) -> tuple[BScanSet, BScanSet | None]:
+    """Hold out whole volumes when there are several (no leakage between neighbouring B-scans): the
+    ``val_volumes`` named, else a random ``val_fraction`` of them; with a single volume, hold out a
+    fraction of its B-scans."""
     if not sets:
         raise ValueError("no annotated B-scans in the selected volumes; ingest with --labels first")
     shapes = {v: s.images.shape[1:] for v, s in sets.items()}
@@ -87,6 +90,14 @@ def split_train_val(sets: dict[str, BScanSet], val_fraction: float, seed: int) -
     sets = _fill_missing_weights(sets)
     rng = np.random.default_rng(seed)
     ids = sorted(sets)
+    if val_volumes:
+        named = set(val_volumes)
+        if named - set(ids):
+            raise ValueError(f"validation volume(s) {sorted(named - set(ids))} are not annotated training volumes "
+                             f"of this selection ({ids})")
+        if not set(ids) - named:
+            raise ValueError("every selected volume is a validation volume; nothing left to train on")
+        return _concat([sets[i] for i in ids if i not in named]), _concat([sets[i] for i in ids if i in named])
     if val_fraction == 0:
         return _concat([sets[i] for i in ids]), None
     if len(ids) > 1:
@@ -104,9 +115,10 @@ def split_train_val(sets: dict[str, BScanSet], val_fraction: float, seed: int) -
 
 
 def load_training_data(
-    archive_path: str | Path, volume_ids: list[str], val_fraction: float, seed: int
+    archive_path: str | Path, volume_ids: list[str], val_fraction: float, seed: int,
+    val_volumes: Sequence[str] | None = None,
 ) -> tuple[BScanSet, BScanSet | None]:
     """Load every annotated volume and split it into training and validation sets."""
     sets = {v: s for v in volume_ids if (s := load_annotated(archive_path, v)) is not None}
-    return split_train_val(sets, val_fraction, seed)
+    return split_train_val(sets, val_fraction, seed, val_volumes)
 

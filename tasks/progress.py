@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
-__all__ = ["progress_bar"]
+__all__ = ["progress_bar", "progress_bars"]
 
 
 def _enabled() -> bool:
@@ -27,3 +27,17 @@ def progress_bar(description: str, total: int) -> Iterator[Callable[[int, int], 
     with Progress(*columns, transient=False) as bar:
         tid = bar.add_task(description, total=total)
         yield lambda done, total_: bar.update(tid, completed=done, total=total_)
+
+
+@contextlib.contextmanager
+def progress_bars(totals: dict[str, int]) -> Iterator[Callable[[str, int], None]]:
+    """Several bars in one display (e.g. volumes and B-scans); yield ``update(name, done)``."""
+    if not _enabled():
+        yield lambda name, done: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as bar:
+        ids = {name: bar.add_task(name, total=total) for name, total in totals.items()}
+        yield lambda name, done: bar.update(ids[name], completed=done)

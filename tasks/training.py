@@ -327,11 +327,12 @@ def _progress_logger(bar: Callable[[int, int], None] | None = None, epochs: int 
 def train_from_archive_task(archive_path: str, volumes: list[str], unet_config: UNetConfig,
                             train_config: TrainConfig, *, val_fraction: float, tracking_uri: str,
                             experiment: str, model_name: str, force: bool, promote: bool,
-                            resume_run_id: str | None = None, tags: dict[str, str] | None = None) -> TrainResult:
+                            resume_run_id: str | None = None, tags: dict[str, str] | None = None,
+                            val_volumes: list[str] | None = None) -> TrainResult:
     """Load the annotated B-scans of ``volumes`` from the archive, split them, then train and register."""
     from octseg.tasks.dataset import load_training_data
 
-    train, val = load_training_data(archive_path, volumes, val_fraction, seed=train_config.seed)
+    train, val = load_training_data(archive_path, volumes, val_fraction, seed=train_config.seed, val_volumes=val_volumes)
     get_run_logger().info("training on %d B-scans, validating on %d", len(train), 0 if val is None else len(val))
     with progress_bar("train epochs", train_config.epochs) as bar:
         return train_and_register(train, val, unet_config, train_config, tracking_uri=tracking_uri,

@@ -127,6 +127,70 @@ def test_segment_writes_predictions_then_skips(work):
     assert second.segmented == [] and len(second.skipped) == 3
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def external_scheduler(tmp_path):
+    """``dask scheduler`` and one ``dask worker`` declaring GPU=1 (a CPU stand-in), as separate processes."""
+    import subprocess
+    import sys
+    import time
+
+    from distributed import Client
+
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    bin_dir = Path(sys.executable).parent
+    procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
+                               address.rsplit(":", 1)[1], "--no-dashboard"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs.append(subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
+                                   "--resources", "GPU=1", "--no-dashboard", "--local-directory", str(tmp_path)],
+                                  cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with Client(address, timeout=5) as client:
+                    client.wait_for_workers(1, timeout=60)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+def test_segment_labels_are_identical_in_process_on_a_local_cluster_and_an_external_scheduler(work, external_scheduler):
+    """Volumes as Dask tasks: the flow's own process, a 2-worker LocalCluster and a separate scheduler whose
+    worker declares GPU=1 (so each volume asks for it) write byte-identical labels; Prefect shows each volume."""
+    from octseg.tasks.cluster import close_clients
+
+    labels = {}
+    for mode, extra in {"in-process": {"n_workers": 0}, "local-cluster": {"n_workers": 2},
+                        "external": {"dask_address": external_scheduler}}.items():
+        cfg = SegmentConfig(archive=work["archive"], tracking_uri=work["tracking"], force=True, **extra)
+        state = segment_archive(cfg, return_state=True)
+        summary = summary_of(state)
+        assert sorted(summary.segmented) == ["phantom_000", "phantom_001", "phantom_002"], (mode, summary.failures)
+        flow_state, task_states = _recorded_states(state)
+        assert flow_state == "COMPLETED" and all(task_states[f"segment-phantom_00{i}"] == "COMPLETED" for i in range(3))
+        archive = open_archive(work["archive"], create=False)
+        labels[mode] = {v: np.asarray(archive.prediction(v)[...]).tobytes() for v in summary.segmented}
+        assert Path(summary.report).name == "segmentation.csv"
+    close_clients()
+    assert labels["in-process"] == labels["local-cluster"] == labels["external"]
+
+
 def test_segment_with_unknown_alias_fails_before_writing(work):
     cfg = SegmentConfig(archive=work["archive"], tracking_uri=work["tracking"], model_uri="models:/octseg-unet@nope",
                         force=True)

@@ -141,3 +141,30 @@ def test_memory_stays_flat_for_deep_volumes(tmp_path):
         peak[n] = int(done.stdout.split()[-1])
     assert arc.prediction("d512").shape == (512, 256, 256)
     assert peak[512] - peak[32] < 40, peak  # MiB
+
+
+def test_a_volume_claimed_by_a_live_run_is_busy_and_a_dead_runs_claim_is_taken_over(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+
+    from octseg.tasks.claims import VolumeBusy, claim_volume
+
+    torch.manual_seed(0)
+    arc = _archive_with(tmp_path)
+    model = UNet(base_channels=4, depth=2)
+    with claim_volume(arc.path, "v"):
+        with np.testing.assert_raises(VolumeBusy):
+            with claim_volume(arc.path, "v"):
+                pass
+        assert segment_one(arc.path, "v", model, _info("1"), dict(DEFAULT_CLASS_NAMES), INFERENCE).status == "busy"
+    assert arc.prediction("v") is None
+    # a claim left behind by a process that died (kill -9) blocks nobody
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    claims = tmp_path / ".a.zarr.claims"
+    claims.mkdir()
+    (claims / "v").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": 0}))
+    assert segment_one(arc.path, "v", model, _info("1"), dict(DEFAULT_CLASS_NAMES), INFERENCE).status == "segmented"
+    assert not claims.exists() or not os.listdir(claims)

@@ -1,0 +1,106 @@
+"""Per-volume claims, so two runs on one archive never segment the same volume at once.
+
+A claim is a small file ``<parent>/.<archive name>.claims/<volume id>`` created with ``O_EXCL`` (atomic
+on local and NFSv3+ file systems), holding the claimant's host, pid and start time. It is renewed
+(touched) while the work goes on and removed when it ends. A claim whose process is gone (same host),
+or that was not renewed for :data:`STALE_SECONDS` (another host), is taken over: a run killed with
+``kill -9`` blocks nobody.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["STALE_SECONDS", "VolumeBusy", "claim_volume"]
+
+STALE_SECONDS = 900.0  # a claim not renewed for this long (its holder on another host) is abandoned
+
+
+class VolumeBusy(RuntimeError):
+    """Another live run holds the volume's claim."""
+
+
+def _claims_dir(archive: Path) -> Path:
+    return archive.parent / f".{archive.name}.claims"
+
+
+def _holder_alive(path: Path) -> bool:
+    try:
+        holder = json.loads(path.read_text())
+        age = time.time() - path.stat().st_mtime
+    except (OSError, ValueError):
+        return False  # vanished or half-written: its owner is gone or just leaving
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return age < STALE_SECONDS
+
+
+def _take_over(path: Path) -> None:
+    """Remove the abandoned claim at ``path``, but never a fresh one another run put there meanwhile."""
+    try:
+        stale = path.stat().st_ino
+        tomb = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}")
+        os.rename(path, tomb)
+    except FileNotFoundError:
+        return  # someone else took it over first
+    if tomb.stat().st_ino != stale:  # a new claim replaced the stale one between stat and rename: give it back
+        with contextlib.suppress(OSError):
+            os.rename(tomb, path)
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(tomb)
+
+
+class Claim:
+    """A held claim; :meth:`renew` marks it alive (call it as work progresses)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._last = path, time.monotonic()
+
+    def renew(self, *_: object) -> None:
+        if time.monotonic() - self._last > 30:
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+            self._last = time.monotonic()
+
+
+@contextlib.contextmanager
+def claim_volume(archive: str | os.PathLike[str], volume_id: str) -> Iterator[Claim]:
+    """Hold the claim of ``volume_id`` for the block; :class:`VolumeBusy` when a live run holds it."""
+    folder = _claims_dir(Path(archive))
+    path = folder / volume_id
+    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode()
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileNotFoundError:  # no claims folder (yet, or another run just removed it)
+            folder.mkdir(parents=True, exist_ok=True)
+            continue
+        except FileExistsError:
+            if _holder_alive(path):
+                raise VolumeBusy(f"{volume_id}: another octseg run is segmenting it") from None
+            _take_over(path)
+            continue
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        break
+    else:
+        raise VolumeBusy(f"{volume_id}: its claim keeps changing hands; try again")
+    try:
+        yield Claim(path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
