@@ -1,0 +1,115 @@
+"""``octseg segment`` killed with SIGKILL in the middle of a volume, then run again: labels byte-identical
+to an uninterrupted run, no volume segmented twice, nothing half-written visible in the archive; and two
+runs at once on one archive share the volumes instead of both doing all of them."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from octseg.tasks.archive import open_archive
+
+VOLUMES = [f"vol_{i}" for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """An archive of 3 volumes (64 B-scans of 256 x 384) and a registered model in a SQLite MLflow."""
+    import mlflow
+
+    from octseg.tasks.registry import log_unet
+    from octseg.tasks.tracking import ensure_experiment, using_tracking_uri
+    from octseg.unet.model import UNet
+
+    root = tmp_path_factory.mktemp("crash")
+    archive = open_archive(root / "archive.zarr")
+    rng = np.random.default_rng(0)
+    for vid in VOLUMES:
+        archive.write_volume(vid, rng.integers(0, 255, (64, 256, 384), dtype=np.uint8),
+                             provenance={"source": vid, "source_sha256": vid, "reader": "test"})
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    torch.manual_seed(0)
+    with using_tracking_uri(uri), mlflow.start_run(experiment_id=ensure_experiment(uri, "crash")):
+        log_unet(UNet(base_channels=16, depth=3), "m", metadata={"class_names": {"0": "background", "1": "fluid"}})
+    return {"root": root, "archive": root / "archive.zarr", "uri": uri}
+
+
+def _segment(archive: Path, uri: str, cwd: Path, *extra: str) -> subprocess.Popen:
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OCTSEG_PROGRESS": "0", "PREFECT_HOME": str(cwd / "prefect")}
+    env.pop("PREFECT_API_URL", None)  # its own ephemeral server, as a user would run it
+    return subprocess.Popen([sys.executable, "-m", "octseg.flows.cli", "segment", "--archive", str(archive),
+                             "--model", "models:/m/1", "--tracking-uri", uri, "--device", "cpu", *extra],
+                            cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _labels(archive: Path) -> dict[str, bytes | None]:
+    arc = open_archive(archive, create=False)
+    return {v: None if arc.prediction(v) is None else np.asarray(arc.prediction(v)[...]).tobytes() for v in VOLUMES}
+
+
+def _written_at(archive: Path) -> dict[str, str | None]:
+    arc = open_archive(archive, create=False)
+    return {v: (arc.prediction_info(v) or {}).get("written_at") for v in VOLUMES}
+
+
+def test_killed_segment_run_resumes_to_the_uninterrupted_labels(setup, tmp_path: Path) -> None:
+    whole = tmp_path / "whole" / "archive.zarr"
+    cut = tmp_path / "cut" / "archive.zarr"
+    shutil.copytree(setup["archive"], whole)
+    shutil.copytree(setup["archive"], cut)
+    done = _segment(whole, setup["uri"], whole.parent, "--workers", "0")
+    out, _ = done.communicate(timeout=600)
+    assert done.returncode == 0, out[-3000:]
+    reference = _labels(whole)
+    assert all(reference.values())
+
+    proc = _segment(cut, setup["uri"], cut.parent, "--workers", "0")
+    staging = cut.parent / ".archive.zarr.staging"
+    deadline = time.monotonic() + 300
+    # wait until the first volume is published and the second one is being written ...
+    while time.monotonic() < deadline and proc.poll() is None:
+        published = sum((cut / v / "labels" / "prediction" / "zarr.json").is_file() for v in VOLUMES)
+        if published >= 1 and any(staging.glob("*/tmp/labels/prediction/s0/c/*")):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed mid-volume"
+    os.killpg(proc.pid, signal.SIGKILL)  # ... and kill it there: no cleanup code runs
+    proc.wait(timeout=60)
+    before = _written_at(cut)
+    partial = _labels(cut)
+    assert 1 <= sum(v is not None for v in partial.values()) < len(VOLUMES)
+    for vid, labels in partial.items():  # what is published is whole and right; the rest is absent, not partial
+        assert labels is None or labels == reference[vid], vid
+    rerun = _segment(cut, setup["uri"], cut.parent, "--workers", "0")
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-3000:]
+    assert _labels(cut) == reference
+    after = _written_at(cut)
+    finished_before = [v for v in VOLUMES if before[v] is not None]
+    assert all(after[v] == before[v] for v in finished_before)  # not segmented twice
+    assert f"{len(VOLUMES) - len(finished_before)} segmented, {len(finished_before)} already done" in out, out[-2000:]
+    claims = cut.parent / ".archive.zarr.claims"
+    assert not claims.exists() or not any(claims.iterdir())  # the killed run's claim was taken over and released
+
+
+def test_two_runs_at_once_share_the_volumes(setup, tmp_path: Path) -> None:
+    archive = tmp_path / "archive.zarr"
+    shutil.copytree(setup["archive"], archive)
+    runs = [_segment(archive, setup["uri"], tmp_path / f"run{i}", "--workers", "0") for i in range(2)]
+    outs = [r.communicate(timeout=600)[0] for r in runs]
+    assert all(r.returncode == 0 for r in runs), [o[-2000:] for o in outs]
+    labels = _labels(archive)
+    assert all(labels.values())
+    # every volume was segmented once: the two runs' "segmented" counts add up to the volumes
+    counts = [int(o.split("segment: ")[1].split(" segmented")[0]) for o in outs]
+    assert sum(counts) == len(VOLUMES), outs
