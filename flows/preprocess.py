@@ -1,9 +1,6 @@
 """Flow ``preprocess-archive``: normalised images and border-weight maps, Dask-parallel."""
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 from prefect import flow, get_run_logger, unmapped
 from prefect.states import State
 
@@ -11,21 +8,10 @@ from octseg.flows.config import PreprocessConfig
 from octseg.flows.runs import collect, finish
 from octseg.flows.summary import PreprocessSummary
 from octseg.tasks.archive import select_volumes
+from octseg.tasks.cluster import dask_scheduler
 from octseg.tasks.preprocess import preprocess_volume_task
 
-__all__ = ["dask_scheduler", "preprocess_archive"]
-
-
-@contextlib.contextmanager
-def dask_scheduler(address: str | None, n_workers: int) -> Iterator[str]:
-    """Yield a scheduler address: ``address`` itself, or that of a LocalCluster started here."""
-    if address:
-        yield address
-        return
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        yield cluster.scheduler_address
+__all__ = ["preprocess_archive"]
 
 
 @flow(name="preprocess-archive")

@@ -65,10 +65,9 @@ def _store(result, target, scheduler_address: str | None) -> None:
     if scheduler_address is None:
         dask.compute(stored, scheduler="threads")
         return
-    from distributed import Client
+    from octseg.tasks.cluster import client_for
 
-    with Client(scheduler_address, set_as_default=False) as client:
-        client.compute(stored).result()
+    client_for(scheduler_address).compute(stored).result()  # one client per process, shared by the tasks
 
 
 def derived_fingerprints(archive, volume_id: str, weights: WeightMapConfig) -> dict[str, dict]:
