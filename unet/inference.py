@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from octseg.unet.config import InferenceConfig, UNetConfig
+from octseg.unet.prefetch import threaded as _threaded
 from octseg.unet.model import choose_tile_size, nearest_valid_input_size, output_size
 from octseg.unet.tiling import mirror_pad, predict_tiled
 
@@ -157,14 +158,21 @@ class _Network:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
-    @torch.inference_mode()
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def _logits(self, batch: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         if self.cuda:
             x = x.pin_memory().to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.forward(x)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+            return self.forward(x)
+
+    @torch.inference_mode()
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return torch.softmax(self._logits(batch).float(), dim=1).cpu().numpy()
+
+    @torch.inference_mode()
+    def labels(self, batch: np.ndarray) -> np.ndarray:
+        """Arg-max labels uint8 (N, oh, ow), computed on the device (only labels cross to the host)."""
+        return self._logits(batch).argmax(1).to(torch.uint8).cpu().numpy()
 
 
 def torch_predictor(model: torch.nn.Module, device: torch.device | None = None,
@@ -182,15 +190,21 @@ def _check_finite(images: np.ndarray, first: int) -> None:
         raise ValueError(f"B-scan(s) {which[:5]}{' ...' if len(which) > 5 else ''} hold NaN or infinite values")
 
 
+def _whole_passes(images: np.ndarray, plan: InferencePlan, step: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``step`` over batches of whole B-scans (N, C, H, W), each mirror-padded to ``plan.tile_in``;
+    the outputs cropped back to (H, W) and concatenated."""
+    h, w = images.shape[-2:]
+    halo = ((plan.tile_in[0] - plan.tile_out[0]) // 2, (plan.tile_in[1] - plan.tile_out[1]) // 2)
+    pad = ((halo[0], plan.tile_in[0] - h - halo[0]), (halo[1], plan.tile_in[1] - w - halo[1]))
+    out = [step(mirror_pad(images[i : i + plan.batch], pad))[..., :h, :w] for i in range(0, len(images), plan.batch)]
+    return np.concatenate(out)
+
+
 def _probabilities(net: _Network, images: np.ndarray, plan: InferencePlan, cfg: InferenceConfig) -> np.ndarray:
     """Class probabilities float32 (N, K, H, W) of normalised B-scans (N, H, W) (or (N, C, H, W))."""
     chw = images if images.ndim == 4 else images[:, None]
-    h, w = chw.shape[-2:]
     if plan.whole:
-        halo = ((plan.tile_in[0] - plan.tile_out[0]) // 2, (plan.tile_in[1] - plan.tile_out[1]) // 2)
-        pad = ((halo[0], plan.tile_in[0] - h - halo[0]), (halo[1], plan.tile_in[1] - w - halo[1]))
-        out = [net(mirror_pad(chw[i : i + plan.batch], pad))[..., :h, :w] for i in range(0, len(chw), plan.batch)]
-        return np.concatenate(out)
+        return _whole_passes(chw, plan, net)
     return np.stack([predict_tiled(image, net, plan.tile_in, overlap=cfg.overlap, batch_size=plan.batch,
                                    output_tile=plan.tile_out, align=plan.align) for image in chw])
 
@@ -217,42 +231,6 @@ def predict_probabilities(
 
 
 _DONE = object()
-
-
-def _threaded(source: Iterator, depth: int) -> Iterator:
-    """Iterate ``source`` in a background thread, ``depth`` items ahead; its exception is raised here."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: object) -> bool:
-        """Hand ``item`` over unless the consumer has gone; False when it has."""
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in source:
-                if not put(item):
-                    return
-            put(_DONE)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            put(e)
-
-    thread = threading.Thread(target=run, name="octseg-prefetch", daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def segment_bscans(
@@ -284,7 +262,10 @@ def segment_bscans(
 
     def labelled() -> Iterator[tuple[int, np.ndarray]]:
         for z0, images in _threaded(chunks(), depth=2):
-            yield z0, _predict(net, images, plan, cfg).argmax(1).astype(np.uint8)
+            if plan.whole and not cfg.tta:  # the arg-max on the device: no probabilities cross to the host
+                yield z0, _whole_passes(images if images.ndim == 4 else images[:, None], plan, net.labels)
+            else:
+                yield z0, _predict(net, images, plan, cfg).argmax(1).astype(np.uint8)
 
     done = 0
     writes = _Writer(write)
