@@ -22,7 +22,6 @@ from octseg.unet.inference import resolve_device, segment_volume
 from octseg.unet.losses import soft_dice_loss, weighted_cross_entropy
 from octseg.unet.metrics import dice_per_class
 from octseg.unet.model import choose_tile_size
-from octseg.unet.prefetch import threaded
 
 __all__ = ["EpochStats", "evaluate", "fit", "make_optimizer", "training_loss", "validation_inference"]
 
@@ -64,11 +63,10 @@ def training_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     return loss
 
 
-def _train_epoch(model, loader, optimizer, device, amp, dice_weight: float, prefetch: bool = False) -> float:
+def _train_epoch(model, loader, optimizer, device, amp, dice_weight: float) -> float:
     model.train()
     total, count = 0.0, 0
-    # without loader processes, a thread draws and deforms the next tiles while this one trains
-    for batch in threaded(iter(loader), depth=2, name="octseg-tiles") if prefetch else loader:
+    for batch in loader:
         x = batch["image"].to(device, non_blocking=True)
         y = batch["target"].to(device, non_blocking=True)
         w = batch["weight"].to(device, non_blocking=True)
@@ -163,7 +161,7 @@ def fit(
     for epoch in range(start, cfg.epochs):
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        loss = _train_epoch(net, loader, optimizer, device, cfg.amp, cfg.dice_weight, prefetch=workers == 0)
+        loss = _train_epoch(net, loader, optimizer, device, cfg.amp, cfg.dice_weight)
         if world > 1:  # the mean over every process's tiles
             on = device if torch.distributed.get_backend() == "nccl" else "cpu"
             total = torch.tensor([loss], dtype=torch.float64, device=on)
