@@ -16,8 +16,8 @@ small volumes and prints the overhead per volume beyond its compute, and the flo
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -48,31 +48,38 @@ def load_volume(n: int) -> tuple[np.ndarray, str]:
     return make_phantom_volume(n, 496, 768, seed=0).image, f"phantom, {n} B-scans"
 
 
-def floor(model: UNet, volume: np.ndarray, device: torch.device, amp: bool, repeats: int) -> tuple[float, int]:
-    """(B-scans/s, batch) of the network alone on whole, padded, in-memory B-scans (best batch size)."""
+def _padded(model: UNet, volume: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The normalised B-scans mirror-padded to the smallest valid input that covers them, (N, 1, th, tw)."""
     n, h, w = volume.shape
     d, p = model.config.depth, model.config.padding
     th, tw = covering_input(h, d, p), covering_input(w, d, p)
     halo_y, halo_x = (th - model.output_size(th)) // 2, (tw - model.output_size(tw)) // 2
     padded = np.pad(normalize_volume(volume), ((0, 0), (halo_y, th - h - halo_y), (halo_x, tw - w - halo_x)),
                     mode="reflect")[:, None]
-    x_all = torch.from_numpy(padded).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        x_all = x_all.contiguous(memory_format=torch.channels_last)
-    best = (0.0, 1)
+    x = torch.from_numpy(padded).to(device)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def floor(model: UNet, x_all: torch.Tensor, device: torch.device, amp: bool, batch: int) -> float:
+    """B-scans/s of the network alone on whole, padded, in-memory B-scans: the forward pass and arg-max."""
+    n = len(x_all)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-        for batch in (1, 2, 4):
-            model(x_all[:batch])  # warm-up
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                for i in range(0, n, batch):
-                    model(x_all[i : i + batch]).argmax(1).cpu()
-            _sync(device)
-            rate = repeats * n / (time.perf_counter() - t0)
-            best = max(best, (rate, batch))
-    return best
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(0, n, batch):
+            model(x_all[i : i + batch]).argmax(1).cpu()
+        _sync(device)
+        return n / (time.perf_counter() - t0)
+
+
+def best_batch(model: UNet, x_all: torch.Tensor, device: torch.device, amp: bool) -> int:
+    """The fastest of batch sizes 1, 2, 4 (GPU: up to 32) for the floor, after a warm-up of each."""
+    sizes = (1, 2, 4) if device.type == "cpu" else (1, 4, 8, 16, 32)
+    rates = {}
+    for batch in sizes:
+        floor(model, x_all[:batch], device, amp, batch)  # warm-up
+        rates[batch] = floor(model, x_all[: max(batch, min(len(x_all), 4 * batch))], device, amp, batch)
+    return max(rates, key=rates.get)
 
 
 def _sync(device: torch.device) -> None:
@@ -80,16 +87,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def archive_rate(model: UNet, volume: np.ndarray, inference: InferenceConfig, repeats: int) -> float:
+def archive_rate(model: UNet, archive: Path, n: int, inference: InferenceConfig) -> float:
     """B-scans/s of segment_one: Zarr in, normalise, network, staged shard writes, publish."""
-    with tempfile.TemporaryDirectory(prefix="octseg-bench-") as tmp:
-        archive = open_archive(Path(tmp) / "a.zarr")
-        archive.write_volume("v", volume, provenance={"source": "bench", "source_sha256": "-", "reader": "bench"})
-        segment_one(archive.path, "v", model, INFO, NAMES, inference, force=True)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            segment_one(archive.path, "v", model, INFO, NAMES, inference, force=True)
-        return repeats * len(volume) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    segment_one(archive, "v", model, INFO, NAMES, inference, force=True)
+    return n / (time.perf_counter() - t0)
+
+
+def _sample_rss(samples: list[float], stop: threading.Event) -> None:
+    """This process's resident memory in MiB, every 0.2 s until ``stop``."""
+    import psutil
+
+    me = psutil.Process()
+    while not stop.wait(0.2):
+        samples.append(me.memory_info().rss / 2**20)
 
 
 def small_volumes(n: int, workers: int) -> None:
@@ -119,22 +130,28 @@ def small_volumes(n: int, workers: int) -> None:
             archive.write_volume(f"v{i:04d}", rng.integers(0, 255, (8, 64, 96), dtype=np.uint8),
                                  provenance={"source": str(i), "source_sha256": str(i), "reader": "bench"})
         t0 = time.perf_counter()
-        segment_one(archive.path, "v0000", model, INFO, NAMES, InferenceConfig(device="cpu"), force=True)
-        compute = time.perf_counter() - t0  # one volume in this process (cold caches count as compute)
+        segment_one(archive.path, "v0000", model, {**INFO, "model_version": "0"}, NAMES, InferenceConfig(device="cpu"),
+                    qc_dir=Path(tmp) / "qc")
+        compute = time.perf_counter() - t0  # one volume with its QC picture, in this process
         cfg = SegmentConfig(archive=archive.path, model_uri=f"models:/bench/{version}", tracking_uri=uri,
                             n_workers=workers, inference=InferenceConfig(device="cpu"))
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         with prefect_test_harness():
+            samples: list[float] = []
+            sampler = threading.Thread(target=_sample_rss, args=(samples, stop := threading.Event()), daemon=True)
+            sampler.start()
             t0 = time.perf_counter()
             summary = summary_of(segment_archive(cfg, return_state=True))
             wall = time.perf_counter() - t0
-        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            stop.set()
+            sampler.join()
     assert len(summary.segmented) == n, summary.headline()
     per_volume = wall / n
     print(f"{n} volumes of 8x64x96 on a {workers}-worker LocalCluster: {wall:.1f} s, {per_volume:.3f} s per volume; "
           f"compute of one volume in-process {compute:.3f} s")
     print(f"overhead per volume beyond its compute: {per_volume - compute / workers:.3f} s (goal < 0.1)")
-    print(f"flow process peak RSS {rss1:.0f} MiB (before the flow {rss0:.0f} MiB)")
+    tenth = max(1, len(samples) // 10)
+    print(f"flow process RSS: {np.mean(samples[:tenth]):.0f} MiB in the first tenth of the run, "
+          f"{np.mean(samples[-tenth:]):.0f} MiB in the last, peak {max(samples):.0f} MiB")
 
 
 def main() -> None:
@@ -144,7 +161,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved floor/archive rounds")
     parser.add_argument("--small-volumes", type=int, default=0, help="also run the flow over this many small volumes")
     parser.add_argument("--workers", type=int, default=1, help="LocalCluster workers for --small-volumes")
     args = parser.parse_args()
@@ -153,13 +170,23 @@ def main() -> None:
     torch.manual_seed(0)
     model = UNet(UNetConfig(base_channels=args.base, depth=args.depth)).to(device).eval()
     inference = InferenceConfig(device=args.device, amp=args.amp)
-    rate_floor, batch = floor(model, volume, device, args.amp, args.repeats)
-    rate = archive_rate(model, volume, inference, args.repeats)
+    x_all = _padded(model, volume, device)
+    batch = best_batch(model, x_all, device, args.amp)
+    floors, rates, ratios = [], [], []
+    with tempfile.TemporaryDirectory(prefix="octseg-bench-") as tmp:
+        archive = open_archive(Path(tmp) / "a.zarr")
+        archive.write_volume("v", volume, provenance={"source": "bench", "source_sha256": "-", "reader": "bench"})
+        archive_rate(model, archive.path, len(volume), inference)  # warm-up
+        for _ in range(args.repeats):  # interleaved, so a noisy minute hits both sides of a round
+            floors.append(floor(model, x_all, device, args.amp, batch))
+            rates.append(archive_rate(model, archive.path, len(volume), inference))
+            ratios.append(rates[-1] / floors[-1])
     print(f"{what} {volume.shape[1]}x{volume.shape[2]}; U-Net depth {args.depth}, {args.base} channels, "
           f"{device}{' bf16' if args.amp else ''}, {torch.get_num_threads()} threads")
-    print(f"bare forward (whole B-scans in memory, batch {batch}): {rate_floor:8.2f} B-scans/s")
-    print(f"archive -> archive (segment_one):                  {rate:8.2f} B-scans/s")
-    print(f"P1 = {rate / rate_floor:.2f}  (goal >= 0.90)")
+    print(f"bare forward (whole B-scans in memory, batch {batch}): {np.median(floors):8.2f} B-scans/s (median)")
+    print(f"archive -> archive (segment_one):                  {np.median(rates):8.2f} B-scans/s (median)")
+    print(f"P1 = {np.median(ratios):.2f}  (median of the rounds' ratios {', '.join(f'{r:.2f}' for r in ratios)}; "
+          "goal >= 0.90)")
     if args.small_volumes:
         small_volumes(args.small_volumes, args.workers)
 

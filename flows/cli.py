@@ -489,8 +489,8 @@ def segment(
     batch_size: InfBatchOpt = None, device: InfDeviceOpt = None, amp: InfAmpOpt = None, whole: InfWholeOpt = None,
     tta: InfTtaOpt = None, memory_budget: InfBudgetOpt = None, compile_model: InfCompileOpt = None,
     dask_address: DaskOpt = None,
-    workers: Annotated[Optional[int], _opt("LocalCluster worker processes when no scheduler is given; 0: segment in "
-                                           "this process.", "--workers", cls=SegmentConfig, key="n_workers")] = None,
+    workers: Annotated[Optional[int], _opt("LocalCluster worker processes when no scheduler is given (none: one per "
+                                           "GPU, else one per core up to 4); 0: segment in this process.", "--workers", cls=SegmentConfig, key="n_workers")] = None,
     gpu: Annotated[Optional[bool], _opt("Each volume asks its Dask worker for the resource GPU=1 (default: when a "
                                         "worker declares one).", "--gpu/--no-gpu", cls=SegmentConfig,
                                         key="gpu")] = None,

@@ -97,7 +97,8 @@ class SegmentConfig(_Config):
     qc_dir: Path | None = None  # None: <archive>.qc beside the archive
     force: bool = False  # re-segment volumes already done by this model version
     dask_address: str | None = Field(default_factory=dask_address_from_env)  # None: a LocalCluster (n_workers)
-    n_workers: int = Field(default=1, ge=0)  # LocalCluster workers; 0: segment in the flow's own process
+    # LocalCluster workers; 0: segment in the flow's own process; None: one per GPU, else one per core (at most 4)
+    n_workers: int | None = Field(default=None, ge=0)
     gpu: bool | None = None  # each volume asks for the Dask resource GPU=1; None: when a worker declares it
 
     @property

@@ -1,6 +1,7 @@
 """Flow ``segment-archive``: the registered U-Net over every volume, on Dask workers, resumable."""
 from __future__ import annotations
 
+import os
 import threading
 
 from prefect import flow, get_run_logger, unmapped
@@ -27,6 +28,15 @@ def _n_bscans(archive, volume_id: str) -> int:
         return int(archive.image(volume_id).shape[0])
     except Exception:
         return 0
+
+
+def _local_gpus(config: SegmentConfig) -> int:
+    """GPUs a LocalCluster gives its workers (one each): those of this machine unless told otherwise."""
+    if config.dask_address or config.gpu is False or config.inference.device == "cpu":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 class _BScanCounter:
@@ -60,8 +70,9 @@ def segment_archive(config: SegmentConfig) -> State:
     todo, summary.skipped = plan_segmentation(config, ref)
     sizes = {vid: _n_bscans(archive, vid) for vid in todo}
     local = config.n_workers == 0 and not config.dask_address
-    with dask_scheduler(None if local else config.dask_address, max(1, config.n_workers),
-                        gpus=int(bool(config.gpu))) as address, \
+    gpus = _local_gpus(config)
+    workers = config.n_workers or gpus or min(4, os.cpu_count() or 1)
+    with dask_scheduler(None if local else config.dask_address, workers, gpus=gpus) as address, \
             progress_bars({"volumes": len(todo), "B-scans": sum(sizes.values())}) as update:
         scheduler = None if local else address
         counter = _BScanCounter(update)

@@ -57,7 +57,8 @@ def _labels_digest(labels, annotated: list[int]) -> str:
 
 
 def _store(result, target, scheduler_address: str | None) -> None:
-    """Compute ``result`` into the Zarr array ``target`` on the Dask cluster (threads when no address)."""
+    """Compute ``result`` (a Dask array or a list) into the Zarr array(s) ``target`` on the Dask cluster
+    (threads when no address)."""
     import dask
     import dask.array as da
 
@@ -67,7 +68,9 @@ def _store(result, target, scheduler_address: str | None) -> None:
         return
     from octseg.tasks.cluster import client_for
 
-    client_for(scheduler_address).compute(stored).result()  # one client per process, shared by the tasks
+    future = client_for(scheduler_address).compute(stored)  # one client per process, shared by the tasks
+    for f in future if isinstance(future, list) else [future]:
+        f.result()
 
 
 def derived_fingerprints(archive, volume_id: str, weights: WeightMapConfig) -> dict[str, dict]:
@@ -105,24 +108,26 @@ def preprocess_volume(
     fps = derived_fingerprints(archive, volume_id, weights)
     todo = outdated(archive, volume_id, weights)
     result = PreprocessResult(volume_id, skipped=[name for name in fps if name not in todo])
-    if "normalized" in todo:
-        src = da.from_zarr(image).rechunk((shard_z, -1, -1))
+    jobs: dict[str, tuple] = {}  # name -> (blocks to compute, target array)
+    if "normalized" in todo:  # read shard-sized blocks directly: no rechunk tasks, no transfers between workers
+        src = da.from_zarr(image, chunks=(shard_z, -1, -1))
         out = archive.create_derived(volume_id, "normalized", "float32", {"method": NORMALIZATION_METHOD})
-        _store(src.map_blocks(_normalize_block, dtype=np.float32), out, scheduler_address)
-        archive.mark_derived_complete(volume_id, "normalized", fps["normalized"])
-        result.computed.append("normalized")
+        jobs["normalized"] = (src.map_blocks(_normalize_block, dtype=np.float32), out)
     if "weights" in todo:
         labels, annotated = archive.manual_labels(volume_id)
-        lab = da.from_zarr(labels).rechunk((shard_z, -1, -1))
+        lab = da.from_zarr(labels, chunks=(shard_z, -1, -1))
         flags = np.zeros((image.shape[0], 1, 1), dtype=bool)
         flags[annotated] = True
         flags_da = da.from_array(flags, chunks=(shard_z, 1, 1))
         maps = da.map_blocks(_weights_block, lab, flags_da, weights.w0, weights.sigma, weights.class_weights,
                              dtype=np.float32)
         out = archive.create_derived(volume_id, "weights", "float32", {"w0": weights.w0, "sigma": weights.sigma})
-        _store(maps, out, scheduler_address)
-        archive.mark_derived_complete(volume_id, "weights", fps["weights"])
-        result.computed.append("weights")
+        jobs["weights"] = (maps, out)
+    if jobs:  # one graph for both arrays: their blocks spread over the workers together
+        _store([blocks for blocks, _ in jobs.values()], [out for _, out in jobs.values()], scheduler_address)
+    for name in jobs:  # each marked complete only after every block of it is stored
+        archive.mark_derived_complete(volume_id, name, fps[name])
+        result.computed.append(name)
     return result
 
 

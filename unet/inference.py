@@ -47,7 +47,9 @@ __all__ = [
 ]
 
 CPU_BUDGET_MB = 2048  # default memory for one forward pass on the CPU
-MAX_BATCH = {"cpu": 4, "cuda": 64}  # most B-scans per pass when the budget would allow more
+# most B-scans per pass when the budget would allow more; on CPU one: a batch of 4 whole 496 x 768 B-scans
+# measured 28% slower per B-scan than one at a time (benchmarks/segment.py tries 1, 2, 4)
+MAX_BATCH = {"cpu": 1, "cuda": 64}
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -73,7 +73,8 @@ def test_plan_whole_when_it_fits_the_budget_else_tiles():
     need = activation_bytes(cfg, (684, 956))  # the smallest valid input whose output (500 x 772) covers 496 x 768
     whole = plan_inference(cfg, (496, 768), InferenceConfig(), need)
     assert whole.whole and whole.tile_in == (684, 956) and whole.tile_out == (500, 772) and whole.batch == 1
-    assert plan_inference(cfg, (496, 768), InferenceConfig(), 3 * need).batch == 3
+    assert plan_inference(cfg, (496, 768), InferenceConfig(), 3 * need, "cuda").batch == 3  # what the budget holds
+    assert plan_inference(cfg, (496, 768), InferenceConfig(), 3 * need, "cpu").batch == 1  # faster one at a time
     assert plan_inference(cfg, (496, 768), InferenceConfig(batch_size=2), 10 * need).batch == 2
     tiles = plan_inference(cfg, (496, 768), InferenceConfig(), need - 1)
     assert not tiles.whole and tiles.tile_in == (572, 572) and tiles.align == 16
