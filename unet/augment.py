@@ -98,14 +98,17 @@ def elastic_deform(
     rng: np.random.Generator | int,
     image_order: int = 3,
     window: tuple[slice, slice] | None = None,
+    backend: str = "torch",
 ) -> Arrays:
     """The paper's elastic deformation, applied identically to image, labels and weights.
 
     Each output pixel p takes the value at p + d(p), d from :func:`displacement_field`, sampled with
-    ``scipy.ndimage.map_coordinates``:
+    ``torch.nn.functional.grid_sample`` (``backend="torch"``: bicubic convolution, bilinear, nearest;
+    several times faster on a CPU, multi-threaded) or ``scipy.ndimage.map_coordinates``
+    (``backend="scipy"``, cubic B-splines; any ``image_order``; the reference the tests compare with):
 
-    - image: spline order ``image_order`` (3 = bicubic); a float dtype is kept, integers become
-      float32; cubic splines may overshoot the input range slightly;
+    - image: order ``image_order`` (3 = bicubic); a float dtype is kept, integers become float32; cubic
+      interpolation may overshoot the input range slightly;
     - labels: order 0 (nearest), so the dtype is kept and only values present in the input appear;
     - weights: order 1 (linear), so non-negative weights stay non-negative.
 
@@ -126,9 +129,15 @@ def elastic_deform(
         raise ValueError(f"image_order must be a spline order in 0..5, got {image_order!r}")
     h, w = image.shape[-2:]
     field = displacement_field((h, w), rng, grid=grid, sigma=sigma)
-    coords = np.indices((h, w), dtype=np.float32) + field.astype(np.float32)  # (2, H, W): where each pixel samples
+    coords = np.indices((h, w), dtype=np.float64) + field  # (2, H, W): where each pixel samples
+
+    if backend not in ("torch", "scipy"):
+        raise ValueError(f"backend must be 'torch' or 'scipy', got {backend!r}")
 
     def warp(arr: np.ndarray, order: int, dtype: np.dtype, at: np.ndarray = coords) -> np.ndarray:
+        if backend == "torch" and order in _GRID_MODES and (order or np.issubdtype(arr.dtype, np.floating)
+                                                            or np.abs(arr).max(initial=0) < 2**24):
+            return _grid_sample(arr, at, order).astype(dtype, copy=False)
         return ndimage.map_coordinates(arr, at, output=dtype, order=order, mode="mirror")
 
     crop = coords if window is None else np.ascontiguousarray(coords[(slice(None), *window)])
@@ -143,6 +152,26 @@ def elastic_deform(
         out_labels = warp(as_int, 0, as_int.dtype, crop).astype(labels.dtype, copy=False)
     out_weights = None if weights is None else warp(weights, 1, _float_dtype(weights), crop)
     return out_image, out_labels, out_weights
+
+
+_GRID_MODES = {0: "nearest", 1: "bilinear", 3: "bicubic"}
+
+
+def _grid_sample(arr: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
+    """``arr`` (H, W) sampled at ``coords`` (2, h, w) pixel positions (y, x) -> float32 (h, w) (positions to
+    ~1e-5 px: sigma = 0 gives the identity to float32 precision); outside the
+    image mirrored about the edge pixels (SciPy's "mirror": grid_sample's "reflection" with aligned corners)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = arr.shape
+    grid = np.empty((1, *coords.shape[1:], 2), dtype=np.float32)
+    grid[0, ..., 0] = coords[1] * (2.0 / max(w - 1, 1)) - 1.0  # x first, in [-1, 1] from pixel centre to centre
+    grid[0, ..., 1] = coords[0] * (2.0 / max(h - 1, 1)) - 1.0
+    source = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    out = F.grid_sample(source, torch.from_numpy(grid), mode=_GRID_MODES[order], padding_mode="reflection",
+                        align_corners=True)
+    return out[0, 0].numpy()
 
 
 def random_flip(
@@ -227,6 +256,7 @@ def augment(
     grid: int = 3,
     sigma: float = 10.0,
     window: tuple[slice, slice] | None = None,
+    backend: str = "torch",
 ) -> Arrays:
     """Flip, then elastically deform, then jitter gray values; geometry shared by all three arrays.
 
@@ -243,7 +273,8 @@ def augment(
     if flip:
         image, labels, weights = random_flip(image, labels, weights, rng=gen)
     if elastic:
-        image, labels, weights = elastic_deform(image, labels, weights, grid=grid, sigma=sigma, rng=gen, window=window)
+        image, labels, weights = elastic_deform(image, labels, weights, grid=grid, sigma=sigma, rng=gen, window=window,
+                                                backend=backend)
     elif window is not None:
         labels = None if labels is None else labels[window]
         weights = None if weights is None else weights[window]
