@@ -26,6 +26,7 @@ from octseg.flows.config import (
     PreprocessConfig,
     SegmentConfig,
     TrainFlowConfig,
+    WatchConfig,
     load_config_file,
 )
 from octseg.flows import preflight
@@ -606,6 +607,45 @@ def pipeline(
         typer.secho(f"  failed: {f}", fg=typer.colors.RED, err=True)
     if summary.failures:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def watch(
+    inbox: Annotated[Optional[Path], typer.Option(help="The drop folder: volume files or folders of B-scans.",
+                                                  show_default=False)] = None,
+    archive: ArchiveOpt = None, labels: LabelsOpt = None,
+    settle_seconds: Annotated[Optional[float], _opt("Leave files changed more recently than this for the next run.",
+                                                    cls=WatchConfig, key="settle_seconds")] = None,
+    model: Annotated[Optional[str], _opt("Model URI to segment with.", cls=WatchConfig, key="model_uri")] = None,
+    tracking_uri: TrackingOpt = None, dask_address: DaskOpt = None,
+    workers: Annotated[Optional[int], _opt("Segment's LocalCluster workers (0: in this process).", "--workers",
+                                           cls=WatchConfig, key="n_workers")] = None,
+    device: InfDeviceOpt = None,
+    config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Ingest, preprocess and segment the files of a drop folder that the archive does not hold yet.
+
+    New means: content (sha256) the archive has not ingested, and unchanged for --settle-seconds (files
+    still being copied in wait for the next run). What an hourly Prefect deployment runs
+    (deployments/prefect.yaml); with nothing new it answers at once, without starting a flow run.
+    """
+    _quiet(verbose)
+    cfg = _settings(WatchConfig, config, show_config, {
+        "inbox": inbox, "archive": archive, "labels": labels, "settle_seconds": settle_seconds, "model_uri": model,
+        "tracking_uri": tracking_uri, "dask_address": dask_address, "n_workers": workers,
+        "inference.device": device})
+    preflight.check_sources([cfg.inbox])
+    preflight.check_new_archive(cfg.archive)
+    from octseg.flows.summary import WatchSummary
+    from octseg.tasks.inbox import scan_inbox
+
+    scan = scan_inbox(cfg.inbox, cfg.archive, settle_seconds=cfg.settle_seconds, labels=cfg.labels)
+    if not scan.new and not scan.unreadable:
+        return _report(WatchSummary(str(cfg.inbox), str(cfg.archive), known=len(scan.known),
+                                    unsettled=len(scan.unsettled)))
+    from octseg.flows.watch import watch_inbox
+
+    _report(_run(watch_inbox, cfg, verbose))
 
 
 @app.command()

@@ -31,6 +31,7 @@ __all__ = [
     "PreprocessConfig",
     "SegmentConfig",
     "TrainFlowConfig",
+    "WatchConfig",
     "dask_address_from_env",
     "load_config_file",
 ]
@@ -155,3 +156,19 @@ def load_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
     return data
+
+
+class WatchConfig(_Config):
+    """The drop folder: files new to the archive -> ingest -> preprocess -> segment with the champion."""
+
+    inbox: Path
+    archive: Path
+    labels: Path | None = None  # masks with the same file names as the inbox's files (optional)
+    settle_seconds: float = Field(default=60.0, ge=0)  # a file changed more recently is left for the next run
+    model_uri: str = DEFAULT_MODEL_URI
+    tracking_uri: str | None = None
+    dask_address: str | None = Field(default_factory=dask_address_from_env)  # None: LocalClusters
+    n_workers: int | None = Field(default=None, ge=0)  # segment's LocalCluster workers (see SegmentConfig)
+    inference: InferenceConfig = InferenceConfig()
+    weights: WeightMapConfig = WeightMapConfig()
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = ["EvaluateSummary", "IngestSummary", "PipelineSummary", "PreprocessSummary", "SegmentSummary",
-           "TrainSummary"]
+           "TrainSummary", "WatchSummary"]
 
 
 @dataclass
@@ -128,3 +128,22 @@ class PipelineSummary:
 
     def headline(self) -> str:
         return "\n".join(s.headline() for s in (self.ingest, self.preprocess, self.train, self.segment))
+
+
+@dataclass
+class WatchSummary:
+    inbox: str
+    archive: str
+    ingested: list[str] = field(default_factory=list)  # volume ids of the new files
+    segmented: list[str] = field(default_factory=list)
+    known: int = 0  # files whose content the archive already holds
+    unsettled: int = 0  # files still changing: left for the next run
+    failures: list[str] = field(default_factory=list)
+
+    def headline(self) -> str:
+        waiting = f"; {self.unsettled} still being written" if self.unsettled else ""
+        if not self.ingested and not self.failures:
+            return f"watch: nothing new in {self.inbox} ({self.known} already in {self.archive}{waiting})"
+        return (f"watch: {len(self.ingested)} new volumes ingested, {len(self.segmented)} segmented, "
+                f"{len(self.failures)} failed -> {self.archive}{waiting}")
+

@@ -1,0 +1,69 @@
+"""The drop folder: which files in an inbox are new to the archive, and which are still being written.
+
+A candidate is a volume file (TIFF, PNG/JPEG, ``.npy``) or a folder of 2-D B-scans directly in the inbox.
+It is *settled* when its modification time (which every write, growth or replacement moves) is at least
+``settle_seconds`` old (for a folder: that of every file in it); a file still being copied in is left
+for the next run. A settled candidate
+is *new* when no volume of the archive was ingested from content with its sha256 (what ingest records
+as ``source_sha256``), so a renamed or re-delivered copy of a known file is not ingested twice.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from octseg.tasks.archive import open_archive
+from octseg.tasks.readers import VOLUME_SUFFIXES, source_files, source_sha256
+
+__all__ = ["InboxScan", "scan_inbox"]
+
+
+@dataclass
+class InboxScan:
+    new: list[str] = field(default_factory=list)  # settled and not in the archive: to ingest
+    known: list[str] = field(default_factory=list)  # already in the archive (same content)
+    unsettled: list[str] = field(default_factory=list)  # changed within settle_seconds: next run
+    unreadable: list[str] = field(default_factory=list)  # "path: why" (cannot be hashed)
+
+
+def _candidates(inbox: Path, labels: Path | None) -> list[Path]:
+    found = []
+    for p in sorted(inbox.iterdir()):
+        if p.name.startswith(".") or (labels is not None and p.resolve() == labels.resolve()):
+            continue
+        if p.is_dir() or p.suffix.lower() in VOLUME_SUFFIXES:
+            found.append(p)
+    return found
+
+
+def _last_change(path: Path) -> float:
+    """Latest modification time of the file, or of the folder and its files (a file being written, grown
+    or replaced changes it)."""
+    paths = [path, *(source_files(path) if path.is_dir() else [])]
+    return max(p.stat().st_mtime for p in paths)
+
+
+def scan_inbox(inbox: str | Path, archive: str | Path, *, settle_seconds: float = 60.0,
+               labels: str | Path | None = None, now: float | None = None) -> InboxScan:
+    """Sort the inbox's candidates into new, known, unsettled and unreadable (see the module doc)."""
+    inbox, now = Path(inbox), time.time() if now is None else now
+    if not inbox.is_dir():
+        raise ValueError(f"{inbox}: the inbox is not a folder")
+    labels = Path(labels) if labels else None
+    scan = InboxScan()
+    known_sha: set[str] = set()
+    if (Path(archive) / "zarr.json").is_file():
+        arc = open_archive(archive, create=False)
+        known_sha = {arc.volume_meta(v).get("source_sha256") for v in arc.volume_ids()}
+    for path in _candidates(inbox, labels):
+        try:
+            if now - _last_change(path) < settle_seconds:
+                scan.unsettled.append(str(path))
+                continue
+            sha = source_sha256(path)
+        except (OSError, ValueError) as e:  # vanished meanwhile, unreadable, an empty folder
+            scan.unreadable.append(f"{path}: {e}")
+            continue
+        (scan.known if sha in known_sha else scan.new).append(str(path))
+    return scan
