@@ -65,16 +65,20 @@ def main() -> None:
     fit(UNet(cfg), data, None, replace(train, tiles_per_epoch=args.batch))  # warm-up too: first-call imports
     ratios, bare_rates, fit_rates = [], [], []
     tiles = args.steps * args.batch
-    for _ in range(args.rounds):  # interleaved, so a noisy minute hits both sides of a round
-        bare = bare_loop(cfg, train, args.tile, args.steps)
-        model = UNet(cfg)
+    def timed_fit() -> float:
         t0 = time.perf_counter()
-        fit(model, data, None, train)
-        real = time.perf_counter() - t0
+        fit(UNet(cfg), data, None, train)
+        return time.perf_counter() - t0
+
+    for r in range(args.rounds):  # interleaved, alternating which goes first (ABBA): no side gets the fresh CPU
+        if r % 2 == 0:
+            bare, real = bare_loop(cfg, train, args.tile, args.steps), timed_fit()
+        else:
+            real, bare = timed_fit(), bare_loop(cfg, train, args.tile, args.steps)
         ratios.append(bare / real)
         bare_rates.append(tiles / bare)
         fit_rates.append(tiles / real)
-    print(f"network depth {args.depth}, {args.base} channels, tile {args.tile} -> {model.output_size(args.tile)}, "
+    print(f"network depth {args.depth}, {args.base} channels, tile {args.tile} -> {UNet(cfg).output_size(args.tile)}, "
           f"batch {args.batch}, {tiles} tiles per round, {args.rounds} rounds, {torch.get_num_threads()} threads, "
           f"{args.workers} loader workers")
     print(f"bare torch loop: {np.median(bare_rates):7.3f} tiles/s (median)")
