@@ -30,6 +30,8 @@ def test_prefect_deploy_all_creates_the_scheduled_deployments(tmp_path: Path) ->
     for pool, kind in (("octseg", "process"), ("octseg-docker", "docker")):
         done = _prefect("work-pool", "create", pool, "--type", kind, env=env, cwd=tmp_path)
         assert done.returncode == 0 or "already exists" in done.stdout + done.stderr, done.stdout + done.stderr
+    done = _prefect("work-queue", "create", "archive", "--pool", "octseg", "--limit", "1", env=env, cwd=tmp_path)
+    assert done.returncode == 0 or "already exists" in done.stdout + done.stderr, done.stdout + done.stderr
     done = _prefect("deploy", "--all", "--prefect-file", str(PREFECT_FILE), env=env, cwd=tmp_path)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
 
@@ -53,3 +55,8 @@ def test_prefect_deploy_all_creates_the_scheduled_deployments(tmp_path: Path) ->
     # nothing of the deploying machine's working directory: the pull step goes to OCTSEG_HOME
     assert hourly.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(tmp_path)}}]
     assert hourly.work_pool_name == "octseg" and deployments["watch-inbox-hourly-docker"].work_pool_name == "octseg-docker"
+    # everything that writes into the archive goes through one work queue that runs one flow at a time
+    writers = {"watch-inbox-hourly", "resegment-nightly", "watch", "segment", "preprocess"}
+    assert {n for n, d in deployments.items() if d.work_queue_name == "archive"} >= writers
+    with get_client(sync_client=True) as client:
+        assert client.read_work_queue_by_name("archive", work_pool_name="octseg").concurrency_limit == 1

@@ -153,6 +153,7 @@ def test_drop_folder_deployment_on_real_servers(stack: Stack) -> None:
     deploy_env = {"OCTSEG_ARCHIVE": str(archive), "OCTSEG_INBOX": str(inbox), "OCTSEG_HOME": str(root / "data")}
     stack.run([str(BIN / "prefect"), "work-pool", "create", "octseg", "--type", "process"])
     stack.run([str(BIN / "prefect"), "work-pool", "create", "octseg-docker", "--type", "docker"])
+    stack.run([str(BIN / "prefect"), "work-queue", "create", "archive", "--pool", "octseg", "--limit", "1"])
     stack.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
                str(ROOT / "deployments" / "prefect.yaml")], **deploy_env)
     stack.start("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", "octseg", "--type", "process"])
