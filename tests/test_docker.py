@@ -41,7 +41,7 @@ def test_compose_services_and_what_they_are_wired_to() -> None:
     assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
         "postgresql+asyncpg://octseg:change-me@postgres:5432/")
     mlflow = " ".join(services["mlflow"]["command"])
-    assert "postgresql://" in mlflow and "--allowed-hosts=mlflow" in mlflow and "--artifacts-destination" in mlflow
+    assert "postgresql+psycopg2://" in mlflow and "--allowed-hosts=mlflow" in mlflow and "--artifacts-destination" in mlflow
     assert "GPU=1" in services["dask-worker-gpu"]["command"] and services["dask-worker-gpu"]["profiles"] == ["gpu"]
     for name in ("dask-worker", "prefect-worker", "dask-scheduler"):
         env = services[name]["environment"]
