@@ -1,6 +1,7 @@
 """Flow ``segment-archive``: the registered U-Net over every volume, on Dask workers, resumable."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -34,6 +35,8 @@ def _local_gpus(config: SegmentConfig) -> int:
     """GPUs a LocalCluster gives its workers (one each): those of this machine unless told otherwise."""
     if config.dask_address or config.gpu is False or config.inference.device == "cpu":
         return 0
+    if ":" in config.inference.device:  # one named GPU: one worker on it
+        return 1
     import torch
 
     return torch.cuda.device_count()
@@ -56,6 +59,35 @@ class _BScanCounter:
         self(message["volume"], message["done"])
 
 
+def _segment_volumes(config, ref, tracking_uri, qc_dir, todo, sizes, scheduler, gpu, counter, update, summary) -> None:
+    """One task run per volume: submitted together when Dask runs them (its workers pace them), one after
+    another in this process (each would otherwise take its own memory budget at the same time)."""
+    logger = get_run_logger()
+    kwargs = dict(requested_uri=config.model_uri, inference=config.inference, qc_dir=str(qc_dir), force=config.force,
+                  scheduler_address=scheduler, gpu=gpu)
+
+    def record(vid: str, outcome) -> None:
+        if isinstance(outcome, BaseException):
+            summary.failures.append(failure_line(vid, outcome))
+            logger.error("failed: %s", summary.failures[-1])
+        else:
+            {"segmented": summary.segmented, "busy": summary.busy}.get(outcome.status, summary.skipped).append(vid)
+            counter(vid, sizes[vid])
+
+    if scheduler is None:
+        for finished, vid in enumerate(todo, start=1):
+            state = segment_volume_task(str(config.archive), vid, ref, tracking_uri, **kwargs,
+                                        progress=lambda d, t, v=vid: counter(v, d), return_state=True)
+            record(vid, state.result(raise_on_failure=False))
+            update("volumes", finished)
+        return
+    futures = [segment_volume_task.submit(str(config.archive), vid, ref, tracking_uri, **kwargs) for vid in todo]
+    volume_of = {id(f): vid for f, vid in zip(futures, todo)}
+    for finished, future in enumerate(as_completed(futures), start=1):
+        record(volume_of[id(future)], future.result(raise_on_failure=False))
+        update("volumes", finished)
+
+
 @flow(name="segment-archive")
 def segment_archive(config: SegmentConfig) -> State:
     """Resolve the model first (no write before that succeeds); then one task run per volume, each run
@@ -72,35 +104,19 @@ def segment_archive(config: SegmentConfig) -> State:
     local = config.n_workers == 0 and not config.dask_address
     gpus = _local_gpus(config)
     workers = config.n_workers or gpus or min(4, os.cpu_count() or 1)
-    with dask_scheduler(None if local else config.dask_address, workers, gpus=gpus) as address, \
-            progress_bars({"volumes": len(todo), "B-scans": sum(sizes.values())}) as update:
-        scheduler = None if local else address
+    cluster = contextlib.nullcontext(None) if local else dask_scheduler(config.dask_address, workers, gpus=gpus)
+    with cluster as scheduler, progress_bars({"volumes": len(todo), "B-scans": sum(sizes.values())}) as update:
         counter = _BScanCounter(update)
         gpu = bool(config.gpu)
         if scheduler is not None:
             logger.info("Dask scheduler at %s", scheduler)
             gpu = config.gpu if config.gpu is not None else "GPU" in worker_resources(scheduler)
             client_for(scheduler).subscribe_topic(PROGRESS_TOPIC, counter.event)
-        futures = [
-            segment_volume_task.submit(
-                str(config.archive), vid, ref, tracking_uri, requested_uri=config.model_uri,
-                inference=config.inference, qc_dir=str(qc_dir), force=config.force, scheduler_address=scheduler,
-                gpu=gpu, progress=(lambda d, t, v=vid: counter(v, d)) if scheduler is None else None)
-            for vid in todo
-        ]
-        volume_of = {id(f): vid for f, vid in zip(futures, todo)}
-        for finished, future in enumerate(as_completed(futures), start=1):
-            vid = volume_of[id(future)]
-            outcome = future.result(raise_on_failure=False)
-            if isinstance(outcome, BaseException):
-                summary.failures.append(failure_line(vid, outcome))
-                logger.error("failed: %s", summary.failures[-1])
-            else:
-                {"segmented": summary.segmented, "busy": summary.busy}.get(outcome.status, summary.skipped).append(vid)
-                counter(vid, sizes[vid])
-            update("volumes", finished)
-        if scheduler is not None:
-            client_for(scheduler).unsubscribe_topic(PROGRESS_TOPIC)
+        try:
+            _segment_volumes(config, ref, tracking_uri, qc_dir, todo, sizes, scheduler, gpu, counter, update, summary)
+        finally:
+            if scheduler is not None:
+                client_for(scheduler).unsubscribe_topic(PROGRESS_TOPIC)
     if summary.segmented:
         summary.report = str(write_segmentation_csv(config.archive))
     logger.info(summary.headline())

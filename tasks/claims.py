@@ -1,9 +1,9 @@
 """Per-volume claims, so two runs on one archive never segment the same volume at once.
 
-A claim is a small file ``<parent>/.<archive name>.claims/<volume id>`` created with ``O_EXCL`` (atomic
-on local and NFSv3+ file systems), holding the claimant's host, pid and start time. It is renewed
+A claim is a small file ``<parent>/.<archive name>.claims/<volume id>``, hard-linked into place whole
+(atomic on local and NFS file systems), holding the claimant's host, pid and start time. It is renewed
 (touched) while the work goes on and removed when it ends. A claim whose process is gone (same host),
-or that was not renewed for :data:`STALE_SECONDS` (another host), is taken over: a run killed with
+or that was not renewed for :data:`STALE_SECONDS` (anywhere), is taken over: a run killed with
 ``kill -9`` blocks nobody.
 """
 from __future__ import annotations
@@ -30,11 +30,16 @@ def _claims_dir(archive: Path) -> Path:
 
 
 def _holder_alive(path: Path) -> bool:
+    """A claim is alive while it is renewed (younger than STALE_SECONDS) and, on this host, its process runs."""
     try:
-        holder = json.loads(path.read_text())
         age = time.time() - path.stat().st_mtime
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False  # released meanwhile
     except (OSError, ValueError):
-        return False  # vanished or half-written: its owner is gone or just leaving
+        return age < STALE_SECONDS  # unreadable: trust its age
+    if age >= STALE_SECONDS:
+        return False  # not renewed: abandoned, wherever it was (a restarted container may reuse the pid)
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
         try:
             os.kill(holder["pid"], 0)
@@ -42,8 +47,7 @@ def _holder_alive(path: Path) -> bool:
             return False
         except PermissionError:
             return True
-        return True
-    return age < STALE_SECONDS
+    return True
 
 
 def _take_over(path: Path) -> None:
@@ -56,7 +60,9 @@ def _take_over(path: Path) -> None:
         return  # someone else took it over first
     if tomb.stat().st_ino != stale:  # a new claim replaced the stale one between stat and rename: give it back
         with contextlib.suppress(OSError):
-            os.rename(tomb, path)
+            os.link(tomb, path)  # never over a third run's claim
+        with contextlib.suppress(OSError):
+            os.unlink(tomb)
         return
     with contextlib.suppress(OSError):
         os.unlink(tomb)
@@ -83,24 +89,29 @@ def claim_volume(archive: str | os.PathLike[str], volume_id: str) -> Iterator[Cl
     body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode()
     for _ in range(5):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileNotFoundError:  # no claims folder (yet, or another run just removed it)
             folder.mkdir(parents=True, exist_ok=True)
+            draft = folder / f".{volume_id}.{os.getpid()}.{time.monotonic_ns()}"
+            draft.write_bytes(body)
+            try:
+                os.link(draft, path)  # atomic, and the claim is whole the moment it exists
+            finally:
+                draft.unlink(missing_ok=True)
+        except FileNotFoundError:  # another run removed the empty claims folder meanwhile
             continue
         except FileExistsError:
             if _holder_alive(path):
                 raise VolumeBusy(f"{volume_id}: another octseg run is segmenting it") from None
             _take_over(path)
             continue
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
         break
     else:
         raise VolumeBusy(f"{volume_id}: its claim keeps changing hands; try again")
+    mine = path.stat().st_ino
     try:
         yield Claim(path)
     finally:
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            if path.stat().st_ino == mine:  # still ours (not taken over after going stale)
+                os.unlink(path)
         with contextlib.suppress(OSError):
             folder.rmdir()

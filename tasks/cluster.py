@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -79,7 +80,9 @@ def publish(topic: str, message: Any) -> bool:
 
 def gpu_device_of_worker(device: str) -> str:
     """The CUDA device of this worker: the worker's number modulo the GPUs (a LocalCluster's workers are
-    named 0, 1, ...), so N workers on an N-GPU node use one GPU each. ``device`` unchanged elsewhere."""
+    named 0, 1, ...; ``dask worker --nworkers N --name gpu`` names them gpu-0, gpu-1, ...), so N workers
+    on an N-GPU node use one GPU each. ``device`` unchanged elsewhere (or give each worker its own
+    ``CUDA_VISIBLE_DEVICES``)."""
     if device not in ("auto", "cuda"):
         return device
     try:
@@ -91,6 +94,7 @@ def gpu_device_of_worker(device: str) -> str:
     import torch
 
     count = torch.cuda.device_count()
-    if count < 2 or not str(name).isdigit():
+    number = re.search(r"(?:^|-)(\d+)$", str(name))  # LocalCluster: "0", "1"; `dask worker --nworkers N`: "...-0"
+    if count < 2 or number is None:
         return device
-    return f"cuda:{int(name) % count}"
+    return f"cuda:{int(number.group(1)) % count}"

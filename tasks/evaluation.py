@@ -90,7 +90,7 @@ def evaluation_fingerprint(archive_path: str | Path, volume_ids: Sequence[str], 
             raise ValueError(f"{vid}: no manual labels; an evaluation set needs annotated volumes")
         parts.append([vid, meta.get("source_sha256"), _label_fingerprint(archive, vid)])
     rule = {"tile_size": inference.tile_size, "max_tile": inference.max_tile, "overlap": inference.overlap,
-            "amp": inference.amp}
+            "amp": inference.amp, "tta": inference.tta, "whole": inference.whole}
     return hashlib.sha256(json.dumps([parts, rule], sort_keys=True).encode()).hexdigest()
 
 

@@ -65,7 +65,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 @functools.lru_cache(maxsize=256)
 def covering_input(n: int, depth: int, padding: str) -> int:
     """The smallest valid input size whose output covers ``n`` pixels (``n`` plus the halo, rounded up
-    to a valid size). ``covering_input(496, 4, "valid")`` is 680 (output 496)."""
+    to a valid size). ``covering_input(496, 4, "valid")`` is 684 (output 500)."""
     m = nearest_valid_input_size(max(n, 1), depth, padding)[1]
     while output_size(m, depth, padding) < n:
         m = nearest_valid_input_size(m + 1, depth, padding)[1]
@@ -254,7 +254,10 @@ def segment_bscans(
     """
     net = _Network(model, cfg)
     plan = _plan_for(model, image_hw, cfg)
-    starts = range(0, n_bscans, max(1, chunk))
+    chunk = max(1, chunk)
+    if plan.whole:  # whole shards at a time, as many as one batch needs: a batch never waits for a short chunk
+        chunk *= -(-plan.batch // chunk)
+    starts = range(0, n_bscans, chunk)
 
     def chunks() -> Iterator[tuple[int, np.ndarray]]:
         for z0 in starts:
@@ -277,8 +280,10 @@ def segment_bscans(
             done += len(labels)
             if progress is not None:
                 progress(done, n_bscans)
-    finally:
-        writes.close()
+    except BaseException:
+        writes.close(raise_error=False)  # the error in flight is the one to report
+        raise
+    writes.close()
 
 
 class _Writer:
@@ -303,10 +308,10 @@ class _Writer:
             raise self.error
         self.q.put((z0, labels))
 
-    def close(self) -> None:
+    def close(self, raise_error: bool = True) -> None:
         self.q.put(_DONE)
         self.thread.join()
-        if self.error is not None:
+        if raise_error and self.error is not None:
             raise self.error
 
 

@@ -168,3 +168,15 @@ def test_a_volume_claimed_by_a_live_run_is_busy_and_a_dead_runs_claim_is_taken_o
     (claims / "v").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": 0}))
     assert segment_one(arc.path, "v", model, _info("1"), dict(DEFAULT_CLASS_NAMES), INFERENCE).status == "segmented"
     assert not claims.exists() or not os.listdir(claims)
+
+
+def test_a_claim_being_written_counts_as_held(tmp_path):
+    """A claim file that exists but cannot be read yet is alive while it is young."""
+    from octseg.tasks.claims import VolumeBusy, claim_volume
+
+    claims = tmp_path / ".a.zarr.claims"
+    claims.mkdir()
+    (claims / "v").write_text("")
+    with np.testing.assert_raises(VolumeBusy):
+        with claim_volume(tmp_path / "a.zarr", "v"):
+            pass
