@@ -8,11 +8,13 @@ become one channel; true colour becomes luminance (ITU-R 601) in the same dtype.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -21,7 +23,9 @@ from PIL import Image, UnidentifiedImageError
 __all__ = [
     "IMAGE_SUFFIXES",
     "ReadError",
+    "DEFAULT_MAX_VOXELS",
     "ScanVolume",
+    "check_voxels",
     "mask_files",
     "natural_key",
     "read_masks",
@@ -38,6 +42,9 @@ MAX_LABEL = 31  # masks with values 0..31 keep them (class labels); binary masks
 _LUMA = np.array([0.299, 0.587, 0.114])
 _UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}
 Scale = tuple[float, float, float]  # voxel size (z, y, x) in micrometres
+# Largest volume a reader decodes, in voxels (Z*Y*X, colour samples included): 256 B-scans of 1024x1024.
+# Readers check it from the file's header before decoding, so a small compressed "bomb" is refused at once.
+DEFAULT_MAX_VOXELS = 1 << 28
 
 
 class ReadError(ValueError):
@@ -59,6 +66,27 @@ class ScanVolume:
     source: Path
     sha256: str  # of the file; of a folder: of its image files' sorted names and bytes
     files: list[Path] = field(default_factory=list)  # the B-scan files of a folder source
+    # What vendor files add (see octseg.tasks.vendor); plain image files leave them empty.
+    layers: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (Z, X) float32 boundary row, NaN = none
+    layers_source: str | None = None  # who drew ``layers``: "device", "grader 1", ...
+    fundus: np.ndarray | None = None  # 2-D SLO / NIR localizer image, when the file has one
+    fundus_scale_um: tuple[float, float] | None = None  # its (y, x) pixel size in micrometres
+    meta: dict[str, Any] = field(default_factory=dict)  # laterality, scan_pattern, acquired, device: never PHI
+    identifiers: dict[str, str] = field(default_factory=dict)  # names, ids, birth dates, free text: PHI
+    manual_labels: np.ndarray | None = None  # (Z, Y, X) uint8 ground truth carried by the file (Duke .mat)
+    annotated: list[int] = field(default_factory=list)  # the B-scans ``manual_labels`` annotates
+    warnings: list[str] = field(default_factory=list)  # what was repaired or dropped while reading
+
+
+def check_voxels(path: str | Path, shape: Iterable[int], max_voxels: int | None, what: str = "image") -> None:
+    """Raise :class:`ReadError` when the header's ``shape`` holds more than ``max_voxels`` voxels (None: no limit)."""
+    dims = [int(n) for n in shape]
+    if any(n < 0 for n in dims):
+        raise ReadError(path, f"header gives a negative {what} size {tuple(dims)}")
+    voxels = math.prod(dims)
+    if max_voxels is not None and voxels > max_voxels:
+        raise ReadError(path, f"{what} of {' x '.join(map(str, dims))} = {voxels:,} voxels exceeds the limit of "
+                              f"{max_voxels:,} (raise it with --max-voxels if the file is genuine)")
 
 
 def natural_key(name: str) -> list[int | str]:
