@@ -157,9 +157,19 @@ DaskOpt = Annotated[Optional[str], typer.Option(
     show_default=False)]
 SourcesArg = Annotated[Optional[list[Path]], typer.Argument(
     metavar="SOURCE", show_default=False,
-    help="TIFF stacks, .npy files, 2-D images, or folders of 2-D B-scans (one folder = one volume).")]
+    help="TIFF stacks, .npy files, 2-D images, folders of 2-D B-scans (one folder = one volume), or vendor "
+         "exports: Heidelberg .vol/.e2e/HEYEX .xml, DICOM, Duke .mat; Topcon .fds/.fda, Zeiss .img and "
+         "Bioptigen .oct with the 'vendor' extra.")]
 LabelsOpt = Annotated[Optional[Path], typer.Option(
     help="Folder of manual masks with the same file names as the sources.", show_default=False)]
+KeepIdsOpt = Annotated[Optional[bool], typer.Option(
+    "--keep-identifiers/--no-keep-identifiers", show_default="no-keep-identifiers",
+    help="Write the patient identifiers of vendor headers (names, ids, birth dates, free text) into the "
+         "archive and name volumes after their files. Default: they stay out, and a file named after "
+         "its patient gets an id from its content.")]
+MaxVoxelsOpt = Annotated[Optional[int], _opt(
+    "Refuse a volume larger than this many voxels, from its header (before decoding).",
+    cls=IngestConfig, key="max_voxels")]
 
 _T, _NET, _OPT, _INF = TrainFlowConfig, "Network (UNetConfig)", "Optimisation (TrainConfig)", "Inference"
 # the training options shared by `train` and `pipeline`: (parameter name, key in TrainFlowConfig)
@@ -349,6 +359,8 @@ def _report(summary: Any) -> None:
     """The summary, one line per failed item, and exit code 1 when any failed."""
     failures = list(getattr(summary, "failures", []))
     typer.secho(summary.headline(), fg=typer.colors.GREEN if not failures else typer.colors.YELLOW)
+    for w in getattr(summary, "warnings", []):
+        typer.secho(f"  warning: {w}", fg=typer.colors.YELLOW, err=True)
     for f in failures:
         typer.secho(f"  failed: {f}", fg=typer.colors.RED, err=True)
     if failures:
@@ -359,17 +371,25 @@ def _report(summary: Any) -> None:
 
 @app.command()
 def ingest(sources: SourcesArg = None, archive: ArchiveOpt = None, labels: LabelsOpt = None,
+           keep_identifiers: KeepIdsOpt = None,
+           grader: Annotated[Optional[int], _opt("Whose manual fluid labels a Duke .mat gives: 1 or 2.",
+                                                 cls=IngestConfig, key="grader")] = None,
+           max_voxels: MaxVoxelsOpt = None, dask_address: DaskOpt = None,
            config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False) -> None:
     """Read OCT files into the archive: one volume per file (or per folder of B-scans).
 
-    Files are read in parallel; a file that cannot be read is reported with what was wrong and the
-    others go on (exit code 1 when any failed). Unchanged files already in the archive are skipped.
+    Files are read in parallel (threads here, or the workers of --dask-address); a file that cannot be
+    read is reported with what was wrong and the others go on (exit code 1 when any failed). Unchanged
+    files already in the archive are skipped. Vendor files keep their voxel size, layer boundaries,
+    fundus image, laterality, scan pattern and date; patient identifiers stay out unless
+    --keep-identifiers.
 
-    Example: [bold]octseg ingest scans/*.tif --labels scans/masks --archive oct.zarr[/]
+    Example: [bold]octseg ingest scans/*.vol exports/*.dcm --archive oct.zarr[/]
     """
     _quiet(verbose)
-    cfg = _settings(IngestConfig, config, show_config, {"sources": sources, "archive": archive, "labels": labels})
-    preflight.check_sources(cfg.sources)
+    cfg = _settings(IngestConfig, config, show_config, {
+        "sources": sources, "archive": archive, "labels": labels, "keep_identifiers": keep_identifiers,
+        "grader": grader, "max_voxels": max_voxels, "dask_address": dask_address})
     preflight.check_new_archive(cfg.archive)
     from octseg.flows.plans import plan_ingest
 
@@ -380,7 +400,7 @@ def ingest(sources: SourcesArg = None, archive: ArchiveOpt = None, labels: Label
 
     summary = _run(ingest_volumes, cfg.model_copy(update={"sources": tuple(Path(s) for s in todo)}), verbose)
     summary.skipped = planned.skipped + summary.skipped  # found unchanged by the plan, not hashed again
-    summary.failures = planned.failures + summary.failures  # duplicate ids in the batch
+    summary.failures = planned.failures + summary.failures  # duplicate ids, missing or unusable names
     _report(summary)
 
 
@@ -620,7 +640,7 @@ def watch(
     tracking_uri: TrackingOpt = None, dask_address: DaskOpt = None,
     workers: Annotated[Optional[int], _opt("Segment's LocalCluster workers (0: in this process).", "--workers",
                                            cls=WatchConfig, key="n_workers")] = None,
-    device: InfDeviceOpt = None,
+    device: InfDeviceOpt = None, keep_identifiers: KeepIdsOpt = None, max_voxels: MaxVoxelsOpt = None,
     config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Ingest, preprocess and segment the files of a drop folder that the archive does not hold yet.
@@ -633,7 +653,7 @@ def watch(
     cfg = _settings(WatchConfig, config, show_config, {
         "inbox": inbox, "archive": archive, "labels": labels, "settle_seconds": settle_seconds, "model_uri": model,
         "tracking_uri": tracking_uri, "dask_address": dask_address, "n_workers": workers,
-        "inference.device": device})
+        "inference.device": device, "keep_identifiers": keep_identifiers, "max_voxels": max_voxels})
     preflight.check_sources([cfg.inbox])
     preflight.check_new_archive(cfg.archive)
     from octseg.flows.summary import WatchSummary

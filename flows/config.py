@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from octseg.tasks.readers import DEFAULT_MAX_VOXELS
 from octseg.unet.config import InferenceConfig, TrainConfig, UNetConfig, WeightMapConfig
 
 __all__ = [
@@ -56,6 +57,10 @@ class IngestConfig(_Config):
     sources: tuple[Path, ...] = Field(min_length=1)
     archive: Path
     labels: Path | None = None  # folder of masks with the same file names as the sources
+    keep_identifiers: bool = False  # write vendor headers' patient identifiers (names, ids, birth dates)
+    grader: int = Field(default=1, ge=1, le=2)  # whose manual labels a Duke .mat gives
+    max_voxels: int | None = Field(default=DEFAULT_MAX_VOXELS, ge=1)  # refuse larger volumes from headers
+    dask_address: str | None = Field(default_factory=dask_address_from_env)  # None: threads of this process
 
 
 class PreprocessConfig(_Config):
@@ -169,6 +174,8 @@ class WatchConfig(_Config):
     tracking_uri: str | None = None
     dask_address: str | None = Field(default_factory=dask_address_from_env)  # None: LocalClusters
     n_workers: int | None = Field(default=None, ge=0)  # segment's LocalCluster workers (see SegmentConfig)
+    keep_identifiers: bool = False  # as IngestConfig
+    max_voxels: int | None = Field(default=DEFAULT_MAX_VOXELS, ge=1)  # as IngestConfig
     inference: InferenceConfig = InferenceConfig()
     weights: WeightMapConfig = WeightMapConfig()
 

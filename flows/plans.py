@@ -12,6 +12,7 @@ from pathlib import Path
 
 from octseg.flows.config import IngestConfig, PreprocessConfig, SegmentConfig, TrainFlowConfig
 from octseg.flows.summary import IngestSummary, PreprocessSummary, TrainSummary
+from octseg.tasks.readers import shown, source_problem
 from octseg.tasks.archive import already_segmented, open_archive, select_volumes, volume_id_from_path
 from octseg.tasks.registry import ModelRef
 
@@ -19,13 +20,20 @@ __all__ = ["duplicate_ids", "plan_ingest", "training_volumes", "plan_preprocess"
 
 
 def duplicate_ids(sources: list[Path]) -> dict[Path, str]:
-    """Sources whose volume id is already taken by an earlier source in the batch -> error text."""
+    """Sources that cannot go into this batch -> error text: whose volume id an earlier source of the
+    batch already takes, and those :func:`~octseg.tasks.readers.source_problem` refuses by name (not
+    UTF-8, a symlink loop, missing). Each fails alone; the rest of the batch goes on."""
     seen: dict[str, Path] = {}
     dup: dict[Path, str] = {}
     for src in sources:
+        problem = source_problem(src)
+        if problem:
+            dup[src] = problem
+            continue
         vid = volume_id_from_path(src)
         if vid in seen:
-            dup[src] = f"{src}: volume id {vid!r} is already used by {seen[vid]} in this batch; rename one of them"
+            dup[src] = (f"{shown(src)}: volume id {vid!r} is already used by {shown(seen[vid])} in this batch; "
+                        f"rename one of them")
         else:
             seen[vid] = src
     return dup

@@ -9,6 +9,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Completed, Failed, State
 
 from octseg.tasks.progress import progress_bar
+from octseg.tasks.readers import shown
 
 __all__ = ["collect", "failure_line", "finish", "summary_of"]
 
@@ -16,6 +17,7 @@ __all__ = ["collect", "failure_line", "finish", "summary_of"]
 def failure_line(item: str, error: BaseException) -> str:
     """``"<item>: <what was wrong>"`` on one line; the item is not repeated when the error names it."""
     message = " ".join(str(error).split()) or type(error).__name__
+    item = shown(item)
     if item in message:
         return message
     return f"{item}: {type(error).__name__}: {message}"

@@ -5,7 +5,7 @@ import contextlib
 import os
 import threading
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.states import State
 

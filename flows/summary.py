@@ -13,12 +13,14 @@ class IngestSummary:
     written: list[str] = field(default_factory=list)  # volume ids
     skipped: list[str] = field(default_factory=list)  # already in the archive, unchanged
     failures: list[str] = field(default_factory=list)  # "file: what was wrong"
+    warnings: list[str] = field(default_factory=list)  # "volume id: what was repaired or dropped"
 
     @classmethod
     def from_results(cls, archive: str, results, failures: list[str]) -> IngestSummary:
         s = cls(archive, failures=list(failures))
         for r in results:
             (s.written if r.status == "written" else s.skipped).append(r.volume_id)
+            s.warnings.extend(f"{r.volume_id}: {w}" for w in getattr(r, "warnings", []))
         return s
 
     def headline(self) -> str:

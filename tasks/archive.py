@@ -9,6 +9,13 @@ An archive is a Zarr v3 group; each volume is an OME-NGFF 0.5 image written with
           manual/s0                 uint8 ground truth, attrs octseg.annotated_bscans
           prediction/s0             uint8 segmentation, attrs octseg = model info + complete
         derived/<name>              plain (Z, Y, X) arrays, attrs octseg.complete + fingerprint
+        boundaries                  vendor/grader layer boundaries, float32 (layer, Z, X): the row of
+                                    each boundary per A-scan, NaN where none; attrs octseg.layers
+        fundus/s0                   the SLO/NIR localizer of a vendor file, a 2-D OME image (y, x)
+
+A volume's ``attrs["octseg"]`` also carries what a vendor file said that does not identify the
+patient: ``laterality``, ``scan_pattern``, ``acquired`` (date), ``device``, reader ``warnings``;
+patient identifiers only with ``--keep-identifiers`` (``identifiers``; see :mod:`octseg.tasks.identifiers`).
 
 Every array is chunked one B-scan per chunk ``(1, Y, X)`` and sharded ``(8, Y, X)`` (clipped to Z);
 writers of derived arrays must align their Dask chunks to :meth:`Archive.shard_bscans`, since two
@@ -17,7 +24,9 @@ source did not give it (``octseg.scale_known: false``). There is a single resolu
 volumes are small, and labels must have as many levels as their image (ome_zarr_models checks).
 
 Nothing partial: volumes and predictions are built in a staging folder beside the archive
-(``<parent>/.<archive name>.staging/<uuid>/``, same file system) and renamed into place. A
+(``<parent>/.<archive name>.staging/<uuid>/``, same file system) and renamed into place; a replaced
+folder is swapped with its successor in one atomic ``renameat2(RENAME_EXCHANGE)``. The staging
+folders of killed writers are removed (and an interrupted replacement completed) by the next write. A
 replaced volume loses its prediction and derived arrays, which belonged to the old image.
 
 The layout constants, input checks, OME label metadata and staging helpers sit in the private
@@ -26,11 +35,14 @@ The layout constants, input checks, OME label metadata and staging helpers sit i
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import json
 import os
 import re
+import shutil
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -77,7 +89,8 @@ __all__ = ["ARCHIVE_VERSION", "AXES", "IMAGE_DTYPES", "OME_VERSION", "SHARD_BSCA
 ARCHIVE_VERSION = 1
 REQUIRED_PROVENANCE = ("source", "source_sha256", "reader")
 REQUIRED_MODEL_INFO = ("model_name", "model_version", "run_id", "model_uri")
-_STRIP_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".npy", ".png", ".jpeg", ".jpg")
+_STRIP_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".npy", ".png", ".jpeg", ".jpg",  # images
+                   ".vol", ".e2e", ".xml", ".mat", ".dcm", ".fds", ".fda", ".img", ".oct")  # vendor exports
 
 
 def volume_id_from_path(path: str | os.PathLike[str]) -> str:
@@ -235,12 +248,16 @@ class Archive:
     def write_volume(self, volume_id: str, image: np.ndarray | da.Array, *,
                      scale_um: Sequence[float] | None = None, provenance: Mapping[str, Any],
                      manual_labels: np.ndarray | None = None, annotated: Sequence[int] | None = None,
-                     class_names: Mapping[int, str] | None = None) -> None:
-        """Write (or replace) a volume atomically: image (Z, Y, X), optional ground truth.
+                     class_names: Mapping[int, str] | None = None,
+                     boundaries: Mapping[str, np.ndarray] | None = None, boundaries_source: str | None = None,
+                     fundus: np.ndarray | None = None, fundus_scale_um: Sequence[float] | None = None) -> None:
+        """Write (or replace) a volume atomically: image (Z, Y, X), optional ground truth and vendor extras.
 
         ``provenance`` needs ``source``, ``source_sha256`` and ``reader``; the octseg version, the
         ingest time and ``scale_known`` are added. ``annotated`` defaults to all B-scans; others
         must be 0 in ``manual_labels``. ``class_names`` maps label value -> class name.
+        ``boundaries``: layer name -> (Z, X) row of the boundary in each A-scan (NaN: none), stored as
+        ``boundaries`` (see the module docstring). ``fundus``: the 2-D SLO/NIR image, an OME image ``fundus``.
         """
         where = str(self.path / volume_id)
         _check_name(volume_id, "volume id")
@@ -259,12 +276,29 @@ class Archive:
                                    storage_options=_storage(arr.shape), name=volume_id, compute=False)
                 if lab is not None:
                     jobs += _write_label_image(group, "manual", lab, scale, class_names, {"annotated_bscans": ann})
+                if fundus is not None:
+                    jobs += _write_fundus(group, fundus, fundus_scale_um, where)
                 _compute(jobs)
+                if boundaries:
+                    _write_boundaries(group, boundaries, boundaries_source, arr.shape, where)
                 group.attrs["octseg"] = meta
                 _replace_dir(stage / "new", self.path / volume_id, stage / "old")
             except Exception as e:
                 raise ArchiveError(f"{where}: writing the volume failed, archive unchanged "
                                    f"({type(e).__name__}: {e})") from e
+
+    def boundaries(self, volume_id: str) -> dict[str, np.ndarray]:
+        """Stored layer boundaries, name -> (Z, X) float32 rows (NaN: none); empty when the source had none."""
+        group = self._group(volume_id)
+        if "boundaries" not in group:
+            return {}
+        arr = group["boundaries"]
+        return dict(zip(arr.attrs["octseg"]["layers"], arr[...], strict=True))
+
+    def fundus(self, volume_id: str) -> zarr.Array | None:
+        """The stored SLO/NIR localizer (2-D), or None."""
+        group = self._group(volume_id)
+        return _level0(group["fundus"]) if "fundus" in group else None
 
     def image_fingerprint(self, volume_id: str) -> str:
         """Identifies the volume's current image: its source's sha256 and when it was ingested. A
@@ -379,6 +413,36 @@ class Archive:
         return octseg.get("complete") is True and octseg.get("fingerprint") == expected
 
 
+def _write_fundus(group: zarr.Group, fundus: np.ndarray, scale_um: Sequence[float] | None, where: str) -> list[Any]:
+    """The SLO/NIR localizer as a 2-D OME image ``<volume>/fundus`` (y, x); returns the delayed writes."""
+    img = np.asarray(fundus)
+    if img.ndim != 2 or img.dtype not in IMAGE_DTYPES:
+        raise ArchiveError(f"{where}: fundus must be a 2-D uint8, uint16 or float32 image, got {img.shape} {img.dtype}")
+    valid = scale_um is not None and len(scale_um) == 2 and all(np.isfinite(s) and s > 0 for s in scale_um)
+    scale = [float(s) for s in scale_um] if valid else [1.0, 1.0]
+    sub = group.create_group("fundus")
+    sub.attrs["octseg"] = {"scale_known": valid}
+    return write_image(img, sub, scale_factors=[], axes=["y", "x"], scale=dict(zip("yx", scale, strict=True)),
+                       axes_units={"y": UNIT, "x": UNIT}, storage_options={"chunks": img.shape},
+                       name="fundus", compute=False)
+
+
+def _write_boundaries(group: zarr.Group, boundaries: Mapping[str, np.ndarray], source: str | None,
+                      shape: Sequence[int], where: str) -> None:
+    """Layer boundaries as one float32 array ``<volume>/boundaries`` (layer, z, x): the row (y, pixels
+    from the top, 0-based) of each boundary in each A-scan, NaN where it was not drawn."""
+    names = list(boundaries)
+    stack = np.stack([np.asarray(boundaries[n], dtype=np.float32) for n in names])
+    if stack.shape[1:] != (shape[0], shape[2]):
+        raise ArchiveError(f"{where}: boundaries of shape {stack.shape[1:]} do not fit the image (Z, X) = "
+                           f"{(shape[0], shape[2])}")
+    arr = group.create_array("boundaries", shape=stack.shape, dtype="float32", chunks=stack.shape,
+                             fill_value=float("nan"))
+    arr[...] = stack
+    arr.attrs["octseg"] = {"layers": names, "source": source, "axes": ["layer", "z", "x"],
+                           "unit": "row (pixels from the top of the B-scan, 0-based)"}
+
+
 def open_archive(path: str | os.PathLike[str], create: bool = True) -> Archive:
     """Open the archive at ``path``; create it (an empty or missing folder) when ``create``."""
     root = Path(path).expanduser().resolve()
@@ -396,9 +460,18 @@ def open_archive(path: str | os.PathLike[str], create: bool = True) -> Archive:
         raise ArchiveError(f"{root}: no archive here (no zarr.json) and create=False")
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise ArchiveError(f"{root}: exists and is not an empty folder; refusing to create an archive in it")
-    root.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(root, mode="a", zarr_format=3)
-    group.attrs["octseg"] = {"archive_version": ARCHIVE_VERSION}
+    root.parent.mkdir(parents=True, exist_ok=True)
+    draft = root.parent / f".{root.name}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:  # built aside and renamed into place whole: two processes creating one archive both open it
+        zarr.open_group(draft, mode="w", zarr_format=3).attrs["octseg"] = {"archive_version": ARCHIVE_VERSION}
+        try:
+            os.rename(draft, root)  # atomic; succeeds over a missing or empty folder only
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (root / "zarr.json").is_file():
+                raise ArchiveError(f"{root}: cannot create the archive ({e.strerror or e})") from e
+            return open_archive(root, create=False)  # another process created it first
+    finally:
+        shutil.rmtree(draft, ignore_errors=True)
     return Archive(root)
 
 

@@ -82,10 +82,33 @@ class Claim:
 
 
 @contextlib.contextmanager
-def claim_volume(archive: str | os.PathLike[str], volume_id: str) -> Iterator[Claim]:
-    """Hold the claim of ``volume_id`` for the block; :class:`VolumeBusy` when a live run holds it."""
+def claim_volume(archive: str | os.PathLike[str], volume_id: str, wait: float = 0.0,
+                 doing: str = "segmenting") -> Iterator[Claim]:
+    """Hold the claim of ``volume_id`` for the block; :class:`VolumeBusy` when a live run holds it
+    for longer than ``wait`` seconds (0: at once). ``doing`` names the work in that error."""
     folder = _claims_dir(Path(archive))
     path = folder / volume_id
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            mine = _acquire(folder, path, volume_id, doing)
+            break
+        except VolumeBusy:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+    try:
+        yield Claim(path)
+    finally:
+        with contextlib.suppress(OSError):
+            if path.stat().st_ino == mine:  # still ours (not taken over after going stale)
+                os.unlink(path)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _acquire(folder: Path, path: Path, volume_id: str, doing: str) -> int:
+    """Link a new claim into ``path``; its inode. VolumeBusy when a live run holds it."""
     body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode()
     for _ in range(5):
         try:
@@ -100,18 +123,8 @@ def claim_volume(archive: str | os.PathLike[str], volume_id: str) -> Iterator[Cl
             continue
         except FileExistsError:
             if _holder_alive(path):
-                raise VolumeBusy(f"{volume_id}: another octseg run is segmenting it") from None
+                raise VolumeBusy(f"{volume_id}: another octseg run is {doing} it") from None
             _take_over(path)
             continue
-        break
-    else:
-        raise VolumeBusy(f"{volume_id}: its claim keeps changing hands; try again")
-    mine = path.stat().st_ino
-    try:
-        yield Claim(path)
-    finally:
-        with contextlib.suppress(OSError):
-            if path.stat().st_ino == mine:  # still ours (not taken over after going stale)
-                os.unlink(path)
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+        return path.stat().st_ino
+    raise VolumeBusy(f"{volume_id}: its claim keeps changing hands; try again")

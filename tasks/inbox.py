@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from octseg.tasks.archive import open_archive
-from octseg.tasks.readers import VOLUME_SUFFIXES, source_files, source_sha256
+from octseg.tasks.readers import VOLUME_SUFFIXES, shown, source_files, source_problem, source_sha256
 
 __all__ = ["InboxScan", "scan_inbox"]
 
@@ -32,9 +32,18 @@ def _candidates(inbox: Path, labels: Path | None) -> list[Path]:
     for p in sorted(inbox.iterdir()):
         if p.name.startswith(".") or (labels is not None and p.resolve() == labels.resolve()):
             continue
-        if p.is_dir() or p.suffix.lower() in VOLUME_SUFFIXES:
+        if p.is_dir() or p.suffix.lower() in VOLUME_SUFFIXES or _is_vendor(p):
             found.append(p)
     return found
+
+
+def _is_vendor(path: Path) -> bool:
+    from octseg.tasks.vendor import is_vendor_file
+
+    try:
+        return is_vendor_file(path)
+    except OSError:
+        return True  # let the scan report it as unreadable
 
 
 def _last_change(path: Path) -> float:
@@ -57,13 +66,17 @@ def scan_inbox(inbox: str | Path, archive: str | Path, *, settle_seconds: float 
         arc = open_archive(archive, create=False)
         known_sha = {arc.volume_meta(v).get("source_sha256") for v in arc.volume_ids()}
     for path in _candidates(inbox, labels):
+        problem = source_problem(path)
+        if problem:
+            scan.unreadable.append(problem)
+            continue
         try:
             if now - _last_change(path) < settle_seconds:
                 scan.unsettled.append(str(path))
                 continue
             sha = source_sha256(path)
         except (OSError, ValueError) as e:  # vanished meanwhile, unreadable, an empty folder
-            scan.unreadable.append(f"{path}: {e}")
+            scan.unreadable.append(f"{shown(path)}: {e}")
             continue
         (scan.known if sha in known_sha else scan.new).append(str(path))
     return scan

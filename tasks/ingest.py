@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,12 +19,15 @@ from prefect import get_run_logger, task
 
 from octseg.tasks.archive import open_archive, volume_id_from_path
 from octseg.tasks.classes import DEFAULT_CLASS_NAMES
-from octseg.tasks.readers import mask_files, read_masks, read_volume, source_sha256
+from octseg.tasks.claims import claim_volume
+from octseg.tasks.identifiers import content_volume_id, has_identifier, redact
+from octseg.tasks.readers import DEFAULT_MAX_VOXELS, mask_files, read_masks, read_volume, shown, source_sha256
 from octseg.tasks.retry import TRANSIENT_IO_RETRIES
 
 __all__ = ["IngestResult", "ingest_source", "ingest_source_task", "is_up_to_date", "labels_sha256"]
 
 LOGGER = logging.getLogger(__name__)
+CLAIM_WAIT_SECONDS = 600.0  # how long an ingest waits for another run writing the same volume id
 
 
 @dataclass
@@ -35,6 +39,7 @@ class IngestResult:
     status: Literal["written", "skipped"]
     n_bscans: int = 0
     annotated: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the reader repaired or dropped
 
 
 def labels_sha256(labels_dir: str | Path | None, source: str | Path) -> str | None:
@@ -49,16 +54,17 @@ def labels_sha256(labels_dir: str | Path | None, source: str | Path) -> str | No
     return digest.hexdigest()
 
 
-def _existing_volume(meta: dict, volume_id: str, src: Path, sha: str,
+def _existing_volume(meta: dict, volume_id: str, src: Path, source_text: str, sha: str,
                      labels_fp: str | None) -> tuple[Literal["skip", "write", "fail"], str | None]:
     """What to do with a source whose volume id the archive already holds, and the error if "fail".
 
-    See :func:`ingest_source` for the rule.
+    ``source_text`` is the source path as it would be stored (redacted when it identifies the
+    patient). See :func:`ingest_source` for the rule.
     """
     stored_source = meta.get("source")
     if meta.get("source_sha256") != sha:
-        if stored_source != str(src.resolve()):
-            return "fail", (f"{src}: volume id {volume_id!r} already holds {stored_source} (different "
+        if stored_source != source_text:
+            return "fail", (f"{shown(src)}: volume id {volume_id!r} already holds {shown(stored_source)} (different "
                             f"content); rename one of them or remove the volume")
         return "write", None  # the same file, updated in place
     if labels_fp is None or labels_fp == meta.get("labels_sha256"):
@@ -67,18 +73,24 @@ def _existing_volume(meta: dict, volume_id: str, src: Path, sha: str,
 
 
 def is_up_to_date(source: str | Path, archive, labels_dir: str | Path | None = None) -> bool:
-    """True when ``archive`` already holds ``source`` (same bytes) and ingest would skip it."""
+    """True when ``archive`` holds ``source`` (same bytes, under the id its name gives) and ingest would skip it."""
     src = Path(source)
     volume_id = volume_id_from_path(src)
     if not archive.has_volume(volume_id):
         return False
-    action, _ = _existing_volume(archive.volume_meta(volume_id), volume_id, src, source_sha256(src),
-                                 labels_sha256(labels_dir, src))
-    return action == "skip"
+    meta = archive.volume_meta(volume_id)
+    return meta.get("source_sha256") == source_sha256(src) and labels_sha256(labels_dir, src) in (
+        None, meta.get("labels_sha256"))
 
 
-def ingest_source(source: str | Path, archive_path: str | Path,
-                  labels_dir: str | Path | None = None) -> IngestResult:
+def _skipped(archive, volume_id: str, src: Path) -> IngestResult:
+    manual = archive.manual_labels(volume_id)
+    return IngestResult(str(src), volume_id, "skipped", archive.image(volume_id).shape[0], manual[1] if manual else [])
+
+
+def ingest_source(source: str | Path, archive_path: str | Path, labels_dir: str | Path | None = None, *,
+                  keep_identifiers: bool = False, grader: int = 1,
+                  max_voxels: int | None = DEFAULT_MAX_VOXELS) -> IngestResult:
     """Read ``source`` (and its masks under ``labels_dir``) and write it as one archive volume.
 
     When the archive already holds the volume id (``status`` in brackets):
@@ -92,43 +104,81 @@ def ingest_source(source: str | Path, archive_path: str | Path,
       updated, so the volume is re-written ("written") with the masks under ``labels_dir``, if any;
       the old labels and derived arrays no longer fit the image and go (a warning is logged).
     * different bytes from a different path (e.g. ``scan 1.tif`` and ``scan_1.tif``, both id
-      ``scan_1``): "failed", naming both files; the stored volume is left alone.
+      ``scan_1``): "failed", naming both files; the stored volume is left alone. Two runs ingesting
+      such files at the same moment behave the same: the volume id is claimed (waiting for the
+      other run) before the check, so the second fails naming both files.
+
+    Patient identifiers found in a vendor header are not written unless ``keep_identifiers``: a file
+    whose name contains them gets the volume id ``<reader>-<sha256[:12]>``, and the stored source
+    path has them redacted (see :mod:`octseg.tasks.identifiers`). Masks under ``labels_dir`` take
+    precedence over the ground truth a file carries (Duke ``.mat``: grader ``grader``'s fluid).
+    Volumes larger than ``max_voxels`` are refused from their headers.
 
     Raises :class:`~octseg.tasks.readers.ReadError` (bad file) or ValueError (id clash), both naming the file.
     """
     src = Path(source)
-    volume_id = volume_id_from_path(src)
     sha, labels_fp = source_sha256(src), labels_sha256(labels_dir, src)
     archive = open_archive(archive_path)
-    if archive.has_volume(volume_id):
-        meta = archive.volume_meta(volume_id)
-        action, error = _existing_volume(meta, volume_id, src, sha, labels_fp)
-        if action == "skip":
-            manual = archive.manual_labels(volume_id)
-            return IngestResult(str(src), volume_id, "skipped", archive.image(volume_id).shape[0],
-                                manual[1] if manual else [])
-        if action == "fail":
-            raise ValueError(error)
-        if labels_fp is None and meta.get("labels_sha256") is not None:
-            LOGGER.warning("%s changed: re-writing volume %r drops its manual labels (no masks given)",
-                           src, volume_id)
-    volume = read_volume(src, sha256=sha)
-    masks = read_masks(labels_dir, volume) if labels_dir is not None else None
-    labels, annotated = masks if masks is not None else (None, [])
-    provenance = {"source": str(src.resolve()), "source_sha256": volume.sha256, "reader": volume.reader,
-                  "labels_dir": str(Path(labels_dir).resolve()) if masks is not None else None,
-                  "labels_sha256": labels_fp, "n_bscans": int(volume.image.shape[0])}
-    binary = labels is not None and labels.max() <= 1
-    archive.write_volume(volume_id, volume.image, scale_um=volume.scale_um, provenance=provenance,
-                         manual_labels=labels, annotated=annotated if masks is not None else None,
-                         class_names=dict(DEFAULT_CLASS_NAMES) if binary else None)
-    return IngestResult(str(src), volume_id, "written", volume.image.shape[0], list(annotated))
+    path_id = volume_id_from_path(src)
+    if archive.has_volume(path_id) and archive.volume_meta(path_id).get("source_sha256") == sha \
+            and labels_fp in (None, archive.volume_meta(path_id).get("labels_sha256")):
+        return _skipped(archive, path_id, src)  # unchanged: not decoded again
+    volume = read_volume(src, sha256=sha, max_voxels=max_voxels, grader=grader)
+    private = bool(volume.identifiers) and not keep_identifiers
+    volume_id = content_volume_id(volume.reader, sha) if private and has_identifier(src.name, volume.identifiers) \
+        else path_id
+    hide = (lambda text: redact(text, volume.identifiers)) if private else (lambda text: text)
+    source_text = hide(str(src.resolve()))
+    with claim_volume(archive.path, volume_id, wait=CLAIM_WAIT_SECONDS, doing="ingesting"):
+        if archive.has_volume(volume_id):
+            meta = archive.volume_meta(volume_id)
+            action, error = _existing_volume(meta, volume_id, src, source_text, sha, labels_fp)
+            if action == "skip":
+                return _skipped(archive, volume_id, src)
+            if action == "fail":
+                raise ValueError(error)
+            if labels_fp is None and meta.get("labels_sha256") is not None and volume.manual_labels is None:
+                LOGGER.warning("%s changed: re-writing volume %r drops its manual labels (no masks given)",
+                               shown(src), volume_id)
+        masks = read_masks(labels_dir, volume) if labels_dir is not None else None
+        if masks is None and volume.manual_labels is not None:
+            masks = (volume.manual_labels, volume.annotated)
+        labels, annotated = masks if masks is not None else (None, [])
+        provenance = {**volume.meta, "source": source_text, "source_sha256": volume.sha256, "reader": volume.reader,
+                      "labels_dir": hide(str(Path(labels_dir).resolve())) if labels_fp is not None else None,
+                      "labels_sha256": labels_fp, "n_bscans": int(volume.image.shape[0]),
+                      "warnings": list(volume.warnings), "identifiers_kept": bool(keep_identifiers)}
+        if keep_identifiers and volume.identifiers:
+            provenance["identifiers"] = dict(volume.identifiers)
+        binary = labels is not None and labels.max() <= 1
+        archive.write_volume(volume_id, volume.image, scale_um=volume.scale_um, provenance=provenance,
+                             manual_labels=labels, annotated=annotated if masks is not None else None,
+                             class_names=dict(DEFAULT_CLASS_NAMES) if binary else None,
+                             boundaries=volume.layers or None, boundaries_source=volume.layers_source,
+                             fundus=volume.fundus, fundus_scale_um=volume.fundus_scale_um)
+    return IngestResult(str(src), volume_id, "written", volume.image.shape[0], list(annotated), list(volume.warnings))
 
 
 @task(name="ingest-source", task_run_name="ingest-{source}", **TRANSIENT_IO_RETRIES)
-def ingest_source_task(source: str, archive_path: str, labels_dir: str | None = None) -> IngestResult:
-    """Prefect wrapper of :func:`ingest_source`; a bad file fails this task run with its error."""
-    result = ingest_source(source, archive_path, labels_dir)
-    get_run_logger().info("%s -> %s: %s (%d B-scans, %d annotated)", source, result.volume_id, result.status,
-                          result.n_bscans, len(result.annotated))
+def ingest_source_task(source: str, archive_path: str, labels_dir: str | None = None, keep_identifiers: bool = False,
+                       grader: int = 1, max_voxels: int | None = DEFAULT_MAX_VOXELS,
+                       scheduler_address: str | None = None) -> IngestResult:
+    """Prefect wrapper of :func:`ingest_source`; a bad file fails this task run with its error.
+
+    With ``scheduler_address`` the file is read and written by a worker of that Dask cluster (which
+    must see the same paths); this task run waits for it."""
+    kwargs = dict(keep_identifiers=keep_identifiers, grader=grader, max_voxels=max_voxels)
+    if scheduler_address:
+        from octseg.tasks.cluster import client_for
+
+        future = client_for(scheduler_address).submit(ingest_source, source, archive_path, labels_dir, **kwargs,
+                                                      pure=False, key=f"ingest-{uuid.uuid4().hex}")
+        result = future.result()
+    else:
+        result = ingest_source(source, archive_path, labels_dir, **kwargs)
+    logger = get_run_logger()
+    logger.info("%s -> %s: %s (%d B-scans, %d annotated)", shown(source), result.volume_id, result.status,
+                result.n_bscans, len(result.annotated))
+    for warning in result.warnings:
+        logger.warning("%s: %s", shown(source), warning)
     return result

@@ -42,7 +42,8 @@ def _invoke(*args: str):
     ((), ["ingest", "preprocess", "train", "segment", "evaluate", "pipeline", "demo"]),
     (("evaluate",), ["--archive", "--model", "--volume", "--fix", "--tile-size", "--overlap", "--tracking-uri",
                      "--config", "--show-config"]),
-    (("ingest",), ["SOURCE", "--archive", "--labels", "--config", "--show-config", "--verbose"]),
+    (("ingest",), ["SOURCE", "--archive", "--labels", "--keep-identifiers", "--grader", "--max-voxels",
+                   "--dask-address", ".vol", "DICOM", "--config", "--show-config", "--verbose"]),
     (("preprocess",), ["--archive", "--volume", "--dask-address", "--workers", "--w0", "--sigma", "--balanced",
                        "[default: (10.0)]", "--config", "--show-config"]),
     (("train",), ["--archive", "--epochs", "--base-channels", "--depth", "--batch-size", "--lr", "--optimizer",
@@ -138,7 +139,6 @@ def test_segment_without_a_registered_model_fails_cleanly(ingested, tmp_path: Pa
 
 
 @pytest.mark.parametrize(("args", "phrase"), [
-    (("ingest", "missing.tif", "--archive", "{tmp}/a.zarr"), "source(s) not found: missing.tif"),
     (("preprocess", "--archive", "{tmp}/none.zarr"), "no archive here"),
     (("train", "--archive", "{tmp}/none.zarr", "--depth", "0"), "unet: Value error, depth must be >= 1, got 0"),
     (("train", "--archive", "{tmp}/none.zarr", "--optimizer", "rmsprop"), "train.optimizer: Input should be"),

@@ -8,7 +8,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from octseg.tasks.readers import ReadError, natural_key, read_masks, read_volume, source_sha256
+from octseg.tasks.readers import ReadError, natural_key, read_masks, read_volume, shown, source_sha256
 
 RNG = np.random.default_rng(7)
 STACK = (RNG.random((3, 20, 30)) * 250).astype(np.uint8)  # (Z, Y, X)
@@ -35,15 +35,20 @@ def _folder(path: Path, stack: np.ndarray = STACK, names: list[str] | None = Non
     ("u16.tif", lambda p: tifffile.imwrite(p, U16, **GREY), U16),                        # uint16 kept
     ("rgb.tif", lambda p: tifffile.imwrite(p, np.stack([STACK[0]] * 3, axis=-1), photometric="rgb"),
      STACK[:1]),                                                                         # interleaved RGB
-    ("planar.tif", lambda p: tifffile.imwrite(p, np.stack([STACK[0]] * 3), photometric="rgb",
-                                              planarconfig="separate"), STACK[:1]),      # planar RGB
+    ("planar.tif", lambda p: tifffile.imwrite(p, STACK, photometric="rgb",
+                                              planarconfig="separate"), STACK),          # planar: B-scans
+    ("default3.tif", lambda p: tifffile.imwrite(p, STACK), STACK),                      # 3 B-scans, defaults
+    ("default4.tif", lambda p: tifffile.imwrite(p, np.concatenate([STACK, STACK[:1]])),
+     np.concatenate([STACK, STACK[:1]])),                                                # 4 B-scans, defaults
     ("one.png", lambda p: _png(p, STACK[0]), STACK[:1]),                                 # 2-D PNG
     ("one.jpg", lambda p: Image.fromarray(np.full((8, 8), 77, np.uint8)).save(p, quality=100),
      np.full((1, 8, 8), 77, np.uint8)),                                                  # 2-D JPEG
     ("v.npy", lambda p: np.save(p, STACK), STACK),                                       # 3-D npy
     ("b.npy", lambda p: np.save(p, STACK[0]), STACK[:1]),                                # 2-D npy
     ("f.npy", lambda p: np.save(p, STACK.astype(np.float64)), STACK.astype(np.float32)),  # float -> f32
-    ("i.npy", lambda p: np.save(p, STACK.astype(np.int32)), STACK.astype(np.float32)),   # int32 -> f32
+    ("i.npy", lambda p: np.save(p, STACK.astype(np.int32)), STACK),                      # int32 0..249 -> u8
+    ("i16.npy", lambda p: np.save(p, U16.astype(np.int64)), U16),                        # int64 -> u16, exact
+    ("neg.npy", lambda p: np.save(p, -STACK.astype(np.int16)), -STACK.astype(np.float32)),  # negative -> f32
 ])
 def test_formats_round_trip(tmp_path: Path, name: str, write, expected: np.ndarray) -> None:
     path = tmp_path / name
@@ -119,7 +124,7 @@ def _truncated_npy(p: Path) -> None:
     ("text.npy", lambda p: p.write_text("not an array"), "not a NumPy .npy file"),
     ("4d.npy", lambda p: np.save(p, np.zeros((2, 2, 3, 4), np.uint8)), "wrong number of dimensions"),
     ("1d.npy", lambda p: np.save(p, np.zeros(5, np.uint8)), "wrong number of dimensions"),
-    ("scan.dcm", lambda p: p.write_bytes(b"DICM"), "unsupported suffix '.dcm'"),
+    ("scan.xyz", lambda p: p.write_bytes(b"DICM"), "unsupported suffix '.xyz'"),
     ("missing.tif", lambda p: None, "does not exist"),
 ])
 def test_bad_input_names_file_and_reason(tmp_path: Path, name: str, make, phrase: str) -> None:
@@ -247,3 +252,98 @@ def test_duke_fluid_images_and_binary_masks(shared_data: Path) -> None:
     assert set(np.unique(labels)) == {0, 1}
     rgb = np.asarray(Image.open(shared_data / "duke_dme_fluid" / "masks" / vol.files[5].name))
     np.testing.assert_array_equal(labels[5], rgb.max(axis=-1) > 0)
+
+
+# ---- hostile files: refused from the header, or read with a warning ------------------------------------------
+
+def test_compressed_tiff_bomb_refused_from_header(tmp_path: Path) -> None:
+    """A 0.9 MB zlib TIFF of 30720 x 30720 zeros is refused before any tile is decoded."""
+    path = tmp_path / "bomb.tif"
+    tile = np.zeros((1024, 1024), np.uint8)
+    tifffile.imwrite(path, (tile for _ in range(900)), shape=(30720, 30720), dtype=np.uint8,
+                     compression="zlib", tile=(1024, 1024))
+    assert path.stat().st_size < 2_000_000
+    with pytest.raises(ReadError, match="943,718,400 voxels exceeds the limit") as err:
+        read_volume(path)
+    assert str(path) in str(err.value)
+    assert read_volume(path, max_voxels=None).image.shape == (1, 30720, 30720)  # genuine: the limit is settable
+
+
+@pytest.mark.parametrize("name", ["big.npy", "big.png", "big.tif", "folder"])
+def test_voxel_limit_applies_to_every_reader(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    if name == "folder":
+        _folder(path)  # 3 B-scans of 20 x 30 = 1800 voxels
+    elif name.endswith(".npy"):
+        np.save(path, STACK)
+    elif name.endswith(".png"):
+        _png(path, STACK[0])
+    else:
+        tifffile.imwrite(path, STACK, **GREY)
+    limit = 500 if name.endswith(".png") else 1000
+    with pytest.raises(ReadError, match=f"limit of {limit:,}"):
+        read_volume(path, max_voxels=limit)
+    assert read_volume(path, max_voxels=STACK.size).image.size <= STACK.size
+
+
+def test_npy_header_claiming_a_huge_array_is_refused_without_reading(tmp_path: Path) -> None:
+    path = tmp_path / "forged.npy"
+    with path.open("wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": "<f8", "fortran_order": False,
+                                                  "shape": (100_000, 100_000, 100)})
+        fh.write(b"\0" * 64)
+    with pytest.raises(ReadError, match="exceeds the limit"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_tifffile_default_stack_of_3_or_4_bscans_is_not_colour(tmp_path: Path, n: int) -> None:
+    stack = (RNG.random((n, 16, 24)) * 250).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "s.tif", stack)  # tifffile's defaults: planar "RGB(A)"
+    np.testing.assert_array_equal(read_volume(tmp_path / "s.tif").image, stack)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_voxels_are_refused_naming_the_bscans(tmp_path: Path, bad: float) -> None:
+    arr = STACK.astype(np.float32)
+    arr[1, 3, 4] = bad
+    np.save(tmp_path / "nan.npy", arr)
+    with pytest.raises(ReadError, match=r"1 NaN or infinite voxels \(B-scan 1\)"):
+        read_volume(tmp_path / "nan.npy")
+
+
+def test_int64_beyond_float32_precision_is_said(tmp_path: Path) -> None:
+    arr = STACK.astype(np.int64) * (1 << 30) + 1
+    np.save(tmp_path / "big.npy", arr)
+    vol = read_volume(tmp_path / "big.npy")
+    assert vol.image.dtype == np.float32
+    assert any("exceed float32's exact integers" in w for w in vol.warnings)
+    np.save(tmp_path / "small.npy", STACK.astype(np.int64) - 100)  # negative but exact in float32
+    assert read_volume(tmp_path / "small.npy").warnings == []
+
+
+@pytest.mark.parametrize("size", ["nan", "0", "-1", "abc"])
+def test_invalid_ome_physical_size_keeps_pixels_drops_scale(tmp_path: Path, size: str) -> None:
+    path = tmp_path / "scan.ome.tif"
+    tifffile.imwrite(path, STACK, ome=True, **GREY, metadata={"PhysicalSizeX": 5.0, "PhysicalSizeY": 3.9,
+                                                             "PhysicalSizeZ": 120.0})
+    with tifffile.TiffFile(path) as tif:
+        xml = tif.ome_metadata
+    xml = xml.replace('PhysicalSizeX="5.0"', f'PhysicalSizeX="{size}"')
+    assert f'PhysicalSizeX="{size}"' in xml
+    tifffile.tiffcomment(path, xml.encode())
+    vol = read_volume(path)
+    np.testing.assert_array_equal(vol.image, STACK)
+    assert vol.scale_um is None
+    assert any("PhysicalSizeX" in w and "without a voxel size" in w for w in vol.warnings)
+
+
+def test_shown_escapes_terminal_control_sequences() -> None:
+    assert shown("plain name.tif") == "plain name.tif"
+    hostile = "scan\x1b[31mRED\x1b]0;title\x07\n.tif"
+    out = shown(hostile)
+    assert out.isprintable() and "\x1b" not in out and "\\x1b[31mRED" in out
+    undecodable = "caf\udce9.tif"  # b"caf\xe9.tif" read under a UTF-8 file system encoding
+    assert shown(undecodable) == "caf\\xe9.tif"
+    err = ReadError(hostile, "bad")
+    assert str(err).isprintable()

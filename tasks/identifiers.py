@@ -1,0 +1,70 @@
+"""Patient identifiers kept out of the archive: which text carries them, and how it is redacted.
+
+Vendor readers (:mod:`octseg.tasks.vendor`) return the identifying header fields of a file (names,
+patient ids, birth dates, free text) in ``ScanVolume.identifiers``. Unless the user opts in with
+``--keep-identifiers``, ingest writes none of them: not in the metadata, not in the volume id (a file
+named after the patient gets an id from its content) and not in the stored source path (the
+identifying parts are replaced by ``[redacted]``).
+
+Matching is deliberately generous: each value is split into its parts (``Doe^John`` -> ``Doe``,
+``John``), dates are also looked for as ``YYYYMMDD``, ``DD.MM.YYYY`` and ``MM/DD/YYYY``, and a part
+matches case-insensitively anywhere in the text (parts of 4 or more characters) or as a whole word
+(parts of 2-3 characters, so a surname ``Li`` does not redact every ``link``).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+__all__ = ["REDACTED", "content_volume_id", "has_identifier", "identifier_parts", "redact"]
+
+REDACTED = "[redacted]"
+_SPLIT = re.compile(r"[\s^,;/\\|]+")
+_DATE = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})")
+_WORD = re.compile(r"[A-Za-z0-9]+")
+
+
+def _date_forms(value: str) -> list[str]:
+    m = _DATE.fullmatch(value.strip()[:10]) or _DATE.fullmatch(value.strip())
+    if not m:
+        return []
+    y, mo, d = m.groups()
+    return [f"{y}-{mo}-{d}", f"{y}{mo}{d}", f"{d}.{mo}.{y}", f"{mo}/{d}/{y}", f"{d}{mo}{y}"]
+
+
+def identifier_parts(identifiers: Mapping[str, str]) -> list[str]:
+    """Every string to look for: whole values, their name parts and date spellings; longest first."""
+    parts: set[str] = set()
+    for value in identifiers.values():
+        text = str(value).strip()
+        if len(text) < 2:
+            continue
+        parts.add(text)
+        parts.update(p for p in _SPLIT.split(text) if len(p) >= 2)
+        parts.update(_date_forms(text))
+    return sorted(parts, key=lambda p: (-len(p), p))
+
+
+def _pattern(parts: list[str]) -> re.Pattern[str] | None:
+    alternatives = []
+    for p in parts:
+        escaped = re.escape(p)
+        alternatives.append(escaped if len(p) >= 4 else rf"(?<![A-Za-z0-9]){escaped}(?![A-Za-z0-9])")
+    return re.compile("|".join(alternatives), re.IGNORECASE) if alternatives else None
+
+
+def has_identifier(text: str, identifiers: Mapping[str, str]) -> bool:
+    """True when ``text`` (a file name, a path) contains any part of ``identifiers``."""
+    pattern = _pattern(identifier_parts(identifiers))
+    return bool(pattern and pattern.search(text))
+
+
+def redact(text: str, identifiers: Mapping[str, str]) -> str:
+    """``text`` with every part of ``identifiers`` replaced by ``[redacted]``."""
+    pattern = _pattern(identifier_parts(identifiers))
+    return pattern.sub(REDACTED, text) if pattern else text
+
+
+def content_volume_id(reader: str, sha256: str) -> str:
+    """The volume id of a file whose name identifies the patient: its format and content hash."""
+    return f"{reader}-{sha256[:12]}"
