@@ -59,6 +59,7 @@ from octseg.tasks._archive_layout import (
     _RESERVED,
     _UNITS,
     AXES,
+    COMPRESSORS,
     IMAGE_DTYPES,
     OME_VERSION,
     SHARD_BSCANS,
@@ -71,6 +72,8 @@ from octseg.tasks._archive_layout import (
     _compute,
     _jsonable,
     _level0,
+    _placeholder,
+    _store,
     _replace_dir,
     _require,
     _scale,
@@ -272,8 +275,9 @@ class Archive:
         with _staging_dir(self.path) as stage:
             try:
                 group = zarr.open_group(stage / "new", mode="w", zarr_format=3)
-                jobs = write_image(arr, group, scale_factors=[], axes=list(AXES), scale=scale, axes_units=_UNITS,
-                                   storage_options=_storage(arr.shape), name=volume_id, compute=False)
+                jobs = _store(group, arr, write_image(
+                    _placeholder(arr), group, scale_factors=[], axes=list(AXES), scale=scale, axes_units=_UNITS,
+                    storage_options=_storage(arr.shape), name=volume_id, compute=False))
                 if lab is not None:
                     jobs += _write_label_image(group, "manual", lab, scale, class_names, {"annotated_bscans": ann})
                 if fundus is not None:
@@ -379,6 +383,7 @@ class Archive:
         octseg = {**_jsonable(dict(attrs or {}), f"{path}: attrs"), "complete": False}
         return group.create_array(name, shape=shape, dtype=dtype, chunks=bscan_chunks(shape),
                                   shards=bscan_shards(shape), fill_value=0, dimension_names=AXES,
+                                  compressors=list(COMPRESSORS),
                                   attributes={"octseg": octseg}, overwrite=True)
 
     def open_derived(self, volume_id: str, name: str) -> zarr.Array | None:
