@@ -4,7 +4,7 @@
 suffix           reader        library                                      tested on
 ===============  ============  ===========================================  ====================================
 ``.vol``         heyex-vol     eyepy ``HeVolReader`` (all scan patterns)    real files (line, circle, volume)
-``.e2e``         heyex-e2e     eyepy ``HeE2eReader``                        error paths only (no sample file)
+``.e2e``         heyex-e2e     eyepy ``HeE2eReader``                        synthetic files (no real sample)
 ``.xml``         heyex-xml     ElementTree + tifffile/PIL (see below)       real export (eyepy's test data)
 ``.mat``         duke-mat      scipy ``loadmat`` (v5), h5py (v7.3)          synthetic v5 and v7.3 files
 ``.dcm``/DICM    dicom         pydicom                                      synthetic OPT files
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import mmap
 import re
 import struct
 import xml.etree.ElementTree as ET
@@ -303,7 +304,7 @@ def _read_heyex_vol(path: Path, max_voxels: int | None, grader: int) -> ScanVolu
 
 
 def _read_heyex_e2e(path: Path, max_voxels: int | None, grader: int) -> ScanVolume:
-    """The first OCT series of an E2E file (eyepy's reader; untested on real files here)."""
+    """The first OCT series of an E2E file (eyepy's reader; tested on synthetic files only)."""
     from eyepy.core.utils import from_e2e_intensity
     from eyepy.io.he import HeE2eReader
     from eyepy.io.he.e2e_format import TypesEnum
@@ -313,7 +314,13 @@ def _read_heyex_e2e(path: Path, max_voxels: int | None, grader: int) -> ScanVolu
         head = fh.read(0x24 + 7)
     if head[:4] != b"CMDb" or head[0x24:0x24 + 7] != b"MDbMDir":
         raise ReadError(path, f"not a Heidelberg .e2e file (magic {head[:4]!r}, expected b'CMDb' ... b'MDbMDir')")
-    with HeE2eReader(path) as reader:
+    reader = HeE2eReader(path)  # indexes the folder headers only
+    size = path.stat().st_size
+    for folder in getattr(reader.file_hierarchy, "all_folders", []):
+        if folder.start + 60 + folder.size > size:
+            raise ReadError(path, f"truncated: a data container needs {folder.start + 60 + folder.size:,} bytes, "
+                                  f"the file has {size:,}")
+    with reader:
         series = [s for s in reader.series
                   if any(TypesEnum.bscanmeta in sl.folders for sl in s.slices.values())]
         if not series:
@@ -328,7 +335,7 @@ def _read_heyex_e2e(path: Path, max_voxels: int | None, grader: int) -> ScanVolu
         layers = _layers((names.get(i, f"layer_{i}"), a) for i, a in sorted(s.get_layers().items()))
         pattern = _HE_PATTERNS.get(int(first["scan_pattern"]), "unknown")
         meta = {"laterality": _e2e_laterality(s, TypesEnum), "scan_pattern": pattern,
-                "acquired": _guard(s._series_date_iso), "device": _guard(lambda: s._series_text(TypesEnum.device, 0)),
+                "acquired": _guard(s._series_date_iso), "device": _guard(lambda: s._study_text(TypesEnum.device, 0)),
                 "intensity": "heyex-e2e display transform (eyepy from_e2e_intensity)"}
         scale = _e2e_scale(s, first, image.shape[0], meta, warnings, pattern)
         fundus = _guard(lambda: np.asarray(s.get_localizer().data))
@@ -473,7 +480,8 @@ def _xml_pattern(series: ET.Element | None) -> str:
 def _xml_date(date: ET.Element | None) -> str | None:
     if date is None:
         return None
-    return _iso_date("-".join(date.findtext(t, "").strip().zfill(n) for t, n in (("Year", 4), ("Month", 2), ("Day", 2))))
+    parts = (date.findtext(t, "").strip().zfill(n) for t, n in (("Year", 4), ("Month", 2), ("Day", 2)))
+    return _iso_date("-".join(parts))
 
 
 def _xml_spacing(octs: list[ET.Element]) -> float | None:
@@ -528,7 +536,8 @@ def _xml_identifiers(body: ET.Element) -> dict[str, str]:
         _put(ids, "patient_uid", uid.findtext("UID"))
     for path, key in (("Study/StudyUID", "study_uid"), ("Study/Operator", "operator"),
                       ("Study/ReferringPhysician", "referring_physician"), ("Study/Comment", "study_comment"),
-                      ("Study/Series/SeriesUID", "series_uid"), ("Study/Series/ReferenceSeries/SeriesUID", "series_uid"),
+                      ("Study/Series/SeriesUID", "series_uid"),
+                      ("Study/Series/ReferenceSeries/SeriesUID", "series_uid"),
                       ("Study/Series/ProgID", "progression_id"), ("Study/Series/Comment", "series_comment")):
         for el in patient.findall(path):
             _put(ids, key, el.text)
@@ -554,7 +563,7 @@ def _read_duke_mat(path: Path, max_voxels: int | None, grader: int) -> ScanVolum
     import h5py
 
     wanted = ["images", f"manualFluid{grader}", f"manualLayers{grader}"]
-    arrays = _mat73(path, wanted, max_voxels) if h5py.is_hdf5(path) else _mat5(path, wanted, max_voxels)
+    arrays = _mat73(path, wanted, max_voxels) if h5py.is_hdf5(str(path)) else _mat5(path, wanted, max_voxels)
     images = arrays["images"]
     image = np.ascontiguousarray(np.moveaxis(images if images.ndim == 3 else images[..., None], -1, 0))
     meta: dict[str, Any] = {"laterality": None, "scan_pattern": "volume" if image.shape[0] > 1 else "line",
@@ -580,16 +589,21 @@ def _duke_layers(path: Path, arr: np.ndarray | None, shape: tuple[int, ...]) -> 
         return {}
     arr = arr if arr.ndim == 3 else arr[..., None]  # (n, X, Z)
     if arr.shape[1:] != (shape[2], shape[0]):
-        raise ReadError(path, f"layer array of shape {arr.shape} does not match {shape[0]} B-scans of {shape[2]} A-scans")
+        raise ReadError(path, f"layer array of shape {arr.shape} does not match {shape[0]} B-scans "
+                              f"of {shape[2]} A-scans")
     names = _DUKE_LAYERS if arr.shape[0] == len(_DUKE_LAYERS) else [f"layer_{i}" for i in range(arr.shape[0])]
     return _layers((name, arr[i].T.astype(np.float32) - 1) for i, name in enumerate(names))
 
 
-def _check_duke_shapes(path: Path, shapes: dict[str, tuple[int, ...]], max_voxels: int | None) -> None:
+def _check_duke_shapes(path: Path, shapes: dict[str, tuple[int, ...]], wanted: list[str],
+                       max_voxels: int | None) -> None:
+    """``shapes``: every variable's (MATLAB-order) shape; those ``wanted`` are checked against the limit."""
     if "images" not in shapes:
-        raise ReadError(path, f"no 'images' variable: not a Duke DME .mat file (variables: {', '.join(sorted(shapes)) or 'none'})")
-    for name, shape in shapes.items():
-        check_voxels(path, shape, max_voxels, name)
+        listed = ", ".join(sorted(shapes)[:10]) or "none"
+        raise ReadError(path, f"no 'images' variable: not a Duke DME .mat file (variables: {listed})")
+    for name in wanted:
+        if name in shapes:
+            check_voxels(path, shapes[name], max_voxels, name)
 
 
 def _mat5(path: Path, wanted: list[str], max_voxels: int | None) -> dict[str, np.ndarray]:
@@ -597,24 +611,47 @@ def _mat5(path: Path, wanted: list[str], max_voxels: int | None) -> dict[str, np
 
     with path.open("rb") as fh:
         head = fh.read(128)
-    if not head.startswith(b"MATLAB 5.0 MAT-file") and not head.startswith(b"MATLAB"):
-        raise ReadError(path, f"not a MATLAB .mat file (starts {head[:19]!r})")
+    if not head.startswith(b"MATLAB 5.0 MAT-file") or head[126:128] not in (b"IM", b"MI"):
+        raise ReadError(path, f"not a MATLAB v5 or v7.3 .mat file (starts {head[:19]!r})")
+    _mat5_check_length(path, "<" if head[126:128] == b"IM" else ">")
     try:
         shapes = {name: shape for name, shape, _ in scipy.io.whosmat(path)}
+        _check_duke_shapes(path, shapes, wanted, max_voxels)
+        loaded = scipy.io.loadmat(path, variable_names=[k for k in wanted if k in shapes])
+    except ReadError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise ReadError(path, f"truncated or corrupt .mat file ({_one_line(e)})") from e
-    _check_duke_shapes(path, {k: v for k, v in shapes.items() if k in wanted}, max_voxels)
-    loaded = scipy.io.loadmat(path, variable_names=[k for k in wanted if k in shapes])
     return {k: np.asarray(loaded[k]) for k in wanted if k in loaded}
+
+
+def _mat5_check_length(path: Path, endian: str) -> None:
+    """Every top-level data element (8-byte tag: type, length) must end inside the file."""
+    size, pos = path.stat().st_size, 128
+    with path.open("rb") as fh:
+        while pos < size:
+            fh.seek(pos)
+            tag = fh.read(8)
+            if len(tag) < 8:
+                raise ReadError(path, f"truncated .mat file (a partial element header at byte {pos:,})")
+            mtype, nbytes = struct.unpack(endian + "2I", tag)
+            pos += 8 + nbytes + (-nbytes % 8 if mtype != 15 else 0)  # miCOMPRESSED (15) is not padded
+            if pos > size + 7:
+                raise ReadError(path, f"truncated .mat file (an element needs {pos:,} bytes, the file has {size:,})")
 
 
 def _mat73(path: Path, wanted: list[str], max_voxels: int | None) -> dict[str, np.ndarray]:
     """MATLAB v7.3 (HDF5): h5py gives the axes reversed, so each array is transposed back to MATLAB order."""
     import h5py
 
-    with h5py.File(path, "r") as f:
-        found = {k: f[k] for k in wanted if isinstance(f.get(k), h5py.Dataset)}
-        _check_duke_shapes(path, {k: tuple(reversed(d.shape)) for k, d in found.items()}, max_voxels)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ReadError(path, f"truncated or corrupt MATLAB v7.3 (HDF5) file ({_one_line(e)})") from e
+    with f:
+        found = {k: d for k, d in f.items() if isinstance(d, h5py.Dataset)}
+        _check_duke_shapes(path, {k: tuple(reversed(d.shape)) for k, d in found.items()}, wanted, max_voxels)
+        found = {k: found[k] for k in wanted if k in found}
         return {k: np.asarray(d[()]).T for k, d in found.items()}
 
 
@@ -662,7 +699,8 @@ def _read_dicom(path: Path, max_voxels: int | None, grader: int) -> ScanVolume:
         "sop_class": _sop_name(ds), "modality": str(ds.get("Modality") or "") or None,
     }
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        image = image.max() - image if image.dtype.kind == "u" else -image
+        top = (1 << int(ds.get("BitsStored") or 8 * image.itemsize)) - 1 if image.dtype.kind == "u" else 0
+        image = (top - image).astype(image.dtype)
         warnings.append("MONOCHROME1 pixels inverted to MONOCHROME2 (bright = strong signal)")
     if any(k in ds and float(ds.get(k)) != d for k, d in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0))):
         warnings.append("RescaleSlope/RescaleIntercept present: stored pixel values kept, not rescaled")
@@ -706,10 +744,12 @@ def _dicom_scale(ds: Any, nz: int, meta: dict, warnings: list[str]) -> Any:
     sources = [g for g in groups if g is not None] + [ds]
     spacing = next((s.get("PixelSpacing") for s in sources if s.get("PixelSpacing")), None)
     z = next((s.get(k) for k in ("SpacingBetweenSlices", "SliceThickness") for s in sources if s.get(k)), None)
-    if spacing is None or len(spacing) != 2:
-        warnings.append("no PixelSpacing: no voxel size")
+    try:
+        row, col = spacing
+    except (TypeError, ValueError):
+        warnings.append(f"no valid PixelSpacing ({spacing!r}): no voxel size")
         return None
-    return _scale_um(z, spacing[0], spacing[1], nz, meta, warnings)
+    return _scale_um(z, row, col, nz, meta, warnings)
 
 
 def _dicom_laterality(ds: Any) -> str | None:
@@ -737,7 +777,7 @@ def _dicom_walk(ds: Any, ids: dict[str, str]) -> None:
         if el.VR == "SQ":
             for item in el.value:
                 _dicom_walk(item, ids)
-        elif el.keyword in _DICOM_IDENTIFYING or el.VR == "PN" or (tag.is_private and el.VR in ("LO", "LT", "PN")):
+        elif el.keyword in _DICOM_IDENTIFYING or el.VR == "PN":
             key = el.keyword or f"private {tag}"
             values = list(el.value) if el.VM > 1 else [el.value]
             for v in values:
@@ -793,7 +833,9 @@ def _topcon_raw(path: Path, data: bytes, header: Any, hsize: int, max_voxels: in
 
 
 def _read_topcon_fds(path: Path, max_voxels: int | None, grader: int) -> ScanVolume:
-    binary = _need_oct_converter(path).fds.fds_binary
+    _need_oct_converter(path)
+    from oct_converter.readers.binary_structs import fds_binary as binary
+
     chunks = _topcon_chunks(path)
     for name, struct_, hsize in ((b"@IMG_SCAN_03", binary.oct_header, 22), (b"@IMG_SCAN_02", binary.oct_header_2, 30)):
         if name in chunks:
@@ -809,11 +851,13 @@ def _read_topcon_fds(path: Path, max_voxels: int | None, grader: int) -> ScanVol
         check_voxels(path, (fh.height, fh.width, 3), max_voxels, "fundus image")
         bgr = np.frombuffer(obs, np.uint8, fh.width * fh.height * 3, 21).reshape(fh.height, fh.width, 3)
         fundus = _grey(bgr[..., ::-1], path, "fundus image")
-    return _topcon_volume(path, binary, chunks, image, header.scan_mode, fundus, {})
+    return _topcon_volume(path, binary, chunks, image, header.scan_mode, fundus, {}, [])
 
 
 def _read_topcon_fda(path: Path, max_voxels: int | None, grader: int) -> ScanVolume:
-    binary = _need_oct_converter(path).fda.fda_binary
+    _need_oct_converter(path)
+    from oct_converter.readers.binary_structs import fda_binary as binary
+
     chunks = _topcon_chunks(path)
     if data := _chunk(path, chunks, b"@IMG_JPEG"):
         header = binary.oct_header.parse(data)
@@ -823,14 +867,20 @@ def _read_topcon_fda(path: Path, max_voxels: int | None, grader: int) -> ScanVol
         image = _topcon_raw(path, data, header, 22, max_voxels)
     else:
         raise ReadError(path, "no OCT volume chunk (@IMG_JPEG or @IMG_MOT_COMP_03)")
-    fundus = None
-    for name, skip in ((b"@IMG_TRC_02", 21), (b"@IMG_FUNDUS", 24)):  # grey IR first, else colour
-        if (data := _chunk(path, chunks, name)) and fundus is None:
-            fundus = _jpeg(path, data[skip:], None, max_voxels, "fundus image")
-            fundus = _grey(fundus[..., ::-1] if name == b"@IMG_FUNDUS" and fundus.ndim == 3 else fundus,
-                           path, "fundus image")
-    layers = _fda_layers(path, binary, chunks, image.shape)
-    return _topcon_volume(path, binary, chunks, image, header.scan_mode, fundus, layers)
+    warnings: list[str] = []
+    fundus = _fda_fundus(path, chunks, max_voxels)
+    layers = _fda_layers(path, binary, chunks, image.shape, warnings)
+    return _topcon_volume(path, binary, chunks, image, header.scan_mode, fundus, layers, warnings)
+
+
+def _fda_fundus(path: Path, chunks: dict, max_voxels: int | None) -> np.ndarray | None:
+    """The grey IR image (@IMG_TRC_02), else the colour fundus photo (@IMG_FUNDUS, BGR) as luminance."""
+    if data := _chunk(path, chunks, b"@IMG_TRC_02"):
+        return _grey(_jpeg(path, data[21:], None, max_voxels, "IR image"), path, "IR image")
+    if data := _chunk(path, chunks, b"@IMG_FUNDUS"):
+        rgb = _jpeg(path, data[24:], None, max_voxels, "fundus image")
+        return _grey(rgb[..., ::-1] if rgb.ndim == 3 else rgb, path, "fundus image")
+    return None
 
 
 def _jpeg(path: Path, data: bytes, shape: tuple[int, int] | None, max_voxels: int | None, what: str) -> np.ndarray:
@@ -861,7 +911,8 @@ def _topcon_jpegs(path: Path, data: bytes, header: Any, max_voxels: int | None) 
     return np.stack(bscans)
 
 
-def _fda_layers(path: Path, binary: Any, chunks: dict, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+def _fda_layers(path: Path, binary: Any, chunks: dict, shape: tuple[int, ...],
+                warnings: list[str]) -> dict[str, np.ndarray]:
     """@CONTOUR_INFO chunks as oct-converter reads them: uint16 heights from the bottom, flipped B-scans."""
     names = {"MULTILAYERS_1": "ILM", "MULTILAYERS_2": "RNFL_GCL", "MULTILAYERS_3": "GCL_IPL",
              "MULTILAYERS_4": "IPL_INL", "MULTILAYERS_5": "MZ_EZ", "MULTILAYERS_6": "IZ_RPE", "MULTILAYERS_7": "BM",
@@ -871,6 +922,7 @@ def _fda_layers(path: Path, binary: Any, chunks: dict, shape: tuple[int, ...]) -
         data = _chunk(path, chunks, b"@CONTOUR_INFO", i)
         h = binary.contour_info_header.parse(data)
         if (h.height, h.width) != (shape[0], shape[2]) or len(data) < 34 + 2 * h.width * h.height:
+            warnings.append(f"contour {h.id!r} of {h.height} x {h.width} does not fit the volume: dropped")
             continue
         seg = np.frombuffer(data, "<u2", h.width * h.height, 34).reshape(h.height, h.width)
         out.append((names.get(h.id, h.id), shape[1] - np.flip(seg, 0).astype(np.float32)))
@@ -878,7 +930,7 @@ def _fda_layers(path: Path, binary: Any, chunks: dict, shape: tuple[int, ...]) -
 
 
 def _topcon_volume(path: Path, binary: Any, chunks: dict, image: np.ndarray, scan_mode: int,
-                   fundus: np.ndarray | None, layers: dict) -> ScanVolume:
+                   fundus: np.ndarray | None, layers: dict, warnings: list[str]) -> ScanVolume:
     info = _topcon_info(path, binary, chunks)
     capture = info.get("capture_info_02") or info.get("capture_info") or {}
     hw = info.get("hw_info_03") or info.get("hw_info_02") or info.get("hw_info_01") or {}
@@ -889,7 +941,6 @@ def _topcon_volume(path: Path, binary: Any, chunks: dict, image: np.ndarray, sca
         "acquired": _iso_date("-".join(f"{v:02d}" for v in cap[:3])) if len(cap) >= 3 else None,
         "device": " ".join(filter(None, ["Topcon", str(hw.get("model_name") or "").strip("\0 ")])),
     }
-    warnings: list[str] = []
     params = info.get("param_scan_04") or info.get("param_scan_02")
     if params:  # as oct-converter computes it: range / count
         n, _, w = image.shape
@@ -947,13 +998,13 @@ _CIRRUS_GEOMETRIES = {200 * 1024 * 200: (200, 1024, 200), 128 * 1024 * 512: (128
 
 def _read_zeiss_img(path: Path, max_voxels: int | None, grader: int) -> ScanVolume:
     """Headerless Cirrus raw cube: its geometry inferred from the file size (200x200 or 512x128 cubes)."""
+    readers = _need_oct_converter(path)
     size = path.stat().st_size
     shape = _CIRRUS_GEOMETRIES.get(size)
     if shape is None:
         raise ReadError(path, f"file size {size:,} bytes matches no known Cirrus geometry "
                               f"(200 x 1024 x 200 = 40,960,000 or 128 x 1024 x 512 = 67,108,864)")
     check_voxels(path, shape, max_voxels)
-    readers = _need_oct_converter(path)
     oct_volume = readers.IMG(path).read_oct_volume(rows=shape[1], cols=shape[2], interlaced=False)
     image = np.stack(oct_volume.volume).astype(np.uint8, copy=False)
     found = oct_volume.metadata or {}
@@ -975,20 +1026,23 @@ def _read_bioptigen_oct(path: Path, max_voxels: int | None, grader: int) -> Scan
     from oct_converter.readers.binary_structs import boct_binary
 
     size = path.stat().st_size
-    try:
-        with path.open("rb") as fh:
-            h = boct_binary.bioptigen_oct_header_struct.parse_stream(fh)
-    except Exception as e:  # noqa: BLE001
-        raise ReadError(path, f"not a Bioptigen .OCT file, or a truncated one ({_one_line(e)})") from e
-    frames, scans = h.frames.value, h.scans.value
-    if h.framecount.value != frames * scans or h.framecount.value == 0:
-        raise ReadError(path, f"header gives {h.framecount.value} frames for {frames} x {scans} B-scans")
-    check_voxels(path, (h.framecount.value, h.linelength.value, h.linecount.value), max_voxels)
-    with path.open("rb") as fh:
-        parsed = boct_binary.bioptigen_file_structure.parse_stream(fh)
-    for i, frame in enumerate(parsed.data):
-        if frame.image.end > size:
-            raise ReadError(path, f"truncated at frame {i} of {len(parsed.data)}")
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        # parsed from a memory map: a forged length makes construct read to the end, not allocate it
+        try:
+            h = boct_binary.bioptigen_oct_header_struct.parse_stream(mm)
+        except Exception as e:  # noqa: BLE001
+            raise ReadError(path, f"not a Bioptigen .OCT file, or a truncated one ({_one_line(e)})") from e
+        frames, scans = h.frames.value, h.scans.value
+        if h.framecount.value != frames * scans or h.framecount.value == 0:
+            raise ReadError(path, f"header gives {h.framecount.value} frames for {frames} x {scans} B-scans")
+        check_voxels(path, (h.framecount.value, h.linelength.value, h.linecount.value), max_voxels)
+        try:
+            mm.seek(0)
+            ends = [frame.image.end for frame in boct_binary.bioptigen_file_structure.parse_stream(mm).data]
+        except Exception as e:  # noqa: BLE001
+            raise ReadError(path, f"truncated or corrupt Bioptigen frames ({_one_line(e)})") from e
+    if max(ends) > size:
+        raise ReadError(path, f"truncated: the frames need {max(ends):,} bytes, the file has {size:,}")
     volumes = readers.BOCT(path).read_oct_volume()
     scan_type = {0: "line", 1: "volume", 3: "radial"}.get(h.scantype.value, "unknown")
     warnings = ["Bioptigen header sizes are not read as a voxel size (units unverified); see meta['header_mm']"]
