@@ -6,7 +6,7 @@ patient ids, birth dates, free text) in ``ScanVolume.identifiers``. Unless the u
 named after the patient gets an id from its content) and not in the stored source path (the
 identifying parts are replaced by ``[redacted]``).
 
-Matching is deliberately generous: each value is split into its parts (``Doe^John`` -> ``Doe``,
+Matching is deliberately generous for the patient's own identifiers (not the site's or staff's): each value is split into its parts (``Doe^John`` -> ``Doe``,
 ``John``), dates are also looked for as ``YYYYMMDD``, ``DD.MM.YYYY`` and ``MM/DD/YYYY``, and a part
 matches case-insensitively anywhere in the text (parts of 4 or more characters) or as a whole word
 (parts of 2-3 characters, so a surname ``Li`` does not redact every ``link``).
@@ -32,10 +32,26 @@ def _date_forms(value: str) -> list[str]:
     return [f"{y}-{mo}-{d}", f"{y}{mo}{d}", f"{d}.{mo}.{y}", f"{mo}/{d}/{y}", f"{d}{mo}{y}"]
 
 
+_PATIENT_KEY = re.compile(r"patient|birth|dob|surname|first|last|^(p|v)?id$|visit|accession|session|progression"
+                          r"|medical|admission", re.IGNORECASE)
+_STAFF_KEY = re.compile(r"institution|physician|operator|station|department|description|comment|serial|device"
+                        r"|study|series|procedure|sop|frame|media", re.IGNORECASE)
+
+
+def _about_the_patient(key: str) -> bool:
+    """Keys of the patient's own identifiers (names, ids, birth date, visit), not the site's or staff's
+    (institution, operator, descriptions): only these are looked for in file names and paths, where an
+    operator called "main" would otherwise redact every ``/main/`` folder. None of them is written either way."""
+    return key.lower().startswith("patient") or (bool(_PATIENT_KEY.search(key)) and not _STAFF_KEY.search(key))
+
+
 def identifier_parts(identifiers: Mapping[str, str]) -> list[str]:
-    """Every string to look for: whole values, their name parts and date spellings; longest first."""
+    """Every string to look for: whole values of the patient's identifiers, their name parts and date
+    spellings; longest first."""
     parts: set[str] = set()
-    for value in identifiers.values():
+    for key, value in identifiers.items():
+        if not _about_the_patient(key):
+            continue
         text = str(value).strip()
         if len(text) < 2:
             continue

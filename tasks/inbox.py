@@ -27,10 +27,26 @@ class InboxScan:
     unreadable: list[str] = field(default_factory=list)  # "path: why" (cannot be hashed)
 
 
+def _referenced_by_xml(inbox: Path) -> set[str]:
+    """Names of the image files a HEYEX XML export lying loose in the inbox refers to: part of that volume."""
+    names: set[str] = set()
+    for xml in inbox.glob("*.[xX][mM][lL]"):
+        try:
+            text = xml.read_text(errors="replace")
+        except OSError:
+            continue
+        if "<HEDX" in text[:512]:
+            names.update(f.name for f in inbox.iterdir() if f.name in text and f.suffix.lower() in (".tif", ".tiff"))
+    return names
+
+
 def _candidates(inbox: Path, labels: Path | None) -> list[Path]:
     found = []
+    parts_of_exports = _referenced_by_xml(inbox)
     for p in sorted(inbox.iterdir()):
         if p.name.startswith(".") or (labels is not None and p.resolve() == labels.resolve()):
+            continue
+        if p.name in parts_of_exports:
             continue
         if p.is_dir() or p.suffix.lower() in VOLUME_SUFFIXES or _is_vendor(p):
             found.append(p)

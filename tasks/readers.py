@@ -361,7 +361,13 @@ def read_volume(path: str | Path, *, sha256: str | None = None, max_voxels: int 
     :func:`octseg.tasks.vendor.read_vendor`. NaN or infinite voxels are refused.
     """
     p = Path(path)
-    if p.is_dir():
+    xml = _heyex_xml(p) if p.is_dir() else None
+    if xml is not None:  # a HEYEX XML export folder: the XML names its B-scan images
+        from octseg.tasks.vendor import read_vendor
+
+        volume = read_vendor(xml, sha256=sha256 or source_sha256(p), max_voxels=max_voxels, grader=grader)
+        volume.source = p
+    elif p.is_dir():
         volume = _read_folder(p, sha256, max_voxels)
     elif _is_vendor(p):
         from octseg.tasks.vendor import read_vendor
@@ -375,6 +381,16 @@ def read_volume(path: str | Path, *, sha256: str | None = None, max_voxels: int 
         volume = ScanVolume(image, scale, reader, p, sha256 or source_sha256(p), [p], warnings=warnings)
     _check_finite(volume.image, p)
     return volume
+
+
+def _heyex_xml(folder: Path) -> Path | None:
+    """The HEYEX XML file of an export folder (one ``.xml`` whose root element is ``HEDX``), else None."""
+    xmls = [f for f in folder.iterdir() if f.suffix.lower() == ".xml" and f.is_file()]
+    if len(xmls) != 1:
+        return None
+    with xmls[0].open("rb") as fh:
+        head = fh.read(512)
+    return xmls[0] if b"<HEDX" in head else None
 
 
 def _is_vendor(path: Path) -> bool:
