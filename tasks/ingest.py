@@ -21,7 +21,7 @@ from octseg.tasks.archive import open_archive, volume_id_from_path
 from octseg.tasks.classes import DEFAULT_CLASS_NAMES
 from octseg.tasks.claims import claim_volume
 from octseg.tasks.identifiers import content_volume_id, has_identifier, redact
-from octseg.tasks.readers import DEFAULT_MAX_VOXELS, mask_files, read_masks, read_volume, shown, source_sha256
+from octseg.tasks.readers import DEFAULT_MAX_VOXELS, mask_files, read_masks, read_volume, shown, source_problem, source_sha256
 from octseg.tasks.retry import TRANSIENT_IO_RETRIES
 
 __all__ = ["IngestResult", "ingest_source", "ingest_source_task", "is_up_to_date", "labels_sha256"]
@@ -117,6 +117,9 @@ def ingest_source(source: str | Path, archive_path: str | Path, labels_dir: str 
     Raises :class:`~octseg.tasks.readers.ReadError` (bad file) or ValueError (id clash), both naming the file.
     """
     src = Path(source)
+    problem = source_problem(src)
+    if problem:
+        raise ValueError(problem)
     sha, labels_fp = source_sha256(src), labels_sha256(labels_dir, src)
     archive = open_archive(archive_path)
     path_id = volume_id_from_path(src)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import math
 import re
 import xml.etree.ElementTree as ET
@@ -116,8 +117,8 @@ def check_voxels(path: str | Path, shape: Iterable[int], max_voxels: int | None,
 
 def source_problem(path: str | Path) -> str | None:
     """Why a source given by name cannot be ingested at all, as ``"<path>: <why>"``; None when it can be
-    tried. Catches what would otherwise abort a whole batch: a name that is not UTF-8 (it cannot travel
-    in Prefect's JSON parameters), a symbolic link loop, a missing path."""
+    tried. Catches what would otherwise abort or hang a whole batch: a name that is not UTF-8 (it cannot
+    travel in Prefect's JSON parameters), a symbolic link loop, a missing path, a FIFO, socket or device."""
     p = Path(path)
     try:
         str(p).encode("utf-8")
@@ -125,12 +126,16 @@ def source_problem(path: str | Path) -> str | None:
         return f"{shown(p)}: file name is not valid UTF-8; rename the file (e.g. with convmv) and ingest it again"
     try:
         p.resolve(strict=True)
+        mode = p.stat().st_mode
     except FileNotFoundError:
         return f"{shown(p)}: does not exist"
     except (RuntimeError, OSError) as e:  # RuntimeError: pathlib's symlink loop before Python 3.13
         if isinstance(e, RuntimeError) or getattr(e, "errno", None) == 40:
             return f"{shown(p)}: symbolic link loop"
         return f"{shown(p)}: cannot be resolved ({getattr(e, 'strerror', None) or e})"
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # opening a FIFO would wait for a writer forever
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        return f"{shown(p)}: not a regular file ({kind})"
     return None
 
 

@@ -316,3 +316,27 @@ def test_champion_is_chosen_on_the_fixed_evaluation_set(tmp_path):
     tags = MlflowClient(tracking).get_model_version("octseg-unet", "2").tags
     assert float(tags["octseg.eval_score"]) == pytest.approx(second.eval_score)
     assert tags["octseg.eval_set"] == second.eval_set
+
+
+def test_ingest_on_an_external_dask_scheduler_equals_ingest_in_threads(tmp_path, external_scheduler):
+    """``IngestConfig.dask_address``: the files are read and written by the cluster's worker process, and the
+    archive is the one the flow's own threads write; a bad file still fails alone, named."""
+    from octseg.flows.config import IngestConfig
+    from octseg.flows.ingest import ingest_volumes
+    from octseg.tasks.cluster import close_clients
+
+    scans = tmp_path / "scans"
+    files = write_phantom_files(scans, n_volumes=2, n_bscans=3, height=48, width=64)
+    (scans / "broken.npy").write_bytes(b"\x93NUMPY broken")
+    images = {}
+    for mode, address in {"threads": None, "dask": external_scheduler}.items():
+        archive = tmp_path / f"{mode}.zarr"
+        cfg = IngestConfig(sources=(*files, scans / "broken.npy"), archive=archive, dask_address=address)
+        summary = summary_of(ingest_volumes(cfg, return_state=True))
+        assert sorted(summary.written) == ["phantom_000", "phantom_001"], (mode, summary.failures)
+        (failure,) = summary.failures
+        assert "broken.npy" in failure and "npy" in failure
+        stored = open_archive(archive, create=False)
+        images[mode] = {v: np.asarray(stored.image(v)[...]).tobytes() for v in summary.written}
+    close_clients()
+    assert images["threads"] == images["dask"]

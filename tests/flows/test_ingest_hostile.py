@@ -54,19 +54,21 @@ def test_hostile_batch_each_fails_alone_and_good_files_land(tmp_path: Path) -> N
         np.save(fh, _stack(5))
     hostile = scans / "evil\x1b[2J\x1b]0;pwned\x07.npy"  # clear screen + set terminal title
     hostile.write_bytes(b"\x93NUMPY garbage")
+    os.mkfifo(scans / "pipe.dcm")  # opening it would wait for a writer forever
     archive = tmp_path / "a.zarr"
 
     result = _invoke("ingest", str(scans / "good.npy"), str(scans / "three.tif"), str(scans / "huge_ints.npy"),
                      str(scans / "nan.npy"), str(scans / "scale.ome.tif"), str(scans / "loop_a.tif"),
-                     os.fsdecode(latin1), str(hostile), str(scans / "missing.npy"), "--archive", str(archive))
+                     os.fsdecode(latin1), str(hostile), str(scans / "missing.npy"), str(scans / "pipe.dcm"),
+                     "--archive", str(archive))
 
     assert result.exit_code == 1, result.output
     assert "\x1b[2J" not in result.output and "\x07" not in result.output  # escaped, never raw
-    assert "4 written, 0 up to date, 5 failed" in result.plain, result.plain
+    assert "4 written, 0 up to date, 6 failed" in result.plain, result.plain
     failed = [line for line in result.plain.splitlines() if "failed:" in line]
     for phrase in ["nan.npy: 1 NaN or infinite voxels (B-scan 2)", "loop_a.tif: symbolic link loop",
                    "caf\\xe9.npy: file name is not valid UTF-8", "evil\\x1b[2J\\x1b]0;pwned\\x07.npy:",
-                   "missing.npy: does not exist"]:
+                   "missing.npy: does not exist", "pipe.dcm: not a regular file (a FIFO)"]:
         assert sum(phrase in line for line in failed) == 1, (phrase, failed)
     assert re.search(r"warning: huge_ints: .*exceed float32's exact integers", result.plain), result.plain
     assert re.search(r"warning: scale: OME PhysicalSizeX='abc'", result.plain), result.plain

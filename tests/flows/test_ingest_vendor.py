@@ -2,7 +2,6 @@
 and Duke .mat files; identifiers stay out of the whole archive unless --keep-identifiers."""
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
