@@ -166,9 +166,15 @@ def _sha256(files: Iterable[Path], with_names: bool) -> str:
 
 
 def source_sha256(path: str | Path) -> str:
-    """SHA-256 of a source file, or of a folder's image files (names and bytes, natural order)."""
+    """SHA-256 of a source file, or of a folder's image files (names and bytes, natural order); of a HEYEX
+    XML export, of the XML and the image files it names (names and bytes)."""
     p = Path(path)
     try:
+        if not p.is_dir() and p.suffix.lower() == ".xml":  # a HEYEX export: the XML and the images it names
+            from octseg.tasks.vendor import heyex_xml_files
+
+            images = heyex_xml_files(p)
+            return _sha256([p, *images], with_names=True) if images else _sha256([p], with_names=False)
         return _sha256(source_files(p), with_names=p.is_dir())
     except OSError as e:
         raise ReadError(p, f"cannot read ({e.strerror or e})") from e

@@ -425,6 +425,19 @@ def _read_heyex_xml(path: Path, max_voxels: int | None, grader: int) -> ScanVolu
                    meta=meta, identifiers=_xml_identifiers(body), warnings=warnings)
 
 
+def heyex_xml_files(path: str | Path) -> list[Path]:
+    """The image files beside a HEYEX XML export that it names (B-scans, localizer), for its fingerprint:
+    a changed B-scan TIFF beside an unchanged XML is a changed source. Empty when the XML is unreadable."""
+    path = Path(path)
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError, ValueError):
+        return []
+    names = [re.split(r"[\\/]", (url.text or "").strip())[-1] for url in root.iter("ExamURL")]
+    found = {path.parent / n for n in names if n and n not in (".", "..")}
+    return sorted(f for f in found if f.is_file())
+
+
 def _xml_int(path: Path, image: ET.Element, tag: str) -> int:
     text = image.findtext(f"OphthalmicAcquisitionContext/{tag}")
     if text is None or not text.strip().isdigit():

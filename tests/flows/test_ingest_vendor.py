@@ -151,3 +151,22 @@ def test_real_heidelberg_exports_with_layers_fundus_and_no_identifiers(tmp_path:
     for text in ["Study-01", "LOC-000000001", "John"]:
         assert text.encode() not in blob, text
     assert "Doe" not in _metadata_text(archive)
+
+
+@pytest.mark.skipif(not EYEPY.is_dir(), reason="../shared/data is not here")
+def test_a_changed_bscan_beside_an_unchanged_heyex_xml_is_ingested_again(tmp_path: Path) -> None:
+    import tifffile
+
+    export = tmp_path / "export"
+    shutil.copytree(EYEPY / "heyex_xml", export)
+    archive = tmp_path / "a.zarr"
+    first = _invoke("ingest", str(export / "test_dummy.xml"), "--archive", str(archive))
+    assert first.exit_code == 0 and "1 written" in first.plain, first.output
+    again = _invoke("ingest", str(export / "test_dummy.xml"), "--archive", str(archive))
+    assert "0 written, 1 up to date" in again.plain, again.output
+    bscan = tifffile.imread(export / "B3.tif")
+    tifffile.imwrite(export / "B3.tif", (255 - bscan).astype(bscan.dtype))  # the XML itself is unchanged
+    changed = _invoke("ingest", str(export / "test_dummy.xml"), "--archive", str(archive))
+    assert changed.exit_code == 0 and "1 written, 0 up to date" in changed.plain, changed.output
+    stored = open_archive(archive, create=False).image("test_dummy")
+    assert any(np.array_equal(stored[z], 255 - bscan) for z in range(stored.shape[0]))
