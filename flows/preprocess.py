@@ -8,7 +8,7 @@ from octseg.flows.config import PreprocessConfig
 from octseg.flows.runs import collect, finish
 from octseg.flows.summary import PreprocessSummary
 from octseg.tasks.archive import select_volumes
-from octseg.tasks.cluster import dask_scheduler
+from octseg.tasks.cluster import dask_scheduler, worker_count
 from octseg.tasks.preprocess import preprocess_volume_task
 
 __all__ = ["preprocess_archive"]
@@ -21,9 +21,13 @@ def preprocess_archive(config: PreprocessConfig) -> State:
     logger.info("preprocess config: %s", config.model_dump_json())
     volumes = select_volumes(config.archive, config.volumes)
     with dask_scheduler(config.dask_address, config.n_workers) as address:
-        logger.info("Dask scheduler at %s", address)
+        # enough volumes to keep every worker busy: one task per volume, run whole on a worker (nothing but
+        # submits left to this process); fewer: each volume's shard-aligned blocks spread over the workers
+        spread = "volume" if len(volumes) >= max(1, worker_count(address)) else "blocks"
+        logger.info("Dask scheduler at %s; one task per %s", address, "volume" if spread == "volume" else "block")
         futures = preprocess_volume_task.map(unmapped(str(config.archive)), volumes,
-                                             scheduler_address=unmapped(address), weights=unmapped(config.weights))
+                                             scheduler_address=unmapped(address), weights=unmapped(config.weights),
+                                             spread=unmapped(spread))
         results, failures = collect(futures, volumes, "preprocess volumes")
     summary = PreprocessSummary(str(config.archive), failures=failures)
     for r in results:

@@ -384,7 +384,8 @@ class Archive:
         return group.create_array(name, shape=shape, dtype=dtype, chunks=bscan_chunks(shape),
                                   shards=bscan_shards(shape), fill_value=0, dimension_names=AXES,
                                   compressors=list(COMPRESSORS),
-                                  attributes={"octseg": octseg}, overwrite=True)
+                                  attributes={"octseg": octseg}, overwrite=True).with_config(
+            {"write_empty_chunks": True})  # testing each chunk against the fill value cost as much as compressing it
 
     def open_derived(self, volume_id: str, name: str) -> zarr.Array | None:
         """A derived array (Z, Y, X), read-only, complete or not; None when it does not exist."""

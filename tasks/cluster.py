@@ -60,6 +60,11 @@ def close_clients(address: str | None = None) -> None:
                 _CLIENTS.pop(key).close()
 
 
+def worker_count(address: str) -> int:
+    """How many workers the scheduler at ``address`` has now."""
+    return len(client_for(address).scheduler_info().get("workers", {}))
+
+
 def worker_resources(address: str) -> set[str]:
     """The resource names any worker of the scheduler declares (e.g. ``{"GPU"}``)."""
     info = client_for(address).scheduler_info()

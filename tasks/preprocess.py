@@ -9,6 +9,7 @@ rerun skips outputs whose fingerprint still matches.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,13 +59,13 @@ def _labels_digest(labels, annotated: list[int]) -> str:
 
 def _store(result, target, scheduler_address: str | None) -> None:
     """Compute ``result`` (a Dask array or a list) into the Zarr array(s) ``target`` on the Dask cluster
-    (threads when no address)."""
+    (threads when no address; this thread inside a Dask worker, whose slots the cluster already counts)."""
     import dask
     import dask.array as da
 
     stored = da.store(result, target, lock=False, compute=False)
     if scheduler_address is None:
-        dask.compute(stored, scheduler="threads")
+        dask.compute(stored, scheduler="synchronous" if _in_worker() else "threads")
         return
     from octseg.tasks.cluster import client_for
 
@@ -93,13 +94,35 @@ def outdated(archive, volume_id: str, weights: WeightMapConfig) -> list[str]:
             if not archive.derived_is_current(volume_id, name, fp)]
 
 
+def _in_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
 def preprocess_volume(
     archive_path: str | Path,
     volume_id: str,
     scheduler_address: str | None = None,
     weights: WeightMapConfig = WeightMapConfig(),
+    spread: str = "blocks",
 ) -> PreprocessResult:
-    """Write ``derived/normalized`` and (when annotated) ``derived/weights`` for one volume."""
+    """Write ``derived/normalized`` and (when annotated) ``derived/weights`` for one volume.
+
+    With a ``scheduler_address``, ``spread="blocks"`` spreads the volume's shard-aligned blocks over the
+    cluster's workers (one large volume), ``spread="volume"`` runs the whole volume as one task on one
+    worker (many volumes: nothing but a submit is left to this process, which on a small machine shares
+    the cores with the workers)."""
+    if scheduler_address and spread == "volume":
+        from octseg.tasks.cluster import client_for
+
+        future = client_for(scheduler_address).submit(preprocess_volume, str(archive_path), volume_id, None, weights,
+                                                      pure=False, key=f"preprocess-{volume_id}-{uuid.uuid4().hex}")
+        return future.result()
     import dask.array as da
 
     archive = open_archive(archive_path, create=False)
@@ -133,8 +156,8 @@ def preprocess_volume(
 
 @task(name="preprocess-volume", task_run_name="preprocess-{volume_id}", **TRANSIENT_IO_RETRIES)
 def preprocess_volume_task(archive_path: str, volume_id: str, scheduler_address: str | None,
-                           weights: WeightMapConfig) -> PreprocessResult:
+                           weights: WeightMapConfig, spread: str = "blocks") -> PreprocessResult:
     """Prefect wrapper of :func:`preprocess_volume`; a failing volume fails this task run with its error."""
-    result = preprocess_volume(archive_path, volume_id, scheduler_address, weights)
+    result = preprocess_volume(archive_path, volume_id, scheduler_address, weights, spread)
     get_run_logger().info("%s: computed %s, up to date %s", volume_id, result.computed or "-", result.skipped or "-")
     return result

@@ -44,14 +44,22 @@ def test_threaded_dask_equals_numpy(archive):
 
 
 def test_external_cluster_by_address_equals_numpy(archive):
+    """Blocks spread over the workers, or the whole volume as one task on a worker: both equal NumPy."""
+    import shutil
+
     from distributed import LocalCluster
 
+    from octseg.tasks.cluster import close_clients
+
     arc, image, labels = archive
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         assert cluster.scheduler_address.startswith("tcp://")
-        result = preprocess_volume(arc.path, "vol", scheduler_address=cluster.scheduler_address)
-    assert result.computed == ["normalized", "weights"]
-    _check_outputs(arc, image, labels)
+        for spread in ("blocks", "volume"):
+            shutil.rmtree(arc.path / "vol" / "derived", ignore_errors=True)
+            result = preprocess_volume(arc.path, "vol", scheduler_address=cluster.scheduler_address, spread=spread)
+            assert result.computed == ["normalized", "weights"], spread
+            _check_outputs(arc, image, labels)
+        close_clients(cluster.scheduler_address)
 
 
 def test_rerun_skips_and_changed_parameters_recompute_only_what_depends_on_them(archive):
