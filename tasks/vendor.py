@@ -593,6 +593,16 @@ def _read_duke_mat(path: Path, max_voxels: int | None, grader: int) -> ScanVolum
         annotated = [z for z in range(fluid.shape[0]) if not np.isnan(fluid[z]).all()]
         labels = np.ascontiguousarray(np.nan_to_num(fluid, nan=0.0) > 0).astype(np.uint8)
     layers = _duke_layers(path, arrays.get(f"manualLayers{grader}"), image.shape)
+    if fluid is not None and not np.isnan(fluid).any() and layers:
+        # no NaN marks the unannotated B-scans: those the grader drew layers on are the annotated ones
+        drawn = sorted({z for rows in layers.values() for z in np.flatnonzero(~np.isnan(rows).all(axis=1))})
+        if drawn and len(drawn) < fluid.shape[0]:
+            annotated = [int(z) for z in drawn]
+            unmarked = sorted(set(range(fluid.shape[0])) - set(annotated))
+            if labels[unmarked].any():  # fluid drawn where no layers are: keep every B-scan with fluid
+                annotated = sorted(set(annotated) | {int(z) for z in unmarked if labels[z].any()})
+            warnings.append(f"manualFluid{grader} marks no B-scan as unannotated (no NaN): the {len(annotated)} "
+                            f"B-scans with grader {grader}'s layers (or fluid) are taken as annotated")
     return _volume(_image_dtype(image), None, layers=layers, layers_source=f"grader {grader}" if layers else None,
                    meta=meta, manual_labels=labels, annotated=annotated, warnings=warnings)
 

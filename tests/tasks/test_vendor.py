@@ -318,6 +318,19 @@ def test_duke_mat(tmp_path: Path, write, grader: int) -> None:
     assert np.isnan(vol.layers["INL/OPL"][:, :2]).all()
 
 
+def test_duke_mat_without_nan_takes_the_bscans_with_layers_as_annotated(tmp_path: Path) -> None:
+    """Should a file mark unannotated B-scans with 0 instead of NaN, the grader's layers tell them apart."""
+    arrays = vf.duke_arrays()
+    fluid = arrays["manualFluid1"]
+    fluid[:, :, 0] = 0  # B-scan 0: not annotated (its layers are NaN) but 0, not NaN
+    vol = read_vendor(vf.write_mat5(tmp_path / "zeros.mat", arrays))
+    assert vol.annotated == [1, 2, 3]
+    assert any("no NaN" in w for w in vol.warnings)
+    fluid[:, :, 0] = 0
+    fluid[0, 0, 0] = 2  # fluid drawn on a B-scan without layers: annotated after all
+    assert read_vendor(vf.write_mat5(tmp_path / "fluid.mat", arrays)).annotated == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("write", [vf.write_mat5, vf.write_mat73], ids=["v5", "v7.3"])
 def test_duke_mat_errors(tmp_path: Path, write) -> None:
     arrays = vf.duke_arrays()
