@@ -53,7 +53,7 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     todo = []
     for src in sources:
         try:
-            done = is_up_to_date(src, archive, config.labels)
+            done = is_up_to_date(src, archive, config.labels, config.grader, config.keep_identifiers)
         except Exception:  # an unreadable file: the flow reports it
             done = False
         if done:

@@ -16,7 +16,7 @@ __all__ = ["collect", "failure_line", "finish", "summary_of"]
 
 def failure_line(item: str, error: BaseException) -> str:
     """``"<item>: <what was wrong>"`` on one line; the item is not repeated when the error names it."""
-    message = " ".join(str(error).split()) or type(error).__name__
+    message = shown(" ".join(str(error).split()) or type(error).__name__)  # library messages may quote raw names
     item = shown(item)
     if item in message:
         return message

@@ -27,6 +27,7 @@ import zarr
 from ome_zarr.writer import write_labels
 from zarr.codecs import ZstdCodec
 
+from octseg.tasks.claims import heartbeat, holder_record, process_gone
 from octseg.tasks.classes import palette_color
 
 __all__ = ["STAGING_STALE_SECONDS", "sweep_staging", "AXES", "IMAGE_DTYPES", "OME_VERSION", "SHARD_BSCANS", "UNIT", "ArchiveError", "bscan_chunks",
@@ -232,11 +233,12 @@ def _replace_dir(new: Path, target: Path, aside: Path) -> None:
 
 _JOURNAL = "replace.json"  # in a staging folder: a two-rename replacement in progress
 _OWNER = "owner.json"  # in a staging folder: who stages there (host, pid, start)
-STAGING_STALE_SECONDS = 6 * 3600.0  # a staging folder of another host is abandoned after this long
+STAGING_STALE_SECONDS = 900.0  # a staging folder whose owner file was not touched for this long is abandoned
 
 
 def _staging_owner_alive(stage: Path) -> bool:
-    """A staging folder is in use while its process runs (same host) or, for another host, while young."""
+    """A staging folder is in use while its owner file is touched (a heartbeat, every minute) and, on
+    this host and PID namespace, its process runs in this boot."""
     try:
         owner = json.loads((stage / _OWNER).read_text())
         age = time.time() - (stage / _OWNER).stat().st_mtime
@@ -247,15 +249,11 @@ def _staging_owner_alive(stage: Path) -> bool:
             return True  # removed meanwhile by its owner
     except (OSError, ValueError):
         return True
-    if owner.get("host") != socket.gethostname():
-        return age < STAGING_STALE_SECONDS
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, TypeError, ValueError):
-        return True
-    return owner.get("boot") in (None, _boot_id())  # a pid of an earlier boot is someone else now
+    if age >= STAGING_STALE_SECONDS:
+        return False  # no heartbeat: its writer is gone, on whatever host
+    if owner.get("boot") not in (None, _boot_id()) and owner.get("host") == socket.gethostname():
+        return False  # written before this machine rebooted
+    return not process_gone(owner)
 
 
 def _boot_id() -> str | None:
@@ -306,9 +304,9 @@ def _staging_dir(root: Path) -> Iterator[Path]:
             if attempt == 2:
                 raise
     try:
-        (stage / _OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                                  "boot": _boot_id(), "since": time.time()}))
-        yield stage
+        (stage / _OWNER).write_bytes(holder_record()[:-1] + f', "boot": {json.dumps(_boot_id())}}}'.encode())
+        with heartbeat(stage / _OWNER):
+            yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         with contextlib.suppress(OSError):

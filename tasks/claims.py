@@ -12,13 +12,64 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["STALE_SECONDS", "VolumeBusy", "claim_volume"]
+__all__ = ["STALE_SECONDS", "VolumeBusy", "claim_volume", "heartbeat", "holder_record", "process_gone"]
 
 STALE_SECONDS = 900.0  # a claim not renewed for this long (its holder on another host) is abandoned
+
+
+def pid_namespace() -> int | None:
+    """This process's PID namespace (an inode): pids of two containers on one host name are not comparable."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def holder_record() -> bytes:
+    """Who holds a claim or a staging folder: host, pid, PID namespace, start time."""
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "pidns": pid_namespace(),
+                       "since": time.time()}).encode()
+
+
+def process_gone(holder: dict) -> bool:
+    """True only when ``holder`` (a :func:`holder_record`) is surely dead: same host and PID namespace,
+    and no process with its pid."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    if holder.get("pidns") is not None and holder.get("pidns") != pid_namespace():
+        return False  # another container sharing the host name: its pids mean nothing here
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def heartbeat(path: Path, every: float = 60.0) -> Iterator[None]:
+    """Touch ``path`` every ``every`` seconds while the block runs, so others see its holder alive
+    however long the work takes (claims and staging folders are judged stale when not touched)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            with contextlib.suppress(OSError):
+                os.utime(path)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{path.name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 class VolumeBusy(RuntimeError):
@@ -40,14 +91,7 @@ def _holder_alive(path: Path) -> bool:
         return age < STALE_SECONDS  # unreadable: trust its age
     if age >= STALE_SECONDS:
         return False  # not renewed: abandoned, wherever it was (a restarted container may reuse the pid)
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        try:
-            os.kill(holder["pid"], 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-    return True
+    return not process_gone(holder)
 
 
 def _take_over(path: Path) -> None:
@@ -98,7 +142,8 @@ def claim_volume(archive: str | os.PathLike[str], volume_id: str, wait: float = 
                 raise
             time.sleep(0.2)
     try:
-        yield Claim(path)
+        with heartbeat(path):  # renewed however long the work takes (an ingest has no progress to report)
+            yield Claim(path)
     finally:
         with contextlib.suppress(OSError):
             if path.stat().st_ino == mine:  # still ours (not taken over after going stale)
@@ -109,7 +154,7 @@ def claim_volume(archive: str | os.PathLike[str], volume_id: str, wait: float = 
 
 def _acquire(folder: Path, path: Path, volume_id: str, doing: str) -> int:
     """Link a new claim into ``path``; its inode. VolumeBusy when a live run holds it."""
-    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode()
+    body = holder_record()
     for _ in range(5):
         try:
             folder.mkdir(parents=True, exist_ok=True)

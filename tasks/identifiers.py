@@ -29,11 +29,13 @@ def _date_forms(value: str) -> list[str]:
     if not m:
         return []
     y, mo, d = m.groups()
-    return [f"{y}-{mo}-{d}", f"{y}{mo}{d}", f"{d}.{mo}.{y}", f"{mo}/{d}/{y}", f"{d}{mo}{y}"]
+    forms = [f"{y}{sep}{mo}{sep}{d}" for sep in ("-", "", "_", ".", "/", " ")]
+    forms += [f"{d}{sep}{mo}{sep}{y}" for sep in (".", "", "_", "-", "/")] + [f"{mo}/{d}/{y}", f"{mo}-{d}-{y}"]
+    return forms
 
 
-_PATIENT_KEY = re.compile(r"patient|birth|dob|surname|first|last|^(p|v)?id$|visit|accession|session|progression"
-                          r"|medical|admission", re.IGNORECASE)
+_PATIENT_KEY = re.compile(r"patient|birth|dob|surname|first|last|middle|mid_?name|^(p|v)?id$|visit|accession"
+                          r"|session|progression|medical|admission|record|mrn|addr|phone|zip", re.IGNORECASE)
 _STAFF_KEY = re.compile(r"institution|physician|operator|station|department|description|comment|serial|device"
                         r"|study|series|procedure|sop|frame|media", re.IGNORECASE)
 
@@ -56,7 +58,10 @@ def identifier_parts(identifiers: Mapping[str, str]) -> list[str]:
         if len(text) < 2:
             continue
         parts.add(text)
-        parts.update(p for p in _SPLIT.split(text) if len(p) >= 2)
+        words = [p for p in _SPLIT.split(text) if p]
+        parts.update(p for p in words if len(p) >= 2)
+        if len(words) > 1:  # written together in a file name: "LiWu", "WuLi"
+            parts.update({"".join(words), "".join(reversed(words))})
         parts.update(_date_forms(text))
     return sorted(parts, key=lambda p: (-len(p), p))
 

@@ -29,14 +29,19 @@ class InboxScan:
 
 def _referenced_by_xml(inbox: Path) -> set[str]:
     """Names of the image files a HEYEX XML export lying loose in the inbox refers to: part of that volume."""
+    from octseg.tasks.vendor import heyex_xml_files
+
     names: set[str] = set()
     for xml in inbox.glob("*.[xX][mM][lL]"):
+        if source_problem(xml) or not xml.is_file():  # a FIFO would block the open
+            continue
         try:
-            text = xml.read_text(errors="replace")
+            with xml.open("rb") as fh:
+                head = fh.read(512)
         except OSError:
             continue
-        if "<HEDX" in text[:512]:
-            names.update(f.name for f in inbox.iterdir() if f.name in text and f.suffix.lower() in (".tif", ".tiff"))
+        if b"<HEDX" in head:
+            names.update(f.name for f in heyex_xml_files(xml))
     return names
 
 
@@ -47,6 +52,9 @@ def _candidates(inbox: Path, labels: Path | None) -> list[Path]:
         if p.name.startswith(".") or (labels is not None and p.resolve() == labels.resolve()):
             continue
         if p.name in parts_of_exports:
+            continue
+        if source_problem(p):  # reported by the scan; never opened (a FIFO would block)
+            found.append(p)
             continue
         if p.is_dir() or p.suffix.lower() in VOLUME_SUFFIXES or _is_vendor(p):
             found.append(p)

@@ -54,33 +54,60 @@ def labels_sha256(labels_dir: str | Path | None, source: str | Path) -> str | No
     return digest.hexdigest()
 
 
-def _existing_volume(meta: dict, volume_id: str, src: Path, source_text: str, sha: str,
-                     labels_fp: str | None) -> tuple[Literal["skip", "write", "fail"], str | None]:
+def path_digest(path: str | Path, salt: str) -> str:
+    """``"<salt>:<sha256(salt + resolved path)>"``: recognises the same file path again without storing
+    it (a redacted path cannot tell two patients' folders apart). Ingest salts with the start of the
+    content's sha256: no table of hashed paths fits, and the same file gives the same archive."""
+    return f"{salt}:{hashlib.sha256((salt + str(Path(path).resolve())).encode()).hexdigest()}"
+
+
+def _same_path(meta: dict, src: Path) -> bool:
+    """Whether the stored volume came from the file at ``src`` (its path digest; the stored path before)."""
+    stored = meta.get("source_path_digest")
+    if isinstance(stored, str) and ":" in stored:
+        return path_digest(src, stored.split(":", 1)[0]) == stored
+    return meta.get("source") == str(src.resolve())
+
+
+def _settings_match(meta: dict, grader: int, keep_identifiers: bool) -> bool:
+    """The stored volume was read with the settings that change what is written: the Duke grader, and
+    whether the identifiers of a file that has them were kept."""
+    if meta.get("reader") == "duke-mat" and int(meta.get("grader", 1)) != grader:
+        return False
+    return not meta.get("has_identifiers") or bool(meta.get("identifiers_kept")) == keep_identifiers
+
+
+def _unchanged(meta: dict, sha: str, labels_fp: str | None, grader: int, keep_identifiers: bool) -> bool:
+    """Same bytes, no new masks, same settings: ingest keeps the stored volume as it is."""
+    return (meta.get("source_sha256") == sha and labels_fp in (None, meta.get("labels_sha256"))
+            and _settings_match(meta, grader, keep_identifiers))
+
+
+def _existing_volume(meta: dict, volume_id: str, src: Path, sha: str, labels_fp: str | None, grader: int = 1,
+                     keep_identifiers: bool = False) -> tuple[Literal["skip", "write", "fail"], str | None]:
     """What to do with a source whose volume id the archive already holds, and the error if "fail".
 
-    ``source_text`` is the source path as it would be stored (redacted when it identifies the
-    patient). See :func:`ingest_source` for the rule.
+    See :func:`ingest_source` for the rule.
     """
-    stored_source = meta.get("source")
     if meta.get("source_sha256") != sha:
-        if stored_source != source_text:
-            return "fail", (f"{shown(src)}: volume id {volume_id!r} already holds {shown(stored_source)} (different "
-                            f"content); rename one of them or remove the volume")
+        if not _same_path(meta, src):
+            return "fail", (f"{shown(src)}: volume id {volume_id!r} already holds {shown(meta.get('source'))} "
+                            f"(different content); rename one of them or remove the volume")
         return "write", None  # the same file, updated in place
-    if labels_fp is None or labels_fp == meta.get("labels_sha256"):
+    if _unchanged(meta, sha, labels_fp, grader, keep_identifiers):
         return "skip", None  # same bytes (perhaps moved): keep the volume and its ground truth
-    return "write", None  # new or changed masks
+    return "write", None  # new or changed masks, or another grader / identifier setting
 
 
-def is_up_to_date(source: str | Path, archive, labels_dir: str | Path | None = None) -> bool:
+def is_up_to_date(source: str | Path, archive, labels_dir: str | Path | None = None, grader: int = 1,
+                  keep_identifiers: bool = False) -> bool:
     """True when ``archive`` holds ``source`` (same bytes, under the id its name gives) and ingest would skip it."""
     src = Path(source)
     volume_id = volume_id_from_path(src)
     if not archive.has_volume(volume_id):
         return False
-    meta = archive.volume_meta(volume_id)
-    return meta.get("source_sha256") == source_sha256(src) and labels_sha256(labels_dir, src) in (
-        None, meta.get("labels_sha256"))
+    return _unchanged(archive.volume_meta(volume_id), source_sha256(src), labels_sha256(labels_dir, src), grader,
+                      keep_identifiers)
 
 
 def _skipped(archive, volume_id: str, src: Path) -> IngestResult:
@@ -123,8 +150,8 @@ def ingest_source(source: str | Path, archive_path: str | Path, labels_dir: str 
     sha, labels_fp = source_sha256(src), labels_sha256(labels_dir, src)
     archive = open_archive(archive_path)
     path_id = volume_id_from_path(src)
-    if archive.has_volume(path_id) and archive.volume_meta(path_id).get("source_sha256") == sha \
-            and labels_fp in (None, archive.volume_meta(path_id).get("labels_sha256")):
+    if archive.has_volume(path_id) and _unchanged(archive.volume_meta(path_id), sha, labels_fp, grader,
+                                                  keep_identifiers):
         return _skipped(archive, path_id, src)  # unchanged: not decoded again
     volume = read_volume(src, sha256=sha, max_voxels=max_voxels, grader=grader)
     private = bool(volume.identifiers) and not keep_identifiers
@@ -135,7 +162,7 @@ def ingest_source(source: str | Path, archive_path: str | Path, labels_dir: str 
     with claim_volume(archive.path, volume_id, wait=CLAIM_WAIT_SECONDS, doing="ingesting"):
         if archive.has_volume(volume_id):
             meta = archive.volume_meta(volume_id)
-            action, error = _existing_volume(meta, volume_id, src, source_text, sha, labels_fp)
+            action, error = _existing_volume(meta, volume_id, src, sha, labels_fp, grader, keep_identifiers)
             if action == "skip":
                 return _skipped(archive, volume_id, src)
             if action == "fail":
@@ -150,7 +177,10 @@ def ingest_source(source: str | Path, archive_path: str | Path, labels_dir: str 
         provenance = {**volume.meta, "source": source_text, "source_sha256": volume.sha256, "reader": volume.reader,
                       "labels_dir": hide(str(Path(labels_dir).resolve())) if labels_fp is not None else None,
                       "labels_sha256": labels_fp, "n_bscans": int(volume.image.shape[0]),
-                      "warnings": list(volume.warnings), "identifiers_kept": bool(keep_identifiers)}
+                      "source_path_digest": path_digest(src, sha[:16]), "warnings": [hide(w) for w in volume.warnings],
+                      "has_identifiers": bool(volume.identifiers), "identifiers_kept": bool(keep_identifiers)}
+        if volume.reader == "duke-mat":
+            provenance["grader"] = grader
         if keep_identifiers and volume.identifiers:
             provenance["identifiers"] = dict(volume.identifiers)
         binary = labels is not None and labels.max() <= 1

@@ -170,11 +170,12 @@ def source_sha256(path: str | Path) -> str:
     XML export, of the XML and the image files it names (names and bytes)."""
     p = Path(path)
     try:
-        if not p.is_dir() and p.suffix.lower() == ".xml":  # a HEYEX export: the XML and the images it names
+        xml = p if not p.is_dir() and p.suffix.lower() == ".xml" else _heyex_xml(p) if p.is_dir() else None
+        if xml is not None:  # a HEYEX export (its XML or its folder): the XML and the images it names
             from octseg.tasks.vendor import heyex_xml_files
 
-            images = heyex_xml_files(p)
-            return _sha256([p, *images], with_names=True) if images else _sha256([p], with_names=False)
+            images = heyex_xml_files(xml)
+            return _sha256([xml, *images], with_names=True) if images or p.is_dir() else _sha256([xml], with_names=False)
         return _sha256(source_files(p), with_names=p.is_dir())
     except OSError as e:
         raise ReadError(p, f"cannot read ({e.strerror or e})") from e
@@ -385,6 +386,8 @@ def read_volume(path: str | Path, *, sha256: str | None = None, max_voxels: int 
 
         volume = read_vendor(p, sha256=sha256, max_voxels=max_voxels, grader=grader)
         volume.image = _to_volume_dtype(volume.image, p, volume.warnings)
+        if volume.fundus is not None:
+            volume.fundus = _to_volume_dtype(volume.fundus, p, volume.warnings)
     else:
         warnings: list[str] = []
         image, reader, scale = _read_gray(p, (2, 3), max_voxels, warnings)
@@ -396,7 +399,7 @@ def read_volume(path: str | Path, *, sha256: str | None = None, max_voxels: int 
 
 def _heyex_xml(folder: Path) -> Path | None:
     """The HEYEX XML file of an export folder (one ``.xml`` whose root element is ``HEDX``), else None."""
-    xmls = [f for f in folder.iterdir() if f.suffix.lower() == ".xml" and f.is_file()]
+    xmls = [f for f in folder.iterdir() if f.suffix.lower() == ".xml" and f.is_file()]  # is_file: no FIFO
     if len(xmls) != 1:
         return None
     with xmls[0].open("rb") as fh:

@@ -198,7 +198,8 @@ def _layers(named: Iterable[tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def _image_dtype(arr: np.ndarray) -> np.ndarray:
-    return arr if arr.dtype in (np.uint8, np.uint16) else arr.astype(np.float32)
+    """Integers as stored (the caller picks the exact archive type); other numbers as float32."""
+    return arr if arr.dtype.kind in "iub" else arr.astype(np.float32)
 
 
 def _grey(arr: np.ndarray, path: Path, what: str) -> np.ndarray:

@@ -29,3 +29,10 @@ def test_redact_replaces_every_occurrence() -> None:
 def test_content_volume_id_is_a_valid_id_free_of_the_name() -> None:
     vid = content_volume_id("dicom", "ab" * 32)
     assert vid == "dicom-abababababab" and not has_identifier(vid, IDS)
+
+
+def test_record_numbers_glued_names_and_other_date_separators_are_found() -> None:
+    assert has_identifier("MRN12345.fds", {"record_id": "MRN12345"})
+    assert has_identifier("LiWu_OD.dcm", {"PatientName": "Li^Wu"}) and has_identifier("wuli.vol", {"PatientName": "Li^Wu"})
+    for name in ["scan_1962_04_17.vol", "1962.04.17.dcm", "17-04-1962.vol", "17041962.vol"]:
+        assert has_identifier(name, {"PatientBirthDate": "19620417"}), name
