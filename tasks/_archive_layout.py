@@ -304,7 +304,7 @@ def _staging_dir(root: Path) -> Iterator[Path]:
             if attempt == 2:
                 raise
     try:
-        (stage / _OWNER).write_bytes(holder_record()[:-1] + f', "boot": {json.dumps(_boot_id())}}}'.encode())
+        (stage / _OWNER).write_text(json.dumps({**json.loads(holder_record()), "boot": _boot_id()}))
         with heartbeat(stage / _OWNER):
             yield stage
     finally:
