@@ -374,7 +374,11 @@ def ingest(sources: SourcesArg = None, archive: ArchiveOpt = None, labels: Label
            keep_identifiers: KeepIdsOpt = None,
            grader: Annotated[Optional[int], _opt("Whose manual fluid labels a Duke .mat gives: 1 or 2.",
                                                  cls=IngestConfig, key="grader")] = None,
-           max_voxels: MaxVoxelsOpt = None, dask_address: DaskOpt = None,
+           max_voxels: MaxVoxelsOpt = None,
+           dask_address: Annotated[Optional[str], typer.Option(
+               help="Dask scheduler (tcp://host:8786) whose workers read and write the files (they must see "
+                    "the same paths). Default: $DASK_SCHEDULER_ADDRESS, else threads of this command.",
+               show_default=False)] = None,
            config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False) -> None:
     """Read OCT files into the archive: one volume per file (or per folder of B-scans).
 
