@@ -266,9 +266,11 @@ def _read_npy(path: Path, max_voxels: int | None) -> np.ndarray:
         try:
             version = np.lib.format.read_magic(fh)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape = read_header(fh)[0]
+            shape, _, dtype = read_header(fh)
         except (ValueError, SyntaxError, EOFError, OSError) as e:
             raise ReadError(path, f"corrupt .npy header ({e})") from e
+    if dtype.hasobject:
+        raise ReadError(path, f"object arrays ({dtype}) are refused: reading them would unpickle code")
     check_voxels(path, shape, max_voxels)
     try:
         return np.load(path, allow_pickle=False)
@@ -356,7 +358,9 @@ def _read_gray(path: Path, ndims: tuple[int, ...], max_voxels: int | None,
     if arr.ndim > 4:
         raise ReadError(path, f"wrong number of dimensions: expected 2-D or 3-D grey image, got shape {arr.shape}")
     gray = _to_volume_dtype(_to_gray(arr, colour), path, warnings)
-    if gray.ndim not in ndims or 0 in gray.shape:
+    if 0 in gray.shape:
+        raise ReadError(path, f"empty image of shape {arr.shape}")
+    if gray.ndim not in ndims:
         want = " or ".join(f"{n}-D" for n in ndims)
         raise ReadError(path, f"wrong number of dimensions: expected {want} grey image, got shape {arr.shape}")
     return gray, reader, scale
@@ -385,6 +389,9 @@ def read_volume(path: str | Path, *, sha256: str | None = None, max_voxels: int 
         from octseg.tasks.vendor import read_vendor
 
         volume = read_vendor(p, sha256=sha256, max_voxels=max_voxels, grader=grader)
+        if volume.image.ndim != 3 or 0 in volume.image.shape:  # e.g. a DICOM whose frame count disagrees
+            raise ReadError(p, f"the {volume.reader} reader found an image of shape {volume.image.shape}, "
+                               f"not (B-scans, depth, width): the header disagrees with the pixel data")
         volume.image = _to_volume_dtype(volume.image, p, volume.warnings)
         if volume.fundus is not None:
             volume.fundus = _to_volume_dtype(volume.fundus, p, volume.warnings)

@@ -198,8 +198,9 @@ def _layers(named: Iterable[tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def _image_dtype(arr: np.ndarray) -> np.ndarray:
-    """Integers as stored (the caller picks the exact archive type); other numbers as float32."""
-    return arr if arr.dtype.kind in "iub" else arr.astype(np.float32)
+    """Real floats as float32; anything else as stored: integers get their exact archive type from the
+    caller, which refuses complex, object and string arrays with a line naming the file."""
+    return arr.astype(np.float32) if arr.dtype.kind == "f" else arr
 
 
 def _grey(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
@@ -333,7 +334,10 @@ def _read_heyex_e2e(path: Path, max_voxels: int | None, grader: int) -> ScanVolu
         check_voxels(path, (s.n_bscans, int(first["size_y"]), int(first["size_x"])), max_voxels)
         image = from_e2e_intensity(s.get_bscans())
         names = {i: name for name, i in SEG_MAPPING.items()}
-        layers = _layers((names.get(i, f"layer_{i}"), a) for i, a in sorted(s.get_layers().items()))
+        found = _guard(s.get_layers)  # a series without layer annotations has none (eyepy raises KeyError)
+        if found is None:
+            warnings.append("no layer boundaries in the series")
+        layers = _layers((names.get(i, f"layer_{i}"), a) for i, a in sorted((found or {}).items()))
         pattern = _HE_PATTERNS.get(int(first["scan_pattern"]), "unknown")
         meta = {"laterality": _e2e_laterality(s, TypesEnum), "scan_pattern": pattern,
                 "acquired": _guard(s._series_date_iso), "device": _guard(lambda: s._study_text(TypesEnum.device, 0)),
@@ -447,14 +451,19 @@ def _xml_int(path: Path, image: ET.Element, tag: str) -> int:
 
 
 def _xml_file(path: Path, image: ET.Element) -> Path:
-    """The image file an <Image> names (its ExamURL's last component, beside the XML)."""
+    """The image file an <Image> names (its ExamURL's last component, beside the XML): a regular file that
+    stays inside the export folder (a symbolic link out of it is refused, never read)."""
     url = (image.findtext("ImageData/ExamURL") or "").strip()
     name = re.split(r"[\\/]", url)[-1]
     if not name or name in (".", ".."):
         raise ReadError(path, f"image {image.findtext('ID')}: no image file in ExamURL {url!r}")
     f = path.parent / name
-    if not f.is_file():
+    if not f.exists():
         raise ReadError(path, f"missing image file {name} (referenced by image {image.findtext('ID')})")
+    if f.resolve().parent != path.parent.resolve():
+        raise ReadError(path, f"image file {name} links outside the export folder; refused")
+    if not f.is_file():
+        raise ReadError(path, f"image file {name} is not a regular file")
     return f
 
 
@@ -579,6 +588,9 @@ def _read_duke_mat(path: Path, max_voxels: int | None, grader: int) -> ScanVolum
     wanted = ["images", f"manualFluid{grader}", f"manualLayers{grader}"]
     arrays = _mat73(path, wanted, max_voxels) if h5py.is_hdf5(str(path)) else _mat5(path, wanted, max_voxels)
     images = arrays["images"]
+    if images.ndim not in (2, 3) or min(images.shape[:2]) < 2 or 0 in images.shape or images.dtype.kind not in "buif":
+        raise ReadError(path, f"'images' is {images.ndim}-D {images.dtype} of shape {images.shape}: expected "
+                              f"a (rows, columns, B-scans) array of real numbers")
     image = np.ascontiguousarray(np.moveaxis(images if images.ndim == 3 else images[..., None], -1, 0))
     meta: dict[str, Any] = {"laterality": None, "scan_pattern": "volume" if image.shape[0] > 1 else "line",
                             "acquired": None, "device": None,

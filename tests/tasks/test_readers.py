@@ -124,6 +124,10 @@ def _truncated_npy(p: Path) -> None:
     ("text.npy", lambda p: p.write_text("not an array"), "not a NumPy .npy file"),
     ("4d.npy", lambda p: np.save(p, np.zeros((2, 2, 3, 4), np.uint8)), "wrong number of dimensions"),
     ("1d.npy", lambda p: np.save(p, np.zeros(5, np.uint8)), "wrong number of dimensions"),
+    ("obj.npy", lambda p: np.save(p, np.array([None, {"a": 1}], dtype=object), allow_pickle=True),
+     "object arrays (object) are refused"),
+    ("cplx.npy", lambda p: np.save(p, np.ones((2, 3, 4), np.complex64)), "unsupported pixel type complex64"),
+    ("zero.npy", lambda p: np.save(p, np.zeros((0, 8, 8), np.uint8)), "empty image of shape (0, 8, 8)"),
     ("scan.xyz", lambda p: p.write_bytes(b"DICM"), "unsupported suffix '.xyz'"),
     ("missing.tif", lambda p: None, "does not exist"),
 ])

@@ -332,6 +332,50 @@ def test_duke_mat_without_nan_takes_the_bscans_with_layers_as_annotated(tmp_path
 
 
 @pytest.mark.parametrize("write", [vf.write_mat5, vf.write_mat73], ids=["v5", "v7.3"])
+@pytest.mark.parametrize(("images", "phrase"), [
+    (np.ones((12, 10, 4), np.complex128) + 1j, "complex128"),
+    (np.ones(5, np.uint8), "'images' is [12]-D uint8 of shape \\((1, )?5"),  # MATLAB has no 1-D: v5 gives 1 x 5
+    (np.ones((2, 3, 4, 5), np.uint8), "'images' is 4-D"),
+])
+def test_duke_mat_images_that_are_not_a_volume_are_refused(tmp_path: Path, write, images, phrase) -> None:
+    """Through read_volume, as ingest reads: the imaginary part is never dropped silently, 1-D or 4-D
+    images are never taken for a volume, with or without the graders' masks beside them."""
+    from octseg.tasks.readers import read_volume
+
+    for arrays in ({"images": images}, {**vf.duke_arrays(), "images": images}):
+        with pytest.raises(ReadError, match=phrase):
+            read_volume(write(tmp_path / "bad.mat", arrays))
+
+
+def test_dicom_whose_frame_count_disagrees_with_its_pixels_is_refused_clearly(tmp_path: Path) -> None:
+    import pydicom
+
+    from octseg.tasks.readers import read_volume
+
+    p = vf.write_opt_dicom(tmp_path / "f.dcm", (np.arange(3 * 16 * 20) % 200).astype(np.uint8).reshape(3, 16, 20))
+    ds = pydicom.dcmread(p)
+    ds.NumberOfFrames = 1
+    ds.save_as(p)
+    with pytest.raises(ReadError, match=r"f\.dcm: .*(disagrees|pixel data)"):
+        read_volume(p)
+
+
+def test_e2e_without_layer_annotations_is_read(tmp_path: Path) -> None:
+    vol = read_vendor(vf.write_e2e(tmp_path / "x.e2e", np.full((2, 16, 24), 30000, np.uint16), {}))
+    assert vol.image.shape[0] == 2 and vol.layers == {} and any("no layer" in w for w in vol.warnings)
+
+
+def test_xml_export_never_follows_a_link_out_of_its_folder(tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    shutil.copytree(shared(*XML).parent, export)
+    (export / "B2.tif").unlink()
+    (export / "B2.tif").symlink_to("/etc/passwd")
+    with pytest.raises(ReadError, match="B2.tif links outside the export folder") as err:
+        read_vendor(export / "test_dummy.xml")
+    assert "header=b'root" not in str(err.value)  # nothing of the link's target is read
+
+
+@pytest.mark.parametrize("write", [vf.write_mat5, vf.write_mat73], ids=["v5", "v7.3"])
 def test_duke_mat_errors(tmp_path: Path, write) -> None:
     arrays = vf.duke_arrays()
     bare = read_vendor(write(tmp_path / "bare.mat", {"images": arrays["images"]}))
