@@ -225,8 +225,12 @@ def _need_oct_converter(path: Path) -> Any:
     try:
         import oct_converter.readers as readers
     except ImportError as e:
-        raise ReadError(path, f"reading {path.suffix.lower()} files needs the optional reader oct-converter: "
-                              f"pip install 'octseg[{HEAVY_EXTRA}]'") from e
+        if getattr(e, "name", None) in ("oct_converter", "oct_converter.readers") or "oct_converter" in str(e):
+            raise ReadError(path, f"reading {path.suffix.lower()} files needs the optional reader oct-converter: "
+                                  f"pip install 'octseg[{HEAVY_EXTRA}]'") from e
+        # installed, but a library it loads is missing (opencv's libGL.so.1 on a bare container, say)
+        raise ReadError(path, f"oct-converter is installed but cannot be imported ({e}); on Debian/Ubuntu "
+                              f"`apt-get install libgl1 libglib2.0-0` gives opencv what it needs") from e
     return readers
 
 

@@ -532,3 +532,23 @@ def test_missing_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: 
     with pytest.raises(ReadError) as err:
         read_vendor(p)
     assert err.value.reason == expected
+
+
+def test_extra_installed_but_a_system_library_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """opencv without libGL (a bare container): the line says what is missing, not that the extra is."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        if name.startswith("oct_converter"):
+            raise ImportError("libGL.so.1: cannot open shared object file: No such file or directory", name="cv2")
+        return real_import(name, *args, **kwargs)
+
+    for name in [m for m in sys.modules if m.startswith("oct_converter")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    p = tmp_path / "scan.img"
+    p.write_bytes(bytes(200 * 1024 * 200))
+    with pytest.raises(ReadError, match=r"oct-converter is installed but cannot be imported \(libGL\.so\.1.*libgl1"):
+        read_vendor(p)
