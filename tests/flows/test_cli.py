@@ -10,32 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from octseg.flows.cli import app
 from octseg.tasks.archive import open_archive
+from tests.flows.cli_runner import invoke as _invoke
 from octseg.tasks.phantom import write_phantom_files
 
 ROOT = Path(__file__).resolve().parents[2]
 PHANTOMS = ["phantom_000", "phantom_001"]
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_logging_outside_the_runner() -> None:
-    """Prefect binds its console handler to the ``sys.stderr`` of the moment it first sets up logging;
-    done inside ``CliRunner.invoke`` that is the runner's stream, closed after the call, and every later
-    log line prints a '--- Logging error ---' traceback into the next command's output."""
-    from prefect.logging.configuration import ensure_logging_setup
-
-    ensure_logging_setup()
-
-
-def _invoke(*args: str):
-    """Run ``octseg ARGS`` in-process on a wide terminal (help panels unwrapped)."""
-    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200", "NO_COLOR": "1"})
-    result.plain = _ANSI.sub("", result.output)  # output = stdout and stderr interleaved
-    return result
 
 
 @pytest.mark.parametrize(("command", "options"), [

@@ -9,23 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from typer.testing import CliRunner
 
-from octseg.flows.cli import app
 from octseg.tasks.archive import open_archive
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_logging_outside_the_runner() -> None:
-    from prefect.logging.configuration import ensure_logging_setup
-
-    ensure_logging_setup()
-
-
-def _invoke(*args: str):
-    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200", "NO_COLOR": "1"})
-    result.plain = re.sub(r"\x1b\[[0-9;]*m", "", result.output)
-    return result
+from tests.flows.cli_runner import invoke as _invoke
 
 
 def _stack(seed: int, n: int = 3) -> np.ndarray:
