@@ -17,7 +17,8 @@ A volume's ``attrs["octseg"]`` also carries what a vendor file said that does no
 patient: ``laterality``, ``scan_pattern``, ``acquired`` (date), ``device``, reader ``warnings``;
 patient identifiers only with ``--keep-identifiers`` (``identifiers``; see :mod:`octseg.tasks.identifiers`).
 
-Every array is chunked one B-scan per chunk ``(1, Y, X)`` and sharded ``(8, Y, X)`` (clipped to Z);
+Every array is chunked one B-scan per chunk ``(1, Y, X)``, compressed with Blosc LZ4 (bit-shuffled for
+uint8, byte-shuffled for wider types; :data:`COMPRESSORS`) and sharded ``(8, Y, X)`` (clipped to Z);
 writers of derived arrays must align their Dask chunks to :meth:`Archive.shard_bscans`, since two
 writers into one shard corrupt it. Axes are ``z, y, x`` in micrometres; the scale is 1.0 where the
 source did not give it (``octseg.scale_known: false``). There is a single resolution level: OCT
@@ -43,7 +44,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -85,7 +86,7 @@ from octseg.tasks._archive_layout import (
     label_metadata,
 )
 
-__all__ = ["ARCHIVE_VERSION", "AXES", "IMAGE_DTYPES", "OME_VERSION", "SHARD_BSCANS", "UNIT", "Archive", "ArchiveError",
+__all__ = ["ARCHIVE_VERSION", "AXES", "COMPRESSORS", "IMAGE_DTYPES", "OME_VERSION", "SHARD_BSCANS", "UNIT", "Archive", "ArchiveError",
            "StagedPrediction", "already_segmented", "bscan_chunks", "bscan_shards", "label_metadata", "open_archive", "select_volumes",
            "volume_id_from_path"]
 
@@ -250,6 +251,7 @@ class Archive:
     # ----- writing (atomic) -----
     def write_volume(self, volume_id: str, image: np.ndarray | da.Array, *,
                      scale_um: Sequence[float] | None = None, provenance: Mapping[str, Any],
+                     provenance_later: Callable[[], Mapping[str, Any]] | None = None,
                      manual_labels: np.ndarray | None = None, annotated: Sequence[int] | None = None,
                      class_names: Mapping[int, str] | None = None,
                      boundaries: Mapping[str, np.ndarray] | None = None, boundaries_source: str | None = None,
@@ -257,7 +259,9 @@ class Archive:
         """Write (or replace) a volume atomically: image (Z, Y, X), optional ground truth and vendor extras.
 
         ``provenance`` needs ``source``, ``source_sha256`` and ``reader``; the octseg version, the
-        ingest time and ``scale_known`` are added. ``annotated`` defaults to all B-scans; others
+        ingest time and ``scale_known`` are added. ``provenance_later``: called once the pixels are
+        written, its items join ``provenance`` (values computed meanwhile, e.g. the source's SHA-256; an
+        error there writes nothing). ``annotated`` defaults to all B-scans; others
         must be 0 in ``manual_labels``. ``class_names`` maps label value -> class name.
         ``boundaries``: layer name -> (Z, X) row of the boundary in each A-scan (NaN: none), stored as
         ``boundaries`` (see the module docstring). ``fundus``: the 2-D SLO/NIR image, an OME image ``fundus``.
@@ -270,8 +274,13 @@ class Archive:
         if manual_labels is not None:
             lab = _as_labels(manual_labels, arr.shape, f"{where}: manual labels")
             ann = _annotated(lab, annotated, f"{where}: manual labels")
-        meta = {**_require(provenance, REQUIRED_PROVENANCE, f"{where}: provenance"), "volume_id": volume_id,
-                "octseg_version": _octseg_version(), "ingested_at": _now(), "scale_known": scale_um is not None}
+        def described(later: Mapping[str, Any]) -> dict[str, Any]:
+            return {**_require({**provenance, **later}, REQUIRED_PROVENANCE, f"{where}: provenance"),
+                    "volume_id": volume_id, "octseg_version": _octseg_version(), "ingested_at": _now(),
+                    "scale_known": scale_um is not None}
+
+        if provenance_later is None:
+            described({})  # checked before any byte is written
         with _staging_dir(self.path) as stage:
             try:
                 group = zarr.open_group(stage / "new", mode="w", zarr_format=3)
@@ -285,7 +294,7 @@ class Archive:
                 _compute(jobs)
                 if boundaries:
                     _write_boundaries(group, boundaries, boundaries_source, arr.shape, where)
-                group.attrs["octseg"] = meta
+                group.attrs["octseg"] = described(provenance_later() if provenance_later is not None else {})
                 _replace_dir(stage / "new", self.path / volume_id, stage / "old")
             except Exception as e:
                 raise ArchiveError(f"{where}: writing the volume failed, archive unchanged "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,7 +22,8 @@ from octseg.tasks.archive import open_archive, volume_id_from_path
 from octseg.tasks.classes import DEFAULT_CLASS_NAMES
 from octseg.tasks.claims import claim_volume
 from octseg.tasks.identifiers import content_volume_id, has_identifier, redact
-from octseg.tasks.readers import DEFAULT_MAX_VOXELS, mask_files, read_masks, read_volume, shown, source_problem, source_sha256
+from octseg.tasks.readers import (DEFAULT_MAX_VOXELS, SHA256_LATER, ScanVolume, mask_files, read_masks, read_volume, shown,
+                                  source_problem, source_sha256)
 from octseg.tasks.retry import TRANSIENT_IO_RETRIES
 
 __all__ = ["IngestResult", "ingest_source", "ingest_source_task", "is_up_to_date", "labels_sha256"]
@@ -147,22 +149,32 @@ def ingest_source(source: str | Path, archive_path: str | Path, labels_dir: str 
     problem = source_problem(src)
     if problem:
         raise ValueError(problem)
-    sha, labels_fp = source_sha256(src), labels_sha256(labels_dir, src)
-    archive = open_archive(archive_path)
-    path_id = volume_id_from_path(src)
-    if archive.has_volume(path_id) and _unchanged(archive.volume_meta(path_id), sha, labels_fp, grader,
-                                                  keep_identifiers):
-        return _skipped(archive, path_id, src)  # unchanged: not decoded again
-    volume = read_volume(src, sha256=sha, max_voxels=max_voxels, grader=grader)
+    with ThreadPoolExecutor(1, thread_name_prefix="octseg-sha256") as hasher:
+        hashing = hasher.submit(source_sha256, src)  # meanwhile the file is decoded and written
+        labels_fp = labels_sha256(labels_dir, src)
+        archive = open_archive(archive_path)
+        path_id = volume_id_from_path(src)
+        if archive.has_volume(path_id) and _unchanged(archive.volume_meta(path_id), hashing.result(), labels_fp,
+                                                      grader, keep_identifiers):
+            return _skipped(archive, path_id, src)  # unchanged: not decoded again
+        volume = read_volume(src, sha256=SHA256_LATER, max_voxels=max_voxels, grader=grader)
+        return _write(archive, src, volume, hashing, labels_dir, labels_fp, keep_identifiers, grader)
+
+
+def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_dir: str | Path | None,
+           labels_fp: str | None, keep_identifiers: bool, grader: int) -> IngestResult:
+    """The write half of :func:`ingest_source`: the volume id, the check against a stored volume, the write.
+    ``hashing`` gives the source's SHA-256; it is waited for only where a decision needs it, else the hash
+    is computed while the pixels are written."""
     private = bool(volume.identifiers) and not keep_identifiers
-    volume_id = content_volume_id(volume.reader, sha) if private and has_identifier(src.name, volume.identifiers) \
-        else path_id
+    named = private and has_identifier(src.name, volume.identifiers)
+    volume_id = content_volume_id(volume.reader, hashing.result()) if named else volume_id_from_path(src)
     hide = (lambda text: redact(text, volume.identifiers)) if private else (lambda text: text)
-    source_text = hide(str(src.resolve()))
     with claim_volume(archive.path, volume_id, wait=CLAIM_WAIT_SECONDS, doing="ingesting"):
         if archive.has_volume(volume_id):
             meta = archive.volume_meta(volume_id)
-            action, error = _existing_volume(meta, volume_id, src, sha, labels_fp, grader, keep_identifiers)
+            action, error = _existing_volume(meta, volume_id, src, hashing.result(), labels_fp, grader,
+                                             keep_identifiers)
             if action == "skip":
                 return _skipped(archive, volume_id, src)
             if action == "fail":
@@ -174,18 +186,24 @@ def ingest_source(source: str | Path, archive_path: str | Path, labels_dir: str 
         if masks is None and volume.manual_labels is not None:
             masks = (volume.manual_labels, volume.annotated)
         labels, annotated = masks if masks is not None else (None, [])
-        provenance = {**volume.meta, "source": source_text, "source_sha256": volume.sha256, "reader": volume.reader,
+        provenance = {**volume.meta, "source": hide(str(src.resolve())), "reader": volume.reader,
                       "labels_dir": hide(str(Path(labels_dir).resolve())) if labels_fp is not None else None,
                       "labels_sha256": labels_fp, "n_bscans": int(volume.image.shape[0]),
-                      "source_path_digest": path_digest(src, sha[:16]), "warnings": [hide(w) for w in volume.warnings],
+                      "warnings": [hide(w) for w in volume.warnings],
                       "has_identifiers": bool(volume.identifiers), "identifiers_kept": bool(keep_identifiers)}
         if volume.reader == "duke-mat":
             provenance["grader"] = grader
         if keep_identifiers and volume.identifiers:
             provenance["identifiers"] = dict(volume.identifiers)
+
+        def hashed() -> dict[str, str]:  # once the pixels are written
+            volume.sha256 = hashing.result()
+            return {"source_sha256": volume.sha256, "source_path_digest": path_digest(src, volume.sha256[:16])}
+
         binary = labels is not None and labels.max() <= 1
         archive.write_volume(volume_id, volume.image, scale_um=volume.scale_um, provenance=provenance,
-                             manual_labels=labels, annotated=annotated if masks is not None else None,
+                             provenance_later=hashed, manual_labels=labels,
+                             annotated=annotated if masks is not None else None,
                              class_names=dict(DEFAULT_CLASS_NAMES) if binary else None,
                              boundaries=volume.layers or None, boundaries_source=volume.layers_source,
                              fundus=volume.fundus, fundus_scale_um=volume.fundus_scale_um)

@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 __all__ = [
     "IMAGE_SUFFIXES",
     "ReadError",
+    "SHA256_LATER",
     "DEFAULT_MAX_VOXELS",
     "ScanVolume",
     "check_voxels",
@@ -155,13 +156,14 @@ def source_files(path: str | Path) -> list[Path]:
 
 
 def _sha256(files: Iterable[Path], with_names: bool) -> str:
-    digest = hashlib.sha256()
+    digest, buffer = hashlib.sha256(), bytearray(1 << 20)  # one buffer: no allocation (and page faults) per block
+    view = memoryview(buffer)
     for f in files:
         if with_names:
             digest.update(f.name.encode() + b"\0")
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        with f.open("rb", buffering=0) as fh:
+            while n := fh.readinto(buffer):
+                digest.update(view[:n])
     return digest.hexdigest()
 
 
@@ -366,13 +368,17 @@ def _read_gray(path: Path, ndims: tuple[int, ...], max_voxels: int | None,
     return gray, reader, scale
 
 
+SHA256_LATER = "(set by the caller)"  # read_volume's sha256 when the caller hashes the file itself, meanwhile
+
+
 def read_volume(path: str | Path, *, sha256: str | None = None, max_voxels: int | None = DEFAULT_MAX_VOXELS,
                 grader: int = 1) -> ScanVolume:
     """Read a scan file, a vendor export or a folder of B-scans as a (Z, Y, X) volume; 2-D files give Z = 1.
 
     ``sha256``: the caller's :func:`source_sha256` of ``path``, when it already has it (saves a
-    second pass over the bytes); None computes it here. ``max_voxels``: refuse larger volumes from
-    their headers (None: no limit). ``grader``: whose manual labels a Duke ``.mat`` gives.
+    second pass over the bytes), or :data:`SHA256_LATER` when the caller sets ``volume.sha256`` itself
+    (it hashes the file meanwhile, in another thread); None computes it here. ``max_voxels``: refuse
+    larger volumes from their headers (None: no limit). ``grader``: whose manual labels a Duke ``.mat`` gives.
     Vendor formats (``.vol``, ``.e2e``, HEYEX XML, Duke ``.mat``, DICOM, ...) go to
     :func:`octseg.tasks.vendor.read_vendor`. NaN or infinite voxels are refused.
     """
