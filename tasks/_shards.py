@@ -105,7 +105,8 @@ def write_shards(array: zarr.Array, data: np.ndarray, z0: int = 0) -> bool:
         with path.open("wb") as fh:
             fh.writelines(parts)
 
-    workers = min(len(starts), os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(len(starts), cores)
     if workers <= 1:
         for start in starts:
             write(start)
