@@ -61,7 +61,8 @@ def test_shard_by_shard_from_a_start(tmp_path):
     assert _files(tmp_path / "ours") == _files(tmp_path / "theirs")
 
 
-@pytest.mark.parametrize("case", ["chunk-not-bscan", "not-sharded", "dtype", "index-start", "skip-empty-chunks"])
+@pytest.mark.parametrize("case", ["chunk-not-bscan", "not-sharded", "dtype", "index-start", "skip-empty-chunks",
+                                  "big-endian"])
 def test_other_layouts_are_left_to_zarr(tmp_path, case):
     data = _data((8, 16, 12), "uint8")
     if case == "chunk-not-bscan":
@@ -70,6 +71,8 @@ def test_other_layouts_are_left_to_zarr(tmp_path, case):
         arr = zarr.create_array(str(tmp_path / "a"), shape=data.shape, dtype="uint8", chunks=(1, 16, 12))
     elif case == "dtype":
         arr, data = _array(tmp_path / "a", data.shape, "uint16", [ZstdCodec()]), data
+    elif case == "big-endian":  # e.g. a big-endian TIFF: zarr converts it
+        arr, data = _array(tmp_path / "a", data.shape, "uint16", [ZstdCodec()]), data.astype(">u2")
     elif case == "skip-empty-chunks":  # zarr would leave chunks of fill value out; this writer stores them all
         arr = _array(tmp_path / "a", data.shape, "uint8", [ZstdCodec()]).with_config({"write_empty_chunks": False})
     else:
