@@ -4,13 +4,18 @@ zarr's own ``array[...] = data`` runs every B-scan chunk through its asyncio cod
 archive's layout (one B-scan per chunk, a few B-scans per shard, one compressor) that pipeline, not
 the compression, was most of an ingest (benchmarks/ingest.py). :func:`write_shards` encodes each
 shard with the array's own codec settings (numcodecs, as zarr does) in a thread per core and writes
-the shard file whole, every chunk included (the array's ``write_empty_chunks`` must be on): the bytes are exactly the ones zarr writes (``tests/tasks/test_shards.py``
-compares them file by file), so zarr, ome-zarr and napari read them as their own.
+the shard file whole, every chunk included (the array's ``write_empty_chunks`` must be on). The bytes
+are exactly the ones zarr writes (``tests/tasks/test_shards.py`` compares them file by file), so
+zarr, ome-zarr and napari read them as their own.
 
-Only the layout it knows is taken: a sharding codec over chunks that each span whole trailing axes,
-a ``bytes`` codec and at most one blosc or zstd compressor inside, a ``bytes`` + ``crc32c`` index at
-the end, a local store, ``write_empty_chunks`` and data of the array's dtype. Anything else returns False and the caller
-writes through zarr.
+It is for arrays nothing reads yet (the archive's staging folders): shard files are written in place,
+not through a temporary file. Chunks are encoded in worker threads, where numcodecs' Blosc takes its
+single-threaded context path (zarr also turns Blosc's global threads off); that keeps the bytes zarr's.
+
+Only the layout it knows is taken: a sharding codec over chunks that are whole B-scans, a ``bytes``
+codec and at most one blosc or zstd compressor inside, a ``bytes`` + ``crc32c`` index at the end, a
+local store, ``write_empty_chunks``, and data of the array's dtype and B-scan size. Anything else
+returns False, and the caller writes through zarr.
 """
 from __future__ import annotations
 
@@ -59,6 +64,8 @@ def _layout(array: zarr.Array, data: np.ndarray) -> tuple[Callable[[np.ndarray],
         return None  # zarr would leave out chunks of fill value; every chunk is written here
     if data.dtype != array.dtype or data.dtype.byteorder == ">" or data.ndim != array.ndim or data.ndim < 1:
         return None
+    if tuple(data.shape[1:]) != tuple(array.shape[1:]):
+        return None  # zarr broadcasts or refuses it
     codecs = array.metadata.to_dict()["codecs"]
     if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
         return None
@@ -106,11 +113,6 @@ def write_shards(array: zarr.Array, data: np.ndarray, z0: int = 0) -> bool:
             fh.writelines(parts)
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(len(starts), cores)
-    if workers <= 1:
-        for start in starts:
-            write(start)
-    else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="octseg-shards") as pool:
-            list(pool.map(write, starts))
+    with ThreadPoolExecutor(min(len(starts), cores), thread_name_prefix="octseg-shards") as pool:
+        list(pool.map(write, starts))  # never in the calling thread: see the module docstring
     return True

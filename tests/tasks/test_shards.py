@@ -62,7 +62,7 @@ def test_shard_by_shard_from_a_start(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["chunk-not-bscan", "not-sharded", "dtype", "index-start", "skip-empty-chunks",
-                                  "big-endian"])
+                                  "big-endian", "bscan-size"])
 def test_other_layouts_are_left_to_zarr(tmp_path, case):
     data = _data((8, 16, 12), "uint8")
     if case == "chunk-not-bscan":
@@ -71,6 +71,8 @@ def test_other_layouts_are_left_to_zarr(tmp_path, case):
         arr = zarr.create_array(str(tmp_path / "a"), shape=data.shape, dtype="uint8", chunks=(1, 16, 12))
     elif case == "dtype":
         arr, data = _array(tmp_path / "a", data.shape, "uint16", [ZstdCodec()]), data
+    elif case == "bscan-size":  # B-scans of another size than the array's: zarr's business (it refuses them)
+        arr, data = _array(tmp_path / "a", (8, 16, 12), "uint8", [ZstdCodec()]), data[:, :10, :10]
     elif case == "big-endian":  # e.g. a big-endian TIFF: zarr converts it
         arr, data = _array(tmp_path / "a", data.shape, "uint16", [ZstdCodec()]), data.astype(">u2")
     elif case == "skip-empty-chunks":  # zarr would leave chunks of fill value out; this writer stores them all
