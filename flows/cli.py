@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -27,14 +26,21 @@ from octseg.flows.config import (
     SegmentConfig,
     TrainFlowConfig,
     WatchConfig,
-    load_config_file,
 )
 from octseg.flows import preflight
+from octseg.flows.cli_options import (
+    AmpOpt, ArchiveOpt, AugmentOpt, BaseOpt, BatchNormOpt, BatchOpt, ClassesOpt, ConfigOpt, DaskOpt, DecayOpt,
+    DepthOpt, DeviceOpt, DiceOpt, DropoutOpt, EpochsOpt, ExperimentOpt, EXPLICIT_NONE, FgOpt, ForceTrainOpt,
+    InfAmpOpt, InfBatchOpt, InfBudgetOpt, InfCompileOpt, InfDeviceOpt, inference_options, InfMaxTileOpt,
+    InfOverlapOpt, InfTileOpt, InfTtaOpt, InfWholeOpt, KeepIdsOpt, LabelsOpt, LrOpt, MaxTileOpt, MaxVoxelsOpt,
+    ModelNameOpt, MomentumOpt, OptimOpt, option, PaddingOpt, PatienceOpt, ProcessesOpt, RestoreOpt, ResumeOpt,
+    SeedOpt, settings, ShowOpt, SourcesArg, TileOpt, TilesOpt, TrackingOpt, TRAIN_KEYS, UpModeOpt, ValOpt,
+    ValVolumeOpt, VerboseOpt, VolumesOpt, WorkersOpt
+)
 
 __all__ = ["app", "main"]
 
 QUIET_LOGGERS = ("distributed", "mlflow", "alembic")  # third-party INFO lines off the console by default
-EXPLICIT_NONE = object()  # an option that sets a setting to None (e.g. --no-balanced over a config file)
 
 # Read by Prefect when it is first imported, so set before any command can import it. The ephemeral
 # server's first start migrates its database, which outlasts Prefect's 20 s default on a small machine.
@@ -80,210 +86,6 @@ app = typer.Typer(
         "./mlflow.db with artifacts in ./mlartifacts (set MLFLOW_TRACKING_URI or --tracking-uri)."
     ),
 )
-
-
-# ---- settings: one config object per command ----------------------------------------------------
-
-def _default(cls: Any, dotted: str) -> Any:
-    """The default of ``dotted`` (e.g. ``"train.epochs"``) in a flow config class: shown by ``--help``,
-    read from the config objects themselves so it is never written twice."""
-    value: Any = cls
-    for part in dotted.split("."):
-        if isinstance(value, type) and hasattr(value, "model_fields"):
-            field = value.model_fields[part]
-            value = field.default_factory() if field.default_factory else field.default
-        elif is_dataclass(value):
-            value = {f.name: getattr(value, f.name) for f in fields(value)}[part]
-        else:
-            raise KeyError(dotted)
-    return value
-
-
-def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = data.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"config: {part} must be a mapping of settings, got {node!r}")
-        data = node
-    data[leaf] = value
-
-
-def _settings(cls: Any, config_file: Path | None, show: bool, options: dict[str, Any]) -> Any:
-    """``cls`` from the config file, then every option given (``None`` = not given); ``--show-config``
-    prints it as YAML (which ``--config`` reads back) and stops."""
-    data = load_config_file(config_file) if config_file is not None else {}
-    for dotted, value in options.items():
-        if value is EXPLICIT_NONE:
-            _set(data, dotted, None)
-        elif value is not None:
-            _set(data, dotted, [str(v) for v in value] if isinstance(value, (list, tuple)) else value)
-    config = cls.model_validate(data)
-    if show:
-        import yaml
-
-        typer.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip())
-        raise typer.Exit(0)
-    return config
-
-
-def _opt(help: str, *decls: str, cls: Any = None, key: str | None = None, panel: str | None = None,
-         metavar: str | None = None) -> Any:
-    """A ``typer.Option`` whose shown default comes from ``cls`` at ``key``."""
-    shown: Any = False
-    if cls is not None and key is not None:
-        default = _default(cls, key)
-        shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
-    return typer.Option(*decls, help=help, show_default=shown, rich_help_panel=panel, metavar=metavar)
-
-
-ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", help="YAML or JSON file of this command's settings; options given here override it.",
-    rich_help_panel="Settings")]
-ShowOpt = Annotated[bool, typer.Option(
-    "--show-config", help="Print the settings this command would run with (YAML), then stop.",
-    rich_help_panel="Settings")]
-VerboseOpt = Annotated[bool, typer.Option(
-    "--verbose", help="Also show third-party INFO logs (Dask, MLflow) and the tracebacks of failed items.",
-    rich_help_panel="Settings")]
-ArchiveOpt = Annotated[Optional[Path], typer.Option(
-    "--archive", "-a", help="The OME-Zarr archive (a folder, created by ingest).", show_default=False)]
-VolumesOpt = Annotated[Optional[list[str]], typer.Option(
-    "--volume", "-v", help="Only this volume id (repeatable). Default: all.", show_default=False)]
-TrackingOpt = Annotated[Optional[str], typer.Option(
-    help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db.", show_default=False)]
-DaskOpt = Annotated[Optional[str], typer.Option(
-    help="Dask scheduler (tcp://host:8786). Default: $DASK_SCHEDULER_ADDRESS, else a LocalCluster.",
-    show_default=False)]
-SourcesArg = Annotated[Optional[list[Path]], typer.Argument(
-    metavar="SOURCE", show_default=False,
-    help="TIFF stacks, .npy files, 2-D images, folders of 2-D B-scans (one folder = one volume), or vendor "
-         "exports: Heidelberg .vol/.e2e/HEYEX .xml, DICOM, Duke .mat; Topcon .fds/.fda, Zeiss .img and "
-         "Bioptigen .oct with the 'vendor' extra.")]
-LabelsOpt = Annotated[Optional[Path], typer.Option(
-    help="Folder of manual masks with the same file names as the sources.", show_default=False)]
-KeepIdsOpt = Annotated[Optional[bool], typer.Option(
-    "--keep-identifiers/--no-keep-identifiers", show_default="no-keep-identifiers",
-    help="Write the patient identifiers of vendor headers (names, ids, birth dates, free text) into the "
-         "archive and name volumes after their files. Default: they stay out, and a file named after "
-         "its patient gets an id from its content.")]
-MaxVoxelsOpt = Annotated[Optional[int], _opt(
-    "Refuse a volume larger than this many voxels, from its header (before decoding).",
-    cls=IngestConfig, key="max_voxels")]
-
-_T, _NET, _OPT, _INF = TrainFlowConfig, "Network (UNetConfig)", "Optimisation (TrainConfig)", "Inference"
-# the training options shared by `train` and `pipeline`: (parameter name, key in TrainFlowConfig)
-_TRAIN_KEYS = {
-    "classes": "unet.out_channels", "base_channels": "unet.base_channels", "depth": "unet.depth",
-    "padding": "unet.padding", "batch_norm": "unet.batch_norm", "dropout": "unet.dropout", "up_mode": "unet.up_mode",
-    "epochs": "train.epochs", "batch_size": "train.batch_size", "optimizer": "train.optimizer", "lr": "train.lr",
-    "momentum": "train.momentum", "weight_decay": "train.weight_decay", "tile_size": "train.tile_size",
-    "max_tile": "train.max_tile", "tiles_per_epoch": "train.tiles_per_epoch",
-    "foreground_fraction": "train.foreground_fraction", "dice_weight": "train.dice_weight", "augment": "train.augment", "seed": "train.seed",
-    "device": "train.device", "amp": "train.amp", "val_fraction": "val_fraction",
-    "tracking_uri": "tracking_uri", "experiment": "experiment", "model_name": "model_name", "force": "force",
-    "patience": "train.patience", "restore_best": "train.restore_best", "resume": "resume",
-    "num_workers": "train.num_workers", "processes": "train.processes", "val_volume": "val_volumes",
-}
-ClassesOpt = Annotated[Optional[int], _opt("Classes the network predicts (background + fluid = 2; raise it for "
-                                           "masks with more labels).", "--classes", cls=_T, key="unet.out_channels",
-                                           panel=_NET)]
-BaseOpt = Annotated[Optional[int], _opt("Channels of the first level (the paper: 64).", cls=_T,
-                                        key="unet.base_channels", panel=_NET)]
-DepthOpt = Annotated[Optional[int], _opt("Number of 2x2 max-poolings (the paper: 4).", cls=_T, key="unet.depth",
-                                         panel=_NET)]
-PaddingOpt = Annotated[Optional[str], _opt("valid (the paper's unpadded convolutions) or same.", cls=_T,
-                                           key="unet.padding", panel=_NET)]
-BatchNormOpt = Annotated[Optional[bool], _opt("BatchNorm after each 3x3 conv (not in the paper).",
-                                              "--batch-norm/--no-batch-norm", cls=_T, key="unet.batch_norm",
-                                              panel=_NET)]
-DropoutOpt = Annotated[Optional[float], _opt("Drop-out at the end of the contracting path.", cls=_T,
-                                             key="unet.dropout", panel=_NET)]
-UpModeOpt = Annotated[Optional[str], _opt("transpose (the paper's 2x2 up-convolution) or bilinear.", cls=_T,
-                                          key="unet.up_mode", panel=_NET)]
-EpochsOpt = Annotated[Optional[int], _opt("Training epochs.", cls=_T, key="train.epochs", panel=_OPT)]
-BatchOpt = Annotated[Optional[int], _opt("Tiles per optimisation step.", cls=_T, key="train.batch_size", panel=_OPT)]
-OptimOpt = Annotated[Optional[str], _opt("sgd (the paper's, with momentum) or adam.", cls=_T, key="train.optimizer",
-                                         panel=_OPT)]
-LrOpt = Annotated[Optional[float], _opt("Learning rate.", cls=_T, key="train.lr", panel=_OPT)]
-MomentumOpt = Annotated[Optional[float], _opt("SGD momentum (the paper: 0.99).", cls=_T, key="train.momentum",
-                                              panel=_OPT)]
-DecayOpt = Annotated[Optional[float], _opt("Weight decay.", cls=_T, key="train.weight_decay", panel=_OPT)]
-TileOpt = Annotated[Optional[int], _opt("Input tile (pixels); none: the largest valid tile <= --max-tile whose "
-                                        "output fits the B-scan.", cls=_T, key="train.tile_size", panel=_OPT)]
-MaxTileOpt = Annotated[Optional[int], _opt("Largest input tile the tile rule may pick (the paper: 572).", cls=_T,
-                                           key="train.max_tile", panel=_OPT)]
-TilesOpt = Annotated[Optional[int], _opt("Random tiles drawn per epoch.", cls=_T, key="train.tiles_per_epoch",
-                                         panel=_OPT)]
-FgOpt = Annotated[Optional[float], _opt("Share of tiles centred on foreground pixels.", cls=_T,
-                                        key="train.foreground_fraction", panel=_OPT)]
-DiceOpt = Annotated[Optional[float], _opt("Weight of a foreground soft-Dice term added to the paper's loss "
-                                          "(nnU-Net: 1).", cls=_T, key="train.dice_weight", panel=_OPT)]
-AugmentOpt = Annotated[Optional[bool], _opt("Elastic deformation, flips, grey-value jitter.", "--augment/--no-augment",
-                                            cls=_T, key="train.augment", panel=_OPT)]
-SeedOpt = Annotated[Optional[int], _opt("Random seed (tiles, split, initialisation).", cls=_T, key="train.seed",
-                                        panel=_OPT)]
-DeviceOpt = Annotated[Optional[str], _opt("auto (GPU when present), cpu, cuda or cuda:N.", cls=_T, key="train.device",
-                                          panel=_OPT)]
-AmpOpt = Annotated[Optional[bool], _opt("bfloat16 autocast on CUDA.", "--amp/--no-amp", cls=_T, key="train.amp",
-                                        panel=_OPT)]
-ValOpt = Annotated[Optional[float], _opt("Share held out for validation (whole volumes when there are several).",
-                                         cls=_T, key="val_fraction", panel=_OPT)]
-ValVolumeOpt = Annotated[Optional[list[str]], typer.Option(
-    "--val-volume", help="Validate on this volume (repeatable; overrides --val-fraction).", show_default=False,
-    rich_help_panel=_OPT)]
-PatienceOpt = Annotated[Optional[int], _opt("Stop after this many epochs without a better validation Dice.", cls=_T,
-                                            key="train.patience", panel=_OPT)]
-RestoreOpt = Annotated[Optional[bool], _opt("End with the weights of the best validated epoch.",
-                                            "--restore-best/--no-restore-best", cls=_T, key="train.restore_best",
-                                            panel=_OPT)]
-ResumeOpt = Annotated[Optional[str], _opt("Continue this MLflow run from its last checkpoint (an unfinished identical "
-                                          "run is continued without it).", "--resume", metavar="RUN_ID")]
-WorkersOpt = Annotated[Optional[int], _opt("Tile-loading worker processes (default: 0 on CPU, up to 4 on a GPU).",
-                                           "--loader-workers", cls=_T, key="train.num_workers",
-                                           panel=_OPT)]
-ProcessesOpt = Annotated[Optional[int], _opt("Data-parallel training processes (DistributedDataParallel): one per GPU "
-                                             "with NCCL, or CPU processes with gloo. The batch is split between them.",
-                                             "--gpus", "--processes", cls=_T, key="train.processes", panel=_OPT)]
-ExperimentOpt = Annotated[Optional[str], _opt("MLflow experiment.", cls=_T, key="experiment")]
-ModelNameOpt = Annotated[Optional[str], _opt("Registered model name.", cls=_T, key="model_name")]
-ForceTrainOpt = Annotated[Optional[bool], _opt("Train even if an identical run (same data and settings) is "
-                                               "registered.", "--force/--no-force", cls=_T, key="force")]
-
-
-# the inference options shared by `segment` and `evaluate`: (parameter name, key in their configs)
-_S = SegmentConfig
-_INFERENCE_KEYS = {name: f"inference.{key}" for name, key in (
-    ("tile_size", "tile_size"), ("max_tile", "max_tile"), ("overlap", "overlap"), ("batch_size", "batch_size"),
-    ("device", "device"), ("amp", "amp"), ("whole", "whole"), ("tta", "tta"), ("memory_budget", "memory_budget_mb"),
-    ("compile_model", "compile"))}
-InfTileOpt = Annotated[Optional[int], _opt("Tile B-scans with this input tile (pixels) instead of whole passes.",
-                                           cls=_S, key="inference.tile_size", panel=_INF)]
-InfMaxTileOpt = Annotated[Optional[int], _opt("Largest tile when B-scans must be tiled.", cls=_S,
-                                              key="inference.max_tile", panel=_INF)]
-InfOverlapOpt = Annotated[Optional[float], _opt("Overlap of neighbouring output tiles (fraction), blended.", cls=_S,
-                                                key="inference.overlap", panel=_INF)]
-InfBatchOpt = Annotated[Optional[int], _opt("B-scans (or tiles) per forward pass; none: what the memory budget "
-                                            "holds.", cls=_S, key="inference.batch_size", panel=_INF)]
-InfDeviceOpt = Annotated[Optional[str], _opt("auto (GPU when present), cpu, cuda or cuda:N.", cls=_S,
-                                             key="inference.device", panel=_INF)]
-InfAmpOpt = Annotated[Optional[bool], _opt("bfloat16 autocast on CUDA.", "--amp/--no-amp", cls=_S,
-                                           key="inference.amp", panel=_INF)]
-InfWholeOpt = Annotated[Optional[bool], _opt("A whole B-scan per forward pass when it fits the memory budget "
-                                             "(--tiles: always overlap-tiles).", "--whole/--tiles", cls=_S,
-                                             key="inference.whole", panel=_INF)]
-InfTtaOpt = Annotated[Optional[bool], _opt("Test-time augmentation: average with the mirrored B-scan.",
-                                           "--tta/--no-tta", cls=_S, key="inference.tta", panel=_INF)]
-InfBudgetOpt = Annotated[Optional[int], _opt("Memory for one forward pass, MiB (none: half the free GPU memory, "
-                                             "2048 on CPU).", "--memory-budget", cls=_S,
-                                             key="inference.memory_budget_mb", panel=_INF, metavar="MIB")]
-InfCompileOpt = Annotated[Optional[bool], _opt("torch.compile the network (GPU; slow first batch).",
-                                               "--compile/--no-compile", cls=_S, key="inference.compile",
-                                               panel=_INF)]
-
-
-def _inference_options(values: dict[str, Any]) -> dict[str, Any]:
-    return {_INFERENCE_KEYS[k]: v for k, v in values.items() if k in _INFERENCE_KEYS}
 
 
 # ---- running a flow ----------------------------------------------------------------------------
@@ -372,8 +174,8 @@ def _report(summary: Any) -> None:
 @app.command()
 def ingest(sources: SourcesArg = None, archive: ArchiveOpt = None, labels: LabelsOpt = None,
            keep_identifiers: KeepIdsOpt = None,
-           grader: Annotated[Optional[int], _opt("Whose manual fluid labels a Duke .mat gives: 1 or 2.",
-                                                 cls=IngestConfig, key="grader")] = None,
+           grader: Annotated[Optional[int], option("Whose manual fluid labels a Duke .mat gives: 1 or 2.",
+                                                   cls=IngestConfig, key="grader")] = None,
            max_voxels: MaxVoxelsOpt = None,
            dask_address: Annotated[Optional[str], typer.Option(
                help="Dask scheduler (tcp://host:8786) whose workers read and write the files (they must see "
@@ -391,7 +193,7 @@ def ingest(sources: SourcesArg = None, archive: ArchiveOpt = None, labels: Label
     Example: [bold]octseg ingest scans/*.vol exports/*.dcm --archive oct.zarr[/]
     """
     _quiet(verbose)
-    cfg = _settings(IngestConfig, config, show_config, {
+    cfg = settings(IngestConfig, config, show_config, {
         "sources": sources, "archive": archive, "labels": labels, "keep_identifiers": keep_identifiers,
         "grader": grader, "max_voxels": max_voxels, "dask_address": dask_address})
     preflight.check_new_archive(cfg.archive)
@@ -413,12 +215,12 @@ def preprocess(
     archive: ArchiveOpt = None,
     volume: VolumesOpt = None,
     dask_address: DaskOpt = None,
-    workers: Annotated[Optional[int], _opt("LocalCluster worker processes.", cls=PreprocessConfig,
-                                           key="n_workers")] = None,
-    w0: Annotated[Optional[float], _opt("Border weight w0 of the paper.", cls=PreprocessConfig,
-                                        key="weights.w0")] = None,
-    sigma: Annotated[Optional[float], _opt("Border weight sigma (pixels).", cls=PreprocessConfig,
-                                           key="weights.sigma")] = None,
+    workers: Annotated[Optional[int], option("LocalCluster worker processes.", cls=PreprocessConfig,
+                                             key="n_workers")] = None,
+    w0: Annotated[Optional[float], option("Border weight w0 of the paper.", cls=PreprocessConfig,
+                                          key="weights.w0")] = None,
+    sigma: Annotated[Optional[float], option("Border weight sigma (pixels).", cls=PreprocessConfig,
+                                             key="weights.sigma")] = None,
     balanced: Annotated[Optional[bool], typer.Option("--balanced/--no-balanced", show_default=False, help=(
         "Class weights w_c by inverse class frequency (the paper's w_c); default w_c = 1."))] = None,
     config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
@@ -429,7 +231,7 @@ def preprocess(
     """
     _quiet(verbose)
     class_weights = None if balanced is None else "balanced" if balanced else EXPLICIT_NONE
-    cfg = _settings(PreprocessConfig, config, show_config, {
+    cfg = settings(PreprocessConfig, config, show_config, {
         "archive": archive, "volumes": volume, "dask_address": dask_address, "n_workers": workers,
         "weights.w0": w0, "weights.sigma": sigma, "weights.class_weights": class_weights,
     })
@@ -456,7 +258,7 @@ def _registered_model(model_uri: str, tracking_uri: str | None) -> Any:
 
 
 def _train_options(values: dict[str, Any]) -> dict[str, Any]:
-    return {_TRAIN_KEYS[k]: v for k, v in values.items() if k in _TRAIN_KEYS}
+    return {TRAIN_KEYS[k]: v for k, v in values.items() if k in TRAIN_KEYS}
 
 
 def _check_train(cfg: TrainFlowConfig) -> str:
@@ -492,7 +294,7 @@ def train(
     """
     options = _train_options(locals())
     _quiet(verbose)
-    cfg = _settings(TrainFlowConfig, config, show_config, {"archive": archive, "volumes": volume, **options})
+    cfg = settings(TrainFlowConfig, config, show_config, {"archive": archive, "volumes": volume, **options})
     uri = _check_train(cfg)
     from octseg.flows.plans import previous_training
 
@@ -507,23 +309,24 @@ def train(
 @app.command()
 def segment(
     archive: ArchiveOpt = None,
-    model: Annotated[Optional[str], _opt("Model URI: models:/NAME@ALIAS or models:/NAME/VERSION.", cls=SegmentConfig,
-                                         key="model_uri")] = None,
+    model: Annotated[Optional[str], option("Model URI: models:/NAME@ALIAS or models:/NAME/VERSION.", cls=SegmentConfig,
+                                           key="model_uri")] = None,
     volume: VolumesOpt = None,
     tile_size: InfTileOpt = None, max_tile: InfMaxTileOpt = None, overlap: InfOverlapOpt = None,
     batch_size: InfBatchOpt = None, device: InfDeviceOpt = None, amp: InfAmpOpt = None, whole: InfWholeOpt = None,
     tta: InfTtaOpt = None, memory_budget: InfBudgetOpt = None, compile_model: InfCompileOpt = None,
     dask_address: DaskOpt = None,
-    workers: Annotated[Optional[int], _opt("LocalCluster worker processes when no scheduler is given (none: one per "
-                                           "GPU, else one per core up to 4); 0: segment in this process.", "--workers", cls=SegmentConfig, key="n_workers")] = None,
-    gpu: Annotated[Optional[bool], _opt("Each volume asks its Dask worker for the resource GPU=1 (default: when a "
-                                        "worker declares one).", "--gpu/--no-gpu", cls=SegmentConfig,
-                                        key="gpu")] = None,
+    workers: Annotated[Optional[int], option("LocalCluster worker processes when no scheduler is given (none: one per "
+                                             "GPU, else one per core up to 4); 0: segment in this process.",
+                                             "--workers", cls=SegmentConfig, key="n_workers")] = None,
+    gpu: Annotated[Optional[bool], option("Each volume asks its Dask worker for the resource GPU=1 (default: when a "
+                                          "worker declares one).", "--gpu/--no-gpu", cls=SegmentConfig,
+                                          key="gpu")] = None,
     tracking_uri: TrackingOpt = None,
     qc_dir: Annotated[Optional[Path], typer.Option(help="Where QC overlays go. Default: <archive>.qc",
                                                    show_default=False)] = None,
-    force: Annotated[Optional[bool], _opt("Re-segment volumes this model version already did.", "--force/--no-force",
-                                          cls=SegmentConfig, key="force")] = None,
+    force: Annotated[Optional[bool], option("Re-segment volumes this model version already did.", "--force/--no-force",
+                                            cls=SegmentConfig, key="force")] = None,
     config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Segment every volume (or those named) into labels/prediction, with QC overlays.
@@ -536,10 +339,10 @@ def segment(
     [bold]napari --plugin napari-ome-zarr ARCHIVE/VOLUME[/].
     """
     _quiet(verbose)
-    cfg = _settings(SegmentConfig, config, show_config, {
+    cfg = settings(SegmentConfig, config, show_config, {
         "archive": archive, "model_uri": model, "volumes": volume, "tracking_uri": tracking_uri, "qc_dir": qc_dir,
         "force": force, "dask_address": dask_address, "n_workers": workers, "gpu": gpu,
-        **_inference_options(locals()),
+        **inference_options(locals()),
     })
     preflight.check_archive(cfg.archive, writable=True)
     preflight.check_output_folder(cfg.qc_folder, "QC folder")
@@ -559,14 +362,14 @@ def segment(
 @app.command()
 def evaluate(
     archive: ArchiveOpt = None,
-    model: Annotated[Optional[str], _opt("Model URI: models:/NAME@ALIAS or models:/NAME/VERSION.", cls=EvaluateConfig,
-                                         key="model_uri")] = None,
+    model: Annotated[Optional[str], option("Model URI: models:/NAME@ALIAS or models:/NAME/VERSION.", cls=EvaluateConfig,
+                                           key="model_uri")] = None,
     volume: Annotated[Optional[list[str]], typer.Option(
         "--volume", "-v", show_default=False, help="Evaluate on this volume (repeatable). Default: the archive's "
         "fixed evaluation set, else every annotated volume.")] = None,
-    fix: Annotated[Optional[bool], _opt("Record these volumes as the archive's fixed evaluation set: training then "
-                                        "holds them out and chooses the champion by its score on them.",
-                                        "--fix/--no-fix", cls=EvaluateConfig, key="fix")] = None,
+    fix: Annotated[Optional[bool], option("Record these volumes as the archive's fixed evaluation set: training then "
+                                          "holds them out and chooses the champion by its score on them.",
+                                          "--fix/--no-fix", cls=EvaluateConfig, key="fix")] = None,
     tile_size: InfTileOpt = None, max_tile: InfMaxTileOpt = None, overlap: InfOverlapOpt = None,
     batch_size: InfBatchOpt = None, device: InfDeviceOpt = None, amp: InfAmpOpt = None, whole: InfWholeOpt = None,
     tta: InfTtaOpt = None, memory_budget: InfBudgetOpt = None, compile_model: InfCompileOpt = None,
@@ -581,9 +384,9 @@ def evaluate(
     recorded on the model version. Predictions come from the same code as [bold]octseg segment[/].
     """
     _quiet(verbose)
-    cfg = _settings(EvaluateConfig, config, show_config, {
+    cfg = settings(EvaluateConfig, config, show_config, {
         "archive": archive, "model_uri": model, "volumes": volume, "fix": fix, "tracking_uri": tracking_uri,
-        **_inference_options(locals()),
+        **inference_options(locals()),
     })
     if cfg.fix and not cfg.volumes:
         raise ValueError("--fix needs the evaluation volumes named with --volume (training holds them out)")
@@ -616,7 +419,7 @@ def pipeline(
         **{f"train.{k}": v for k, v in _train_options(locals()).items()},
     }
     stages.update({f"{stage}.archive": archive for stage in ("ingest", "preprocess", "train", "segment")})
-    cfg = _settings(PipelineConfig, config, show_config, stages)
+    cfg = settings(PipelineConfig, config, show_config, stages)
     preflight.check_sources(cfg.ingest.sources)
     preflight.check_new_archive(cfg.ingest.archive)
     from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
@@ -638,12 +441,12 @@ def watch(
     inbox: Annotated[Optional[Path], typer.Option(help="The drop folder: volume files or folders of B-scans.",
                                                   show_default=False)] = None,
     archive: ArchiveOpt = None, labels: LabelsOpt = None,
-    settle_seconds: Annotated[Optional[float], _opt("Leave files changed more recently than this for the next run.",
-                                                    cls=WatchConfig, key="settle_seconds")] = None,
-    model: Annotated[Optional[str], _opt("Model URI to segment with.", cls=WatchConfig, key="model_uri")] = None,
+    settle_seconds: Annotated[Optional[float], option("Leave files changed more recently than this for the next run.",
+                                                      cls=WatchConfig, key="settle_seconds")] = None,
+    model: Annotated[Optional[str], option("Model URI to segment with.", cls=WatchConfig, key="model_uri")] = None,
     tracking_uri: TrackingOpt = None, dask_address: DaskOpt = None,
-    workers: Annotated[Optional[int], _opt("Segment's LocalCluster workers (0: in this process).", "--workers",
-                                           cls=WatchConfig, key="n_workers")] = None,
+    workers: Annotated[Optional[int], option("Segment's LocalCluster workers (0: in this process).", "--workers",
+                                             cls=WatchConfig, key="n_workers")] = None,
     device: InfDeviceOpt = None, keep_identifiers: KeepIdsOpt = None, max_voxels: MaxVoxelsOpt = None,
     config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
 ) -> None:
@@ -654,7 +457,7 @@ def watch(
     (deployments/prefect.yaml); with nothing new it answers at once, without starting a flow run.
     """
     _quiet(verbose)
-    cfg = _settings(WatchConfig, config, show_config, {
+    cfg = settings(WatchConfig, config, show_config, {
         "inbox": inbox, "archive": archive, "labels": labels, "settle_seconds": settle_seconds, "model_uri": model,
         "tracking_uri": tracking_uri, "dask_address": dask_address, "n_workers": workers,
         "inference.device": device, "keep_identifiers": keep_identifiers, "max_voxels": max_voxels})
