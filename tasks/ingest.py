@@ -22,8 +22,9 @@ from octseg.tasks.archive import open_archive, volume_id_from_path
 from octseg.tasks.classes import DEFAULT_CLASS_NAMES
 from octseg.tasks.claims import claim_volume
 from octseg.tasks.identifiers import content_volume_id, has_identifier, redact
-from octseg.tasks.readers import (DEFAULT_MAX_VOXELS, SHA256_LATER, ScanVolume, mask_files, read_masks, read_volume, shown,
-                                  source_problem, source_sha256)
+from octseg.tasks.masks import mask_files, read_masks
+from octseg.tasks.readers import (DEFAULT_MAX_VOXELS, SHA256_LATER, ScanVolume, read_volume, shown, source_problem,
+                                  source_sha256)
 from octseg.tasks.retry import TRANSIENT_IO_RETRIES
 
 __all__ = ["IngestResult", "ingest_source", "ingest_source_task", "is_up_to_date", "labels_sha256"]

@@ -29,11 +29,9 @@ __all__ = [
     "DEFAULT_MAX_VOXELS",
     "ScanVolume",
     "check_voxels",
-    "mask_files",
     "natural_key",
     "shown",
     "source_problem",
-    "read_masks",
     "read_volume",
     "source_files",
     "source_sha256",
@@ -43,7 +41,6 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_SUFFIXES = TIFF_SUFFIXES + PIL_SUFFIXES  # B-scan files inside a folder
 VOLUME_SUFFIXES = IMAGE_SUFFIXES + (".npy",)
-MAX_LABEL = 31  # masks with values 0..31 keep them (class labels); binary masks become 0/1
 _LUMA = np.array([0.299, 0.587, 0.114])
 _UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}
 Scale = tuple[float, float, float]  # voxel size (z, y, x) in micrometres
@@ -450,59 +447,3 @@ def _read_folder(folder: Path, sha256: str | None, max_voxels: int | None) -> Sc
         bscans.append(bscan)
     return ScanVolume(np.stack(bscans), None, "folder", folder, sha256 or source_sha256(folder), files,
                       warnings=sorted(set(warnings)))
-
-
-def mask_files(labels_dir: str | Path, source: str | Path) -> dict[int, Path]:
-    """Existing mask files of a source, by B-scan index (a file source: index 0 = the whole stack).
-
-    A file's mask is ``labels_dir/<file name>``. A folder's masks are
-    ``labels_dir/<folder name>/<B-scan file name>`` when that sub-folder exists, else
-    ``labels_dir/<B-scan file name>``.
-    """
-    labels_dir, source = Path(labels_dir), Path(source)
-    if not source.is_dir():
-        mask = labels_dir / source.name
-        return {0: mask} if mask.is_file() else {}
-    base = labels_dir / source.name if (labels_dir / source.name).is_dir() else labels_dir
-    found = {z: base / f.name for z, f in enumerate(source_files(source))}
-    return {z: m for z, m in found.items() if m.is_file()}
-
-
-def _to_labels(arr: np.ndarray, colour: bool, path: Path) -> np.ndarray:
-    """Binary masks (one nonzero value, or any nonzero colour channel) -> 0/1; 0..31 kept; else error."""
-    if colour:
-        return np.any(arr != 0, axis=-1).astype(np.uint8)
-    values = np.unique(arr)
-    if arr.dtype == bool or (values.size <= 2 and (values.size < 2 or values[0] == 0)):
-        return (arr != 0).astype(np.uint8)
-    if values[0] >= 0 and values[-1] <= MAX_LABEL and np.all(values == np.round(values)):
-        return arr.astype(np.uint8)
-    raise ReadError(path, f"mask is neither binary nor small-integer labels (0..{MAX_LABEL}): "
-                          f"{values.size} distinct values in {values[0]}..{values[-1]}")
-
-
-def _read_mask(path: Path, shape: tuple[int, ...], image_name: str) -> np.ndarray:
-    """One mask file as labels of exactly ``shape`` (a 2-D mask fits a one-B-scan volume)."""
-    arr, colour, _, _ = _read_raw(path, mask=True)
-    labels = _to_labels(arr, colour, path)
-    if len(shape) == 3 and shape[0] == 1 and labels.ndim == 2:
-        labels = labels[np.newaxis]
-    if labels.shape != tuple(shape):
-        raise ReadError(path, f"mask shape {labels.shape} does not match image shape {tuple(shape)} of {image_name}")
-    return labels
-
-
-def read_masks(labels_dir: str | Path, volume: ScanVolume) -> tuple[np.ndarray, list[int]] | None:
-    """Masks of ``volume`` as (Z, Y, X) uint8 plus the annotated B-scans; None when it has none.
-
-    B-scans without a mask file are unannotated: 0, and not listed. See :func:`mask_files`.
-    """
-    found = mask_files(labels_dir, volume.source)
-    if not found:
-        return None
-    if not volume.source.is_dir():
-        return _read_mask(found[0], volume.image.shape, volume.source.name), list(range(volume.image.shape[0]))
-    labels = np.zeros(volume.image.shape, dtype=np.uint8)
-    for z, path in sorted(found.items()):
-        labels[z] = _read_mask(path, volume.image.shape[1:], volume.files[z].name)
-    return labels, sorted(found)

@@ -8,7 +8,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from octseg.tasks.readers import ReadError, natural_key, read_masks, read_volume, shown, source_sha256
+from octseg.tasks.masks import read_masks
+from octseg.tasks.readers import ReadError, natural_key, read_volume, shown, source_sha256
 
 RNG = np.random.default_rng(7)
 STACK = (RNG.random((3, 20, 30)) * 250).astype(np.uint8)  # (Z, Y, X)
