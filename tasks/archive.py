@@ -66,6 +66,7 @@ from octseg.tasks._archive_layout import (
     SHARD_BSCANS,
     UNIT,
     ArchiveError,
+    StagedPrediction,
     _annotated,
     _as_labels,
     _check_image,
@@ -80,6 +81,8 @@ from octseg.tasks._archive_layout import (
     _scale,
     _staging_dir,
     _storage,
+    _write_boundaries,
+    _write_fundus,
     _write_label_image,
     bscan_chunks,
     bscan_shards,
@@ -120,39 +123,6 @@ def _octseg_version() -> str:
         return importlib.metadata.version("octseg")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-class StagedPrediction:
-    """A prediction being written (see :meth:`Archive.staged_prediction`): shard-aligned writes, class counts."""
-
-    def __init__(self, array: zarr.Array, class_names: dict[int, str], scale_um: tuple[float, float, float] | None):
-        self.array, self.class_names, self.scale_um = array, class_names, scale_um
-        self.shard_bscans = int((array.shards or array.chunks)[0])
-        self.counts = np.zeros(256, dtype=np.int64)  # pixels per label value
-        self.foreground = np.zeros(array.shape[0], dtype=np.int64)  # non-background pixels per B-scan
-        self.written = 0
-        self.extra: dict[str, Any] = {}  # more report fields from the caller (e.g. seconds)
-
-    def write(self, z0: int, labels: np.ndarray) -> None:
-        """Store B-scans ``z0 .. z0 + len(labels) - 1``; ``z0`` starts a shard (two writers never share one)."""
-        if z0 % self.shard_bscans:
-            raise ArchiveError(f"prediction writes must start at a shard boundary ({self.shard_bscans} B-scans), "
-                               f"got {z0}")
-        labels = np.asarray(labels, dtype=np.uint8)
-        self.array[z0 : z0 + len(labels)] = labels
-        self.counts += np.bincount(labels.ravel(), minlength=256)
-        self.foreground[z0 : z0 + len(labels)] = (labels > 0).reshape(len(labels), -1).sum(axis=1)
-        self.written += len(labels)
-
-    def report(self) -> dict[str, Any]:
-        """B-scans, pixels per class and, when the voxel size is known, each foreground class's volume in mm^3."""
-        if self.written != self.array.shape[0]:
-            raise ArchiveError(f"prediction incomplete: {self.written} of {self.array.shape[0]} B-scans written")
-        pixels = {name: int(self.counts[v]) for v, name in sorted(self.class_names.items())}
-        voxel_mm3 = None if self.scale_um is None else float(np.prod(self.scale_um)) * 1e-9
-        volumes = {name: (None if voxel_mm3 is None else round(int(self.counts[v]) * voxel_mm3, 6))
-                   for v, name in sorted(self.class_names.items()) if v}
-        return {"bscans": int(self.array.shape[0]), "pixels": pixels, "volume_mm3": volumes, **self.extra}
 
 
 @dataclass(frozen=True)
@@ -426,36 +396,6 @@ class Archive:
         expected = _jsonable(dict(fingerprint), f"{volume_id}/derived/{name}: fingerprint")
         octseg = self._derived_attrs(volume_id, name)
         return octseg.get("complete") is True and octseg.get("fingerprint") == expected
-
-
-def _write_fundus(group: zarr.Group, fundus: np.ndarray, scale_um: Sequence[float] | None, where: str) -> list[Any]:
-    """The SLO/NIR localizer as a 2-D OME image ``<volume>/fundus`` (y, x); returns the delayed writes."""
-    img = np.asarray(fundus)
-    if img.ndim != 2 or img.dtype not in IMAGE_DTYPES:
-        raise ArchiveError(f"{where}: fundus must be a 2-D uint8, uint16 or float32 image, got {img.shape} {img.dtype}")
-    valid = scale_um is not None and len(scale_um) == 2 and all(np.isfinite(s) and s > 0 for s in scale_um)
-    scale = [float(s) for s in scale_um] if valid else [1.0, 1.0]
-    sub = group.create_group("fundus")
-    sub.attrs["octseg"] = {"scale_known": valid}
-    return write_image(img, sub, scale_factors=[], axes=["y", "x"], scale=dict(zip("yx", scale, strict=True)),
-                       axes_units={"y": UNIT, "x": UNIT}, storage_options={"chunks": img.shape},
-                       name="fundus", compute=False)
-
-
-def _write_boundaries(group: zarr.Group, boundaries: Mapping[str, np.ndarray], source: str | None,
-                      shape: Sequence[int], where: str) -> None:
-    """Layer boundaries as one float32 array ``<volume>/boundaries`` (layer, z, x): the row (y, pixels
-    from the top, 0-based) of each boundary in each A-scan, NaN where it was not drawn."""
-    names = list(boundaries)
-    stack = np.stack([np.asarray(boundaries[n], dtype=np.float32) for n in names])
-    if stack.shape[1:] != (shape[0], shape[2]):
-        raise ArchiveError(f"{where}: boundaries of shape {stack.shape[1:]} do not fit the image (Z, X) = "
-                           f"{(shape[0], shape[2])}")
-    arr = group.create_array("boundaries", shape=stack.shape, dtype="float32", chunks=stack.shape,
-                             fill_value=float("nan"))
-    arr[...] = stack
-    arr.attrs["octseg"] = {"layers": names, "source": source, "axes": ["layer", "z", "x"],
-                           "unit": "row (pixels from the top of the B-scan, 0-based)"}
 
 
 def open_archive(path: str | os.PathLike[str], create: bool = True) -> Archive:
