@@ -7,8 +7,8 @@ times, in alternating order:
 * raw: writing the volume's bytes to a new file (``open().write()``, as a copy would; no fsync);
 * ingest: :func:`octseg.tasks.ingest.ingest_source` of the file into a new archive (SHA-256, header
   checks, decode, compressed sharded OME-Zarr write in a staging folder, rename into place); no
-  Prefect, so this is the work each ingest task does. The compressor is the archive's
-  (``octseg.tasks.archive.COMPRESSORS``, printed with the result).
+  Prefect, so this is the work each ingest task does. The compressor is the archive's for the
+  volume's dtype (``octseg.tasks.archive.compressors_for``, printed with the result).
 
 P3 = ingest MB/s / raw MB/s (per round; the median is reported). Goal >= 0.5.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from octseg.tasks.archive import COMPRESSORS
+from octseg.tasks.archive import compressors_for
 from octseg.tasks.ingest import ingest_source
 
 SUBJECT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "duke_dme_subject01_volume"
@@ -73,7 +73,7 @@ def main() -> None:
 
             sources["tiff"] = tmp / "volume.tif"
             tifffile.imwrite(sources["tiff"], volume, photometric="minisblack")
-        codec = ", ".join(f"{c.to_dict()['name']} {c.to_dict().get('configuration', {})}" for c in COMPRESSORS)
+        codec = ", ".join(f"{c.to_dict()['name']} {c.to_dict().get('configuration', {})}" for c in compressors_for(volume.dtype))
         print(f"{what}: {volume.shape} {volume.dtype}, {mb:.1f} MB per ingest")
         ingest(sources["npy"], tmp / "warm.zarr")  # imports, first zarr/codec set-up
         for kind, source in sources.items():

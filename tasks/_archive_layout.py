@@ -25,13 +25,13 @@ import dask.array as da
 import numpy as np
 import zarr
 from ome_zarr.writer import write_image, write_labels
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 
 from octseg.tasks._shards import write_shards
 from octseg.tasks.claims import heartbeat, holder_record, process_gone
 from octseg.tasks.classes import palette_color
 
-__all__ = ["STAGING_STALE_SECONDS", "sweep_staging", "AXES", "StagedPrediction", "IMAGE_DTYPES", "OME_VERSION", "SHARD_BSCANS", "UNIT", "ArchiveError", "bscan_chunks",
+__all__ = ["STAGING_STALE_SECONDS", "sweep_staging", "AXES", "StagedPrediction", "compressors_for", "IMAGE_DTYPES", "OME_VERSION", "SHARD_BSCANS", "UNIT", "ArchiveError", "bscan_chunks",
            "bscan_shards", "label_metadata"]
 
 OME_VERSION = "0.5"
@@ -58,14 +58,21 @@ def bscan_shards(shape: Sequence[int]) -> tuple[int, int, int]:
     return (max(1, min(SHARD_BSCANS, int(shape[0]))), int(shape[1]), int(shape[2]))
 
 
-# Blosc LZ4 with zarr's shuffle for the dtype (bit-shuffle for uint8, byte-shuffle for wider types): on Duke
-# B-scans (speckle) it stores 76 MB in 54.5 MB, against 51.6 MB for zstd level 1, and encodes ~1.4 GB/s per
-# core against ~0.6 GB/s; benchmarks/ingest.py measures the whole ingest.
-COMPRESSORS = (BloscCodec(cname="lz4", clevel=5),)
+# uint8 (most OCT images, all labels): Blosc LZ4 with bit-shuffle stores Duke B-scans in 54.5 MB of 76 MB where
+# zstd level 1 stores 51.6 MB, and encodes ~1.6 GB/s per core against ~0.7 GB/s. Wider types (uint16 images,
+# float32 derived arrays): zstd level 1, since LZ4 stores up to 3x more there (Duke B-scans normalised to
+# float32: 27.6 MB with LZ4 against 9.2 MB). benchmarks/ingest.py measures the whole ingest.
+BYTE_COMPRESSORS = (BloscCodec(cname="lz4", clevel=5),)  # zarr picks bit-shuffle for 1-byte types
+WIDE_COMPRESSORS = (ZstdCodec(level=1),)
 
 
-def _storage(shape: Sequence[int]) -> dict[str, Any]:
-    return {"chunks": bscan_chunks(shape), "shards": bscan_shards(shape), "compressors": list(COMPRESSORS)}
+def compressors_for(dtype: Any) -> list[Any]:
+    """The compressors of an archive array of ``dtype`` (see the measurements above)."""
+    return list(BYTE_COMPRESSORS if np.dtype(dtype).itemsize == 1 else WIDE_COMPRESSORS)
+
+
+def _storage(shape: Sequence[int], dtype: Any) -> dict[str, Any]:
+    return {"chunks": bscan_chunks(shape), "shards": bscan_shards(shape), "compressors": compressors_for(dtype)}
 
 
 def _placeholder(data: np.ndarray | da.Array) -> da.Array:
@@ -207,7 +214,7 @@ def _write_label_image(group: zarr.Group, name: str, lab: np.ndarray, scale: dic
     """Create ``group/labels/<name>`` (uint8, image chunking) with its metadata and fix the labels
     group; returns the delayed data writes (see :func:`_compute`)."""
     jobs = write_labels(_placeholder(lab), group, name=name, scaler=None, scale_factors=[], axes=list(AXES),
-                        scale=scale, axes_units=_UNITS, storage_options=_storage(lab.shape), compute=False,
+                        scale=scale, axes_units=_UNITS, storage_options=_storage(lab.shape, lab.dtype), compute=False,
                         label_metadata=label_metadata(class_names or _default_class_names(lab)))
     labels_group = group["labels"]
     labels_group.attrs["ome"] = {**labels_group.attrs["ome"], "version": OME_VERSION}

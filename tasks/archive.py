@@ -17,8 +17,8 @@ A volume's ``attrs["octseg"]`` also carries what a vendor file said that does no
 patient: ``laterality``, ``scan_pattern``, ``acquired`` (date), ``device``, reader ``warnings``;
 patient identifiers only with ``--keep-identifiers`` (``identifiers``; see :mod:`octseg.tasks.identifiers`).
 
-Every array is chunked one B-scan per chunk ``(1, Y, X)``, compressed with Blosc LZ4 (bit-shuffled for
-uint8, byte-shuffled for wider types; :data:`COMPRESSORS`) and sharded ``(8, Y, X)`` (clipped to Z);
+Every array is chunked one B-scan per chunk ``(1, Y, X)``, compressed (uint8: Blosc LZ4, bit-shuffled;
+wider types: zstd level 1; :func:`compressors_for`) and sharded ``(8, Y, X)`` (clipped to Z);
 writers of derived arrays must align their Dask chunks to :meth:`Archive.shard_bscans`, since two
 writers into one shard corrupt it. Axes are ``z, y, x`` in micrometres; the scale is 1.0 where the
 source did not give it (``octseg.scale_known: false``). There is a single resolution level: OCT
@@ -60,7 +60,6 @@ from octseg.tasks._archive_layout import (
     _RESERVED,
     _UNITS,
     AXES,
-    COMPRESSORS,
     IMAGE_DTYPES,
     OME_VERSION,
     SHARD_BSCANS,
@@ -86,11 +85,12 @@ from octseg.tasks._archive_layout import (
     _write_label_image,
     bscan_chunks,
     bscan_shards,
+    compressors_for,
     label_metadata,
 )
 
-__all__ = ["ARCHIVE_VERSION", "AXES", "COMPRESSORS", "IMAGE_DTYPES", "OME_VERSION", "SHARD_BSCANS", "UNIT", "Archive", "ArchiveError",
-           "StagedPrediction", "already_segmented", "bscan_chunks", "bscan_shards", "label_metadata", "open_archive", "select_volumes",
+__all__ = ["ARCHIVE_VERSION", "AXES", "IMAGE_DTYPES", "OME_VERSION", "SHARD_BSCANS", "UNIT", "Archive", "ArchiveError",
+           "StagedPrediction", "already_segmented", "bscan_chunks", "bscan_shards", "compressors_for", "label_metadata", "open_archive", "select_volumes",
            "volume_id_from_path"]
 
 ARCHIVE_VERSION = 1
@@ -256,7 +256,7 @@ class Archive:
                 group = zarr.open_group(stage / "new", mode="w", zarr_format=3)
                 jobs = _store(group, arr, write_image(
                     _placeholder(arr), group, scale_factors=[], axes=list(AXES), scale=scale, axes_units=_UNITS,
-                    storage_options=_storage(arr.shape), name=volume_id, compute=False))
+                    storage_options=_storage(arr.shape, arr.dtype), name=volume_id, compute=False))
                 if lab is not None:
                     jobs += _write_label_image(group, "manual", lab, scale, class_names, {"annotated_bscans": ann})
                 if fundus is not None:
@@ -362,7 +362,7 @@ class Archive:
         octseg = {**_jsonable(dict(attrs or {}), f"{path}: attrs"), "complete": False}
         return group.create_array(name, shape=shape, dtype=dtype, chunks=bscan_chunks(shape),
                                   shards=bscan_shards(shape), fill_value=0, dimension_names=AXES,
-                                  compressors=list(COMPRESSORS),
+                                  compressors=compressors_for(dtype),
                                   attributes={"octseg": octseg}, overwrite=True).with_config(
             {"write_empty_chunks": True})  # testing each chunk against the fill value cost as much as compressing it
 

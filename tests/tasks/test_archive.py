@@ -67,6 +67,24 @@ def test_dtype_is_kept(tmp_path: Path, dtype: type) -> None:
     np.testing.assert_array_equal(arc.image("v")[:], _image(dtype=dtype))
 
 
+@pytest.mark.parametrize(("dtype", "codec"), [(np.uint8, "blosc"), (np.uint16, "zstd"), (np.float32, "zstd")])
+def test_compressor_follows_the_dtype(tmp_path: Path, dtype: type, codec: str) -> None:
+    """uint8 images and all labels: Blosc LZ4 (bit-shuffled); wider images and float32 derived arrays: zstd."""
+    arc = open_archive(tmp_path / "arc.zarr")
+    arc.write_volume("v", _image(dtype=dtype), provenance=PROV, manual_labels=np.zeros(_image().shape, np.uint8))
+    derived = arc.create_derived("v", "normalized", "float32")
+
+    def compressor(arr: zarr.Array) -> dict:
+        inner = arr.metadata.to_dict()["codecs"][0]["configuration"]["codecs"]
+        return inner[-1]
+
+    assert compressor(arc.image("v"))["name"] == codec
+    labels = compressor(arc.manual_labels("v")[0])
+    assert labels["name"] == "blosc" and labels["configuration"]["cname"] == "lz4"
+    assert labels["configuration"]["shuffle"] == "bitshuffle"
+    assert compressor(derived)["name"] == "zstd"
+
+
 @pytest.mark.parametrize(("z", "shard_z"), [
     (1, 1),   # a single B-scan
     (5, 5),   # fewer B-scans than a shard: shard clipped to Z
