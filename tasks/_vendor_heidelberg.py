@@ -234,9 +234,14 @@ def heyex_xml_files(path: str | Path) -> list[Path]:
         root = ET.parse(path).getroot()
     except (ET.ParseError, OSError, ValueError):
         return []
-    names = [re.split(r"[\\/]", (url.text or "").strip())[-1] for url in root.iter("ExamURL")]
+    names = [_exam_name(url.text or "") for url in root.iter("ExamURL")]
     found = {path.parent / n for n in names if n and n not in (".", "..")}
     return sorted(f for f in found if f.is_file())
+
+
+def _exam_name(url: str) -> str:
+    """The file name an ExamURL ends with (Windows or POSIX separators); the image lies beside the XML."""
+    return re.split(r"[\\/]", url.strip())[-1]
 
 
 def _xml_int(path: Path, image: ET.Element, tag: str) -> int:
@@ -250,7 +255,7 @@ def _xml_file(path: Path, image: ET.Element) -> Path:
     """The image file an <Image> names (its ExamURL's last component, beside the XML): a regular file that
     stays inside the export folder (a symbolic link out of it is refused, never read)."""
     url = (image.findtext("ImageData/ExamURL") or "").strip()
-    name = re.split(r"[\\/]", url)[-1]
+    name = _exam_name(url)
     if not name or name in (".", ".."):
         raise ReadError(path, f"image {image.findtext('ID')}: no image file in ExamURL {url!r}")
     f = path.parent / name

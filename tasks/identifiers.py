@@ -21,7 +21,6 @@ __all__ = ["REDACTED", "content_volume_id", "has_identifier", "identifier_parts"
 REDACTED = "[redacted]"
 _SPLIT = re.compile(r"[\s^,;/\\|]+")
 _DATE = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})")
-_WORD = re.compile(r"[A-Za-z0-9]+")
 
 
 def _date_forms(value: str) -> list[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from octseg.tasks.archive import open_archive
-from octseg.tasks.readers import VOLUME_SUFFIXES, shown, source_files, source_problem, source_sha256
+from octseg.tasks.readers import VOLUME_SUFFIXES, is_heyex_xml, shown, source_files, source_problem, source_sha256
 
 __all__ = ["InboxScan", "scan_inbox"]
 
@@ -36,11 +36,10 @@ def _referenced_by_xml(inbox: Path) -> set[str]:
         if source_problem(xml) or not xml.is_file():  # a FIFO would block the open
             continue
         try:
-            with xml.open("rb") as fh:
-                head = fh.read(512)
+            export = is_heyex_xml(xml)
         except OSError:
             continue
-        if b"<HEDX" in head:
+        if export:
             names.update(f.name for f in heyex_xml_files(xml))
     return names
 

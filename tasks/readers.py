@@ -22,9 +22,13 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
+from octseg.tasks.limits import DEFAULT_MAX_VOXELS
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "ReadError",
+    "VoxelLimitError",
+    "is_heyex_xml",
     "SHA256_LATER",
     "DEFAULT_MAX_VOXELS",
     "ScanVolume",
@@ -44,9 +48,6 @@ VOLUME_SUFFIXES = IMAGE_SUFFIXES + (".npy",)
 _LUMA = np.array([0.299, 0.587, 0.114])
 _UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}
 Scale = tuple[float, float, float]  # voxel size (z, y, x) in micrometres
-# Largest volume a reader decodes, in voxels (Z*Y*X, colour samples included): 256 B-scans of 1024x1024.
-# Readers check it from the file's header before decoding, so a small compressed "bomb" is refused at once.
-DEFAULT_MAX_VOXELS = 1 << 28
 
 
 def shown(path: str | os.PathLike[str]) -> str:
@@ -80,6 +81,10 @@ class ReadError(ValueError):
         return (type(self), (self.path, self.reason))
 
 
+class VoxelLimitError(ReadError):
+    """A header's volume is larger than the voxel limit (``--max-voxels``)."""
+
+
 @dataclass
 class ScanVolume:
     """One OCT volume as read from its source."""
@@ -109,7 +114,7 @@ def check_voxels(path: str | Path, shape: Iterable[int], max_voxels: int | None,
         raise ReadError(path, f"header gives a negative {what} size {tuple(dims)}")
     voxels = math.prod(dims)
     if max_voxels is not None and voxels > max_voxels:
-        raise ReadError(path, f"{what} of {' x '.join(map(str, dims))} = {voxels:,} voxels exceeds the limit of "
+        raise VoxelLimitError(path, f"{what} of {' x '.join(map(str, dims))} = {voxels:,} voxels exceeds the limit of "
                               f"{max_voxels:,} (raise it with --max-voxels if the file is genuine)")
 
 
@@ -247,6 +252,8 @@ def _read_pil(path: Path, keep_palette: bool, max_voxels: int | None) -> tuple[n
             elif img.mode in ("LA", "PA"):
                 img = img.getchannel(0)
             arr = np.asarray(img)
+    except ReadError:
+        raise  # the voxel limit, said as it is (a ReadError is a ValueError too)
     except UnidentifiedImageError as e:
         raise ReadError(path, "not an image (PIL cannot identify the file format)") from e
     except Image.DecompressionBombError as e:
@@ -407,14 +414,16 @@ def read_volume(path: str | Path, *, sha256: str | None = None, max_voxels: int 
     return volume
 
 
+def is_heyex_xml(path: Path) -> bool:
+    """Whether the regular file ``path`` is a HEYEX XML export (its root element, ``HEDX``, in the first 512 bytes)."""
+    with path.open("rb") as fh:
+        return b"<HEDX" in fh.read(512)
+
+
 def _heyex_xml(folder: Path) -> Path | None:
     """The HEYEX XML file of an export folder (one ``.xml`` whose root element is ``HEDX``), else None."""
     xmls = [f for f in folder.iterdir() if f.suffix.lower() == ".xml" and f.is_file()]  # is_file: no FIFO
-    if len(xmls) != 1:
-        return None
-    with xmls[0].open("rb") as fh:
-        head = fh.read(512)
-    return xmls[0] if b"<HEDX" in head else None
+    return xmls[0] if len(xmls) == 1 and is_heyex_xml(xmls[0]) else None
 
 
 def _is_vendor(path: Path) -> bool:
@@ -435,8 +444,8 @@ def _read_folder(folder: Path, sha256: str | None, max_voxels: int | None) -> Sc
         left = None if max_voxels is None else max_voxels - total
         try:
             bscan = _read_gray(f, (2,), left, warnings)[0]
-        except ReadError as e:
-            if left is not None and "exceeds the limit" in e.reason:
+        except VoxelLimitError as e:
+            if left is not None:
                 raise ReadError(folder, f"its B-scans exceed the limit of {max_voxels:,} voxels at "
                                         f"{shown(f.name)} (raise it with --max-voxels if the scan is genuine)") from e
             raise
