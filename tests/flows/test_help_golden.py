@@ -1,6 +1,7 @@
-"""The command's face stays put: ``--help`` of every command and ``--show-config`` of every config match
-the files in ``golden/`` (written from the command itself; regenerate them with
-``python tests/flows/test_help_golden.py`` after a deliberate change and read the diff)."""
+"""The command's face stays put: every option of every command (its flags, short forms, help sentence, shown
+default, panel and type: ``golden/options.json``) and ``--show-config`` of every config match the files in
+``golden/`` (written from the command itself; regenerate them with ``python tests/flows/test_help_golden.py``
+after a deliberate change and read the diff). The order of options within ``--help`` may change."""
 from __future__ import annotations
 
 import sys
@@ -25,9 +26,33 @@ SHOW = {  # command -> the smallest arguments that make a valid config
 }
 
 
+def _param(p) -> dict:
+    """What a user sees of one option or argument, independent of its position and Python name."""
+    return {"kind": type(p).__name__, "opts": p.opts, "secondary_opts": p.secondary_opts,
+            "help": getattr(p, "help", None), "show_default": getattr(p, "show_default", None),
+            "panel": getattr(p, "rich_help_panel", None), "metavar": p.metavar,
+            "type": repr(p.type_descriptor.annotation), "multiple": p.multiple, "flag": getattr(p, "is_flag", False),
+            "required": p.required, "default": repr(p.default)}
+
+
+def options() -> str:
+    import json
+
+    import typer
+
+    from octseg.flows.cli import app
+
+    group = typer.main.get_command(app)
+    out = {"octseg": {"help": group.help}}
+    for name in COMMANDS:
+        cmd = group.commands[name]
+        params = sorted((_param(p) for p in cmd.params), key=lambda d: (str(d["panel"]), d["opts"]))
+        out[name] = {"help": cmd.help, "params": params}
+    return json.dumps(out, indent=1, sort_keys=True) + "\n"
+
+
 def _outputs() -> dict[str, str]:
-    out = {"help-octseg.txt": invoke("--help").plain}
-    out.update({f"help-{c}.txt": invoke(c, "--help").plain for c in COMMANDS})
+    out = {"options.json": options()}
     out.update({f"show-{c}.yaml": invoke(*args, "--show-config").plain for c, args in SHOW.items()})
     return out
 
