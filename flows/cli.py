@@ -13,11 +13,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
+from octseg.flows import preflight
+from octseg.flows.cli_options import VerboseOpt, config_command
 from octseg.flows.config import (
     EvaluateConfig,
     IngestConfig,
@@ -26,16 +28,6 @@ from octseg.flows.config import (
     SegmentConfig,
     TrainFlowConfig,
     WatchConfig,
-)
-from octseg.flows import preflight
-from octseg.flows.cli_options import (
-    AmpOpt, ArchiveOpt, AugmentOpt, BaseOpt, BatchNormOpt, BatchOpt, ClassesOpt, ConfigOpt, DaskOpt, DecayOpt,
-    DepthOpt, DeviceOpt, DiceOpt, DropoutOpt, EpochsOpt, ExperimentOpt, EXPLICIT_NONE, FgOpt, ForceTrainOpt,
-    InfAmpOpt, InfBatchOpt, InfBudgetOpt, InfCompileOpt, InfDeviceOpt, inference_options, InfMaxTileOpt,
-    InfOverlapOpt, InfTileOpt, InfTtaOpt, InfWholeOpt, KeepIdsOpt, LabelsOpt, LrOpt, MaxTileOpt, MaxVoxelsOpt,
-    ModelNameOpt, MomentumOpt, OptimOpt, option, PaddingOpt, PatienceOpt, ProcessesOpt, RestoreOpt, ResumeOpt,
-    SeedOpt, settings, ShowOpt, SourcesArg, TileOpt, TilesOpt, TrackingOpt, TRAIN_KEYS, UpModeOpt, ValOpt,
-    ValVolumeOpt, VerboseOpt, VolumesOpt, WorkersOpt
 )
 
 __all__ = ["app", "main"]
@@ -169,19 +161,14 @@ def _report(summary: Any) -> None:
         raise typer.Exit(code=1)
 
 
-# ---- the commands ------------------------------------------------------------------------------
+# ---- the commands: options derived from each config (octseg.flows.cli_options) -------------------
 
-@app.command()
-def ingest(sources: SourcesArg = None, archive: ArchiveOpt = None, labels: LabelsOpt = None,
-           keep_identifiers: KeepIdsOpt = None,
-           grader: Annotated[Optional[int], option("Whose manual fluid labels a Duke .mat gives: 1 or 2.",
-                                                   cls=IngestConfig, key="grader")] = None,
-           max_voxels: MaxVoxelsOpt = None,
-           dask_address: Annotated[Optional[str], typer.Option(
-               help="Dask scheduler (tcp://host:8786) whose workers read and write the files (they must see "
-                    "the same paths). Default: $DASK_SCHEDULER_ADDRESS, else threads of this command.",
-               show_default=False)] = None,
-           config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False) -> None:
+def _command(cls: type, selectors: list) -> Any:
+    return config_command(app, cls, selectors, before=_quiet)
+
+
+@_command(IngestConfig, ["*"])
+def ingest(cfg: IngestConfig, verbose: bool) -> None:
     """Read OCT files into the archive: one volume per file (or per folder of B-scans).
 
     Files are read in parallel (threads here, or the workers of --dask-address); a file that cannot be
@@ -192,10 +179,6 @@ def ingest(sources: SourcesArg = None, archive: ArchiveOpt = None, labels: Label
 
     Example: [bold]octseg ingest scans/*.vol exports/*.dcm --archive oct.zarr[/]
     """
-    _quiet(verbose)
-    cfg = settings(IngestConfig, config, show_config, {
-        "sources": sources, "archive": archive, "labels": labels, "keep_identifiers": keep_identifiers,
-        "grader": grader, "max_voxels": max_voxels, "dask_address": dask_address})
     preflight.check_new_archive(cfg.archive)
     from octseg.flows.plans import plan_ingest
 
@@ -210,31 +193,12 @@ def ingest(sources: SourcesArg = None, archive: ArchiveOpt = None, labels: Label
     _report(summary)
 
 
-@app.command()
-def preprocess(
-    archive: ArchiveOpt = None,
-    volume: VolumesOpt = None,
-    dask_address: DaskOpt = None,
-    workers: Annotated[Optional[int], option("LocalCluster worker processes.", cls=PreprocessConfig,
-                                             key="n_workers")] = None,
-    w0: Annotated[Optional[float], option("Border weight w0 of the paper.", cls=PreprocessConfig,
-                                          key="weights.w0")] = None,
-    sigma: Annotated[Optional[float], option("Border weight sigma (pixels).", cls=PreprocessConfig,
-                                             key="weights.sigma")] = None,
-    balanced: Annotated[Optional[bool], typer.Option("--balanced/--no-balanced", show_default=False, help=(
-        "Class weights w_c by inverse class frequency (the paper's w_c); default w_c = 1."))] = None,
-    config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
-) -> None:
+@_command(PreprocessConfig, ["*", "weights.*"])
+def preprocess(cfg: PreprocessConfig, verbose: bool) -> None:
     """Normalise intensities (ignoring the white fill) and compute U-Net border-weight maps.
 
     Runs on Dask over B-scans; reruns skip what is up to date.
     """
-    _quiet(verbose)
-    class_weights = None if balanced is None else "balanced" if balanced else EXPLICIT_NONE
-    cfg = settings(PreprocessConfig, config, show_config, {
-        "archive": archive, "volumes": volume, "dask_address": dask_address, "n_workers": workers,
-        "weights.w0": w0, "weights.sigma": sigma, "weights.class_weights": class_weights,
-    })
     preflight.check_archive(cfg.archive, writable=True)
     from octseg.flows.plans import plan_preprocess
 
@@ -257,45 +221,19 @@ def _registered_model(model_uri: str, tracking_uri: str | None) -> Any:
     return resolve_model(model_uri, uri)
 
 
-def _train_options(values: dict[str, Any]) -> dict[str, Any]:
-    return {TRAIN_KEYS[k]: v for k, v in values.items() if k in TRAIN_KEYS}
-
-
-def _check_train(cfg: TrainFlowConfig) -> str:
-    from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
-
-    preflight.check_archive(cfg.archive, writable=False)
-    uri = resolve_tracking_uri(cfg.tracking_uri)
-    check_tracking_uri(uri)
-    return uri
-
-
-@app.command()
-def train(
-    archive: ArchiveOpt = None, volume: VolumesOpt = None,
-    classes: ClassesOpt = None, base_channels: BaseOpt = None, depth: DepthOpt = None, padding: PaddingOpt = None,
-    batch_norm: BatchNormOpt = None, dropout: DropoutOpt = None, up_mode: UpModeOpt = None,
-    epochs: EpochsOpt = None, batch_size: BatchOpt = None, optimizer: OptimOpt = None, lr: LrOpt = None,
-    momentum: MomentumOpt = None, weight_decay: DecayOpt = None, tile_size: TileOpt = None,
-    max_tile: MaxTileOpt = None, tiles_per_epoch: TilesOpt = None, foreground_fraction: FgOpt = None,
-    dice_weight: DiceOpt = None, patience: PatienceOpt = None, restore_best: RestoreOpt = None,
-    num_workers: WorkersOpt = None, processes: ProcessesOpt = None,
-    augment: AugmentOpt = None, seed: SeedOpt = None, device: DeviceOpt = None, amp: AmpOpt = None,
-    val_fraction: ValOpt = None, val_volume: ValVolumeOpt = None, tracking_uri: TrackingOpt = None,
-    experiment: ExperimentOpt = None,
-    model_name: ModelNameOpt = None, force: ForceTrainOpt = None, resume: ResumeOpt = None,
-    config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
-) -> None:
+@_command(TrainFlowConfig, ["*", "unet.*", "train.*"])
+def train(cfg: TrainFlowConfig, verbose: bool) -> None:
     """Train a U-Net on the annotated B-scans; log to MLflow and register it as octseg-unet.
 
     The new version becomes the [bold]champion[/] alias when it beats the current one on validation Dice.
     A rerun with unchanged data and settings reuses the registered run instead of training again.
     Watch it with [bold]mlflow ui --backend-store-uri sqlite:///mlflow.db[/].
     """
-    options = _train_options(locals())
-    _quiet(verbose)
-    cfg = settings(TrainFlowConfig, config, show_config, {"archive": archive, "volumes": volume, **options})
-    uri = _check_train(cfg)
+    from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
+
+    preflight.check_archive(cfg.archive, writable=False)
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    check_tracking_uri(uri)
     from octseg.flows.plans import previous_training
 
     done = None if cfg.force or cfg.resume else previous_training(cfg, uri)
@@ -306,29 +244,8 @@ def train(
     _report(_run(train_unet, cfg, verbose))
 
 
-@app.command()
-def segment(
-    archive: ArchiveOpt = None,
-    model: Annotated[Optional[str], option("Model URI: models:/NAME@ALIAS or models:/NAME/VERSION.", cls=SegmentConfig,
-                                           key="model_uri")] = None,
-    volume: VolumesOpt = None,
-    tile_size: InfTileOpt = None, max_tile: InfMaxTileOpt = None, overlap: InfOverlapOpt = None,
-    batch_size: InfBatchOpt = None, device: InfDeviceOpt = None, amp: InfAmpOpt = None, whole: InfWholeOpt = None,
-    tta: InfTtaOpt = None, memory_budget: InfBudgetOpt = None, compile_model: InfCompileOpt = None,
-    dask_address: DaskOpt = None,
-    workers: Annotated[Optional[int], option("LocalCluster worker processes when no scheduler is given (none: one per "
-                                             "GPU, else one per core up to 4); 0: segment in this process.",
-                                             "--workers", cls=SegmentConfig, key="n_workers")] = None,
-    gpu: Annotated[Optional[bool], option("Each volume asks its Dask worker for the resource GPU=1 (default: when a "
-                                          "worker declares one).", "--gpu/--no-gpu", cls=SegmentConfig,
-                                          key="gpu")] = None,
-    tracking_uri: TrackingOpt = None,
-    qc_dir: Annotated[Optional[Path], typer.Option(help="Where QC overlays go. Default: <archive>.qc",
-                                                   show_default=False)] = None,
-    force: Annotated[Optional[bool], option("Re-segment volumes this model version already did.", "--force/--no-force",
-                                            cls=SegmentConfig, key="force")] = None,
-    config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
-) -> None:
+@_command(SegmentConfig, ["*", "inference.*"])
+def segment(cfg: SegmentConfig, verbose: bool) -> None:
     """Segment every volume (or those named) into labels/prediction, with QC overlays.
 
     Each volume is a task on Dask workers (a LocalCluster, or [bold]--dask-address[/] /
@@ -338,12 +255,6 @@ def segment(
     fluid volume in mm^3) is written to ARCHIVE.reports/segmentation.csv. Open the result in napari with
     [bold]napari --plugin napari-ome-zarr ARCHIVE/VOLUME[/].
     """
-    _quiet(verbose)
-    cfg = settings(SegmentConfig, config, show_config, {
-        "archive": archive, "model_uri": model, "volumes": volume, "tracking_uri": tracking_uri, "qc_dir": qc_dir,
-        "force": force, "dask_address": dask_address, "n_workers": workers, "gpu": gpu,
-        **inference_options(locals()),
-    })
     preflight.check_archive(cfg.archive, writable=True)
     preflight.check_output_folder(cfg.qc_folder, "QC folder")
     ref = _registered_model(cfg.model_uri, cfg.tracking_uri)
@@ -359,23 +270,8 @@ def segment(
     _report(_run(segment_archive, cfg, verbose))
 
 
-@app.command()
-def evaluate(
-    archive: ArchiveOpt = None,
-    model: Annotated[Optional[str], option("Model URI: models:/NAME@ALIAS or models:/NAME/VERSION.", cls=EvaluateConfig,
-                                           key="model_uri")] = None,
-    volume: Annotated[Optional[list[str]], typer.Option(
-        "--volume", "-v", show_default=False, help="Evaluate on this volume (repeatable). Default: the archive's "
-        "fixed evaluation set, else every annotated volume.")] = None,
-    fix: Annotated[Optional[bool], option("Record these volumes as the archive's fixed evaluation set: training then "
-                                          "holds them out and chooses the champion by its score on them.",
-                                          "--fix/--no-fix", cls=EvaluateConfig, key="fix")] = None,
-    tile_size: InfTileOpt = None, max_tile: InfMaxTileOpt = None, overlap: InfOverlapOpt = None,
-    batch_size: InfBatchOpt = None, device: InfDeviceOpt = None, amp: InfAmpOpt = None, whole: InfWholeOpt = None,
-    tta: InfTtaOpt = None, memory_budget: InfBudgetOpt = None, compile_model: InfCompileOpt = None,
-    tracking_uri: TrackingOpt = None,
-    config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
-) -> None:
+@_command(EvaluateConfig, ["*", "inference.*"])
+def evaluate(cfg: EvaluateConfig, verbose: bool) -> None:
     """Score a registered model (default the champion) on the annotated B-scans of archive volumes.
 
     Per class and per volume: Dice, IoU, precision and recall on pooled pixels (a class absent from both
@@ -383,11 +279,6 @@ def evaluate(
     with the worst B-scans) goes to [bold]ARCHIVE.reports/[/] and into the model's MLflow run; the score is
     recorded on the model version. Predictions come from the same code as [bold]octseg segment[/].
     """
-    _quiet(verbose)
-    cfg = settings(EvaluateConfig, config, show_config, {
-        "archive": archive, "model_uri": model, "volumes": volume, "fix": fix, "tracking_uri": tracking_uri,
-        **inference_options(locals()),
-    })
     if cfg.fix and not cfg.volumes:
         raise ValueError("--fix needs the evaluation volumes named with --volume (training holds them out)")
     preflight.check_archive(cfg.archive, writable=cfg.fix)
@@ -398,28 +289,21 @@ def evaluate(
     _report(_run(evaluate_model, cfg, verbose))
 
 
-@app.command()
-def pipeline(
-    sources: SourcesArg = None, archive: ArchiveOpt = None, labels: LabelsOpt = None,
-    classes: ClassesOpt = None, base_channels: BaseOpt = None, depth: DepthOpt = None,
-    epochs: EpochsOpt = None, batch_size: BatchOpt = None, optimizer: OptimOpt = None, lr: LrOpt = None,
-    tiles_per_epoch: TilesOpt = None, max_tile: MaxTileOpt = None, device: DeviceOpt = None,
-    tracking_uri: TrackingOpt = None, dask_address: DaskOpt = None,
-    config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
-) -> None:
+_STAGES = ("ingest", "preprocess", "train", "segment")
+
+
+@_command(PipelineConfig, [
+    "ingest.sources", tuple(f"{s}.archive" for s in _STAGES), "ingest.labels",
+    *(f"train.unet.{k}" for k in ("out_channels", "base_channels", "depth")),
+    *(f"train.train.{k}" for k in ("epochs", "batch_size", "optimizer", "lr", "tiles_per_epoch", "max_tile")),
+    ("train.train.device", "segment.inference.device"), ("train.tracking_uri", "segment.tracking_uri"),
+    "preprocess.dask_address"])
+def pipeline(cfg: PipelineConfig, verbose: bool) -> None:
     """ingest -> preprocess -> train -> segment in one Prefect flow run.
 
     The options here are the common ones; every setting of every stage can be given with [bold]--config[/]
     (a YAML file with ingest, preprocess, train and segment sections; see [bold]--show-config[/]).
     """
-    _quiet(verbose)
-    stages: dict[str, Any] = {
-        "ingest.sources": sources, "ingest.labels": labels, "preprocess.dask_address": dask_address,
-        "segment.inference.device": device, "segment.tracking_uri": tracking_uri,
-        **{f"train.{k}": v for k, v in _train_options(locals()).items()},
-    }
-    stages.update({f"{stage}.archive": archive for stage in ("ingest", "preprocess", "train", "segment")})
-    cfg = settings(PipelineConfig, config, show_config, stages)
     preflight.check_sources(cfg.ingest.sources)
     preflight.check_new_archive(cfg.ingest.archive)
     from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
@@ -428,39 +312,17 @@ def pipeline(
     check_tracking_uri(resolve_tracking_uri(cfg.train.tracking_uri))
     from octseg.flows.pipeline import run_pipeline
 
-    summary = _run(run_pipeline, cfg, verbose)
-    typer.echo(summary.headline())
-    for f in summary.failures:
-        typer.secho(f"  failed: {f}", fg=typer.colors.RED, err=True)
-    if summary.failures:
-        raise typer.Exit(code=1)
+    _report(_run(run_pipeline, cfg, verbose))
 
 
-@app.command()
-def watch(
-    inbox: Annotated[Optional[Path], typer.Option(help="The drop folder: volume files or folders of B-scans.",
-                                                  show_default=False)] = None,
-    archive: ArchiveOpt = None, labels: LabelsOpt = None,
-    settle_seconds: Annotated[Optional[float], option("Leave files changed more recently than this for the next run.",
-                                                      cls=WatchConfig, key="settle_seconds")] = None,
-    model: Annotated[Optional[str], option("Model URI to segment with.", cls=WatchConfig, key="model_uri")] = None,
-    tracking_uri: TrackingOpt = None, dask_address: DaskOpt = None,
-    workers: Annotated[Optional[int], option("Segment's LocalCluster workers (0: in this process).", "--workers",
-                                             cls=WatchConfig, key="n_workers")] = None,
-    device: InfDeviceOpt = None, keep_identifiers: KeepIdsOpt = None, max_voxels: MaxVoxelsOpt = None,
-    config: ConfigOpt = None, show_config: ShowOpt = False, verbose: VerboseOpt = False,
-) -> None:
+@_command(WatchConfig, ["*", "inference.device"])
+def watch(cfg: WatchConfig, verbose: bool) -> None:
     """Ingest, preprocess and segment the files of a drop folder that the archive does not hold yet.
 
     New means: content (sha256) the archive has not ingested, and unchanged for --settle-seconds (files
     still being copied in wait for the next run). What an hourly Prefect deployment runs
     (deployments/prefect.yaml); with nothing new it answers at once, without starting a flow run.
     """
-    _quiet(verbose)
-    cfg = settings(WatchConfig, config, show_config, {
-        "inbox": inbox, "archive": archive, "labels": labels, "settle_seconds": settle_seconds, "model_uri": model,
-        "tracking_uri": tracking_uri, "dask_address": dask_address, "n_workers": workers,
-        "inference.device": device, "keep_identifiers": keep_identifiers, "max_voxels": max_voxels})
     preflight.check_sources([cfg.inbox])
     preflight.check_new_archive(cfg.archive)
     from octseg.flows.summary import WatchSummary

@@ -1,10 +1,13 @@
 """One frozen pydantic config per flow, nesting the settings objects of :mod:`octseg.unet.config`.
 
-A default and its check live in one place: the network's in ``UNetConfig``, the optimiser's in
-``TrainConfig``, inference's in ``InferenceConfig``, the border weights' in ``WeightMapConfig``; the
-flow configs below only add what belongs to a flow (archive, volumes, where MLflow and Dask are).
-The ``octseg`` command fills these objects (``--config FILE`` then its options, ``--show-config`` to
-print them), and Prefect deployments pass them as the flows' parameters.
+A setting is declared once, with its type, default, check and help sentence (``Field(description=...)``):
+the network's in ``UNetConfig``, the optimiser's in ``TrainConfig``, inference's in ``InferenceConfig``,
+the border weights' in ``WeightMapConfig``; the flow configs below only add what belongs to a flow
+(archive, volumes, where MLflow and Dask are), and settings that several flows share are declared once
+as annotated types (``Archive``, ``Volumes``, ...). The ``octseg`` command derives its options and
+``--help`` from these declarations (:mod:`octseg.flows.cli_options`) and fills these objects
+(``--config FILE`` then its options, ``--show-config`` to print them); Prefect deployments pass them as
+the flows' parameters, and their UI shows the same sentences.
 
 Defaults are the embedded ones: a Dask LocalCluster, MLflow in a SQLite file in the working
 directory (or ``MLFLOW_TRACKING_URI``), the model ``octseg-unet@champion``. Each config is logged
@@ -15,12 +18,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from octseg.tasks.limits import DEFAULT_MAX_VOXELS
-from octseg.unet.config import InferenceConfig, TrainConfig, UNetConfig, WeightMapConfig
+from octseg.unet.config import Cli, InferenceConfig, TrainConfig, UNetConfig, WeightMapConfig
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
@@ -47,6 +50,34 @@ def dask_address_from_env() -> str | None:
     return os.environ.get("DASK_SCHEDULER_ADDRESS") or None
 
 
+NETWORK, OPTIMISATION, INFERENCE = "Network (UNetConfig)", "Optimisation (TrainConfig)", "Inference"
+"""``--help`` panels of the nested configs' settings (and of the flow settings that belong with them)."""
+PANELS: dict[type, str | None] = {UNetConfig: NETWORK, TrainConfig: OPTIMISATION, InferenceConfig: INFERENCE,
+                                  WeightMapConfig: None}
+
+# ---- settings that several flows share: each declared once here ------------------------------------
+Archive = Annotated[Path, Cli("--archive", "-a", show_default=False),
+                    Field(description="The OME-Zarr archive (a folder, created by ingest).")]
+Volumes = Annotated[tuple[str, ...] | None, Cli("--volume", "-v", show_default=False),
+                    Field(description="Only this volume id (repeatable). Default: all.")]
+TrackingURI = Annotated[str | None, Cli(show_default=False), Field(
+    description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db.")]
+DaskAddress = Annotated[str | None, Cli(show_default=False), Field(
+    default_factory=dask_address_from_env,
+    description="Dask scheduler (tcp://host:8786). Default: $DASK_SCHEDULER_ADDRESS, else a LocalCluster.")]
+Labels = Annotated[Path | None, Cli(show_default=False),
+                   Field(description="Folder of manual masks with the same file names as the sources.")]
+KeepIdentifiers = Annotated[bool, Cli("--keep-identifiers/--no-keep-identifiers", show_default="no-keep-identifiers"),
+                            Field(strict=True, description=(
+    "Write the patient identifiers of vendor headers (names, ids, birth dates, free text) into the archive and name "
+    "volumes after their files. Default: they stay out, and a file named after its patient gets an id from its "
+    "content."))]
+MaxVoxels = Annotated[int | None, Field(ge=1, strict=True, description=(
+    "Refuse a volume larger than this many voxels, from its header (before decoding)."))]
+ModelURI = Annotated[str, Cli("--model"),
+                     Field(description="Model URI: models:/NAME@ALIAS or models:/NAME/VERSION.")]
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -54,58 +85,74 @@ class _Config(BaseModel):
 class IngestConfig(_Config):
     """Files -> archive. A folder of 2-D images is one volume; every other file is one volume."""
 
-    sources: tuple[Path, ...] = Field(min_length=1)
-    archive: Path
-    labels: Path | None = None  # folder of masks with the same file names as the sources
-    keep_identifiers: bool = False  # write vendor headers' patient identifiers (names, ids, birth dates)
-    grader: int = Field(default=1, ge=1, le=2)  # whose manual labels a Duke .mat gives
-    max_voxels: int | None = Field(default=DEFAULT_MAX_VOXELS, ge=1)  # refuse larger volumes from headers
-    dask_address: str | None = Field(default_factory=dask_address_from_env)  # None: threads of this process
+    sources: Annotated[tuple[Path, ...], Cli(argument=True, metavar="SOURCE", show_default=False)] = Field(
+        min_length=1, description=(
+            "TIFF stacks, .npy files, 2-D images, folders of 2-D B-scans (one folder = one volume), or vendor "
+            "exports: Heidelberg .vol/.e2e/HEYEX .xml, DICOM, Duke .mat; Topcon .fds/.fda, Zeiss .img and "
+            "Bioptigen .oct with the 'vendor' extra."))
+    archive: Archive
+    labels: Labels = None
+    keep_identifiers: KeepIdentifiers = False
+    grader: int = Field(default=1, ge=1, le=2, strict=True,
+                        description="Whose manual fluid labels a Duke .mat gives: 1 or 2.")
+    max_voxels: MaxVoxels = DEFAULT_MAX_VOXELS
+    dask_address: Annotated[str | None, Cli(show_default=False)] = Field(
+        default_factory=dask_address_from_env, description=(
+            "Dask scheduler (tcp://host:8786) whose workers read and write the files (they must see the same "
+            "paths). Default: $DASK_SCHEDULER_ADDRESS, else threads of this command."))
 
 
 class PreprocessConfig(_Config):
     """Normalisation and border-weight maps, Dask-parallel over B-scans."""
 
-    archive: Path
-    volumes: tuple[str, ...] | None = None  # None: every volume in the archive
-    dask_address: str | None = Field(default_factory=dask_address_from_env)  # None: LocalCluster
-    n_workers: int = Field(default=2, ge=1)  # LocalCluster workers (processes)
+    archive: Archive
+    volumes: Volumes = None
+    dask_address: DaskAddress
+    n_workers: Annotated[int, Cli("--workers")] = Field(default=2, ge=1, strict=True,
+                                                        description="LocalCluster worker processes.")
     weights: WeightMapConfig = WeightMapConfig()
 
 
 class TrainFlowConfig(_Config):
     """A U-Net on the annotated B-scans, tracked in MLflow and registered."""
 
-    archive: Path
-    volumes: tuple[str, ...] | None = None
+    archive: Archive
+    volumes: Volumes = None
     unet: UNetConfig = UNetConfig()  # the network; the paper's by default
     train: TrainConfig = TrainConfig()  # the optimisation; SGD with momentum 0.99 as in the paper
-    val_fraction: float = Field(default=0.2, ge=0, lt=1)  # whole volumes held out when there are several
-    val_volumes: tuple[str, ...] | None = None  # validate on these volumes (overrides val_fraction)
-    # held out of training; the champion is chosen by the pooled fluid Dice on them. None: the
-    # archive's fixed evaluation set (`octseg evaluate --fix`), if any, else the validation Dice
-    evaluation_volumes: tuple[str, ...] | None = None
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
-    experiment: str = DEFAULT_EXPERIMENT
-    model_name: str = DEFAULT_MODEL_NAME
-    force: bool = False  # train again even when an identical run (same data and configs) is registered
-    resume: str | None = None  # MLflow run id to continue from its last checkpoint (same data and settings)
+    val_fraction: Annotated[float, Cli(panel=OPTIMISATION)] = Field(default=0.2, ge=0, lt=1, description=(
+        "Share held out for validation (whole volumes when there are several)."))
+    val_volumes: Annotated[tuple[str, ...] | None, Cli("--val-volume", panel=OPTIMISATION, show_default=False)] = Field(
+        None, description="Validate on this volume (repeatable; overrides --val-fraction).")
+    evaluation_volumes: Annotated[tuple[str, ...] | None, Cli(hidden=True)] = Field(None, description=(
+        "Held out of training; the champion is chosen by the pooled fluid Dice on them. None: the archive's fixed "
+        "evaluation set (`octseg evaluate --fix`), if any, else the validation Dice."))
+    tracking_uri: TrackingURI = None
+    experiment: str = Field(DEFAULT_EXPERIMENT, description="MLflow experiment.")
+    model_name: str = Field(DEFAULT_MODEL_NAME, description="Registered model name.")
+    force: bool = Field(False, strict=True, description=(
+        "Train even if an identical run (same data and settings) is registered."))
+    resume: Annotated[str | None, Cli(metavar="RUN_ID", show_default=False)] = Field(None, description=(
+        "Continue this MLflow run from its last checkpoint (an unfinished identical run is continued without it)."))
 
 
 class SegmentConfig(_Config):
     """Bulk, resumable inference into ``labels/prediction``."""
 
-    archive: Path
-    model_uri: str = DEFAULT_MODEL_URI
-    volumes: tuple[str, ...] | None = None
-    tracking_uri: str | None = None
+    archive: Archive
+    model_uri: ModelURI = DEFAULT_MODEL_URI
+    volumes: Volumes = None
+    tracking_uri: TrackingURI = None
     inference: InferenceConfig = InferenceConfig()
-    qc_dir: Path | None = None  # None: <archive>.qc beside the archive
-    force: bool = False  # re-segment volumes already done by this model version
-    dask_address: str | None = Field(default_factory=dask_address_from_env)  # None: a LocalCluster (n_workers)
-    # LocalCluster workers; 0: segment in the flow's own process; None: one per GPU, else one per core (at most 4)
-    n_workers: int | None = Field(default=None, ge=0)
-    gpu: bool | None = None  # each volume asks for the Dask resource GPU=1; None: when a worker declares it
+    qc_dir: Annotated[Path | None, Cli(show_default=False)] = Field(
+        None, description="Where QC overlays go. Default: <archive>.qc")
+    force: bool = Field(False, strict=True, description="Re-segment volumes this model version already did.")
+    dask_address: DaskAddress
+    n_workers: Annotated[int | None, Cli("--workers")] = Field(default=None, ge=0, strict=True, description=(
+        "LocalCluster worker processes when no scheduler is given (none: one per GPU, else one per core up to 4); "
+        "0: segment in this process."))
+    gpu: bool | None = Field(None, strict=True, description=(
+        "Each volume asks its Dask worker for the resource GPU=1 (default: when a worker declares one)."))
 
     @property
     def qc_folder(self) -> Path:
@@ -116,12 +163,16 @@ class SegmentConfig(_Config):
 class EvaluateConfig(_Config):
     """A registered model scored on the annotated B-scans of archive volumes."""
 
-    archive: Path
-    model_uri: str = DEFAULT_MODEL_URI
-    volumes: tuple[str, ...] | None = None  # None: the archive's evaluation set, else every annotated volume
-    tracking_uri: str | None = None
+    archive: Archive
+    model_uri: ModelURI = DEFAULT_MODEL_URI
+    volumes: Annotated[tuple[str, ...] | None, Cli("--volume", "-v", show_default=False)] = Field(None, description=(
+        "Evaluate on this volume (repeatable). Default: the archive's fixed evaluation set, else every annotated "
+        "volume."))
+    tracking_uri: TrackingURI = None
     inference: InferenceConfig = InferenceConfig()
-    fix: bool = False  # record these volumes as the archive's fixed evaluation set
+    fix: bool = Field(False, strict=True, description=(
+        "Record these volumes as the archive's fixed evaluation set: training then holds them out and chooses the "
+        "champion by its score on them."))
 
 
 class PipelineConfig(_Config):
@@ -166,16 +217,18 @@ def load_config_file(path: Path) -> dict[str, Any]:
 class WatchConfig(_Config):
     """The drop folder: files new to the archive -> ingest -> preprocess -> segment with the champion."""
 
-    inbox: Path
-    archive: Path
-    labels: Path | None = None  # masks with the same file names as the inbox's files (optional)
-    settle_seconds: float = Field(default=60.0, ge=0)  # a file changed more recently is left for the next run
-    model_uri: str = DEFAULT_MODEL_URI
-    tracking_uri: str | None = None
-    dask_address: str | None = Field(default_factory=dask_address_from_env)  # None: LocalClusters
-    n_workers: int | None = Field(default=None, ge=0)  # segment's LocalCluster workers (see SegmentConfig)
-    keep_identifiers: bool = False  # as IngestConfig
-    max_voxels: int | None = Field(default=DEFAULT_MAX_VOXELS, ge=1)  # as IngestConfig
+    inbox: Annotated[Path, Cli(show_default=False)] = Field(
+        description="The drop folder: volume files or folders of B-scans.")
+    archive: Archive
+    labels: Labels = None
+    settle_seconds: float = Field(default=60.0, ge=0, description=(
+        "Leave files changed more recently than this for the next run."))
+    model_uri: Annotated[str, Cli("--model")] = Field(DEFAULT_MODEL_URI, description="Model URI to segment with.")
+    tracking_uri: TrackingURI = None
+    dask_address: DaskAddress
+    n_workers: Annotated[int | None, Cli("--workers")] = Field(default=None, ge=0, strict=True, description=(
+        "Segment's LocalCluster workers (0: in this process)."))
+    keep_identifiers: KeepIdentifiers = False
+    max_voxels: MaxVoxels = DEFAULT_MAX_VOXELS
     inference: InferenceConfig = InferenceConfig()
     weights: WeightMapConfig = WeightMapConfig()
-

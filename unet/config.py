@@ -1,29 +1,42 @@
-"""Every setting of the U-Net, its training, its inference and its weight maps, each defined once.
+"""Every setting of the U-Net, its training, its inference and its weight maps, each declared once.
 
-Four frozen dataclasses hold the defaults and check their values where they are built; everything
-else (the flows' pydantic configs, the ``octseg`` command, Prefect deployments) nests these objects
-instead of re-typing their fields. :class:`UNetConfig` is saved with every trained model so that
-inference rebuilds exactly the same network (``UNet.from_config(UNetConfig.from_dict(saved))``).
-The defaults are the paper's (Ronneberger, Fischer, Brox 2015, arXiv 1505.04597); every departure
-from it is a flag that defaults to off.
+A setting is one line: its name, type, default, check (pydantic ``Field`` constraints) and the sentence
+that explains it (``description``). Everything else follows from that line: validation (once, by
+pydantic, where a config is built), the flows' configs that nest these objects, the ``octseg``
+command's options and ``--help`` (:mod:`octseg.flows.cli_options` derives them), ``--config`` files and
+``--show-config``, the MLflow params of a run and its fingerprint. :class:`Cli` says how a setting is
+named on the command line when not ``--<name>``; :data:`SPEED_ONLY` marks settings that change how
+fast a result comes, not the result (left out of the training fingerprint).
 
-This module imports nothing beyond the standard library, so the command line can read the defaults
+The configs are frozen (pydantic) dataclasses. :class:`UNetConfig` is saved with every trained model so
+that inference rebuilds exactly the same network (``UNet.from_config(UNetConfig.from_dict(saved))``).
+The defaults are the paper's (Ronneberger, Fischer, Brox 2015, arXiv 1505.04597); every departure from
+it is a setting that defaults to off. Adding a setting is one field here (plus its use).
+
+This module imports only pydantic and the standard library, so the command line reads the defaults
 without paying for torch.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, Mapping, get_args
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import AfterValidator, ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
 __all__ = [
     "MAX_TILE",
     "PADDINGS",
+    "SPEED_ONLY",
     "UP_MODES",
+    "Cli",
     "InferenceConfig",
     "TrainConfig",
     "UNetConfig",
     "WeightMapConfig",
+    "affects_result",
 ]
 
 Padding = Literal["valid", "same"]
@@ -37,181 +50,156 @@ MAX_TILE = 572
 """Largest network input tile (pixels per side) for training and inference: the paper's 572x572."""
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    """Raise TypeError/ValueError unless ``value`` is an int (not a bool) >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+@dataclasses.dataclass(frozen=True)
+class Cli:
+    """How a setting appears on the ``octseg`` command line, where it differs from ``--<name>``.
+
+    ``flags``: the option's names (a ``--x/--y`` pair for a switch); ``panel``: the ``--help`` group;
+    ``metavar``; ``show_default``: False where the help sentence explains the default, or the text to
+    show; ``hidden``: config files only; ``argument``: positional; ``flag_value``: a switch that sets
+    this value when on and None when off (e.g. ``--balanced/--no-balanced``).
+    """
+
+    flags: tuple[str, ...] = ()
+    panel: str | None = None
+    metavar: str | None = None
+    show_default: bool | str | None = None
+    hidden: bool = False
+    argument: bool = False
+    flag_value: Any = None
+
+    def __init__(self, *flags: str, **kwargs: Any) -> None:
+        object.__setattr__(self, "flags", flags)
+        for f in dataclasses.fields(self)[1:]:
+            object.__setattr__(self, f.name, kwargs.pop(f.name, f.default))
+        if kwargs:
+            raise TypeError(f"Cli: unknown arguments {sorted(kwargs)}")
 
 
-def _check_number(name: str, value: Any, lo: float, hi: float | None = None, *, lo_open: bool = False,
-                  hi_open: bool = True) -> float:
-    """``value`` as a float within [lo, hi) (bounds as flagged); TypeError/ValueError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
-    too_low = value <= lo if lo_open else value < lo
-    too_high = hi is not None and (value >= hi if hi_open else value > hi)
-    if too_low or too_high or value != value:  # NaN fails every comparison
-        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{name} must be in {left}{lo:g}, {'inf' if hi is None else f'{hi:g}'}{right}, got {value}")
-    return float(value)
+class _SpeedOnly:
+    """Marker: the setting changes how fast a run goes, not what it trains (see :func:`affects_result`)."""
+
+    def __repr__(self) -> str:
+        return "SPEED_ONLY"
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+SPEED_ONLY = _SpeedOnly()
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 
 
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+def _check_device(device: str) -> str:
+    """"auto" or a torch device ("cpu", "cuda", "cuda:N", "mps", "xpu"); whether it is there is checked
+    when a model is moved to it."""
+    if not _DEVICE.match(device):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu', got {device!r}")
+    return device
+
+
+Device = Annotated[str, AfterValidator(_check_device)]
+_FORBID = ConfigDict(extra="forbid")  # unknown keys are an error, never ignored
 
 
 class _Config:
     """``to_dict``/``from_dict`` shared by the configs below (unknown keys are an error, never ignored)."""
 
-    # read by pydantic when a flow config nests these dataclasses: unknown keys fail there too
-    __pydantic_config__ = {"extra": "forbid"}
-
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict of all fields, e.g. to store beside the weights."""
-        return asdict(self)  # type: ignore[call-overload]
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
         """Rebuild a config from ``to_dict()`` output; missing keys take the defaults."""
         if not isinstance(d, Mapping):
             raise TypeError(f"from_dict expects a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} keys {unknown}; expected a subset of {sorted(known)}")
         return cls(**dict(d))
 
 
-@dataclass(frozen=True)
+def affects_result(config: type, name: str) -> bool:
+    """False for a setting marked :data:`SPEED_ONLY` (e.g. tile-loading processes)."""
+    return SPEED_ONLY not in config.__pydantic_fields__[name].metadata  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, config=_FORBID)
 class UNetConfig(_Config):
     """The U-Net's architecture; defaults reproduce the paper's network (31,030,658 parameters)."""
 
-    in_channels: int = 1  # channels of the input image (1 for grey-value OCT B-scans)
-    out_channels: int = 2  # number of classes; the network outputs one logit map per class
-    base_channels: int = 64  # feature maps after the first double conv; doubled at each pooling
-    depth: int = 4  # number of 2x2 max-poolings (4 in the paper: 64 -> 1024 channels)
-    padding: Padding = "valid"  # "valid": unpadded 3x3 convs as in the paper; "same": zero-padded
-    batch_norm: bool = False  # departure: BatchNorm after each 3x3 conv (not in the paper)
-    dropout: float = 0.0  # drop-out probability at the end of the contracting path (paper: > 0)
-    up_mode: UpMode = "transpose"  # "transpose": 2x2 up-convolution as in the paper; "bilinear"
-
-    def __post_init__(self) -> None:
-        _check_int("in_channels", self.in_channels, 1)
-        _check_int("out_channels", self.out_channels, 2)  # background + at least one class
-        _check_int("base_channels", self.base_channels, 1)
-        _check_int("depth", self.depth, 1)
-        _check_choice("padding", self.padding, PADDINGS)
-        _check_choice("up_mode", self.up_mode, UP_MODES)
-        _check_bool("batch_norm", self.batch_norm)
-        object.__setattr__(self, "dropout", _check_number("dropout", self.dropout, 0.0, 1.0))
+    in_channels: Annotated[int, Cli(hidden=True)] = Field(
+        1, ge=1, strict=True, description="Channels of the input image (1 for grey-value OCT B-scans).")
+    out_channels: Annotated[int, Cli("--classes")] = Field(
+        2, ge=2, strict=True, description="Classes the network predicts (background + fluid = 2; raise it for "
+                                          "masks with more labels).")
+    base_channels: int = Field(64, ge=1, strict=True, description="Channels of the first level (the paper: 64).")
+    depth: int = Field(4, ge=1, strict=True, description="Number of 2x2 max-poolings (the paper: 4).")
+    padding: Padding = Field("valid", description="valid (the paper's unpadded convolutions) or same.")
+    batch_norm: bool = Field(False, strict=True, description="BatchNorm after each 3x3 conv (not in the paper).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Drop-out at the end of the contracting path.")
+    up_mode: UpMode = Field("transpose", description="transpose (the paper's 2x2 up-convolution) or bilinear.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_FORBID)
 class TrainConfig(_Config):
     """Hyper-parameters of one training run (the network's own live in :class:`UNetConfig`)."""
 
-    epochs: int = 20
-    batch_size: int = 4  # tiles per optimisation step
-    optimizer: Optimizer = "sgd"  # "sgd" (the paper's, with momentum 0.99) or "adam"
-    lr: float = 0.01
-    momentum: float = 0.99  # SGD only
-    weight_decay: float = 0.0
-    tile_size: int | None = None  # network input tile; None: octseg.unet.model.choose_tile_size
-    max_tile: int = MAX_TILE  # largest input tile that rule may pick: the paper's 572 -> 388 tile
-    tiles_per_epoch: int = 64
-    foreground_fraction: float = 0.33  # tiles centred near a foreground pixel (class imbalance)
-    dice_weight: float = 0.0  # departure: + this x soft Dice of the foreground classes (nnU-Net: 1); paper: 0
-    augment: bool = True  # the paper's elastic deformation, flips and grey-value jitter
-    patience: int | None = None  # stop after this many epochs without a better validation Dice; None: never
-    restore_best: bool = True  # end with the weights of the epoch with the best validation Dice
-    seed: int = 0
-    device: str = "auto"  # "auto" (CUDA when present) or a torch device: "cpu", "cuda:1", ...
-    amp: bool = False  # bfloat16 autocast on CUDA
-    num_workers: int | None = None  # tile-loading processes; None: 0 on CPU (cores train), up to 4 on CUDA
-    processes: int = 1  # data-parallel training processes (DDP): one per GPU (nccl), or CPU processes (gloo)
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "tiles_per_epoch"):
-            _check_int(name, getattr(self, name), 1)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        object.__setattr__(self, "lr", _check_number("lr", self.lr, 0.0, None, lo_open=True))
-        object.__setattr__(self, "momentum", _check_number("momentum", self.momentum, 0.0, 1.0))
-        object.__setattr__(self, "weight_decay", _check_number("weight_decay", self.weight_decay, 0.0))
-        if self.tile_size is not None:
-            _check_int("tile_size", self.tile_size, 1)
-        _check_int("max_tile", self.max_tile, 1)
-        object.__setattr__(self, "dice_weight", _check_number("dice_weight", self.dice_weight, 0.0))
-        object.__setattr__(self, "foreground_fraction",
-                           _check_number("foreground_fraction", self.foreground_fraction, 0.0, 1.0, hi_open=False))
-        _check_bool("augment", self.augment)
-        if self.patience is not None:
-            _check_int("patience", self.patience, 1)
-        _check_bool("restore_best", self.restore_best)
-        _check_int("seed", self.seed, 0)
-        _check_device(self.device)
-        _check_bool("amp", self.amp)
-        if self.num_workers is not None:
-            _check_int("num_workers", self.num_workers, 0)
-        _check_int("processes", self.processes, 1)
+    epochs: int = Field(20, ge=1, strict=True, description="Training epochs.")
+    batch_size: int = Field(4, ge=1, strict=True, description="Tiles per optimisation step.")
+    optimizer: Optimizer = Field("sgd", description="sgd (the paper's, with momentum) or adam.")
+    lr: float = Field(0.01, gt=0, description="Learning rate.")
+    momentum: float = Field(0.99, ge=0, lt=1, description="SGD momentum (the paper: 0.99).")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    tile_size: int | None = Field(None, ge=1, strict=True, description=(
+        "Input tile (pixels); none: the largest valid tile <= --max-tile whose output fits the B-scan."))
+    max_tile: int = Field(MAX_TILE, ge=1, strict=True,
+                          description="Largest input tile the tile rule may pick (the paper: 572).")
+    tiles_per_epoch: int = Field(64, ge=1, strict=True, description="Random tiles drawn per epoch.")
+    foreground_fraction: float = Field(0.33, ge=0, le=1, description="Share of tiles centred on foreground pixels.")
+    dice_weight: float = Field(0.0, ge=0, description=(
+        "Weight of a foreground soft-Dice term added to the paper's loss (nnU-Net: 1)."))
+    augment: bool = Field(True, strict=True, description="Elastic deformation, flips, grey-value jitter.")
+    patience: int | None = Field(None, ge=1, strict=True,
+                                 description="Stop after this many epochs without a better validation Dice.")
+    restore_best: bool = Field(True, strict=True, description="End with the weights of the best validated epoch.")
+    seed: int = Field(0, ge=0, strict=True, description="Random seed (tiles, split, initialisation).")
+    device: Device = Field("auto", description="auto (GPU when present), cpu, cuda or cuda:N.")
+    amp: bool = Field(False, strict=True, description="bfloat16 autocast on CUDA.")
+    num_workers: Annotated[int | None, Cli("--loader-workers"), SPEED_ONLY] = Field(
+        None, ge=0, strict=True, description="Tile-loading worker processes (default: 0 on CPU, up to 4 on a GPU).")
+    processes: Annotated[int, Cli("--gpus", "--processes")] = Field(1, ge=1, strict=True, description=(
+        "Data-parallel training processes (DistributedDataParallel): one per GPU with NCCL, or CPU processes "
+        "with gloo. The batch is split between them."))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_FORBID)
 class InferenceConfig(_Config):
     """How a trained U-Net is run over B-scans: the overlap-tile strategy of the paper (Fig. 2)."""
 
-    tile_size: int | None = None  # network input tile; None: octseg.unet.model.choose_tile_size
-    max_tile: int = MAX_TILE  # largest input tile that rule may pick
-    overlap: float = 0.25  # fraction of an output tile shared with its neighbour, blended
-    batch_size: int | None = None  # B-scans (or tiles) per forward pass; None: what the memory budget holds
-    device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:N"
-    amp: bool = False  # bfloat16 autocast on CUDA
-    memory_budget_mb: int | None = None  # for one forward pass; None: half the free GPU memory, or 2048 on CPU
-    whole: bool = True  # a whole B-scan per pass when it fits the budget; False: always tiles
-    tta: bool = False  # test-time augmentation: mean of the B-scan's and its left-right mirror's probabilities
-    compile: bool = False  # torch.compile the network (CUDA; slow first batch)
-
-    def __post_init__(self) -> None:
-        if self.tile_size is not None:
-            _check_int("tile_size", self.tile_size, 1)
-        _check_int("max_tile", self.max_tile, 1)
-        object.__setattr__(self, "overlap", _check_number("overlap", self.overlap, 0.0, 1.0))
-        if self.batch_size is not None:
-            _check_int("batch_size", self.batch_size, 1)
-        _check_device(self.device)
-        for name in ("amp", "whole", "tta", "compile"):
-            _check_bool(name, getattr(self, name))
-        if self.memory_budget_mb is not None:
-            _check_int("memory_budget_mb", self.memory_budget_mb, 1)
+    tile_size: int | None = Field(None, ge=1, strict=True, description=(
+        "Tile B-scans with this input tile (pixels) instead of whole passes."))
+    max_tile: int = Field(MAX_TILE, ge=1, strict=True, description="Largest tile when B-scans must be tiled.")
+    overlap: float = Field(0.25, ge=0, lt=1, description="Overlap of neighbouring output tiles (fraction), blended.")
+    batch_size: int | None = Field(None, ge=1, strict=True, description=(
+        "B-scans (or tiles) per forward pass; none: what the memory budget holds."))
+    device: Device = Field("auto", description="auto (GPU when present), cpu, cuda or cuda:N.")
+    amp: bool = Field(False, strict=True, description="bfloat16 autocast on CUDA.")
+    memory_budget_mb: Annotated[int | None, Cli("--memory-budget", metavar="MIB")] = Field(
+        None, ge=1, strict=True, description="Memory for one forward pass, MiB (none: half the free GPU memory, "
+                                             "2048 on CPU).")
+    whole: Annotated[bool, Cli("--whole/--tiles")] = Field(True, strict=True, description=(
+        "A whole B-scan per forward pass when it fits the memory budget (--tiles: always overlap-tiles)."))
+    tta: bool = Field(False, strict=True, description="Test-time augmentation: average with the mirrored B-scan.")
+    compile: bool = Field(False, strict=True, description="torch.compile the network (GPU; slow first batch).")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_FORBID)
 class WeightMapConfig(_Config):
     """w(x) = w_c(x) + w0 exp(-(d1 + d2)^2 / 2 sigma^2), eq. 2 of the paper (w0 = 10, sigma = 5 px)."""
 
-    w0: float = 10.0  # amplitude of the border term
-    sigma: float = 5.0  # width of the border term, pixels
-    class_weights: Literal["balanced"] | None = None  # None: w_c = 1; "balanced": inverse class frequency
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "w0", _check_number("w0", self.w0, 0.0))
-        object.__setattr__(self, "sigma", _check_number("sigma", self.sigma, 0.0, None, lo_open=True))
-        if self.class_weights is not None:
-            _check_choice("class_weights", self.class_weights, ("balanced",))
-
-
-_DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
-
-
-def _check_device(device: Any) -> None:
-    """"auto" or a torch device ("cpu", "cuda", "cuda:N", "mps", "xpu"); whether it is there is checked
-    when a model is moved to it."""
-    if not isinstance(device, str) or not _DEVICE.match(device):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu', got {device!r}")
+    w0: float = Field(10.0, ge=0, description="Border weight w0 of the paper.")
+    sigma: float = Field(5.0, gt=0, description="Border weight sigma (pixels).")
+    class_weights: Annotated[Literal["balanced"] | None,
+                             Cli("--balanced/--no-balanced", flag_value="balanced", show_default=False)] = Field(
+        None, description="Class weights w_c by inverse class frequency (the paper's w_c); default w_c = 1.")

@@ -16,7 +16,7 @@ import numbers
 import torch
 from torch import nn
 
-from octseg.unet.config import UNetConfig
+from octseg.unet.config import PADDINGS, UNetConfig
 from octseg.unet.parts import DoubleConv, Down, OutConv, Up
 
 __all__ = ["UNet", "Unet", "choose_tile_size", "output_size", "valid_input_sizes", "nearest_valid_input_size"]
@@ -52,8 +52,8 @@ def _check_args(n: int, depth: int, padding: str) -> tuple[int, int]:
             raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
-    if padding not in ("valid", "same"):
-        raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     return int(n), int(depth)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from octseg.unet.config import PADDINGS, UP_MODES
+from octseg.unet.config import Padding, UpMode
 
 __all__ = ["DoubleConv", "Down", "Up", "OutConv", "center_crop"]
 
@@ -43,9 +43,7 @@ def center_crop(t: ArrayT, size: int | tuple[int, int] | torch.Size) -> ArrayT:
 class DoubleConv(nn.Sequential):
     """(3x3 conv [+ BN] -> ReLU) x 2; "valid" shrinks H, W by 4, "same" keeps them."""
 
-    def __init__(self, in_channels: int, out_channels: int, padding: str = "valid", batch_norm: bool = False):
-        if padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    def __init__(self, in_channels: int, out_channels: int, padding: Padding = "valid", batch_norm: bool = False):
         pad = 0 if padding == "valid" else 1
         layers: list[nn.Module] = []
         for c_in in (in_channels, out_channels):
@@ -59,7 +57,7 @@ class DoubleConv(nn.Sequential):
 class Down(nn.Sequential):
     """2x2 max-pool (stride 2) -> DoubleConv: (N, C_in, H, W) -> (N, C_out, H/2 - 4, W/2 - 4) if valid."""
 
-    def __init__(self, in_channels: int, out_channels: int, padding: str = "valid", batch_norm: bool = False):
+    def __init__(self, in_channels: int, out_channels: int, padding: Padding = "valid", batch_norm: bool = False):
         super().__init__(
             nn.MaxPool2d(kernel_size=2, stride=2),
             DoubleConv(in_channels, out_channels, padding, batch_norm),
@@ -77,13 +75,11 @@ class Up(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        padding: str = "valid",
+        padding: Padding = "valid",
         batch_norm: bool = False,
-        up_mode: str = "transpose",
+        up_mode: UpMode = "transpose",
     ):
         super().__init__()
-        if up_mode not in UP_MODES:
-            raise ValueError(f"up_mode must be one of {UP_MODES}, got {up_mode!r}")
         half = in_channels // 2
         if up_mode == "transpose":
             self.up: nn.Module = nn.ConvTranspose2d(in_channels, half, kernel_size=2, stride=2)

@@ -240,13 +240,13 @@ def test_config_round_trip_rebuilds_identical_network() -> None:
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"padding": "reflect"}, ValueError, "padding must be one of"),
-        ({"up_mode": "nearest"}, ValueError, "up_mode must be one of"),
-        ({"depth": 0}, ValueError, "depth must be >= 1, got 0"),
-        ({"base_channels": 64.0}, TypeError, "base_channels must be an int, got float"),
-        ({"in_channels": True}, TypeError, "in_channels must be an int, got bool"),
-        ({"dropout": 1.0}, ValueError, r"dropout must be in \[0, 1\), got 1.0"),
-        ({"batch_norm": 1}, TypeError, "batch_norm must be a bool"),
+        ({"padding": "reflect"}, ValueError, r"padding\n  Input should be 'valid' or 'same'"),
+        ({"up_mode": "nearest"}, ValueError, r"up_mode\n  Input should be 'transpose' or 'bilinear'"),
+        ({"depth": 0}, ValueError, r"depth\n  Input should be greater than or equal to 1"),
+        ({"base_channels": 64.0}, ValueError, r"base_channels\n  Input should be a valid integer"),
+        ({"in_channels": True}, ValueError, r"in_channels\n  Input should be a valid integer"),
+        ({"dropout": 1.0}, ValueError, r"dropout\n  Input should be less than 1"),
+        ({"batch_norm": 1}, ValueError, r"batch_norm\n  Input should be a valid boolean"),
     ],
 )
 def test_config_rejects_bad_values(kwargs: dict, error: type, match: str) -> None:
