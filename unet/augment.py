@@ -23,6 +23,8 @@ __all__ = [
     "displacement_field",
     "elastic_deform",
     "intensity_jitter",
+    "noise_and_blur",
+    "random_affine",
     "random_flip",
 ]
 
@@ -99,6 +101,7 @@ def elastic_deform(
     image_order: int = 3,
     window: tuple[slice, slice] | None = None,
     backend: str = "torch",
+    affine: np.ndarray | None = None,
 ) -> Arrays:
     """The paper's elastic deformation, applied identically to image, labels and weights.
 
@@ -119,6 +122,9 @@ def elastic_deform(
     ``window`` (a pair of slices of the output) returns labels and weights for that window only: a
     valid-padding U-Net's loss sees the centre crop of its tile, so the rest need not be warped.
 
+    ``affine`` (2 x 2, acting on (y, x) about the image centre) adds a rotation / zoom to the same warp:
+    output pixel p samples ``c + affine @ (p - c) + d(p)``, one interpolation for both.
+
     Returns:
         (image, labels, weights): the image of the input shape, labels and weights of the input shape or
         of ``window``; None stays None.
@@ -129,7 +135,11 @@ def elastic_deform(
         raise ValueError(f"image_order must be a spline order in 0..5, got {image_order!r}")
     h, w = image.shape[-2:]
     field = displacement_field((h, w), rng, grid=grid, sigma=sigma)
-    coords = np.indices((h, w), dtype=np.float64) + field  # (2, H, W): where each pixel samples
+    coords = np.indices((h, w), dtype=np.float64)  # (2, H, W): where each pixel samples
+    if affine is not None:
+        centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])[:, None, None]
+        coords = centre + np.einsum("ij,jhw->ihw", np.asarray(affine, dtype=np.float64), coords - centre)
+    coords += field
 
     if backend not in ("torch", "scipy"):
         raise ValueError(f"backend must be 'torch' or 'scipy', got {backend!r}")
@@ -244,6 +254,35 @@ def intensity_jitter(
     return x.astype(_float_dtype(image))
 
 
+def random_affine(rng: np.random.Generator | int, rotation: float = 0.0, scaling: float = 0.0) -> np.ndarray:
+    """A 2 x 2 sampling matrix (y, x): a rotation by U(-rotation, rotation) degrees and a zoom by
+    ``exp(U(-log(1 + scaling), log(1 + scaling)))`` (so 0.25 zooms 0.8-1.25 times, in and out alike)."""
+    if not (0 <= rotation <= 180 and scaling >= 0):
+        raise ValueError(f"rotation must be in [0, 180] degrees and scaling >= 0, got {rotation!r}, {scaling!r}")
+    gen = _as_rng(rng)
+    angle = np.deg2rad(gen.uniform(-rotation, rotation))
+    zoom = float(np.exp(gen.uniform(-np.log1p(scaling), np.log1p(scaling))))
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s], [s, c]]) / zoom  # sampling at p / zoom magnifies the image by zoom
+
+
+def noise_and_blur(image: np.ndarray, rng: np.random.Generator | int, noise: float = 0.0, blur: float = 0.0,
+                   p_noise: float = 0.15, p_blur: float = 0.2) -> np.ndarray:
+    """nnU-Net's image-quality augmentation: with probability ``p_noise`` add Gaussian noise of standard
+    deviation U(0, ``noise``) (image units), with probability ``p_blur`` blur with a Gaussian of sigma
+    U(0.5, ``blur``) pixels (when ``blur`` > 0.5). Both draws are always made. Float image returned."""
+    gen = _as_rng(rng)
+    noisy, std = gen.random() < p_noise, gen.uniform(0.0, noise) if noise > 0 else 0.0
+    blurred, sigma = gen.random() < p_blur, gen.uniform(0.5, max(blur, 0.5))
+    out = np.asarray(image, dtype=_float_dtype(np.asarray(image)))
+    if blurred and blur > 0.5:
+        axes = (-2, -1)
+        out = ndimage.gaussian_filter(out, sigma=[sigma if a - out.ndim in axes else 0 for a in range(out.ndim)])
+    if noisy and std > 0:
+        out = out + gen.normal(0.0, std, size=out.shape).astype(out.dtype)
+    return out
+
+
 def augment(
     image: np.ndarray,
     labels: np.ndarray | None,
@@ -257,12 +296,21 @@ def augment(
     sigma: float = 10.0,
     window: tuple[slice, slice] | None = None,
     backend: str = "torch",
+    rotation: float = 0.0,
+    scaling: float = 0.0,
+    strength: float = 0.1,
+    noise: float = 0.0,
+    blur: float = 0.0,
 ) -> Arrays:
-    """Flip, then elastically deform, then jitter gray values; geometry shared by all three arrays.
+    """Flip, then rotate / zoom / elastically deform (one warp), then jitter grey values, then noise and blur;
+    the geometry is shared by all three arrays.
 
-    Uses one generator for all steps, so ``rng`` as an int seed reproduces the whole chain.
-    ``grid`` and ``sigma`` are passed to :func:`elastic_deform` (paper: 3 x 3 grid, 10 pixels).
-    ``window`` returns labels and weights for that window of the output only (see :func:`elastic_deform`).
+    Uses one generator for all steps, so ``rng`` as an int seed reproduces the whole chain; the defaults
+    are the paper's augmentation (and draw exactly what it drew). ``grid`` and ``sigma`` are passed to
+    :func:`elastic_deform` (paper: 3 x 3 grid, 10 pixels); ``rotation`` (degrees) and ``scaling`` to
+    :func:`random_affine`; ``strength`` is the brightness, contrast and gamma range of
+    :func:`intensity_jitter`; ``noise`` and ``blur`` go to :func:`noise_and_blur`. ``window`` returns labels
+    and weights for that window of the output only (see :func:`elastic_deform`).
 
     Returns:
         (image, labels, weights) as from the individual steps; None stays None.
@@ -272,12 +320,15 @@ def augment(
     _check_arrays(image, labels, weights)
     if flip:
         image, labels, weights = random_flip(image, labels, weights, rng=gen)
-    if elastic:
-        image, labels, weights = elastic_deform(image, labels, weights, grid=grid, sigma=sigma, rng=gen, window=window,
-                                                backend=backend)
+    affine = random_affine(gen, rotation, scaling) if rotation or scaling else None
+    if elastic or affine is not None:
+        image, labels, weights = elastic_deform(image, labels, weights, grid=grid, sigma=sigma if elastic else 0.0,
+                                                rng=gen, window=window, backend=backend, affine=affine)
     elif window is not None:
         labels = None if labels is None else labels[window]
         weights = None if weights is None else weights[window]
     if jitter:
-        image = intensity_jitter(image, gen)
+        image = intensity_jitter(image, gen, brightness=strength, contrast=min(strength, 0.99), gamma=strength)
+    if noise or blur:
+        image = noise_and_blur(image, gen, noise, blur)
     return image, labels, weights

@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, ConfigDict, Field
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "UP_MODES",
     "Cli",
     "InferenceConfig",
+    "PostprocessConfig",
     "TrainConfig",
     "UNetConfig",
     "WeightMapConfig",
@@ -137,8 +138,25 @@ class UNetConfig(_Config):
     depth: int = Field(4, ge=1, strict=True, description="Number of 2x2 max-poolings (the paper: 4).")
     padding: Padding = Field("valid", description="valid (the paper's unpadded convolutions) or same.")
     batch_norm: bool = Field(False, strict=True, description="BatchNorm after each 3x3 conv (not in the paper).")
+    instance_norm: bool = Field(False, strict=True, description=(
+        "InstanceNorm after each 3x3 conv (nnU-Net's; not in the paper)."))
     dropout: float = Field(0.0, ge=0, lt=1, description="Drop-out at the end of the contracting path.")
     up_mode: UpMode = Field("transpose", description="transpose (the paper's 2x2 up-convolution) or bilinear.")
+    scale_y: float = Field(1.0, gt=0, le=1, description=(
+        "Resample B-scans in depth by this factor before the network (probabilities back after); 1: as they are."))
+    scale_x: float = Field(1.0, gt=0, le=1, description=(
+        "Resample B-scans in width by this factor before the network (probabilities back after); 1: as they are."))
+    deep_supervision: bool = Field(False, strict=True, description=(
+        "Also train 1x1 heads on the coarser decoder levels (nnU-Net's; needs --padding same)."))
+
+    @model_validator(mode="after")
+    def _one_norm_and_ds_with_same(self) -> UNetConfig:
+        if self.batch_norm and self.instance_norm:
+            raise ValueError("batch_norm and instance_norm exclude each other")
+        if self.deep_supervision and self.padding != "same":
+            raise ValueError("deep_supervision needs padding 'same' (valid maps of the decoder levels do not "
+                             "align with a down-sampled target)")
+        return self
 
 
 @dataclass(frozen=True, config=_FORBID)
@@ -160,6 +178,20 @@ class TrainConfig(_Config):
     dice_weight: float = Field(0.0, ge=0, description=(
         "Weight of a foreground soft-Dice term added to the paper's loss (nnU-Net: 1)."))
     augment: bool = Field(True, strict=True, description="Elastic deformation, flips, grey-value jitter.")
+    elastic: bool = Field(True, strict=True, description="With --augment: the paper's elastic deformation.")
+    rotation: float = Field(0.0, ge=0, le=180, description="With --augment: random rotation up to this many degrees.")
+    scaling: float = Field(0.0, ge=0, description=(
+        "With --augment: random zoom up to 1 + this, in and out alike (0.25: 0.8 to 1.25)."))
+    jitter: float = Field(0.1, ge=0, lt=1, description=(
+        "With --augment: range of the brightness, contrast and gamma jitter (0.1: +-10%)."))
+    noise: float = Field(0.0, ge=0, description=(
+        "With --augment: Gaussian noise up to this standard deviation (normalised units) on 15% of the tiles."))
+    blur: float = Field(0.0, ge=0, description=(
+        "With --augment: Gaussian blur of sigma 0.5 to this many pixels on 20% of the tiles."))
+    lr_schedule: Literal["constant", "poly", "cosine"] = Field("constant", description=(
+        "Learning rate over the run's iterations: constant, poly (lr (1 - t)^0.9, nnU-Net's) or cosine."))
+    border_weights: bool = Field(True, strict=True, description=(
+        "Weigh the cross-entropy by the border-weight maps of preprocess (the paper's w(x)); off: w = 1."))
     patience: int | None = Field(None, ge=1, strict=True,
                                  description="Stop after this many epochs without a better validation Dice.")
     restore_best: bool = Field(True, strict=True, description="End with the weights of the best validated epoch.")
@@ -192,6 +224,15 @@ class InferenceConfig(_Config):
         "A whole B-scan per forward pass when it fits the memory budget (--tiles: always overlap-tiles)."))
     tta: bool = Field(False, strict=True, description="Test-time augmentation: average with the mirrored B-scan.")
     compile: bool = Field(False, strict=True, description="torch.compile the network (GPU; slow first batch).")
+
+
+@dataclass(frozen=True, config=_FORBID)
+class PostprocessConfig(_Config):
+    """What is done to predicted labels before they are stored; chosen on out-of-fold predictions and
+    saved with the model (:mod:`octseg.unet.postprocess`)."""
+
+    min_size: int = Field(0, ge=0, strict=True, description=(
+        "Foreground components (per B-scan) smaller than this many pixels become background; 0: none."))
 
 
 @dataclass(frozen=True, config=_FORBID)

@@ -6,6 +6,9 @@ context it needs for every labelled pixel (the paper's overlap-tile strategy, ap
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -24,11 +27,13 @@ class TileDataset(Dataset):
     A fraction ``foreground`` of the tiles is centred near a random foreground pixel (label > 0), the
     rest anywhere: small structures such as fluid pockets are otherwise rarely seen (nnU-Net samples
     a third of its patches this way).
+    With ``augment``, each tile is augmented by :func:`octseg.unet.augment.augment` with the keywords
+    ``augmentation`` (the paper's when empty).
     Returns ``image`` float32 (1, T, T), ``target`` int64 (O, O), ``weight`` float32 (O, O).
     """
 
     def __init__(self, data: BScanSet, tile: int, output: int, n_tiles: int, augment: bool = True, seed: int = 0,
-                 foreground: float = 0.0):
+                 foreground: float = 0.0, augmentation: Mapping[str, Any] | None = None):
         if output > min(data.images.shape[1:]):
             raise ValueError(f"output tile {output} does not fit B-scans of {data.images.shape[1:]}")
         if (tile - output) % 2:
@@ -38,6 +43,7 @@ class TileDataset(Dataset):
         if not 0.0 <= foreground <= 1.0:
             raise ValueError(f"foreground must be in [0, 1], got {foreground}")
         self.augment, self.seed, self.epoch, self.foreground = augment, seed, 0, foreground
+        self.augmentation = dict(augmentation or {})  # keywords of octseg.unet.augment.augment
         self._fg = np.argwhere(data.labels > 0)  # (M, 3) k, y, x of foreground pixels
         pad = ((0, 0), (self.halo, self.halo), (self.halo, self.halo))
         # the same mirror as inference (octseg.unet.tiling.mirror_pad): reflect, the edge pixel not repeated
@@ -71,7 +77,7 @@ class TileDataset(Dataset):
         image, labels, weights = self._images[window], self._labels[window], self._weights[window]
         c = np.s_[self.halo : self.halo + self.output, self.halo : self.halo + self.output]  # what the loss sees
         if self.augment:
-            image, labels, weights = augment_tile(image, labels, weights, rng, window=c)
+            image, labels, weights = augment_tile(image, labels, weights, rng, window=c, **self.augmentation)
         else:
             labels, weights = labels[c], weights[c]
         return {

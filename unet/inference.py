@@ -30,6 +30,7 @@ import torch
 
 from octseg.unet.config import InferenceConfig, UNetConfig
 from octseg.unet.prefetch import threaded as _threaded
+from octseg.unet.resample import is_resampled, resample_images, resample_probabilities, scaled_size
 from octseg.unet.model import choose_tile_size, nearest_valid_input_size, output_size
 from octseg.unet.tiling import mirror_pad, predict_tiled
 
@@ -212,15 +213,22 @@ def _probabilities(net: _Network, images: np.ndarray, plan: InferencePlan, cfg: 
 
 
 def _predict(net: _Network, images: np.ndarray, plan: InferencePlan, cfg: InferenceConfig) -> np.ndarray:
-    probs = _probabilities(net, images, plan, cfg)
+    """Class probabilities (N, K, H, W) of B-scans (N, H, W); a network that sees B-scans resampled
+    (``scale_y``/``scale_x``) gets them so, and its probabilities come back at (H, W)."""
+    hw = images.shape[-2:]
+    small = scaled_size(net.model.config, hw)
+    x = resample_images(images, small) if small != tuple(hw) else images
+    probs = _probabilities(net, x, plan, cfg)
     if cfg.tta:  # the mirrored B-scan's probabilities, mirrored back
-        probs = 0.5 * (probs + _probabilities(net, images[..., ::-1].copy(), plan, cfg)[..., ::-1])
-    return probs
+        probs = 0.5 * (probs + _probabilities(net, x[..., ::-1].copy(), plan, cfg)[..., ::-1])
+    return resample_probabilities(probs, hw)
 
 
 def _plan_for(model: torch.nn.Module, image_hw: tuple[int, int], cfg: InferenceConfig) -> InferencePlan:
+    """The plan for B-scans of ``image_hw`` as the network sees them (resampled when it is)."""
     device = next(model.parameters()).device
-    return plan_inference(model.config, image_hw, cfg, memory_budget(cfg, device), device.type)
+    return plan_inference(model.config, scaled_size(model.config, image_hw), cfg, memory_budget(cfg, device),
+                          device.type)
 
 
 def predict_probabilities(
@@ -254,6 +262,7 @@ def segment_bscans(
     """
     net = _Network(model, cfg)
     plan = _plan_for(model, image_hw, cfg)
+    resampled = is_resampled(model.config)
     chunk = max(1, chunk)
     if plan.whole:  # whole shards at a time, as many as one batch needs: a batch never waits for a short chunk
         chunk *= -(-plan.batch // chunk)
@@ -267,7 +276,7 @@ def segment_bscans(
 
     def labelled() -> Iterator[tuple[int, np.ndarray]]:
         for z0, images in _threaded(chunks(), depth=2):
-            if plan.whole and not cfg.tta:  # the arg-max on the device: no probabilities cross to the host
+            if plan.whole and not cfg.tta and not resampled:  # the arg-max on the device: no probabilities cross
                 yield z0, _whole_passes(images if images.ndim == 4 else images[:, None], plan, net.labels)
             else:
                 yield z0, _predict(net, images, plan, cfg).argmax(1).astype(np.uint8)

@@ -153,7 +153,8 @@ class UNet(nn.Module):
         self.config = config
         in_channels, out_channels, base_channels, depth = (
             config.in_channels, config.out_channels, config.base_channels, config.depth)
-        padding, batch_norm, dropout, up_mode = config.padding, config.batch_norm, config.dropout, config.up_mode
+        padding, dropout, up_mode = config.padding, config.dropout, config.up_mode
+        batch_norm = "batch" if config.batch_norm else "instance" if config.instance_norm else None
         ch = [base_channels * 2**i for i in range(depth + 1)]  # 64, 128, 256, 512, 1024
         self.inc = DoubleConv(in_channels, ch[0], padding, batch_norm)
         self.downs = nn.ModuleList(Down(ch[i], ch[i + 1], padding, batch_norm) for i in range(depth))
@@ -162,6 +163,9 @@ class UNet(nn.Module):
             Up(ch[i + 1], ch[i], padding, batch_norm, up_mode) for i in reversed(range(depth))
         )
         self.outc = OutConv(ch[0], out_channels)
+        # deep supervision: a 1x1 head on each decoder level but the finest (outc), coarse to fine
+        levels = reversed(range(1, depth)) if config.deep_supervision else ()
+        self.heads = nn.ModuleList(OutConv(ch[i], out_channels) for i in levels)
         self.apply(_init_weights)
         logger.debug("built UNet %s with %d parameters", self.config, self.num_parameters())
 
@@ -200,8 +204,11 @@ class UNet(nn.Module):
             except ValueError as e:
                 raise ValueError(f"input {axis}: {e}") from None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C_in, H, W) -> logits (N, C_out, h, w); shapes below are the paper's 572x572 tile."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """(N, C_in, H, W) -> logits (N, C_out, h, w); shapes below are the paper's 572x572 tile.
+
+        With ``deep_supervision``, in training mode: the list [full, 1/2, 1/4, ...] of logits of the
+        decoder levels, finest first (``octseg.unet.losses.deep_supervision_loss`` takes it)."""
         self._check_input(x)
         skips = []
         x = self.inc(x)  # (N, 64, 568, 568)
@@ -209,9 +216,13 @@ class UNet(nn.Module):
             skips.append(x)
             x = down(x)  # last: bottleneck (N, 1024, 28, 28)
         x = self.dropout(x)  # drop-out at the end of the contracting path
-        for up, skip in zip(self.ups, reversed(skips)):  # up-conv, crop+concat, 2 convs
+        coarse = []
+        for i, (up, skip) in enumerate(zip(self.ups, reversed(skips))):  # up-conv, crop+concat, 2 convs
             x = up(x, skip)  # 28 -> 52 -> 100 -> 196 -> 388
-        return self.outc(x)  # (N, out_channels, 388, 388)
+            if self.training and i < len(self.heads):
+                coarse.append(self.heads[i](x))
+        logits = self.outc(x)  # (N, out_channels, 388, 388)
+        return [logits, *reversed(coarse)] if coarse else logits
 
 
 def Unet(in_channel: int = 1, out_channel: int = 2, **fields) -> UNet:  # noqa: N802 - the seed article's spelling

@@ -8,7 +8,7 @@ why the skip connection must be center-cropped before concatenation.
 """
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -40,16 +40,24 @@ def center_crop(t: ArrayT, size: int | tuple[int, int] | torch.Size) -> ArrayT:
     return t[..., top : top + h, left : left + w]
 
 
-class DoubleConv(nn.Sequential):
-    """(3x3 conv [+ BN] -> ReLU) x 2; "valid" shrinks H, W by 4, "same" keeps them."""
+Norm = Literal["batch", "instance"] | None
 
-    def __init__(self, in_channels: int, out_channels: int, padding: Padding = "valid", batch_norm: bool = False):
+
+class DoubleConv(nn.Sequential):
+    """(3x3 conv [+ norm] -> ReLU) x 2; "valid" shrinks H, W by 4, "same" keeps them. ``batch_norm``: True or
+    "batch" for BatchNorm, "instance" for InstanceNorm (affine, as nnU-Net's), False/None for none."""
+
+    def __init__(self, in_channels: int, out_channels: int, padding: Padding = "valid",
+                 batch_norm: bool | Norm = False):
         pad = 0 if padding == "valid" else 1
+        norm = "batch" if batch_norm is True else (batch_norm or None)
         layers: list[nn.Module] = []
         for c_in in (in_channels, out_channels):
-            layers.append(nn.Conv2d(c_in, out_channels, kernel_size=3, padding=pad, bias=not batch_norm))
-            if batch_norm:
+            layers.append(nn.Conv2d(c_in, out_channels, kernel_size=3, padding=pad, bias=norm is None))
+            if norm == "batch":
                 layers.append(nn.BatchNorm2d(out_channels))
+            elif norm == "instance":
+                layers.append(nn.InstanceNorm2d(out_channels, affine=True))
             layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
 
@@ -57,7 +65,7 @@ class DoubleConv(nn.Sequential):
 class Down(nn.Sequential):
     """2x2 max-pool (stride 2) -> DoubleConv: (N, C_in, H, W) -> (N, C_out, H/2 - 4, W/2 - 4) if valid."""
 
-    def __init__(self, in_channels: int, out_channels: int, padding: Padding = "valid", batch_norm: bool = False):
+    def __init__(self, in_channels: int, out_channels: int, padding: Padding = "valid", batch_norm: bool | Norm = False):
         super().__init__(
             nn.MaxPool2d(kernel_size=2, stride=2),
             DoubleConv(in_channels, out_channels, padding, batch_norm),
@@ -76,7 +84,7 @@ class Up(nn.Module):
         in_channels: int,
         out_channels: int,
         padding: Padding = "valid",
-        batch_norm: bool = False,
+        batch_norm: bool | Norm = False,
         up_mode: UpMode = "transpose",
     ):
         super().__init__()

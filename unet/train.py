@@ -19,12 +19,14 @@ from torch.utils.data import DataLoader
 
 from octseg.unet.config import InferenceConfig, TrainConfig
 from octseg.unet.data import BScanSet, EpochSampler, TileDataset
+from octseg.unet.resample import resample_set
 from octseg.unet.inference import resolve_device, segment_volume
 from octseg.unet.losses import soft_dice_loss, weighted_cross_entropy
 from octseg.unet.metrics import dice_per_class
 from octseg.unet.model import choose_tile_size
 
-__all__ = ["EpochStats", "evaluate", "fit", "make_optimizer", "training_loss", "validation_inference"]
+__all__ = ["EpochStats", "augmentation", "evaluate", "fit", "lr_factor", "make_optimizer", "training_loss",
+           "validation_inference"]
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +60,31 @@ def evaluate(model: torch.nn.Module, data: BScanSet, inference: InferenceConfig 
     return {k: float(d) for k, d in enumerate(dice_per_class(preds, data.labels, model.config.out_channels))}
 
 
-def training_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, dice_weight: float) -> torch.Tensor:
-    """The paper's weighted cross-entropy, plus ``dice_weight`` x the foreground soft Dice when > 0."""
+def training_loss(logits: torch.Tensor | list[torch.Tensor], target: torch.Tensor, weight: torch.Tensor,
+                  dice_weight: float) -> torch.Tensor:
+    """The paper's weighted cross-entropy, plus ``dice_weight`` x the foreground soft Dice when > 0.
+
+    A list of logits (deep supervision: full resolution first, then each coarser level) gives nnU-Net's
+    sum over levels with weights 1/2^i (normalised), each against the target and weights taken at that
+    level's pixel centres."""
+    if isinstance(logits, (list, tuple)):
+        scales = [1.0 / 2**i for i in range(len(logits))]
+        total = sum(scales)
+        return sum(w / total * training_loss(out.float(), *_at_level(target, weight, out.shape[-2:]), dice_weight)
+                   for w, out in zip(scales, logits))
     loss = weighted_cross_entropy(logits, target, weight)
     if dice_weight > 0:
         loss = loss + dice_weight * soft_dice_loss(logits, target, include_background=False)
     return loss
+
+
+def _at_level(target: torch.Tensor, weight: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target and weights (N, H, W) at a decoder level of ``hw`` pixels (H = s h): every s-th pixel, centred."""
+    step = target.shape[-1] // hw[-1]
+    if step == 1:
+        return target, weight
+    pick = (..., slice(step // 2, None, step), slice(step // 2, None, step))
+    return target[pick], weight[pick]
 
 
 def _in_chunks(loader, size: int):
@@ -76,24 +97,46 @@ def _in_chunks(loader, size: int):
         yield from chunk
 
 
-def _train_epoch(model, loader, optimizer, device, amp, dice_weight: float, chunk: int = 1) -> float:
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """Learning-rate multiplier at iteration ``step`` of ``total``: constant 1, poly (1 - t)^0.9 (nnU-Net)
+    or cosine 0.5 (1 + cos(pi t)), t = step / total."""
+    t = min(step, total) / max(total, 1)
+    if schedule == "poly":
+        return (1.0 - t) ** 0.9
+    if schedule == "cosine":
+        return 0.5 * (1.0 + float(np.cos(np.pi * t)))
+    return 1.0
+
+
+def _train_epoch(model, loader, optimizer, device, amp, dice_weight: float, chunk: int = 1,
+                 lr_at: Callable[[int], float] | None = None) -> float:
+    """One pass over the loader; ``lr_at(i)`` sets the learning rate before the i-th step of the epoch."""
     model.train()
     total, count = 0.0, 0
-    for batch in _in_chunks(loader, chunk) if chunk > 1 else loader:
+    for i, batch in enumerate(_in_chunks(loader, chunk) if chunk > 1 else loader):
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(i)
         x = batch["image"].to(device, non_blocking=True)
         y = batch["target"].to(device, non_blocking=True)
         w = batch["weight"].to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            logits = model(x)  # (N, K, O, O)
-        loss = training_loss(logits.float(), y, w, dice_weight)
+            logits = model(x)  # (N, K, O, O), or a list of them with deep supervision
+        loss = training_loss(logits if isinstance(logits, list) else logits.float(), y, w, dice_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.item() * len(x)
         count += len(x)
     return total / max(count, 1)
+
+
+def augmentation(cfg: TrainConfig) -> dict[str, Any]:
+    """The keywords of :func:`octseg.unet.augment.augment` that ``cfg`` sets (used with ``cfg.augment``)."""
+    return {"elastic": cfg.elastic, "rotation": cfg.rotation, "scaling": cfg.scaling, "strength": cfg.jitter,
+            "noise": cfg.noise, "blur": cfg.blur}
 
 
 def _process_group() -> tuple[int, int]:
@@ -137,10 +180,13 @@ def fit(
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model.to(device)
+    train = resample_set(train, model.config)  # as the network sees B-scans (validation stays as it is)
+    if not cfg.border_weights:
+        train = BScanSet(train.images, train.labels, None)  # w = 1: plain cross-entropy
     tile = cfg.tile_size or choose_tile_size(model.config, train.images.shape[1:], cfg.max_tile)
     out = model.output_size(tile)
     dataset = TileDataset(train, tile, out, cfg.tiles_per_epoch, augment=cfg.augment, seed=cfg.seed,
-                          foreground=cfg.foreground_fraction)
+                          foreground=cfg.foreground_fraction, augmentation=augmentation(cfg))
     rank, world = _process_group()
     if world > 1 and (cfg.batch_size % world or cfg.tiles_per_epoch % cfg.batch_size):
         raise ValueError(f"with {world} processes the batch ({cfg.batch_size}) must be a multiple of {world} and "
@@ -171,11 +217,14 @@ def fit(
         best, start = resume["best"], cfg.epochs if resume.get("stopped") else resume["epoch"] + 1
         log.info("resuming after epoch %d", resume["epoch"])
     log.info("training on %s: %d B-scans, tiles %d -> %d, %s", device, len(train), tile, out, cfg)
+    steps = len(loader)  # optimisation steps per epoch
     for epoch in range(start, cfg.epochs):
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
+        first = epoch * steps
         loss = _train_epoch(net, loader, optimizer, device, cfg.amp, cfg.dice_weight,
-                            chunk=TILE_CHUNK if workers == 0 else 1)
+                            chunk=TILE_CHUNK if workers == 0 else 1,
+                            lr_at=lambda i: cfg.lr * lr_factor(cfg.lr_schedule, first + i, cfg.epochs * steps))
         if world > 1:  # the mean over every process's tiles
             on = device if torch.distributed.get_backend() == "nccl" else "cpu"
             total = torch.tensor([loss], dtype=torch.float64, device=on)
