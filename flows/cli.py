@@ -249,8 +249,8 @@ def preprocess(
 def _registered_model(model_uri: str, tracking_uri: str | None) -> Any:
     """The pinned registered model, resolved before any flow run: a missing database, model, alias or
     version is a one-line error (exit 2), not a failed run."""
-    from octseg.tasks.registry import resolve_model
-    from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
+    from octseg.tasks.tracking.models import resolve_model
+    from octseg.tasks.tracking.uri import check_tracking_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri, must_exist=True)
@@ -262,7 +262,7 @@ def _train_options(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_train(cfg: TrainFlowConfig) -> str:
-    from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
+    from octseg.tasks.tracking.uri import check_tracking_uri, resolve_tracking_uri
 
     preflight.check_archive(cfg.archive, writable=False)
     uri = resolve_tracking_uri(cfg.tracking_uri)
@@ -422,7 +422,7 @@ def pipeline(
     cfg = settings(PipelineConfig, config, show_config, stages)
     preflight.check_sources(cfg.ingest.sources)
     preflight.check_new_archive(cfg.ingest.archive)
-    from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
+    from octseg.tasks.tracking.uri import check_tracking_uri, resolve_tracking_uri
 
     preflight.check_output_folder(cfg.segment.qc_folder, "QC folder")
     check_tracking_uri(resolve_tracking_uri(cfg.train.tracking_uri))
@@ -464,7 +464,7 @@ def watch(
     preflight.check_sources([cfg.inbox])
     preflight.check_new_archive(cfg.archive)
     from octseg.flows.summary import WatchSummary
-    from octseg.tasks.inbox import scan_inbox
+    from octseg.tasks.ingest.inbox import scan_inbox
 
     scan = scan_inbox(cfg.inbox, cfg.archive, settle_seconds=cfg.settle_seconds, labels=cfg.labels)
     if not scan.new and not scan.unreadable:

@@ -9,11 +9,12 @@ from prefect.states import State
 from octseg.flows.config import EvaluateConfig
 from octseg.flows.runs import failure_line, finish
 from octseg.flows.summary import EvaluateSummary
-from octseg.tasks.archive import open_archive, select_volumes
-from octseg.tasks.classes import class_names_of
-from octseg.tasks.evaluation import evaluate_volume_task, evaluation_fingerprint, report_folder, summarize, write_report
-from octseg.tasks.registry import record_eval_score, resolve_model
-from octseg.tasks.tracking import resolve_tracking_uri
+from octseg.tasks.archive.store import open_archive, select_volumes
+from octseg.tasks.archive.classes import class_names_of
+from octseg.tasks.segmentation.evaluation import evaluate_volume_task, evaluation_fingerprint, report_folder, summarize, write_report
+from octseg.tasks.tracking.champion import record_eval_score
+from octseg.tasks.tracking.models import resolve_model
+from octseg.tasks.tracking.uri import resolve_tracking_uri
 from octseg.unet.config import UNetConfig
 
 __all__ = ["evaluation_volumes", "evaluate_model"]

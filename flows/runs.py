@@ -8,8 +8,8 @@ from typing import Any
 from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Completed, Failed, State
 
-from octseg.tasks.progress import progress_bar
-from octseg.tasks.readers import shown
+from octseg.tasks.runtime.progress import progress_bar
+from octseg.tasks.readers.sources import shown
 
 __all__ = ["collect", "failure_line", "finish", "summary_of"]
 

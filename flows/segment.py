@@ -13,12 +13,12 @@ from octseg.flows.config import SegmentConfig
 from octseg.flows.plans import plan_segmentation
 from octseg.flows.runs import failure_line, finish
 from octseg.flows.summary import SegmentSummary
-from octseg.tasks.archive import open_archive
-from octseg.tasks.cluster import client_for, dask_scheduler, worker_resources
-from octseg.tasks.progress import progress_bars
-from octseg.tasks.registry import resolve_model
-from octseg.tasks.segment import PROGRESS_TOPIC, segment_volume_task, write_segmentation_csv
-from octseg.tasks.tracking import resolve_tracking_uri
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.runtime.cluster import client_for, dask_scheduler, worker_resources
+from octseg.tasks.runtime.progress import progress_bars
+from octseg.tasks.tracking.models import resolve_model
+from octseg.tasks.segmentation.segment import PROGRESS_TOPIC, segment_volume_task, write_segmentation_csv
+from octseg.tasks.tracking.uri import resolve_tracking_uri
 
 __all__ = ["segment_archive"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from octseg.tasks.archive import open_archive
+from octseg.tasks.archive.store import open_archive
 from tests.flows.cli_runner import invoke as _invoke
 from tests.tasks import vendor_files as vf
 

@@ -15,7 +15,8 @@ from ome_zarr_models.v05 import Image as OmeImage
 from ome_zarr_models.v05 import ImageLabel as OmeImageLabel
 from ome_zarr_models.v05 import Labels as OmeLabels
 
-from octseg.tasks.archive import Archive, ArchiveError, open_archive, volume_id_from_path
+from octseg.tasks.archive.layout import ArchiveError, volume_id_from_path
+from octseg.tasks.archive.store import Archive, open_archive
 
 SHAPE = (5, 32, 48)  # (Z, Y, X): odd sizes, fewer B-scans than a shard
 SCALE = (120.0, 3.87, 5.7)  # micrometres (z, y, x)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from octseg.tasks.archive import open_archive
-from octseg.tasks.dataset import load_annotated, split_train_val
-from octseg.tasks.phantom import make_phantom_volume
-from octseg.tasks.preprocess import preprocess_volume
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.training.dataset import load_annotated, split_train_val
+from octseg.tasks.synthetic.phantom import make_phantom_volume
+from octseg.tasks.preprocess.derive import preprocess_volume
 from octseg.unet.bscans import BScanSet
 from octseg.unet.normalize import normalize_volume
 

@@ -1,7 +1,7 @@
 """Which text carries a patient's identifiers, and its redaction: pure functions."""
 from __future__ import annotations
 
-from octseg.tasks.identifiers import REDACTED, content_volume_id, has_identifier, identifier_parts, redact
+from octseg.tasks.ingest.identifiers import content_volume_id, has_identifier, identifier_parts, redact, REDACTED
 
 IDS = {"PatientName": "Doe^Jane", "PatientID": "PAT-4711", "PatientBirthDate": "19620417",
        "OperatorsName": "main", "InstitutionName": "Northside Eye Hospital", "pid": "86"}

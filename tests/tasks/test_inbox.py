@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from octseg.tasks.inbox import scan_inbox
+from octseg.tasks.ingest.inbox import scan_inbox
 from tests.tasks import vendor_files as vf
 
 EYEPY = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "heyex_eyepy_tests"

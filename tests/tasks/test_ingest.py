@@ -9,9 +9,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from octseg.tasks.archive import ArchiveError, open_archive
-from octseg.tasks.ingest import IngestResult, ingest_source, ingest_source_task, is_up_to_date
-from octseg.tasks.readers import ReadError
+from octseg.tasks.archive.layout import ArchiveError
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.ingest.source import ingest_source, ingest_source_task, IngestResult, is_up_to_date
+from octseg.tasks.readers.base import ReadError
 
 RNG = np.random.default_rng(3)
 STACK = (RNG.random((4, 16, 24)) * 250).astype(np.uint8)  # (Z, Y, X)
@@ -222,11 +223,11 @@ def test_updated_source_without_masks_drops_old_labels(tmp_path: Path, sources: 
 
 
 def test_source_is_hashed_once(tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    from octseg.tasks import readers
+    from octseg.tasks.readers import registry
 
     calls: list[int] = []
-    real = readers._sha256
-    monkeypatch.setattr(readers, "_sha256", lambda files, with_names: calls.append(1) or real(files, with_names))
+    real = registry.sha256_of_files
+    monkeypatch.setattr(registry, "sha256_of_files", lambda files, with_names: calls.append(1) or real(files, with_names))
     for key in "ab":
         assert ingest_source(sources[key], tmp_path / "arc.zarr").status == "written"
     assert len(calls) == 2

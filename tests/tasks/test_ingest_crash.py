@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from octseg.tasks._archive_layout import _replace_dir, sweep_staging
-from octseg.tasks.archive import open_archive
-from octseg.tasks.ingest import ingest_source
+from octseg.tasks.archive.staging import replace_dir, sweep_staging
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.ingest.source import ingest_source
 
 CTX = mp.get_context("spawn")
 
@@ -76,7 +76,7 @@ def test_kill_9_at_any_moment_then_rerun_gives_the_uninterrupted_archive(tmp_pat
     _ingest_in_process(sources, str(reference))
     expected = _tree(reference)
 
-    code = ("import sys; from octseg.tasks.ingest import ingest_source\n"
+    code = ("import sys; from octseg.tasks.ingest.source import ingest_source\n"
             "for s in sys.argv[2:]: ingest_source(s, sys.argv[1])\n")
     killed_mid_way = 0
     for trial, delay in enumerate([0.4, 0.8, 1.2, 1.6, 2.0, 2.6]):
@@ -194,6 +194,6 @@ def test_replace_dir_moves_the_old_folder_aside(tmp_path: Path, exists: bool) ->
     if exists:
         target.mkdir()
         (target / "f").write_text("old")
-    _replace_dir(new, target, aside)
+    replace_dir(new, target, aside)
     assert (target / "f").read_text() == "new" and not new.exists()
     assert (aside / "f").read_text() == "old" if exists else not aside.exists()

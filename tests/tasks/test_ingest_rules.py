@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from octseg.tasks import _archive_layout
-from octseg.tasks.archive import open_archive
-from octseg.tasks.inbox import scan_inbox
-from octseg.tasks.ingest import ingest_source
+from octseg.tasks.archive import staging
+from octseg.tasks.archive.layout import ArchiveError
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.ingest.inbox import scan_inbox
+from octseg.tasks.ingest.source import ingest_source
 from tests.tasks import vendor_files as vf
 
 EYEPY = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "heyex_eyepy_tests"
@@ -73,7 +74,7 @@ def test_an_edited_xml_inside_an_export_folder_is_ingested_again(tmp_path: Path)
 
 
 def test_journalled_replacement_where_folders_cannot_be_swapped(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(_archive_layout, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(staging, "_exchange", lambda a, b: False)
     archive = open_archive(tmp_path / "a.zarr")
     provenance = {"source": "s", "source_sha256": "0", "reader": "npy"}
     for k in range(3):
@@ -89,8 +90,8 @@ def test_journalled_replacement_where_folders_cannot_be_swapped(tmp_path: Path, 
             raise OSError(5, "Input/output error")
         os.rename(src, dst)
 
-    monkeypatch.setattr(_archive_layout.os, "replace", crash)
-    with pytest.raises(_archive_layout.ArchiveError):
+    monkeypatch.setattr(staging.os, "replace", crash)
+    with pytest.raises(ArchiveError):
         archive.write_volume("v", _volume(9), provenance={**provenance, "source_sha256": "9"})
     monkeypatch.undo()
     assert failed and archive.volume_meta("v")["source_sha256"] == "2"

@@ -10,16 +10,8 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-import octseg.tasks.phantom as phantom
-from octseg.tasks.phantom import (
-    FILL_VALUE,
-    FLUID_LAYERS,
-    LAYER_NAMES,
-    Phantom,
-    make_phantom_bscan,
-    make_phantom_volume,
-    write_phantom_files,
-)
+import octseg.tasks.synthetic.phantom as phantom
+from octseg.tasks.synthetic.phantom import FILL_VALUE, FLUID_LAYERS, LAYER_NAMES, make_phantom_bscan, make_phantom_volume, Phantom, write_phantom_files
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +208,8 @@ def test_module_imports_standalone_without_prefect():
 
 
 def test_tiff_phantoms_carry_their_voxel_size_into_the_reader(tmp_path):
-    from octseg.tasks.phantom import VOXEL_SIZE_UM
-    from octseg.tasks.readers import read_volume
+    from octseg.tasks.synthetic.phantom import VOXEL_SIZE_UM
+    from octseg.tasks.readers.registry import read_volume
 
     (path,) = write_phantom_files(tmp_path, n_volumes=1, fmt="tiff", n_bscans=3, height=64, width=96)
     volume = read_volume(path)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from octseg.tasks.archive import open_archive
-from octseg.tasks.phantom import make_phantom_volume
-from octseg.tasks.preprocess import derived_fingerprints, outdated, preprocess_volume
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.synthetic.phantom import make_phantom_volume
+from octseg.tasks.preprocess.derive import derived_fingerprints, outdated, preprocess_volume
 from octseg.unet.config import WeightMapConfig
 from octseg.unet.normalize import normalize_volume
 from octseg.unet.weights import border_weight_map
@@ -49,7 +49,7 @@ def test_external_cluster_by_address_equals_numpy(archive):
 
     from distributed import LocalCluster
 
-    from octseg.tasks.cluster import close_clients
+    from octseg.tasks.runtime.cluster import close_clients
 
     arc, image, labels = archive
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from octseg.tasks.qc import CLASS_COLORS, class_color, grayscale, overlay, save_png, side_by_side
+from octseg.tasks.segmentation.qc import class_color, CLASS_COLORS, grayscale, overlay, save_png, side_by_side
 
 
 def _scan(h: int = 7, w: int = 5) -> np.ndarray:
@@ -63,7 +63,7 @@ def test_palette_cycles_past_its_last_class():
 
 
 def test_colours_match_the_archive_label_metadata():
-    from octseg.tasks.archive import label_metadata
+    from octseg.tasks.archive.layout import label_metadata
 
     names = {0: "background", 1: "fluid", 2: "a", 7: "b"}
     rgba = {c["label-value"]: tuple(c["rgba"][:3]) for c in label_metadata(names)["colors"]}

@@ -8,8 +8,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from octseg.tasks.masks import read_masks
-from octseg.tasks.readers import ReadError, natural_key, read_volume, shown, source_sha256
+from octseg.tasks.ingest.masks import read_masks
+from octseg.tasks.readers.base import ReadError
+from octseg.tasks.readers.registry import read_volume, source_sha256
+from octseg.tasks.readers.sources import natural_key, shown
 
 RNG = np.random.default_rng(7)
 STACK = (RNG.random((3, 20, 30)) * 250).astype(np.uint8)  # (Z, Y, X)

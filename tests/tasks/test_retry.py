@@ -6,9 +6,9 @@ import errno
 import pytest
 from prefect.states import Failed
 
-from octseg.tasks.archive import ArchiveError
-from octseg.tasks.readers import ReadError
-from octseg.tasks.retry import TRANSIENT_IO_RETRIES, is_transient, retry_on_transient_io
+from octseg.tasks.archive.layout import ArchiveError
+from octseg.tasks.readers.base import ReadError
+from octseg.tasks.runtime.retry import is_transient, retry_on_transient_io, TRANSIENT_IO_RETRIES
 
 def _caused_by(error: BaseException, cause: BaseException) -> BaseException:
     error.__cause__ = cause
@@ -61,9 +61,9 @@ def test_transient_io_retries_settings() -> None:
 
 
 def test_tasks_use_the_retry_settings() -> None:
-    from octseg.tasks.ingest import ingest_source_task
-    from octseg.tasks.preprocess import preprocess_volume_task
-    from octseg.tasks.segment import segment_volume_task
+    from octseg.tasks.ingest.source import ingest_source_task
+    from octseg.tasks.preprocess.derive import preprocess_volume_task
+    from octseg.tasks.segmentation.segment import segment_volume_task
 
     for task in (ingest_source_task, preprocess_volume_task, segment_volume_task):
         assert task.retries == 2, task.name

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from octseg.tasks.archive import open_archive
-from octseg.tasks.classes import DEFAULT_CLASS_NAMES
-from octseg.tasks.phantom import make_phantom_volume
-from octseg.tasks.segment import segment_one
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.archive.classes import DEFAULT_CLASS_NAMES
+from octseg.tasks.synthetic.phantom import make_phantom_volume
+from octseg.tasks.segmentation.segment import segment_one
 from octseg.unet import UNet
 from octseg.unet.config import InferenceConfig
 
@@ -49,7 +49,7 @@ def _archive_with(tmp_path, n=3, scale=None, source_sha="s"):
 def test_prediction_carries_a_report_and_the_csv_lists_it(tmp_path):
     import csv
 
-    from octseg.tasks.segment import write_segmentation_csv
+    from octseg.tasks.segmentation.segment import write_segmentation_csv
 
     torch.manual_seed(0)
     arc = _archive_with(tmp_path, n=10, scale=(100.0, 4.0, 10.0))
@@ -70,7 +70,8 @@ def test_prediction_carries_a_report_and_the_csv_lists_it(tmp_path):
 
 
 def test_a_volume_reingested_while_segmented_keeps_no_prediction_of_the_old_image(tmp_path):
-    from octseg.tasks.archive import ArchiveError, already_segmented
+    from octseg.tasks.archive.layout import ArchiveError
+    from octseg.tasks.archive.store import already_segmented
 
     torch.manual_seed(0)
     arc = _archive_with(tmp_path, n=20)
@@ -96,7 +97,7 @@ def test_a_volume_reingested_while_segmented_keeps_no_prediction_of_the_old_imag
 def test_a_model_without_the_archives_classes_is_refused_by_name(tmp_path):
     import pytest
 
-    from octseg.tasks.segment import check_model_classes
+    from octseg.tasks.segmentation.segment import check_model_classes
 
     arc = open_archive(tmp_path / "a.zarr")
     labels = np.zeros((2, 40, 56), np.uint8)
@@ -110,7 +111,7 @@ def test_a_model_without_the_archives_classes_is_refused_by_name(tmp_path):
 
 MEMORY_SCRIPT = """
 import resource, sys, torch
-from octseg.tasks.segment import segment_one
+from octseg.tasks.segmentation.segment import segment_one
 from octseg.unet import UNet
 from octseg.unet.config import InferenceConfig
 torch.manual_seed(0)
@@ -149,7 +150,7 @@ def test_a_volume_claimed_by_a_live_run_is_busy_and_a_dead_runs_claim_is_taken_o
     import socket
     import subprocess
 
-    from octseg.tasks.claims import VolumeBusy, claim_volume
+    from octseg.tasks.archive.claims import claim_volume, VolumeBusy
 
     torch.manual_seed(0)
     arc = _archive_with(tmp_path)
@@ -172,7 +173,7 @@ def test_a_volume_claimed_by_a_live_run_is_busy_and_a_dead_runs_claim_is_taken_o
 
 def test_a_claim_being_written_counts_as_held(tmp_path):
     """A claim file that exists but cannot be read yet is alive while it is young."""
-    from octseg.tasks.claims import VolumeBusy, claim_volume
+    from octseg.tasks.archive.claims import claim_volume, VolumeBusy
 
     claims = tmp_path / ".a.zarr.claims"
     claims.mkdir()

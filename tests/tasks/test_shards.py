@@ -8,7 +8,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from octseg.tasks._shards import write_shards
+from octseg.tasks.archive.shards import write_shards
 
 
 def _array(path: Path, shape, dtype, compressors, shards=8, chunks=None) -> zarr.Array:

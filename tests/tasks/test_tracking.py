@@ -13,9 +13,10 @@ import torch
 from mlflow import MlflowClient
 
 from octseg.flows.config import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
-from octseg.tasks.registry import CHAMPION, load_unet, log_unet, promote_if_better, resolve_model
-from octseg.tasks.tracking import check_tracking_uri, ensure_experiment, resolve_tracking_uri, using_tracking_uri
-from octseg.tasks.training import train_and_register
+from octseg.tasks.tracking.champion import CHAMPION, promote_if_better
+from octseg.tasks.tracking.models import load_unet, log_unet, resolve_model
+from octseg.tasks.tracking.uri import check_tracking_uri, ensure_experiment, resolve_tracking_uri, using_tracking_uri
+from octseg.tasks.training.train import train_and_register
 from octseg.unet.config import TrainConfig, UNetConfig
 from octseg.unet.bscans import BScanSet
 from octseg.unet.model import UNet

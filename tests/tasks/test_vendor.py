@@ -12,14 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from octseg.tasks.readers import ReadError, source_sha256
-from octseg.tasks.vendor import HEAVY_EXTRA, VENDOR_SUFFIXES, is_vendor_file, read_vendor
+from octseg.tasks.readers.base import ReadError
+from octseg.tasks.readers.octconverter import HEAVY_EXTRA
+from octseg.tasks.readers.registry import READERS, read_volume, reader_for, source_sha256
 from tests.tasks import vendor_files as vf
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 WILLIS = ("heidelberg_vol", "Willis_B_716_{}.vol")
 XML = ("heyex_eyepy_tests", "heyex_xml", "test_dummy.xml")
 RNG = np.random.default_rng(11)
+VENDOR_SUFFIXES = {s: r.name for r in READERS if r.vendor for s in r.suffixes}
 VOL8 = RNG.integers(0, 256, (3, 20, 30), dtype=np.uint8)
 VOL16 = RNG.integers(0, 4000, (3, 20, 30), dtype=np.uint16)
 
@@ -71,6 +73,10 @@ def half(src: Path, dst: Path) -> Path:
 # --------------------------------------------------------------------------------------- API
 
 
+def is_vendor_file(path: str | Path) -> bool:
+    return (reader := reader_for(path)) is not None and reader.vendor
+
+
 def test_suffixes_and_detection(tmp_path: Path) -> None:
     assert VENDOR_SUFFIXES == {".vol": "heyex-vol", ".e2e": "heyex-e2e", ".xml": "heyex-xml", ".mat": "duke-mat",
                                ".dcm": "dicom", ".fds": "topcon-fds", ".fda": "topcon-fda", ".img": "zeiss-img",
@@ -82,7 +88,7 @@ def test_suffixes_and_detection(tmp_path: Path) -> None:
     assert is_vendor_file(no_suffix) and is_vendor_file(odd_suffix)
     (tmp_path / "b.png").write_bytes(b"\x89PNG" + bytes(200))
     assert not is_vendor_file(tmp_path / "b.png") and not is_vendor_file(tmp_path / "none.txt")
-    assert read_vendor(no_suffix).reader == "dicom"
+    assert read_volume(no_suffix).reader == "dicom"
 
 
 @pytest.mark.parametrize("suffix", sorted(VENDOR_SUFFIXES))
@@ -90,20 +96,20 @@ def test_garbage_and_empty_files(tmp_path: Path, suffix: str) -> None:
     empty = tmp_path / f"empty{suffix}"
     empty.write_bytes(b"")
     with pytest.raises(ReadError, match=r"empty file \(0 bytes\)"):
-        read_vendor(empty)
+        read_volume(empty)
     garbage = tmp_path / f"garbage{suffix}"
     garbage.write_bytes(RNG.integers(0, 256, 5000, dtype=np.uint8).tobytes())
     with pytest.raises(ReadError) as err:
-        read_vendor(garbage)
+        read_volume(garbage)
     assert "\n" not in str(err.value) and err.value.path == garbage
 
 
 def test_not_a_vendor_file(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ReadError, match="not a vendor OCT file"):
-        read_vendor(tmp_path / "notes.txt")
+    with pytest.raises(ReadError, match="unsupported suffix '.txt'"):
+        read_volume(tmp_path / "notes.txt")
     with pytest.raises(ReadError, match="does not exist"):
-        read_vendor(tmp_path / "gone.vol")
+        read_volume(tmp_path / "gone.vol")
 
 
 # ---------------------------------------------------------------------------- Heidelberg .vol
@@ -114,7 +120,7 @@ def test_vol_line_scan_equals_eyepy() -> None:
     from eyepy.io import HeVolReader
 
     p = shared(WILLIS[0], WILLIS[1].format(0))
-    vol = read_vendor(p)
+    vol = read_volume(p)
     assert_common(vol, p, "heyex-vol")
     np.testing.assert_array_equal(vol.image, eyepy.import_heyex_vol(p).data)
     assert vol.image.shape == (1, 496, 768) and vol.image.dtype == np.uint8
@@ -140,7 +146,7 @@ def test_vol_circle_scans(n: int) -> None:
     p = shared(WILLIS[0], WILLIS[1].format(n))
     with pytest.raises(ValueError, match="scan pattern 2"):
         eyepy.import_heyex_vol(p)  # what this reader works around
-    vol = read_vendor(p)
+    vol = read_volume(p)
     assert_common(vol, p, "heyex-vol")
     assert vol.image.shape == (1, 496, 768) and vol.meta["scan_pattern"] == "circle"
     expected = vol_intensity_transform(HeVolReader(p).parsed_file.bscans[0].data.astype(np.float32))
@@ -153,7 +159,7 @@ def test_vol_volume_equals_eyepy() -> None:
     import eyepy
 
     p = shared("heyex_eyepy_tests", "test_volume.vol")
-    vol = read_vendor(p)
+    vol = read_volume(p)
     assert_common(vol, p, "heyex-vol")
     np.testing.assert_array_equal(vol.image, eyepy.import_heyex_vol(p).data)
     assert vol.image.shape == (10, 40, 50) and vol.fundus.shape == (50, 50)
@@ -168,7 +174,7 @@ def test_vol_limit_checked_before_decoding(monkeypatch: pytest.MonkeyPatch) -> N
     p = shared(WILLIS[0], WILLIS[1].format(0))
     monkeypatch.setattr(vol_reader.HeVolReader, "__init__", lambda *a: pytest.fail("decoded before the check"))
     with pytest.raises(ReadError, match=r"1 x 496 x 768 = 380,928 voxels exceeds the limit of 1,000"):
-        read_vendor(p, max_voxels=1000)
+        read_volume(p, max_voxels=1000)
 
 
 def test_forged_vol_headers_refused_quickly(tmp_path: Path) -> None:
@@ -177,11 +183,11 @@ def test_forged_vol_headers_refused_quickly(tmp_path: Path) -> None:
     tracemalloc.start()
     start = time.perf_counter()
     with pytest.raises(ReadError, match="exceeds the limit"):
-        read_vendor(huge)
+        read_volume(huge)
     with pytest.raises(ReadError, match=r"truncated: the header promises 100000 B-scans"):
-        read_vendor(huge, max_voxels=None)
+        read_volume(huge, max_voxels=None)
     with pytest.raises(ReadError, match="SLO image of 100000 x 100000"):
-        read_vendor(slo)
+        read_volume(slo)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert time.perf_counter() - start < 2 and peak < 20e6
@@ -192,7 +198,7 @@ def test_forged_vol_headers_refused_quickly(tmp_path: Path) -> None:
 def test_truncated_vol(tmp_path: Path, parts: tuple[str, str]) -> None:
     cut = half(shared(*parts), tmp_path / "cut.vol")
     with pytest.raises(ReadError, match="truncated"):
-        read_vendor(cut)
+        read_volume(cut)
 
 
 # ---------------------------------------------------------------------------------- HEYEX XML
@@ -202,7 +208,7 @@ def test_xml_export_equals_eyepy() -> None:
     import eyepy
 
     p = shared(*XML)
-    vol = read_vendor(p)
+    vol = read_volume(p)
     assert_common(vol, p, "heyex-xml")
     ev = eyepy.import_heyex_xml(p)
     np.testing.assert_array_equal(vol.image, ev.data)
@@ -236,7 +242,7 @@ def _xml_copy(tmp_path: Path, keep_bscans: int | None = None) -> Path:
 
 
 def test_xml_single_bscan_export(tmp_path: Path) -> None:
-    vol = read_vendor(_xml_copy(tmp_path, keep_bscans=1))  # eyepy's HeXmlReader fails on these
+    vol = read_volume(_xml_copy(tmp_path, keep_bscans=1))  # eyepy's HeXmlReader fails on these
     assert vol.image.shape == (1, 40, 50) and vol.meta["z_spacing"] == "none (single B-scan)"
     assert vol.scale_um == pytest.approx((11.819, 3.872, 11.819), abs=1e-3)
 
@@ -244,15 +250,15 @@ def test_xml_single_bscan_export(tmp_path: Path) -> None:
 def test_xml_errors(tmp_path: Path) -> None:
     xml = _xml_copy(tmp_path)
     with pytest.raises(ReadError, match="10 x 40 x 50 = 20,000 voxels exceeds the limit of 100"):
-        read_vendor(xml, max_voxels=100)
+        read_volume(xml, max_voxels=100)
     (tmp_path / "B3.tif").unlink()
     with pytest.raises(ReadError, match="missing image file B3.tif"):
-        read_vendor(xml)
+        read_volume(xml)
     with pytest.raises(ReadError, match="not well-formed XML"):
-        read_vendor(half(xml, tmp_path / "cut.xml"))
+        read_volume(half(xml, tmp_path / "cut.xml"))
     (tmp_path / "other.xml").write_text("<config><a>1</a></config>")
     with pytest.raises(ReadError, match="not a HEYEX XML export"):
-        read_vendor(tmp_path / "other.xml")
+        read_volume(tmp_path / "other.xml")
 
 
 # ---------------------------------------------------------------------------- Heidelberg .e2e
@@ -264,7 +270,7 @@ def test_e2e_synthetic_equals_eyepy(tmp_path: Path) -> None:
     codes = RNG.integers(0, 60000, (3, 10, 12)).astype(np.uint16)  # E2E's 16-bit float codes
     rows = {0: RNG.uniform(1, 4, (3, 12)), 1: RNG.uniform(6, 9, (3, 12)), 2: np.full((3, 12), 3.0e38)}
     p = vf.write_e2e(tmp_path / "exam.e2e", codes, rows)
-    vol = read_vendor(p)
+    vol = read_volume(p)
     assert_common(vol, p, "heyex-e2e")
     np.testing.assert_array_equal(vol.image, eyepy.import_heyex_e2e(p).data)
     assert vol.image.shape == (3, 10, 12) and vol.image.dtype == np.uint8
@@ -277,20 +283,20 @@ def test_e2e_synthetic_equals_eyepy(tmp_path: Path) -> None:
     assert vol.identifiers.items() >= {"first_name": "Erika", "surname": "Mustermann", "patient_id": "E2E-777",
                                        "study_name": "Glaucoma study"}.items()
     with pytest.raises(ReadError, match="3 x 10 x 12 = 360 voxels exceeds the limit of 100"):
-        read_vendor(p, max_voxels=100)
+        read_volume(p, max_voxels=100)
     with pytest.raises(ReadError, match="truncated"):
-        read_vendor(half(p, tmp_path / "cut.e2e"))
+        read_volume(half(p, tmp_path / "cut.e2e"))
 
 
 def test_e2e_errors(tmp_path: Path) -> None:
     head = tmp_path / "head.e2e"  # the magic of an E2E file, then nothing
     head.write_bytes(b"CMDb" + bytes(0x20) + b"MDbMDir" + bytes(100))
     with pytest.raises(ReadError):
-        read_vendor(head)
+        read_volume(head)
     wrong = tmp_path / "wrong.e2e"
     wrong.write_bytes(b"NOPE" + bytes(500))
     with pytest.raises(ReadError, match="not a Heidelberg .e2e file"):
-        read_vendor(wrong)
+        read_volume(wrong)
 
 
 # ------------------------------------------------------------------------------------ Duke .mat
@@ -301,7 +307,7 @@ def test_e2e_errors(tmp_path: Path) -> None:
 def test_duke_mat(tmp_path: Path, write, grader: int) -> None:
     arrays = vf.duke_arrays()
     p = write(tmp_path / "Subject_01.mat", arrays)
-    vol = read_vendor(p, grader=grader)
+    vol = read_volume(p, options={"grader": grader})
     assert_common(vol, p, "duke-mat")
     np.testing.assert_array_equal(vol.image, np.moveaxis(arrays["images"], -1, 0))
     assert vol.image.dtype == np.uint8 and vol.image.shape == (4, 12, 10) and vol.scale_um is None
@@ -323,12 +329,12 @@ def test_duke_mat_without_nan_takes_the_bscans_with_layers_as_annotated(tmp_path
     arrays = vf.duke_arrays()
     fluid = arrays["manualFluid1"]
     fluid[:, :, 0] = 0  # B-scan 0: not annotated (its layers are NaN) but 0, not NaN
-    vol = read_vendor(vf.write_mat5(tmp_path / "zeros.mat", arrays))
+    vol = read_volume(vf.write_mat5(tmp_path / "zeros.mat", arrays))
     assert vol.annotated == [1, 2, 3]
     assert any("no NaN" in w for w in vol.warnings)
     fluid[:, :, 0] = 0
     fluid[0, 0, 0] = 2  # fluid drawn on a B-scan without layers: annotated after all
-    assert read_vendor(vf.write_mat5(tmp_path / "fluid.mat", arrays)).annotated == [0, 1, 2, 3]
+    assert read_volume(vf.write_mat5(tmp_path / "fluid.mat", arrays)).annotated == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("write", [vf.write_mat5, vf.write_mat73], ids=["v5", "v7.3"])
@@ -340,7 +346,7 @@ def test_duke_mat_without_nan_takes_the_bscans_with_layers_as_annotated(tmp_path
 def test_duke_mat_images_that_are_not_a_volume_are_refused(tmp_path: Path, write, images, phrase) -> None:
     """Through read_volume, as ingest reads: the imaginary part is never dropped silently, 1-D or 4-D
     images are never taken for a volume, with or without the graders' masks beside them."""
-    from octseg.tasks.readers import read_volume
+    from octseg.tasks.readers.registry import read_volume
 
     for arrays in ({"images": images}, {**vf.duke_arrays(), "images": images}):
         with pytest.raises(ReadError, match=phrase):
@@ -350,7 +356,7 @@ def test_duke_mat_images_that_are_not_a_volume_are_refused(tmp_path: Path, write
 def test_dicom_whose_frame_count_disagrees_with_its_pixels_is_refused_clearly(tmp_path: Path) -> None:
     import pydicom
 
-    from octseg.tasks.readers import read_volume
+    from octseg.tasks.readers.registry import read_volume
 
     p = vf.write_opt_dicom(tmp_path / "f.dcm", (np.arange(3 * 16 * 20) % 200).astype(np.uint8).reshape(3, 16, 20))
     ds = pydicom.dcmread(p)
@@ -361,7 +367,7 @@ def test_dicom_whose_frame_count_disagrees_with_its_pixels_is_refused_clearly(tm
 
 
 def test_e2e_without_layer_annotations_is_read(tmp_path: Path) -> None:
-    vol = read_vendor(vf.write_e2e(tmp_path / "x.e2e", np.full((2, 16, 24), 30000, np.uint16), {}))
+    vol = read_volume(vf.write_e2e(tmp_path / "x.e2e", np.full((2, 16, 24), 30000, np.uint16), {}))
     assert vol.image.shape[0] == 2 and vol.layers == {} and any("no layer" in w for w in vol.warnings)
 
 
@@ -371,24 +377,24 @@ def test_xml_export_never_follows_a_link_out_of_its_folder(tmp_path: Path) -> No
     (export / "B2.tif").unlink()
     (export / "B2.tif").symlink_to("/etc/passwd")
     with pytest.raises(ReadError, match="B2.tif links outside the export folder") as err:
-        read_vendor(export / "test_dummy.xml")
+        read_volume(export / "test_dummy.xml")
     assert "header=b'root" not in str(err.value)  # nothing of the link's target is read
 
 
 @pytest.mark.parametrize("write", [vf.write_mat5, vf.write_mat73], ids=["v5", "v7.3"])
 def test_duke_mat_errors(tmp_path: Path, write) -> None:
     arrays = vf.duke_arrays()
-    bare = read_vendor(write(tmp_path / "bare.mat", {"images": arrays["images"]}))
+    bare = read_volume(write(tmp_path / "bare.mat", {"images": arrays["images"]}))
     assert bare.manual_labels is None and bare.annotated == [] and bare.layers == {}
     with pytest.raises(ReadError, match="no 'images' variable"):
-        read_vendor(write(tmp_path / "noimg.mat", {"manualFluid1": arrays["manualFluid1"]}))
+        read_volume(write(tmp_path / "noimg.mat", {"manualFluid1": arrays["manualFluid1"]}))
     full = write(tmp_path / "full.mat", arrays)
     with pytest.raises(ReadError, match=r"images of 12 x 10 x 4 = 480 voxels exceeds the limit of 100"):
-        read_vendor(full, max_voxels=100)
+        read_volume(full, max_voxels=100)
     with pytest.raises(ReadError, match="grader must be 1 or 2"):
-        read_vendor(full, grader=3)
+        read_volume(full, options={"grader": 3})
     with pytest.raises(ReadError, match="truncated"):
-        read_vendor(half(full, tmp_path / "cut.mat"))
+        read_volume(half(full, tmp_path / "cut.mat"))
 
 
 # ------------------------------------------------------------------------------------- DICOM
@@ -396,7 +402,7 @@ def test_duke_mat_errors(tmp_path: Path, write) -> None:
 
 def test_dicom_opt(tmp_path: Path) -> None:
     p = vf.write_opt_dicom(tmp_path / "opt.dcm", VOL16)
-    vol = read_vendor(p)
+    vol = read_volume(p)
     assert_common(vol, p, "dicom")
     np.testing.assert_array_equal(vol.image, VOL16)
     assert vol.image.dtype == np.uint16 and vol.scale_um == pytest.approx((120.0, 3.9, 11.7))
@@ -411,7 +417,7 @@ def test_dicom_opt(tmp_path: Path) -> None:
 
 
 def test_dicom_single_frame_left_eye(tmp_path: Path) -> None:
-    vol = read_vendor(vf.write_opt_dicom(tmp_path / "line", VOL8[:1], laterality="L", between_mm=None))
+    vol = read_volume(vf.write_opt_dicom(tmp_path / "line", VOL8[:1], laterality="L", between_mm=None))
     np.testing.assert_array_equal(vol.image, VOL8[:1])
     assert vol.meta["laterality"] == "OS" and vol.meta["z_spacing"] == "none (single B-scan)"
     assert vol.scale_um == pytest.approx((11.7, 3.9, 11.7))
@@ -420,14 +426,14 @@ def test_dicom_single_frame_left_eye(tmp_path: Path) -> None:
 def test_dicom_errors(tmp_path: Path) -> None:
     jpeg_ls = vf.write_opt_dicom(tmp_path / "c.dcm", VOL8, transfer_syntax="1.2.840.10008.1.2.4.80")
     with pytest.raises(ReadError, match="cannot decode transfer syntax JPEG-LS Lossless"):
-        read_vendor(jpeg_ls)
+        read_volume(jpeg_ls)
     with pytest.raises(ReadError, match="without pixel data"):
-        read_vendor(vf.write_opt_dicom(tmp_path / "n.dcm", VOL8, pixels=False))
+        read_volume(vf.write_opt_dicom(tmp_path / "n.dcm", VOL8, pixels=False))
     full = vf.write_opt_dicom(tmp_path / "f.dcm", VOL8)
     with pytest.raises(ReadError, match=r"3 x 20 x 30 = 1,800 voxels exceeds the limit of 1,000"):
-        read_vendor(full, max_voxels=1000)
+        read_volume(full, max_voxels=1000)
     with pytest.raises(ReadError):
-        read_vendor(half(full, tmp_path / "cut.dcm"))
+        read_volume(half(full, tmp_path / "cut.dcm"))
 
 
 # --------------------------------------------------------------------- oct-converter formats
@@ -444,7 +450,7 @@ def test_topcon_fds(tmp_path: Path, fromstring) -> None:
     from oct_converter.readers import FDS
 
     p = vf.write_fds(tmp_path / "scan.fds", VOL16)
-    vol = read_vendor(p)
+    vol = read_volume(p)
     assert_common(vol, p, "topcon-fds")
     ref = FDS(p).read_oct_volume()
     np.testing.assert_array_equal(vol.image, np.stack(ref.volume))
@@ -466,7 +472,7 @@ def test_topcon_fda(tmp_path: Path, fromstring, jpeg: bool) -> None:
             "MULTILAYERS_7": RNG.integers(12, 18, (3, 30)).astype(float)}
     volume = (VOL16 // 16).astype(np.uint8) if jpeg else VOL16
     p = vf.write_fda(tmp_path / "scan.fda", volume, rows, jpeg=jpeg)
-    vol = read_vendor(p)
+    vol = read_volume(p)
     assert_common(vol, p, "topcon-fda")
     ref = FDA(p).read_oct_volume()
     np.testing.assert_array_equal(vol.image, np.stack(ref.volume))
@@ -485,9 +491,9 @@ def test_topcon_truncated(tmp_path: Path) -> None:
     pytest.importorskip("oct_converter")
     p = vf.write_fds(tmp_path / "scan.fds", VOL16)
     with pytest.raises(ReadError, match="truncated"):
-        read_vendor(half(p, tmp_path / "cut.fds"))
+        read_volume(half(p, tmp_path / "cut.fds"))
     with pytest.raises(ReadError, match="exceeds the limit"):
-        read_vendor(p, max_voxels=100)
+        read_volume(p, max_voxels=100)
 
 
 def test_zeiss_img(tmp_path: Path) -> None:
@@ -495,31 +501,31 @@ def test_zeiss_img(tmp_path: Path) -> None:
     cube = RNG.integers(0, 256, (200, 1024, 200), dtype=np.uint8)
     name = "P1234567_Macular Cube 200x200_6-15-2021_9-30-0_OS_sn4242_cube_raw.img"
     p = vf.write_cirrus_img(tmp_path / name, cube)
-    vol = read_vendor(p)
+    vol = read_volume(p)
     assert_common(vol, p, "zeiss-img")
     np.testing.assert_array_equal(vol.image, cube)
     assert vol.scale_um is None and vol.warnings
     assert vol.meta.items() >= {"laterality": "OS", "acquired": "2021-06-15", "device": "Zeiss Cirrus"}.items()
     assert vol.identifiers == {"patient_id": "P1234567", "device_serial_number": "sn4242"}
     with pytest.raises(ReadError, match="exceeds the limit"):
-        read_vendor(p, max_voxels=1000)
+        read_volume(p, max_voxels=1000)
     (tmp_path / "odd.img").write_bytes(bytes(1000))
     with pytest.raises(ReadError, match="matches no known Cirrus geometry"):
-        read_vendor(tmp_path / "odd.img")
+        read_volume(tmp_path / "odd.img")
 
 
 def test_bioptigen_oct(tmp_path: Path) -> None:
     pytest.importorskip("oct_converter")
     p = vf.write_bioptigen(tmp_path / "eye_OD_01.OCT", VOL16)
-    vol = read_vendor(p)
+    vol = read_volume(p)
     assert_common(vol, p, "bioptigen-oct")
     np.testing.assert_array_equal(vol.image, VOL16)
     assert vol.meta.items() >= {"laterality": "OD", "acquired": "2019-11-05", "scan_pattern": "volume"}.items()
     assert vol.identifiers == {"description": "Subject Miller, baseline"} and vol.scale_um is None
     with pytest.raises(ReadError, match="truncated"):
-        read_vendor(half(p, tmp_path / "cut.oct"))
+        read_volume(half(p, tmp_path / "cut.oct"))
     with pytest.raises(ReadError, match="exceeds the limit"):
-        read_vendor(p, max_voxels=100)
+        read_volume(p, max_voxels=100)
 
 
 @pytest.mark.parametrize("suffix", [".fds", ".fda", ".img", ".oct"])
@@ -530,7 +536,7 @@ def test_missing_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: 
         monkeypatch.setitem(sys.modules, name, None)  # as if the optional extra were not installed
     expected = f"reading {suffix} files needs the optional reader oct-converter: pip install 'octseg[vendor]'"
     with pytest.raises(ReadError) as err:
-        read_vendor(p)
+        read_volume(p)
     assert err.value.reason == expected
 
 
@@ -551,4 +557,4 @@ def test_extra_installed_but_a_system_library_missing(tmp_path: Path, monkeypatc
     p = tmp_path / "scan.img"
     p.write_bytes(bytes(200 * 1024 * 200))
     with pytest.raises(ReadError, match=r"oct-converter is installed but cannot be imported \(libGL\.so\.1.*libgl1"):
-        read_vendor(p)
+        read_volume(p)
