@@ -84,3 +84,23 @@ def test_other_layouts_are_left_to_zarr(tmp_path, case):
                                 compressors=None, filters=None)
     assert not write_shards(arr, data)
     assert not list((tmp_path / "a").rglob("c/*")) and not list((tmp_path / "a").rglob("c*/"))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])  # Blosc LZ4 and zstd: both codecs of the layout
+def test_ingest_writes_through_the_fast_shard_writer(tmp_path, monkeypatch, dtype):
+    """The archive's default layout is one this module writes: ingest's image (and masks) go through
+    :func:`write_shards`, never zarr's 2-3x slower path. Should a zarr upgrade change the metadata it
+    reads, write_shards declines (False) and this fails instead of ingest silently slowing down."""
+    from octseg.tasks.archive import ome
+    from octseg.tasks.ingest.source import ingest_source
+
+    taken: list[bool] = []
+    real = ome.write_shards
+    monkeypatch.setattr(ome, "write_shards", lambda array, data, z0=0: taken.append(real(array, data, z0)) or taken[-1])
+    image = _data((11, 24, 40), dtype)
+    np.save(tmp_path / "eye.npy", image)
+    (tmp_path / "labels").mkdir()
+    np.save(tmp_path / "labels" / "eye.npy", (image > image.mean()).astype(np.uint8))
+    result = ingest_source(tmp_path / "eye.npy", tmp_path / "a.zarr", tmp_path / "labels")
+    assert result.status == "written"
+    assert taken == [True, True]  # the image, then the manual labels

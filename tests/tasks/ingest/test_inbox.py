@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from octseg.tasks.ingest.inbox import scan_inbox
-from tests.tasks import vendor_files as vf
+from tests.tasks.readers import vendor_files as vf
 
-EYEPY = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "heyex_eyepy_tests"
+EYEPY = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "heyex_eyepy_tests"
 
 
 def test_vendor_exports_are_candidates_and_a_fifo_fails_alone(tmp_path: Path) -> None:

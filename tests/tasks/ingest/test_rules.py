@@ -15,9 +15,9 @@ from octseg.tasks.archive.layout import ArchiveError
 from octseg.tasks.archive.store import open_archive
 from octseg.tasks.ingest.inbox import scan_inbox
 from octseg.tasks.ingest.source import ingest_source
-from tests.tasks import vendor_files as vf
+from tests.tasks.readers import vendor_files as vf
 
-EYEPY = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "heyex_eyepy_tests"
+EYEPY = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "heyex_eyepy_tests"
 
 
 def _volume(seed: int) -> np.ndarray:

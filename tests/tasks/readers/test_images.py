@@ -1,4 +1,5 @@
-"""Scan and mask readers: tiny files written under tmp_path, plus the real Duke data when present."""
+"""Plain image readers (TIFF, PNG/JPEG, .npy, folders of B-scans): tiny files under tmp_path, plus the real Duke data
+when present."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,27 +9,11 @@ import pytest
 import tifffile
 from PIL import Image
 
-from octseg.tasks.ingest.masks import read_masks
 from octseg.tasks.readers.base import ReadError
 from octseg.tasks.readers.registry import read_volume, source_sha256
 from octseg.tasks.readers.sources import natural_key, shown
+from tests.tasks.readers.image_files import GREY, RNG, STACK, U16, bscan_folder, png
 
-RNG = np.random.default_rng(7)
-STACK = (RNG.random((3, 20, 30)) * 250).astype(np.uint8)  # (Z, Y, X)
-U16 = STACK.astype(np.uint16) * 200
-GREY = {"photometric": "minisblack"}  # else tifffile stores a (3, Y, X) array as planar RGB
-
-
-def _png(path: Path, arr: np.ndarray) -> Path:
-    Image.fromarray(arr).save(path)
-    return path
-
-
-def _folder(path: Path, stack: np.ndarray = STACK, names: list[str] | None = None) -> Path:
-    path.mkdir()
-    for name, bscan in zip(names or [f"b_{i}.png" for i in range(len(stack))], stack, strict=True):
-        _png(path / name, bscan)
-    return path
 
 
 @pytest.mark.parametrize(("name", "write", "expected"), [
@@ -43,7 +28,7 @@ def _folder(path: Path, stack: np.ndarray = STACK, names: list[str] | None = Non
     ("default3.tif", lambda p: tifffile.imwrite(p, STACK), STACK),                      # 3 B-scans, defaults
     ("default4.tif", lambda p: tifffile.imwrite(p, np.concatenate([STACK, STACK[:1]])),
      np.concatenate([STACK, STACK[:1]])),                                                # 4 B-scans, defaults
-    ("one.png", lambda p: _png(p, STACK[0]), STACK[:1]),                                 # 2-D PNG
+    ("one.png", lambda p: png(p, STACK[0]), STACK[:1]),                                 # 2-D PNG
     ("one.jpg", lambda p: Image.fromarray(np.full((8, 8), 77, np.uint8)).save(p, quality=100),
      np.full((1, 8, 8), 77, np.uint8)),                                                  # 2-D JPEG
     ("v.npy", lambda p: np.save(p, STACK), STACK),                                       # 3-D npy
@@ -72,7 +57,7 @@ def test_ome_tiff_physical_size_gives_scale(tmp_path: Path) -> None:
 
 def test_folder_in_natural_order(tmp_path: Path) -> None:
     names = [f"Subject_01_{i}.png" for i in (1, 2, 10)]
-    folder = _folder(tmp_path / "vol", STACK, names)
+    folder = bscan_folder(tmp_path / "vol", STACK, names)
     (folder / "notes.txt").write_text("ignored")
     (folder / ".DS_Store").write_bytes(b"ignored")
     vol = read_volume(folder)
@@ -83,7 +68,7 @@ def test_folder_in_natural_order(tmp_path: Path) -> None:
 
 
 def test_folder_sha_covers_names_and_bytes(tmp_path: Path) -> None:
-    folder = _folder(tmp_path / "vol")
+    folder = bscan_folder(tmp_path / "vol")
     before = read_volume(folder).sha256
     (folder / "b_2.png").rename(folder / "b_3.png")  # same bytes, other name
     assert read_volume(folder).sha256 != before
@@ -96,13 +81,13 @@ def test_folder_sha_covers_names_and_bytes(tmp_path: Path) -> None:
      np.full((4, 4), 30, np.uint8)),                                                 # true colour: 0.299*100
 ])
 def test_colour_becomes_grey(tmp_path: Path, rgb: np.ndarray, expected: np.ndarray) -> None:
-    vol = read_volume(_png(tmp_path / "c.png", rgb))
+    vol = read_volume(png(tmp_path / "c.png", rgb))
     assert vol.image.shape == (1, *expected.shape) and vol.image.dtype == np.uint8
     np.testing.assert_array_equal(vol.image[0], expected)
 
 
 def _truncated_png(p: Path) -> None:
-    _png(p, STACK[0])
+    png(p, STACK[0])
     p.write_bytes(p.read_bytes()[:200])
 
 
@@ -155,91 +140,18 @@ def test_empty_folder(tmp_path: Path) -> None:
     (np.zeros((20, 30), np.uint16), r"\(20, 30\) uint16 differs from b_0.png"),  # other dtype
 ])
 def test_folder_with_odd_bscan_names_it(tmp_path: Path, odd: np.ndarray, phrase: str) -> None:
-    folder = _folder(tmp_path / "vol")
-    _png(folder / "b_1.png", odd)
+    folder = bscan_folder(tmp_path / "vol")
+    png(folder / "b_1.png", odd)
     with pytest.raises(ReadError, match=phrase) as err:
         read_volume(folder)
     assert err.value.path == folder / "b_1.png"
 
 
 def test_folder_with_bad_bscan_names_it(tmp_path: Path) -> None:
-    folder = _folder(tmp_path / "vol")
+    folder = bscan_folder(tmp_path / "vol")
     (folder / "b_2.png").write_bytes(b"")
     with pytest.raises(ReadError, match=r"b_2.png: empty file"):
         read_volume(folder)
-
-
-# ----- masks -----
-MASK = np.zeros((3, 20, 30), np.uint8)
-MASK[0, 2:5, 3:9] = 1
-MASK[2, 10:12, :] = 1
-
-
-@pytest.mark.parametrize(("stored", "expected"), [
-    (MASK * 255, MASK),                                  # 0/255 -> binary
-    (MASK * 7, MASK),                                    # 0 and one other value -> binary
-    (MASK + (MASK * 2)[::-1], MASK + (MASK * 2)[::-1]),  # 0, 1, 2: small integer classes kept
-    (MASK.astype(bool), MASK),                           # boolean
-])
-def test_stack_masks(tmp_path: Path, stored: np.ndarray, expected: np.ndarray) -> None:
-    tifffile.imwrite(tmp_path / "scan.tif", STACK, **GREY)
-    (tmp_path / "labels").mkdir()
-    np.save(tmp_path / "labels" / "scan.npy", stored)  # a mask with another suffix is not found
-    tifffile.imwrite(tmp_path / "labels" / "scan.tif", stored.astype(np.uint8), **GREY)
-    labels, annotated = read_masks(tmp_path / "labels", read_volume(tmp_path / "scan.tif"))
-    assert labels.dtype == np.uint8 and annotated == [0, 1, 2]
-    np.testing.assert_array_equal(labels, expected)
-
-
-def test_rgb_mask_any_channel_is_foreground(tmp_path: Path) -> None:
-    _png(tmp_path / "one.png", STACK[0])
-    (tmp_path / "labels").mkdir()
-    rgb = np.zeros((20, 30, 3), np.uint8)
-    rgb[1, 1] = (0, 0, 9)
-    rgb[2, 2] = (255, 255, 255)
-    _png(tmp_path / "labels" / "one.png", rgb)
-    labels, annotated = read_masks(tmp_path / "labels", read_volume(tmp_path / "one.png"))
-    assert annotated == [0] and labels.shape == (1, 20, 30)
-    assert labels.sum() == 2 and labels[0, 1, 1] == labels[0, 2, 2] == 1
-
-
-@pytest.mark.parametrize("subfolder", [True, False])  # labels_dir/<folder name>/... or labels_dir/...
-def test_folder_masks_partial_annotation(tmp_path: Path, subfolder: bool) -> None:
-    volume = read_volume(_folder(tmp_path / "vol"))
-    mask_dir = tmp_path / "labels" / ("vol" if subfolder else "")
-    mask_dir.mkdir(parents=True)
-    for z in (0, 2):  # B-scan 1 is not annotated
-        _png(mask_dir / f"b_{z}.png", MASK[z] * 255)
-    labels, annotated = read_masks(tmp_path / "labels", volume)
-    assert annotated == [0, 2]
-    np.testing.assert_array_equal(labels, MASK)
-
-
-def test_no_masks_means_not_annotated(tmp_path: Path) -> None:
-    (tmp_path / "labels").mkdir()
-    assert read_masks(tmp_path / "labels", read_volume(_folder(tmp_path / "vol"))) is None
-    assert read_masks(tmp_path / "absent", read_volume(_folder(tmp_path / "vol2"))) is None
-
-
-@pytest.mark.parametrize(("mask", "phrase"), [
-    (np.zeros((20, 29), np.uint8), r"mask shape \(20, 29\) does not match image shape \(20, 30\) of b_1.png"),
-    (np.arange(600, dtype=np.uint8).reshape(20, 30), "neither binary nor small-integer"),  # grey image
-])
-def test_bad_masks_name_the_mask_file(tmp_path: Path, mask: np.ndarray, phrase: str) -> None:
-    volume = read_volume(_folder(tmp_path / "vol"))
-    (tmp_path / "labels").mkdir()
-    _png(tmp_path / "labels" / "b_1.png", mask)
-    with pytest.raises(ReadError, match=phrase) as err:
-        read_masks(tmp_path / "labels", volume)
-    assert err.value.path == tmp_path / "labels" / "b_1.png"
-
-
-def test_stack_mask_of_wrong_shape(tmp_path: Path) -> None:
-    tifffile.imwrite(tmp_path / "scan.tif", STACK, **GREY)
-    (tmp_path / "labels").mkdir()
-    tifffile.imwrite(tmp_path / "labels" / "scan.tif", MASK[:2])
-    with pytest.raises(ReadError, match=r"scan.tif: mask shape \(2, 20, 30\) does not match image shape \(3, 20, 30\)"):
-        read_masks(tmp_path / "labels", read_volume(tmp_path / "scan.tif"))
 
 
 # ----- real data (skipped when ../shared/data is absent) -----
@@ -249,16 +161,6 @@ def test_duke_volume_in_natural_order(shared_data: Path) -> None:
     assert vol.files[9].name == "Subject_01_10.png"  # B-scan 10 (1-based) follows 9, not 1
     assert [f.name for f in vol.files[:3]] == ["Subject_01_1.png", "Subject_01_2.png", "Subject_01_3.png"]
     np.testing.assert_array_equal(vol.image[9], np.asarray(Image.open(vol.files[9])))
-
-
-def test_duke_fluid_images_and_binary_masks(shared_data: Path) -> None:
-    vol = read_volume(shared_data / "duke_dme_fluid" / "images")
-    assert vol.image.shape == (66, 496, 768) and vol.image.dtype == np.uint8  # RGB with R=G=B -> grey
-    labels, annotated = read_masks(shared_data / "duke_dme_fluid" / "masks", vol)
-    assert labels.shape == vol.image.shape and annotated == list(range(66))
-    assert set(np.unique(labels)) == {0, 1}
-    rgb = np.asarray(Image.open(shared_data / "duke_dme_fluid" / "masks" / vol.files[5].name))
-    np.testing.assert_array_equal(labels[5], rgb.max(axis=-1) > 0)
 
 
 # ---- hostile files: refused from the header, or read with a warning ------------------------------------------
@@ -280,11 +182,11 @@ def test_compressed_tiff_bomb_refused_from_header(tmp_path: Path) -> None:
 def test_voxel_limit_applies_to_every_reader(tmp_path: Path, name: str) -> None:
     path = tmp_path / name
     if name == "folder":
-        _folder(path)  # 3 B-scans of 20 x 30 = 1800 voxels
+        bscan_folder(path)  # 3 B-scans of 20 x 30 = 1800 voxels
     elif name.endswith(".npy"):
         np.save(path, STACK)
     elif name.endswith(".png"):
-        _png(path, STACK[0])
+        png(path, STACK[0])
     else:
         tifffile.imwrite(path, STACK, **GREY)
     limit = 500 if name.endswith(".png") else 1000
