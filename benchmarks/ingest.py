@@ -5,10 +5,10 @@ there; else a phantom of that shape) is saved as a ``.npy`` (and a TIFF with ``-
 times, in alternating order:
 
 * raw: writing the volume's bytes to a new file (``open().write()``, as a copy would; no fsync);
-* ingest: :func:`octseg.tasks.ingest.ingest_source` of the file into a new archive (SHA-256, header
+* ingest: :func:`octseg.tasks.ingest.source.ingest_source` of the file into a new archive (SHA-256, header
   checks, decode, compressed sharded OME-Zarr write in a staging folder, rename into place); no
   Prefect, so this is the work each ingest task does. The compressor is the archive's for the
-  volume's dtype (``octseg.tasks.archive.compressors_for``, printed with the result).
+  volume's dtype (``octseg.tasks.archive.layout.compressors_for``, printed with the result).
 
 P3 = ingest MB/s / raw MB/s (per round; the median is reported). Goal >= 0.5.
 

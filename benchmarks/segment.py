@@ -2,7 +2,7 @@
 
 The floor is the network alone on whole B-scans already in memory, mirror-padded to the smallest valid
 input that covers them, in inference mode, at the best of batch sizes 1, 2 and 4. The archive path is
-``octseg.tasks.segment.segment_one``: read the image from Zarr, normalise, run the network, write the
+``octseg.tasks.segmentation.segment.segment_one``: read the image from Zarr, normalise, run the network, write the
 labels shard by shard into a staged prediction and publish it (what each Dask task of ``octseg
 segment`` runs). P1 = archive B-scans/s / floor B-scans/s (goal >= 0.90 on CPU).
 

@@ -22,7 +22,7 @@ __all__ = ["duplicate_ids", "plan_ingest", "training_volumes", "plan_preprocess"
 
 def duplicate_ids(sources: list[Path]) -> dict[Path, str]:
     """Sources that cannot go into this batch -> error text: whose volume id an earlier source of the
-    batch already takes, and those :func:`~octseg.tasks.readers.source_problem` refuses by name (not
+    batch already takes, and those :func:`~octseg.tasks.readers.sources.source_problem` refuses by name (not
     UTF-8, a symlink loop, missing). Each fails alone; the rest of the batch goes on."""
     seen: dict[str, Path] = {}
     dup: dict[Path, str] = {}

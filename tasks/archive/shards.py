@@ -5,7 +5,7 @@ archive's layout (one B-scan per chunk, a few B-scans per shard, one compressor)
 the compression, was most of an ingest (benchmarks/ingest.py). :func:`write_shards` encodes each
 shard with the array's own codec settings (numcodecs, as zarr does) in a thread per core and writes
 the shard file whole, every chunk included (the array's ``write_empty_chunks`` must be on). The bytes
-are exactly the ones zarr writes (``tests/tasks/test_shards.py`` compares them file by file), so
+are exactly the ones zarr writes (``tests/tasks/archive/test_shards.py`` compares them file by file), so
 zarr, ome-zarr and napari read them as their own.
 
 It is for arrays nothing reads yet (the archive's staging folders): shard files are written in place,

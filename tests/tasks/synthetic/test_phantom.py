@@ -196,7 +196,7 @@ def test_write_npy_round_trip_and_determinism(tmp_path):
 
 
 def test_module_imports_standalone_without_prefect():
-    """Loads tasks/phantom.py by path (not via the tasks package) and checks prefect stays unloaded."""
+    """Loads tasks/synthetic/phantom.py by path (not via the tasks package) and checks prefect stays unloaded."""
     code = (
         "import importlib.util, sys; "
         f"spec = importlib.util.spec_from_file_location('phantom', {phantom.__file__!r}); "
