@@ -16,7 +16,7 @@ TEST_ENV := PREFECT_HOME=$(TEST_TMP)/prefect \
 	MLFLOW_DISABLE_TELEMETRY=true \
 	MLFLOW_TRACKING_URI=sqlite:///$(TEST_TMP)/mlflow.db
 
-.PHONY: venv test test-all lint demo bench clean postgres
+.PHONY: venv test lint demo bench clean postgres
 
 venv: $(STAMP)
 
@@ -36,9 +36,6 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
 		|| echo "PostgreSQL is missing and cannot be installed here: the stack test will skip"; }
-
-test-all: $(STAMP) postgres
-	$(TEST_ENV) $(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check --select F,E9 unet tasks flows tests benchmarks

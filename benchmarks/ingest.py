@@ -5,10 +5,10 @@ there; else a phantom of that shape) is saved as a ``.npy`` (and a TIFF with ``-
 times, in alternating order:
 
 * raw: writing the volume's bytes to a new file (``open().write()``, as a copy would; no fsync);
-* ingest: :func:`octseg.tasks.ingest.ingest_source` of the file into a new archive (SHA-256, header
+* ingest: :func:`octseg.tasks.ingest.source.ingest_source` of the file into a new archive (SHA-256, header
   checks, decode, compressed sharded OME-Zarr write in a staging folder, rename into place); no
   Prefect, so this is the work each ingest task does. The compressor is the archive's for the
-  volume's dtype (``octseg.tasks.archive.compressors_for``, printed with the result).
+  volume's dtype (``octseg.tasks.archive.layout.compressors_for``, printed with the result).
 
 P3 = ingest MB/s / raw MB/s (per round; the median is reported). Goal >= 0.5.
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from octseg.tasks.archive import compressors_for
-from octseg.tasks.ingest import ingest_source
+from octseg.tasks.archive.layout import compressors_for
+from octseg.tasks.ingest.source import ingest_source
 
 SUBJECT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "duke_dme_subject01_volume"
 
@@ -37,7 +37,7 @@ def make_volume(n: int = 200) -> tuple[np.ndarray, str]:
 
         bscans = [np.asarray(Image.open(SUBJECT / f"Subject_01_{i}.png").convert("L")) for i in range(1, 62)]
         return np.stack([bscans[i % len(bscans)] for i in range(n)]), "Duke Subject_01 B-scans"
-    from octseg.tasks.phantom import make_phantom_volume
+    from octseg.tasks.synthetic.phantom import make_phantom_volume
 
     return make_phantom_volume(n, 496, 768, seed=0).image, "phantom"
 

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from octseg.tasks.archive import open_archive
-from octseg.tasks.cluster import dask_scheduler
-from octseg.tasks.phantom import make_phantom_volume
-from octseg.tasks.preprocess import preprocess_volume
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.runtime.cluster import dask_scheduler
+from octseg.tasks.synthetic.phantom import make_phantom_volume
+from octseg.tasks.preprocess.derive import preprocess_volume
 
 DUKE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "duke_dme_fluid"
 
@@ -85,7 +85,7 @@ def _compute_only(pair: tuple[np.ndarray, np.ndarray]) -> float:
 def ceiling(path: Path, clusters: dict[int, str]) -> dict[int, float]:
     """Seconds for the arithmetic alone (B-scans scattered to the workers first), per cluster: the speed-up
     this machine gives the compute itself, the most the whole job could show."""
-    from octseg.tasks.cluster import client_for
+    from octseg.tasks.runtime.cluster import client_for
 
     archive = open_archive(path, create=False)
     pairs = [(np.asarray(archive.image(v)[z]), np.asarray(archive.manual_labels(v)[0][z]))

@@ -2,7 +2,7 @@
 
 The floor is the network alone on whole B-scans already in memory, mirror-padded to the smallest valid
 input that covers them, in inference mode, at the best of batch sizes 1, 2 and 4. The archive path is
-``octseg.tasks.segment.segment_one``: read the image from Zarr, normalise, run the network, write the
+``octseg.tasks.segmentation.segment.segment_one``: read the image from Zarr, normalise, run the network, write the
 labels shard by shard into a staged prediction and publish it (what each Dask task of ``octseg
 segment`` runs). P1 = archive B-scans/s / floor B-scans/s (goal >= 0.90 on CPU).
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from octseg.tasks.archive import open_archive
-from octseg.tasks.phantom import make_phantom_volume
-from octseg.tasks.segment import segment_one
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.synthetic.phantom import make_phantom_volume
+from octseg.tasks.segmentation.segment import segment_one
 from octseg.unet.config import InferenceConfig, UNetConfig
 from octseg.unet.inference import covering_input, resolve_device
 from octseg.unet.model import UNet
@@ -113,8 +113,8 @@ def small_volumes(n: int, workers: int) -> None:
     from octseg.flows.config import SegmentConfig
     from octseg.flows.runs import summary_of
     from octseg.flows.segment import segment_archive
-    from octseg.tasks.registry import log_unet
-    from octseg.tasks.tracking import ensure_experiment, using_tracking_uri
+    from octseg.tasks.tracking.models import log_unet
+    from octseg.tasks.tracking.uri import ensure_experiment, using_tracking_uri
 
     import mlflow
 

@@ -42,7 +42,7 @@ def main() -> None:
         work = Path(tmp)
         env = {**os.environ, "PREFECT_HOME": str(work / "prefect"), "OCTSEG_PROGRESS": "0",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        from octseg.tasks.phantom import write_phantom_files
+        from octseg.tasks.synthetic.phantom import write_phantom_files
 
         sources = write_phantom_files(work / "scans", n_volumes=2, n_bscans=4, height=64, width=96)
         archive = str(work / "a.zarr")

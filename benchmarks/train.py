@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from octseg.tasks.phantom import make_phantom_volume
+from octseg.tasks.synthetic.phantom import make_phantom_volume
 from octseg.unet.bscans import BScanSet
 from octseg.unet.config import TrainConfig, UNetConfig
 from octseg.unet.model import UNet

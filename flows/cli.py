@@ -213,8 +213,8 @@ def preprocess(cfg: PreprocessConfig, verbose: bool) -> None:
 def _registered_model(model_uri: str, tracking_uri: str | None) -> Any:
     """The pinned registered model, resolved before any flow run: a missing database, model, alias or
     version is a one-line error (exit 2), not a failed run."""
-    from octseg.tasks.registry import resolve_model
-    from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
+    from octseg.tasks.tracking.models import resolve_model
+    from octseg.tasks.tracking.uri import check_tracking_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri, must_exist=True)
@@ -229,7 +229,7 @@ def train(cfg: TrainFlowConfig, verbose: bool) -> None:
     A rerun with unchanged data and settings reuses the registered run instead of training again.
     Watch it with [bold]mlflow ui --backend-store-uri sqlite:///mlflow.db[/].
     """
-    from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
+    from octseg.tasks.tracking.uri import check_tracking_uri, resolve_tracking_uri
 
     preflight.check_archive(cfg.archive, writable=False)
     uri = resolve_tracking_uri(cfg.tracking_uri)
@@ -306,7 +306,7 @@ def pipeline(cfg: PipelineConfig, verbose: bool) -> None:
     """
     preflight.check_sources(cfg.ingest.sources)
     preflight.check_new_archive(cfg.ingest.archive)
-    from octseg.tasks.tracking import check_tracking_uri, resolve_tracking_uri
+    from octseg.tasks.tracking.uri import check_tracking_uri, resolve_tracking_uri
 
     preflight.check_output_folder(cfg.segment.qc_folder, "QC folder")
     check_tracking_uri(resolve_tracking_uri(cfg.train.tracking_uri))
@@ -326,7 +326,7 @@ def watch(cfg: WatchConfig, verbose: bool) -> None:
     preflight.check_sources([cfg.inbox])
     preflight.check_new_archive(cfg.archive)
     from octseg.flows.summary import WatchSummary
-    from octseg.tasks.inbox import scan_inbox
+    from octseg.tasks.ingest.inbox import scan_inbox
 
     scan = scan_inbox(cfg.inbox, cfg.archive, settle_seconds=cfg.settle_seconds, labels=cfg.labels)
     if not scan.new and not scan.unreadable:

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from octseg.tasks.limits import DEFAULT_MAX_VOXELS
+from octseg.tasks.readers.limits import DEFAULT_MAX_VOXELS
 from octseg.unet.config import Cli, InferenceConfig, TrainConfig, UNetConfig, WeightMapConfig
 
 __all__ = [

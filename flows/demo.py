@@ -23,7 +23,7 @@ def _write_inputs(scans: Path, n_volumes: int) -> tuple[list[Path], np.ndarray]:
     deterministic; rewriting would change the OME-TIFF UUIDs and so the files' sha256), so a second
     demo run shows every stage skipping its finished work.
     """
-    from octseg.tasks.phantom import make_phantom_volume, write_ome_tiff, write_phantom_files
+    from octseg.tasks.synthetic.phantom import make_phantom_volume, write_ome_tiff, write_phantom_files
 
     z, h, w = DEMO_SHAPE
     heldout = make_phantom_volume(z, h, w, seed=1000)
@@ -59,7 +59,7 @@ def run_demo(workdir: Path, epochs: int = 30, n_volumes: int = 4) -> str:
     """Write phantoms, run the pipeline, score the held-out volume; return a report for the terminal."""
     from octseg.flows.pipeline import run_pipeline
     from octseg.flows.runs import summary_of
-    from octseg.tasks.archive import open_archive
+    from octseg.tasks.archive.store import open_archive
     from octseg.unet.metrics import dice_per_class
 
     t0 = time.perf_counter()

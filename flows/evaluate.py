@@ -7,13 +7,14 @@ from prefect import flow, get_run_logger
 from prefect.states import State
 
 from octseg.flows.config import EvaluateConfig
-from octseg.flows.runs import failure_line, finish
+from octseg.flows.runs import Outcomes, finish
 from octseg.flows.summary import EvaluateSummary
-from octseg.tasks.archive import open_archive, select_volumes
-from octseg.tasks.classes import class_names_of
-from octseg.tasks.evaluation import evaluate_volume_task, evaluation_fingerprint, report_folder, summarize, write_report
-from octseg.tasks.registry import record_eval_score, resolve_model
-from octseg.tasks.tracking import resolve_tracking_uri
+from octseg.tasks.archive.store import open_archive, select_volumes
+from octseg.tasks.archive.classes import class_names_of
+from octseg.tasks.segmentation.evaluation import evaluate_volume_task, evaluation_fingerprint, report_folder, summarize, write_report
+from octseg.tasks.tracking.champion import record_eval_score
+from octseg.tasks.tracking.models import resolve_model
+from octseg.tasks.tracking.uri import resolve_tracking_uri
 from octseg.unet.config import UNetConfig
 
 __all__ = ["evaluation_volumes", "evaluate_model"]
@@ -48,15 +49,12 @@ def evaluate_model(config: EvaluateConfig) -> State:
     fingerprint = evaluation_fingerprint(config.archive, volumes, config.inference)
     model = f"{ref.name} v{ref.version}"
     summary = EvaluateSummary(str(config.archive), model, fingerprint)
-    results = []
+    outcomes = Outcomes(logger)
     for vid in volumes:
-        state = evaluate_volume_task(str(config.archive), vid, ref, tracking_uri, config.inference, return_state=True)
-        outcome = state.result(raise_on_failure=False)
-        if isinstance(outcome, BaseException):
-            summary.failures.append(failure_line(vid, outcome))
-            logger.error("failed: %s", summary.failures[-1])
-        else:
-            results.append(outcome)
+        outcomes.add(vid, evaluate_volume_task(str(config.archive), vid, ref, tracking_uri, config.inference,
+                                               return_state=True))
+    results = outcomes.results
+    summary.failures += outcomes.failures
     if results:
         names = class_names_of(UNetConfig.from_dict(ref.unet_config).out_channels)
         report = summarize(model, fingerprint, results, names)

@@ -11,8 +11,8 @@ from octseg.flows.config import IngestConfig
 from octseg.flows.plans import duplicate_ids
 from octseg.flows.runs import collect, finish
 from octseg.flows.summary import IngestSummary
-from octseg.tasks.archive import open_archive
-from octseg.tasks.ingest import ingest_source_task
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.ingest.source import ingest_source_task
 
 __all__ = ["ingest_volumes"]
 

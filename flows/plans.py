@@ -12,16 +12,17 @@ from pathlib import Path
 
 from octseg.flows.config import IngestConfig, PreprocessConfig, SegmentConfig, TrainFlowConfig
 from octseg.flows.summary import IngestSummary, PreprocessSummary, TrainSummary
-from octseg.tasks.readers import shown, source_problem
-from octseg.tasks.archive import already_segmented, open_archive, select_volumes, volume_id_from_path
-from octseg.tasks.registry import ModelRef
+from octseg.tasks.readers.sources import shown, source_problem
+from octseg.tasks.archive.layout import volume_id_from_path
+from octseg.tasks.archive.store import already_segmented, open_archive, select_volumes
+from octseg.tasks.tracking.models import ModelRef
 
 __all__ = ["duplicate_ids", "plan_ingest", "training_volumes", "plan_preprocess", "plan_segmentation", "previous_training"]
 
 
 def duplicate_ids(sources: list[Path]) -> dict[Path, str]:
     """Sources that cannot go into this batch -> error text: whose volume id an earlier source of the
-    batch already takes, and those :func:`~octseg.tasks.readers.source_problem` refuses by name (not
+    batch already takes, and those :func:`~octseg.tasks.readers.sources.source_problem` refuses by name (not
     UTF-8, a symlink loop, missing). Each fails alone; the rest of the batch goes on."""
     seen: dict[str, Path] = {}
     dup: dict[Path, str] = {}
@@ -42,7 +43,7 @@ def duplicate_ids(sources: list[Path]) -> dict[Path, str]:
 def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     """(sources to ingest, a summary of the rest): those the archive holds unchanged are skipped, a
     source whose volume id an earlier one in the batch already uses is a failure, as in the flow."""
-    from octseg.tasks.ingest import is_up_to_date
+    from octseg.tasks.ingest.source import is_up_to_date
 
     duplicates = duplicate_ids(list(config.sources))
     summary = IngestSummary(str(config.archive), failures=list(duplicates.values()))
@@ -65,7 +66,7 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
 
 def plan_preprocess(config: PreprocessConfig) -> tuple[list[str], PreprocessSummary]:
     """(volumes with a derived array to (re)compute, a summary listing those up to date)."""
-    from octseg.tasks.preprocess import outdated
+    from octseg.tasks.preprocess.derive import outdated
 
     archive = open_archive(config.archive, create=False)
     summary = PreprocessSummary(str(config.archive))
@@ -99,10 +100,10 @@ def previous_training(config: TrainFlowConfig, tracking_uri: str) -> TrainSummar
 
     Raises ValueError, before any run, when the selection holds no annotated B-scans.
     """
-    from octseg.tasks.classes import class_names_of
-    from octseg.tasks.dataset import load_training_data
-    from octseg.tasks.registry import find_previous_training, training_fingerprint
-    from octseg.tasks.tracking import ensure_experiment
+    from octseg.tasks.archive.classes import class_names_of
+    from octseg.tasks.training.dataset import load_training_data
+    from octseg.tasks.training.train import find_previous_training, training_fingerprint
+    from octseg.tasks.tracking.uri import ensure_experiment
 
     volumes, evaluation = training_volumes(config)
     if evaluation:  # the flow reuses the training and chooses the champion (cached scores): it must run

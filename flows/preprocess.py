@@ -7,9 +7,9 @@ from prefect.states import State
 from octseg.flows.config import PreprocessConfig
 from octseg.flows.runs import collect, finish
 from octseg.flows.summary import PreprocessSummary
-from octseg.tasks.archive import select_volumes
-from octseg.tasks.cluster import dask_scheduler, worker_count
-from octseg.tasks.preprocess import preprocess_volume_task
+from octseg.tasks.archive.store import select_volumes
+from octseg.tasks.runtime.cluster import dask_scheduler, worker_count
+from octseg.tasks.preprocess.derive import preprocess_volume_task
 
 __all__ = ["preprocess_archive"]
 

@@ -2,16 +2,16 @@
 batch goes on, and the flow run ends Failed (with its summary as data) when anything failed."""
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Completed, Failed, State
 
-from octseg.tasks.progress import progress_bar
-from octseg.tasks.readers import shown
+from octseg.tasks.runtime.progress import progress_bar
+from octseg.tasks.readers.sources import shown
 
-__all__ = ["collect", "failure_line", "finish", "summary_of"]
+__all__ = ["Outcomes", "as_finished", "collect", "failure_line", "finish", "summary_of"]
 
 
 def failure_line(item: str, error: BaseException) -> str:
@@ -23,20 +23,44 @@ def failure_line(item: str, error: BaseException) -> str:
     return f"{item}: {type(error).__name__}: {message}"
 
 
+class Outcomes:
+    """What a batch of task runs gave, as each finishes: the results of those that completed, and one line
+    per failed run naming its item (logged as it comes when a ``logger`` is given)."""
+
+    def __init__(self, logger: Any | None = None) -> None:
+        self.results: list[Any] = []
+        self.failures: list[str] = []
+        self.logger = logger
+
+    def add(self, item: str, run: PrefectFuture | State) -> Any | None:
+        """Record the finished task run ``run`` (a future, or a state from ``return_state=True``) of ``item``;
+        its result, or None when it failed."""
+        outcome = run.result(raise_on_failure=False)
+        if isinstance(outcome, BaseException):
+            self.failures.append(failure_line(item, outcome))
+            if self.logger is not None:
+                self.logger.error("failed: %s", self.failures[-1])
+            return None
+        self.results.append(outcome)
+        return outcome
+
+
+def as_finished(futures: Sequence[PrefectFuture], items: Sequence[str]) -> Iterator[tuple[str, PrefectFuture]]:
+    """``(item, future)`` for each future as it finishes; ``items[i]`` belongs to ``futures[i]``."""
+    item_of: Mapping[Hashable, str] = {id(f): item for f, item in zip(futures, items)}
+    for future in as_completed(futures):
+        yield item_of[id(future)], future
+
+
 def collect(futures: Sequence[PrefectFuture], items: Sequence[str], description: str) -> tuple[list[Any], list[str]]:
     """Wait for every future (a progress bar counts them); the results of those that completed, and one
     line per failed task run naming its item (``items[i]`` belongs to ``futures[i]``)."""
-    item_of: Mapping[Hashable, str] = {id(f): item for f, item in zip(futures, items)}
-    results, failures = [], []
+    outcomes = Outcomes()
     with progress_bar(description, len(futures)) as update:
-        for done, future in enumerate(as_completed(futures), start=1):
-            outcome = future.result(raise_on_failure=False)
-            if isinstance(outcome, BaseException):
-                failures.append(failure_line(item_of[id(future)], outcome))
-            else:
-                results.append(outcome)
+        for done, (item, future) in enumerate(as_finished(futures, items), start=1):
+            outcomes.add(item, future)
             update(done, len(futures))
-    return results, failures
+    return outcomes.results, outcomes.failures
 
 
 def finish(summary: Any) -> State:

@@ -6,19 +6,18 @@ import os
 import threading
 
 from prefect import flow, get_run_logger
-from prefect.futures import as_completed
 from prefect.states import State
 
 from octseg.flows.config import SegmentConfig
 from octseg.flows.plans import plan_segmentation
-from octseg.flows.runs import failure_line, finish
+from octseg.flows.runs import Outcomes, as_finished, finish
 from octseg.flows.summary import SegmentSummary
-from octseg.tasks.archive import open_archive
-from octseg.tasks.cluster import client_for, dask_scheduler, worker_resources
-from octseg.tasks.progress import progress_bars
-from octseg.tasks.registry import resolve_model
-from octseg.tasks.segment import PROGRESS_TOPIC, segment_volume_task, write_segmentation_csv
-from octseg.tasks.tracking import resolve_tracking_uri
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.runtime.cluster import client_for, dask_scheduler, worker_resources
+from octseg.tasks.runtime.progress import progress_bars
+from octseg.tasks.tracking.models import resolve_model
+from octseg.tasks.segmentation.segment import PROGRESS_TOPIC, segment_volume_task, write_segmentation_csv
+from octseg.tasks.tracking.uri import resolve_tracking_uri
 
 __all__ = ["segment_archive"]
 
@@ -62,30 +61,27 @@ class _BScanCounter:
 def _segment_volumes(config, ref, tracking_uri, qc_dir, todo, sizes, scheduler, gpu, counter, update, summary) -> None:
     """One task run per volume: submitted together when Dask runs them (its workers pace them), one after
     another in this process (each would otherwise take its own memory budget at the same time)."""
-    logger = get_run_logger()
     kwargs = dict(requested_uri=config.model_uri, inference=config.inference, qc_dir=str(qc_dir), force=config.force,
                   scheduler_address=scheduler, gpu=gpu)
+    outcomes = Outcomes(get_run_logger())
 
-    def record(vid: str, outcome) -> None:
-        if isinstance(outcome, BaseException):
-            summary.failures.append(failure_line(vid, outcome))
-            logger.error("failed: %s", summary.failures[-1])
-        else:
-            {"segmented": summary.segmented, "busy": summary.busy}.get(outcome.status, summary.skipped).append(vid)
+    def record(vid: str, run) -> None:
+        result = outcomes.add(vid, run)
+        if result is not None:
+            {"segmented": summary.segmented, "busy": summary.busy}.get(result.status, summary.skipped).append(vid)
             counter(vid, sizes[vid])
 
     if scheduler is None:
         for finished, vid in enumerate(todo, start=1):
-            state = segment_volume_task(str(config.archive), vid, ref, tracking_uri, **kwargs,
-                                        progress=lambda d, t, v=vid: counter(v, d), return_state=True)
-            record(vid, state.result(raise_on_failure=False))
+            record(vid, segment_volume_task(str(config.archive), vid, ref, tracking_uri, **kwargs,
+                                            progress=lambda d, t, v=vid: counter(v, d), return_state=True))
             update("volumes", finished)
-        return
-    futures = [segment_volume_task.submit(str(config.archive), vid, ref, tracking_uri, **kwargs) for vid in todo]
-    volume_of = {id(f): vid for f, vid in zip(futures, todo)}
-    for finished, future in enumerate(as_completed(futures), start=1):
-        record(volume_of[id(future)], future.result(raise_on_failure=False))
-        update("volumes", finished)
+    else:
+        futures = [segment_volume_task.submit(str(config.archive), vid, ref, tracking_uri, **kwargs) for vid in todo]
+        for finished, (vid, future) in enumerate(as_finished(futures, todo), start=1):
+            record(vid, future)
+            update("volumes", finished)
+    summary.failures += outcomes.failures
 
 
 @flow(name="segment-archive")

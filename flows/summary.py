@@ -62,7 +62,7 @@ class TrainSummary:
 
     @classmethod
     def from_result(cls, r, tracking_uri: str) -> TrainSummary:
-        """From a :class:`octseg.tasks.training.TrainResult`."""
+        """From a :class:`octseg.tasks.training.train.TrainResult`."""
         return cls(run_id=r.run_id, model_name=r.model_name, model_version=r.model_version, score=r.score,
                    promoted=r.promoted, tracking_uri=tracking_uri, n_train=r.n_train, n_val=r.n_val,
                    qc_image=r.qc_image, reused=r.reused)

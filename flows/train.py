@@ -8,9 +8,9 @@ from prefect import flow, get_run_logger
 from octseg.flows.config import TrainFlowConfig
 from octseg.flows.plans import training_volumes
 from octseg.flows.summary import TrainSummary
-from octseg.tasks.evaluation import HELD_OUT_TAG, choose_champion_task
-from octseg.tasks.tracking import resolve_tracking_uri
-from octseg.tasks.training import train_from_archive_task
+from octseg.tasks.segmentation.evaluation import choose_champion_task, HELD_OUT_TAG
+from octseg.tasks.tracking.uri import resolve_tracking_uri
+from octseg.tasks.training.train import train_from_archive_task
 from octseg.unet.train import validation_inference
 
 __all__ = ["train_unet"]

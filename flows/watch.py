@@ -15,7 +15,7 @@ from octseg.flows.preprocess import preprocess_archive
 from octseg.flows.runs import failure_line, finish, summary_of
 from octseg.flows.segment import segment_archive
 from octseg.flows.summary import WatchSummary
-from octseg.tasks.inbox import scan_inbox
+from octseg.tasks.ingest.inbox import scan_inbox
 
 __all__ = ["watch_inbox"]
 

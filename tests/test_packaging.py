@@ -29,6 +29,10 @@ def test_wheel_installs_only_the_octseg_namespace(tmp_path: Path) -> None:
     assert top == {"octseg"}, top
     for package in ("unet", "tasks", "flows"):
         assert f"octseg/{package}/__init__.py" in names
+    sub_packages = [init.relative_to(ROOT).as_posix() for folder in ("unet", "tasks", "flows")
+                    for init in (ROOT / folder).rglob("__init__.py")]
+    missing = [f"octseg/{init}" for init in sub_packages if f"octseg/{init}" not in names]
+    assert not missing, f"sub-packages missing from pyproject.toml's [tool.setuptools] packages: {missing}"
     assert not any(n.startswith("octseg/tests") for n in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "octseg = octseg.flows.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from octseg.tasks.archive import open_archive
+from octseg.tasks.archive.store import open_archive
 from tests.flows.cli_runner import invoke as _invoke
-from octseg.tasks.phantom import write_phantom_files
+from octseg.tasks.synthetic.phantom import write_phantom_files
 
 ROOT = Path(__file__).resolve().parents[2]
 PHANTOMS = ["phantom_000", "phantom_001"]
@@ -102,7 +102,7 @@ def _tree(path: Path) -> dict[str, tuple[int, int]]:
     (True, "no registered model 'octseg-unet'"),  # a database without the model
 ])
 def test_segment_without_a_registered_model_fails_cleanly(ingested, tmp_path: Path, make_db: bool, phrase: str) -> None:
-    from octseg.tasks.tracking import ensure_experiment
+    from octseg.tasks.tracking.uri import ensure_experiment
 
     archive = ingested["archive"]
     db = tmp_path / "empty.db"

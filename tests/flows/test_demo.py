@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 from octseg.flows.demo import HELDOUT, run_demo
-from octseg.tasks.archive import open_archive
+from octseg.tasks.archive.store import open_archive
 
 
 def test_demo_runs_and_a_second_run_skips_everything(tmp_path):

@@ -15,8 +15,8 @@ from octseg.flows.preprocess import preprocess_archive
 from octseg.flows.runs import summary_of
 from octseg.flows.segment import segment_archive
 from octseg.flows.train import train_unet
-from octseg.tasks.archive import open_archive
-from octseg.tasks.phantom import write_phantom_files
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.synthetic.phantom import write_phantom_files
 
 SHAPE = dict(n_bscans=4, height=64, width=96)
 
@@ -173,7 +173,7 @@ def external_scheduler(tmp_path):
 def test_segment_labels_are_identical_in_process_on_a_local_cluster_and_an_external_scheduler(work, external_scheduler):
     """Volumes as Dask tasks: the flow's own process, a 2-worker LocalCluster and a separate scheduler whose
     worker declares GPU=1 (so each volume asks for it) write byte-identical labels; Prefect shows each volume."""
-    from octseg.tasks.cluster import close_clients
+    from octseg.tasks.runtime.cluster import close_clients
 
     labels = {}
     for mode, extra in {"in-process": {"n_workers": 0}, "local-cluster": {"n_workers": 2},
@@ -221,7 +221,7 @@ def test_pipeline_rerun_over_a_finished_archive_does_nothing(work):
 
 
 def test_preprocess_goes_on_past_a_broken_volume(tmp_path):
-    from octseg.tasks.phantom import make_phantom_volume
+    from octseg.tasks.synthetic.phantom import make_phantom_volume
 
     archive = open_archive(tmp_path / "a.zarr")
     for vid in ("good", "broken"):
@@ -248,8 +248,8 @@ def test_evaluate_scores_the_champion_on_annotated_bscans_and_reports(work):
 
     from octseg.flows.config import EvaluateConfig
     from octseg.flows.evaluate import evaluate_model
-    from octseg.tasks.dataset import normalized_bscans
-    from octseg.tasks.registry import load_unet, resolve_model
+    from octseg.tasks.preprocess.normalized import normalized_bscans
+    from octseg.tasks.tracking.models import load_unet, resolve_model
     from octseg.unet.config import InferenceConfig
     from octseg.unet.inference import segment_volume
     from octseg.unet.metrics import dice_per_class
@@ -290,7 +290,7 @@ def test_champion_is_chosen_on_the_fixed_evaluation_set(tmp_path):
     champion's score cached on its version), and the alias moves only on a better score."""
     from mlflow import MlflowClient
 
-    from octseg.tasks.registry import resolve_model
+    from octseg.tasks.tracking.models import resolve_model
 
     sources = write_phantom_files(tmp_path / "scans", n_volumes=3, fmt="tiff", seed=5, **SHAPE)
     archive_path = tmp_path / "a.zarr"
@@ -323,7 +323,7 @@ def test_ingest_on_an_external_dask_scheduler_equals_ingest_in_threads(tmp_path,
     archive is the one the flow's own threads write; a bad file still fails alone, named."""
     from octseg.flows.config import IngestConfig
     from octseg.flows.ingest import ingest_volumes
-    from octseg.tasks.cluster import close_clients
+    from octseg.tasks.runtime.cluster import close_clients
 
     scans = tmp_path / "scans"
     files = write_phantom_files(scans, n_volumes=2, n_bscans=3, height=48, width=64)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from octseg.tasks.archive import open_archive
+from octseg.tasks.archive.store import open_archive
 from tests.flows.cli_runner import invoke as _invoke
 
 

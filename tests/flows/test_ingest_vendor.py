@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from octseg.tasks.archive import open_archive
+from octseg.tasks.archive.store import open_archive
 from tests.flows.cli_runner import invoke as _invoke
-from tests.tasks import vendor_files as vf
+from tests.tasks.readers import vendor_files as vf
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 HEIDELBERG, EYEPY = DATA / "heidelberg_vol", DATA / "heyex_eyepy_tests"

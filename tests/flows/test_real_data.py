@@ -24,7 +24,7 @@ from octseg.flows.ingest import ingest_volumes
 from octseg.flows.preprocess import preprocess_archive
 from octseg.flows.segment import segment_archive
 from octseg.flows.train import train_unet
-from octseg.tasks.archive import open_archive
+from octseg.tasks.archive.store import open_archive
 
 SUBJECT = "duke_dme_subject01_volume"  # volume id = folder name
 FLUID = "images"  # duke_dme_fluid/images: the folder name is the volume id

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from octseg.tasks.phantom import write_phantom_files
+from octseg.tasks.synthetic.phantom import write_phantom_files
 
 TRAIN = ["--base-channels", "8", "--depth", "2", "--epochs", "5", "--tiles-per-epoch", "48", "--batch-size", "4",
          "--optimizer", "adam", "--lr", "0.001", "--max-tile", "64", "--device", "cpu"]
@@ -28,7 +28,7 @@ def _train(archive: Path, db: Path, cwd: Path) -> subprocess.Popen:
 
 
 def _weights(db: Path) -> dict[str, torch.Tensor]:
-    from octseg.tasks.registry import load_unet, resolve_model
+    from octseg.tasks.tracking.models import load_unet, resolve_model
 
     uri = f"sqlite:///{db}"
     return load_unet(resolve_model("models:/octseg-unet@champion", uri), uri).state_dict()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from octseg.tasks.archive import open_archive
+from octseg.tasks.archive.store import open_archive
 
 VOLUMES = [f"vol_{i}" for i in range(3)]
 
@@ -25,8 +25,8 @@ def setup(tmp_path_factory) -> dict:
     """An archive of 3 volumes (64 B-scans of 256 x 384) and a registered model in a SQLite MLflow."""
     import mlflow
 
-    from octseg.tasks.registry import log_unet
-    from octseg.tasks.tracking import ensure_experiment, using_tracking_uri
+    from octseg.tasks.tracking.models import log_unet
+    from octseg.tasks.tracking.uri import ensure_experiment, using_tracking_uri
     from octseg.unet.model import UNet
 
     root = tmp_path_factory.mktemp("crash")

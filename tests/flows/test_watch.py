@@ -13,9 +13,9 @@ import pytest
 from octseg.flows.config import WatchConfig
 from octseg.flows.runs import summary_of
 from octseg.flows.watch import watch_inbox
-from octseg.tasks.archive import open_archive
-from octseg.tasks.inbox import scan_inbox
-from octseg.tasks.phantom import write_phantom_files
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.ingest.inbox import scan_inbox
+from octseg.tasks.synthetic.phantom import write_phantom_files
 
 
 def _age(path: Path, seconds: float) -> None:
@@ -30,8 +30,8 @@ def champion(tmp_path_factory) -> str:
     import torch
     from mlflow.tracking import MlflowClient
 
-    from octseg.tasks.registry import log_unet
-    from octseg.tasks.tracking import ensure_experiment, using_tracking_uri
+    from octseg.tasks.tracking.models import log_unet
+    from octseg.tasks.tracking.uri import ensure_experiment, using_tracking_uri
     from octseg.unet.model import UNet
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"

@@ -116,7 +116,7 @@ def _age(path: Path) -> None:
 
 
 def test_drop_folder_deployment_on_real_servers(stack: Stack) -> None:
-    from octseg.tasks.phantom import write_phantom_files
+    from octseg.tasks.synthetic.phantom import write_phantom_files
 
     root = stack.root
     prefect_port, mlflow_port, dask_port = _free_port(), _free_port(), _free_port()
@@ -168,8 +168,8 @@ def test_drop_folder_deployment_on_real_servers(stack: Stack) -> None:
     from distributed import Client
     from mlflow.tracking import MlflowClient
 
-    from octseg.tasks.archive import open_archive
-    from octseg.tasks.segment import PROGRESS_TOPIC
+    from octseg.tasks.archive.store import open_archive
+    from octseg.tasks.segmentation.segment import PROGRESS_TOPIC
 
     arc = open_archive(archive, create=False)
     new = [v for v in arc.volume_ids() if v.startswith("scan")]

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from octseg.tasks.phantom import make_phantom_volume
+from octseg.tasks.synthetic.phantom import make_phantom_volume
 from octseg.unet.bscans import BScanSet
 from octseg.unet.config import TrainConfig
 from octseg.unet.model import UNet

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from octseg.tasks.phantom import make_phantom_volume
+from octseg.tasks.synthetic.phantom import make_phantom_volume
 from octseg.unet import UNet, border_weight_map
 from octseg.unet.config import InferenceConfig, TrainConfig, UNetConfig
 from octseg.unet.data import BScanSet, TileDataset

@@ -1,0 +1,191 @@
+"""Ingest one scan source (file or folder of B-scans) into the archive as one volume.
+
+:func:`ingest_source` does the work and raises for bad input (:class:`~octseg.tasks.readers.base.ReadError` or ValueError,
+naming the file), so its Prefect task run ends Failed while the flow goes on with the
+other files. A source the archive already holds is skipped without decoding unless
+new masks are given for it; an existing volume is never overwritten by a different file that maps
+to the same volume id (see :func:`ingest_source`). :func:`ingest_source_task` is the thin Prefect
+wrapper; it retries transient I/O errors (:mod:`octseg.tasks.runtime.retry`). The rules for a volume
+the archive already holds are :mod:`octseg.tasks.ingest.rules`.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import get_run_logger, task
+
+from octseg.tasks.archive.claims import claim_volume
+from octseg.tasks.archive.classes import DEFAULT_CLASS_NAMES
+from octseg.tasks.archive.layout import volume_id_from_path
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.ingest.identifiers import content_volume_id, has_identifier, redact
+from octseg.tasks.ingest.masks import read_masks
+from octseg.tasks.ingest.rules import existing_volume, labels_sha256, path_digest, reader_settings, unchanged
+from octseg.tasks.readers.base import ScanVolume
+from octseg.tasks.readers.limits import DEFAULT_MAX_VOXELS
+from octseg.tasks.readers.registry import SHA256_LATER, read_volume, source_sha256
+from octseg.tasks.readers.sources import shown, source_problem
+from octseg.tasks.runtime.retry import TRANSIENT_IO_RETRIES
+
+__all__ = ["IngestResult", "ingest_source", "ingest_source_task", "is_up_to_date", "reader_options"]
+
+LOGGER = logging.getLogger(__name__)
+CLAIM_WAIT_SECONDS = 600.0  # how long an ingest waits for another run writing the same volume id
+
+
+@dataclass
+class IngestResult:
+    """What happened to one source."""
+
+    source: str
+    volume_id: str | None
+    status: Literal["written", "skipped"]
+    n_bscans: int = 0
+    annotated: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the reader repaired or dropped
+
+
+def reader_options(grader: int = 1, keep_identifiers: bool = False) -> dict[str, Any]:
+    """The one mapping of reader options ingest passes on, built from its settings: each reader takes
+    the keys it knows (Duke's ``grader``); ``keep_identifiers`` is ingest's own."""
+    return {"grader": grader, "keep_identifiers": keep_identifiers}
+
+
+def is_up_to_date(source: str | Path, archive, labels_dir: str | Path | None = None, grader: int = 1,
+                  keep_identifiers: bool = False) -> bool:
+    """True when ``archive`` holds ``source`` (same bytes, under the id its name gives) and ingest would skip it."""
+    src = Path(source)
+    volume_id = volume_id_from_path(src)
+    if not archive.has_volume(volume_id):
+        return False
+    return unchanged(archive.volume_meta(volume_id), source_sha256(src), labels_sha256(labels_dir, src),
+                     reader_options(grader, keep_identifiers))
+
+
+def _skipped(archive, volume_id: str, src: Path) -> IngestResult:
+    manual = archive.manual_labels(volume_id)
+    return IngestResult(str(src), volume_id, "skipped", archive.image(volume_id).shape[0], manual[1] if manual else [])
+
+
+def ingest_source(source: str | Path, archive_path: str | Path, labels_dir: str | Path | None = None, *,
+                  keep_identifiers: bool = False, grader: int = 1,
+                  max_voxels: int | None = DEFAULT_MAX_VOXELS) -> IngestResult:
+    """Read ``source`` (and its masks under ``labels_dir``) and write it as one archive volume.
+
+    When the archive already holds the volume id (``status`` in brackets):
+
+    * same source bytes (SHA-256), wherever the file now lies: kept as it is ("skipped") when no
+      ``labels_dir`` is given, when ``labels_dir`` holds no masks for the source, or when its
+      masks have the stored fingerprint; the manual labels, derived arrays and prediction stay.
+      Masks that are new or changed re-write the volume ("written"). Masks are never dropped from
+      unchanged bytes: to remove them, remove the volume.
+    * different bytes from the same path (the resolved ``source`` in the provenance): the file was
+      updated, so the volume is re-written ("written") with the masks under ``labels_dir``, if any;
+      the old labels and derived arrays no longer fit the image and go (a warning is logged).
+    * different bytes from a different path (e.g. ``scan 1.tif`` and ``scan_1.tif``, both id
+      ``scan_1``): "failed", naming both files; the stored volume is left alone. Two runs ingesting
+      such files at the same moment behave the same: the volume id is claimed (waiting for the
+      other run) before the check, so the second fails naming both files.
+
+    Patient identifiers found in a vendor header are not written unless ``keep_identifiers``: a file
+    whose name contains them gets the volume id ``<reader>-<sha256[:12]>``, and the stored source
+    path has them redacted (see :mod:`octseg.tasks.ingest.identifiers`). Masks under ``labels_dir`` take
+    precedence over the ground truth a file carries (Duke ``.mat``: grader ``grader``'s fluid).
+    Volumes larger than ``max_voxels`` are refused from their headers.
+
+    Raises :class:`~octseg.tasks.readers.base.ReadError` (bad file) or ValueError (id clash), both naming the file.
+    """
+    src = Path(source)
+    problem = source_problem(src)
+    if problem:
+        raise ValueError(problem)
+    options = reader_options(grader, keep_identifiers)
+    with ThreadPoolExecutor(1, thread_name_prefix="octseg-sha256") as hasher:
+        hashing = hasher.submit(source_sha256, src)  # meanwhile the file is decoded and written
+        labels_fp = labels_sha256(labels_dir, src)
+        archive = open_archive(archive_path)
+        path_id = volume_id_from_path(src)
+        if archive.has_volume(path_id) and unchanged(archive.volume_meta(path_id), hashing.result(), labels_fp,
+                                                     options):
+            return _skipped(archive, path_id, src)  # unchanged: not decoded again
+        volume = read_volume(src, sha256=SHA256_LATER, max_voxels=max_voxels, options=options)
+        return _write(archive, src, volume, hashing, labels_dir, labels_fp, options)
+
+
+def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_dir: str | Path | None,
+           labels_fp: str | None, options: Mapping[str, Any]) -> IngestResult:
+    """The write half of :func:`ingest_source`: the volume id, the check against a stored volume, the write.
+    ``hashing`` gives the source's SHA-256; it is waited for only where a decision needs it, else the hash
+    is computed while the pixels are written."""
+    keep_identifiers = bool(options.get("keep_identifiers", False))
+    private = bool(volume.identifiers) and not keep_identifiers
+    named = private and has_identifier(src.name, volume.identifiers)
+    volume_id = content_volume_id(volume.reader, hashing.result()) if named else volume_id_from_path(src)
+    hide = (lambda text: redact(text, volume.identifiers)) if private else (lambda text: text)
+    with claim_volume(archive.path, volume_id, wait=CLAIM_WAIT_SECONDS, doing="ingesting"):
+        if archive.has_volume(volume_id):
+            meta = archive.volume_meta(volume_id)
+            action, error = existing_volume(meta, volume_id, src, hashing.result(), labels_fp, options)
+            if action == "skip":
+                return _skipped(archive, volume_id, src)
+            if action == "fail":
+                raise ValueError(error)
+            if labels_fp is None and meta.get("labels_sha256") is not None and volume.manual_labels is None:
+                LOGGER.warning("%s changed: re-writing volume %r drops its manual labels (no masks given)",
+                               shown(src), volume_id)
+        masks = read_masks(labels_dir, volume) if labels_dir is not None else None
+        if masks is None and volume.manual_labels is not None:
+            masks = (volume.manual_labels, volume.annotated)
+        labels, annotated = masks if masks is not None else (None, [])
+        provenance = {**volume.meta, "source": hide(str(src.resolve())), "reader": volume.reader,
+                      "labels_dir": hide(str(Path(labels_dir).resolve())) if labels_fp is not None else None,
+                      "labels_sha256": labels_fp, "n_bscans": int(volume.image.shape[0]),
+                      "warnings": [hide(w) for w in volume.warnings],
+                      "has_identifiers": bool(volume.identifiers), "identifiers_kept": bool(keep_identifiers)}
+        provenance.update(reader_settings(volume.reader, options))  # e.g. Duke's grader
+        if keep_identifiers and volume.identifiers:
+            provenance["identifiers"] = dict(volume.identifiers)
+
+        def hashed() -> dict[str, str]:  # once the pixels are written
+            volume.sha256 = hashing.result()
+            return {"source_sha256": volume.sha256, "source_path_digest": path_digest(src, volume.sha256[:16])}
+
+        binary = labels is not None and labels.max() <= 1
+        archive.write_volume(volume_id, volume.image, scale_um=volume.scale_um, provenance=provenance,
+                             provenance_later=hashed, manual_labels=labels,
+                             annotated=annotated if masks is not None else None,
+                             class_names=dict(DEFAULT_CLASS_NAMES) if binary else None,
+                             boundaries=volume.layers or None, boundaries_source=volume.layers_source,
+                             fundus=volume.fundus, fundus_scale_um=volume.fundus_scale_um)
+    return IngestResult(str(src), volume_id, "written", volume.image.shape[0], list(annotated), list(volume.warnings))
+
+
+@task(name="ingest-source", task_run_name="ingest-{source}", **TRANSIENT_IO_RETRIES)
+def ingest_source_task(source: str, archive_path: str, labels_dir: str | None = None, keep_identifiers: bool = False,
+                       grader: int = 1, max_voxels: int | None = DEFAULT_MAX_VOXELS,
+                       scheduler_address: str | None = None) -> IngestResult:
+    """Prefect wrapper of :func:`ingest_source`; a bad file fails this task run with its error.
+
+    With ``scheduler_address`` the file is read and written by a worker of that Dask cluster (which
+    must see the same paths); this task run waits for it."""
+    kwargs = dict(keep_identifiers=keep_identifiers, grader=grader, max_voxels=max_voxels)
+    if scheduler_address:
+        from octseg.tasks.runtime.cluster import client_for
+
+        future = client_for(scheduler_address).submit(ingest_source, source, archive_path, labels_dir, **kwargs,
+                                                      pure=False, key=f"ingest-{uuid.uuid4().hex}")
+        result = future.result()
+    else:
+        result = ingest_source(source, archive_path, labels_dir, **kwargs)
+    logger = get_run_logger()
+    logger.info("%s -> %s: %s (%d B-scans, %d annotated)", shown(source), result.volume_id, result.status,
+                result.n_bscans, len(result.annotated))
+    for warning in result.warnings:
+        logger.warning("%s: %s", shown(source), warning)
+    return result

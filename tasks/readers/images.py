@@ -1,0 +1,279 @@
+"""Plain image files and folders of them: TIFF stacks, PNG/JPEG B-scans, ``.npy`` arrays, folders of 2-D B-scans.
+
+Every reader gives ``(Z, Y, X)`` = (B-scan, depth, A-scan); a 2-D file is one B-scan (Z = 1). Grey
+levels keep uint8/uint16; other integer and float types become float32. RGB(A) images with equal
+channels become one channel; true colour becomes luminance (ITU-R 601) in the same dtype. A folder's
+B-scans are its files that a B-scan reader (:class:`~octseg.tasks.readers.base.BScanReader`) takes, in
+natural order. Masks are read by :func:`read_pixels` with the same refusals.
+"""
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+
+from octseg.tasks.readers.base import (
+    BScanReader,
+    FileReader,
+    Limits,
+    ReadError,
+    Scale,
+    ScanVolume,
+    VoxelLimitError,
+    check_file,
+    check_voxels,
+    listed_suffixes,
+    matches_suffix,
+    to_volume_dtype,
+)
+from octseg.tasks.readers.limits import DEFAULT_MAX_VOXELS
+from octseg.tasks.readers.sources import natural_key, shown
+
+__all__ = ["IMAGE", "NPY", "PIXEL_READERS", "TIFF", "BScanFolderReader", "BScanImageReader", "PixelReader", "bscan_files", "read_pixels"]
+
+_LUMA = np.array([0.299, 0.587, 0.114])
+_UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}
+
+
+def _tiff_scale(tif: tifffile.TiffFile, warnings: list[str]) -> Scale | None:
+    """(z, y, x) voxel size in micrometres from OME-XML PhysicalSize*, when all three are given and valid.
+
+    An invalid size (not a number, zero, negative, unknown unit) or unreadable OME-XML costs only the
+    scale: the pixels are still read, and ``warnings`` says why the scale was dropped.
+    """
+    if not tif.is_ome or not tif.ome_metadata:
+        return None
+    try:
+        pixels = next((e for e in ET.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Pixels")), None)
+    except ET.ParseError as e:
+        warnings.append(f"OME-XML unreadable ({e}): ingested without a voxel size")
+        return None
+    if pixels is None:
+        return None
+    sizes = []
+    for axis in "ZYX":
+        value, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit", "µm")
+        if value is None:
+            return None
+        try:
+            size = float(value) * _UM[unit]
+        except (KeyError, ValueError):
+            size = math.nan
+        if not (math.isfinite(size) and size > 0):
+            warnings.append(f"OME PhysicalSize{axis}={value!r} {unit} is not a positive size: "
+                            f"ingested without a voxel size")
+            return None
+        sizes.append(size)
+    return (sizes[0], sizes[1], sizes[2])
+
+
+def _read_tiff(path: Path, max_voxels: int | None, warnings: list[str]) -> tuple[np.ndarray, bool, Scale | None]:
+    """TIFF pixels, whether the last axis is colour samples, and the OME scale.
+
+    Only interleaved samples (``...YXS``, what every RGB image writer makes) are colour. Planar
+    samples (``SYX``) are what ``tifffile.imwrite`` makes of a 3- or 4-B-scan stack: B-scans. The
+    size is checked from the header (series shape) before any pixel is decoded.
+    """
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            check_voxels(path, series.shape, max_voxels)
+            arr, axes = series.asarray(), series.axes
+            return arr, axes.endswith("S"), _tiff_scale(tif, warnings)
+    except ReadError:
+        raise
+    except tifffile.TiffFileError as e:
+        if "not a TIFF file" in str(e):
+            raise ReadError(path, f"not a TIFF image ({e})") from e
+        raise ReadError(path, f"truncated or corrupt TIFF ({e})") from e
+    except (OSError, ValueError, IndexError, ET.ParseError) as e:
+        raise ReadError(path, f"truncated or corrupt TIFF ({type(e).__name__}: {e})") from e
+
+
+def _read_pil(path: Path, keep_palette: bool, max_voxels: int | None) -> tuple[np.ndarray, bool]:
+    """PNG/JPEG pixels and whether the last axis is colour channels (palette kept for masks); the size
+    is checked from the header before decoding."""
+    try:
+        with Image.open(path) as img:
+            check_voxels(path, (img.height, img.width, len(img.getbands())), max_voxels)
+            img.load()
+            if img.mode == "P" and not keep_palette:
+                img = img.convert("RGBA")
+            elif img.mode in ("LA", "PA"):
+                img = img.getchannel(0)
+            arr = np.asarray(img)
+    except ReadError:
+        raise  # the voxel limit, said as it is (a ReadError is a ValueError too)
+    except UnidentifiedImageError as e:
+        raise ReadError(path, "not an image (PIL cannot identify the file format)") from e
+    except Image.DecompressionBombError as e:
+        raise ReadError(path, f"refused as a decompression bomb ({e})") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ReadError(path, f"truncated or corrupt image ({type(e).__name__}: {e})") from e
+    return arr, arr.ndim == 3
+
+
+def _read_npy(path: Path, max_voxels: int | None) -> np.ndarray:
+    """A ``.npy`` array, never unpickled; its size checked from the header first."""
+    with path.open("rb") as fh:
+        if fh.read(6) != b"\x93NUMPY":
+            raise ReadError(path, "not a NumPy .npy file (bad magic bytes)")
+        fh.seek(0)
+        try:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(fh)
+        except (ValueError, SyntaxError, EOFError, OSError) as e:
+            raise ReadError(path, f"corrupt .npy header ({e})") from e
+    if dtype.hasobject:
+        raise ReadError(path, f"object arrays ({dtype}) are refused: reading them would unpickle code")
+    check_voxels(path, shape, max_voxels)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ReadError(path, f"truncated or corrupt .npy ({e})") from e
+
+
+def _to_gray(arr: np.ndarray, colour: bool) -> np.ndarray:
+    """Drop the colour axis: equal channels -> one, else luminance in the same dtype."""
+    if not colour:
+        return arr
+    rgb = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., :1]
+    if all(np.array_equal(rgb[..., 0], rgb[..., c]) for c in range(1, rgb.shape[-1])):
+        return rgb[..., 0]
+    luma = rgb @ _LUMA
+    if arr.dtype.kind in "iu":
+        info = np.iinfo(arr.dtype)
+        return np.clip(np.rint(luma), info.min, info.max).astype(arr.dtype)
+    return luma.astype(arr.dtype)
+
+
+class PixelReader(FileReader):
+    """A plain image file read by its suffix: a volume (3-D) or one B-scan (2-D), in grey levels."""
+
+    vendor = False
+
+    def pixels(self, path: Path, keep_palette: bool, max_voxels: int | None,
+               warnings: list[str]) -> tuple[np.ndarray, bool, Scale | None]:
+        """(pixels as stored, whether the last axis is colour, the voxel size if the file gives one)."""
+        raise NotImplementedError
+
+    def grey(self, path: Path, ndims: tuple[int, ...], max_voxels: int | None,
+             warnings: list[str]) -> tuple[np.ndarray, Scale | None]:
+        """The file as grey levels with ``ndim`` in ``ndims`` (2 = a B-scan, 3 = a stack), and its voxel size."""
+        check_file(path)
+        arr, colour, scale = self.pixels(path, False, max_voxels, warnings)
+        if arr.ndim > 4:
+            raise ReadError(path, f"wrong number of dimensions: expected 2-D or 3-D grey image, got shape {arr.shape}")
+        gray = to_volume_dtype(_to_gray(arr, colour), path, warnings)
+        if 0 in gray.shape:
+            raise ReadError(path, f"empty image of shape {arr.shape}")
+        if gray.ndim not in ndims:
+            want = " or ".join(f"{n}-D" for n in ndims)
+            raise ReadError(path, f"wrong number of dimensions: expected {want} grey image, got shape {arr.shape}")
+        return gray, scale
+
+    def read(self, path: Path, limits: Limits, options: Mapping[str, Any]) -> ScanVolume:
+        warnings: list[str] = []
+        image, scale = self.grey(path, (2, 3), limits.max_voxels, warnings)
+        image = image[np.newaxis] if image.ndim == 2 else image
+        return ScanVolume(image, scale, self.name, path, "", [path], warnings=warnings)
+
+
+class BScanImageReader(PixelReader):
+    """A plain image format whose 2-D files may also be the B-scans of a folder."""
+
+    def read_bscan(self, path: Path, max_voxels: int | None, warnings: list[str]) -> np.ndarray:
+        """One 2-D B-scan of a folder, in grey levels."""
+        return self.grey(path, (2,), max_voxels, warnings)[0]
+
+
+class TiffReader(BScanImageReader):
+    name, label = "tiff", "TIFF stacks"
+    suffixes = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
+
+    def pixels(self, path, keep_palette, max_voxels, warnings):
+        return _read_tiff(path, max_voxels, warnings)
+
+
+class NpyReader(PixelReader):
+    name, label, suffixes = "npy", ".npy files", (".npy",)
+
+    def pixels(self, path, keep_palette, max_voxels, warnings):
+        return _read_npy(path, max_voxels), False, None
+
+
+class PilReader(BScanImageReader):
+    name, label, suffixes = "image", "2-D images", (".png", ".jpg", ".jpeg")
+
+    def pixels(self, path, keep_palette, max_voxels, warnings):
+        return (*_read_pil(path, keep_palette, max_voxels), None)
+
+
+TIFF, NPY, IMAGE = TiffReader(), NpyReader(), PilReader()
+PIXEL_READERS: tuple[PixelReader, ...] = (TIFF, NPY, IMAGE)  # what masks may be
+
+
+def read_pixels(path: Path, keep_palette: bool = False, max_voxels: int | None = DEFAULT_MAX_VOXELS,
+                warnings: list[str] | None = None) -> tuple[np.ndarray, bool]:
+    """Pixels of a plain image file as stored, and whether the last axis is colour (a mask keeps its
+    palette with ``keep_palette``). The caller checks first that a :data:`PIXEL_READERS` reader takes it."""
+    reader = next(r for r in PIXEL_READERS if matches_suffix(r, path))
+    check_file(path)
+    arr, colour, _ = reader.pixels(path, keep_palette, max_voxels, [] if warnings is None else warnings)
+    return arr, colour
+
+
+def bscan_files(folder: Path, readers: Sequence[BScanReader]) -> list[Path]:
+    """The files of ``folder`` that one of ``readers`` takes (no hidden ones), in natural order."""
+    files = [f for f in folder.iterdir()
+             if f.is_file() and not f.name.startswith(".") and any(matches_suffix(r, f) for r in readers)]
+    return sorted(files, key=lambda f: natural_key(f.name))
+
+
+class BScanFolderReader(FileReader):
+    """Any folder: one volume whose B-scans are its 2-D image files (one file = one B-scan), natural order.
+
+    ``bscan_readers()`` gives the readers a folder's files may be read by (the registry's B-scan readers);
+    all B-scans must have one shape and dtype, and their voxels together stay under the limit.
+    """
+
+    name, label, vendor = "folder", "folders of 2-D B-scans (one folder = one volume)", False
+
+    def __init__(self, bscan_readers: Callable[[], Sequence[BScanReader]]) -> None:
+        self.bscan_readers = bscan_readers
+
+    def sniff(self, path: Path) -> bool:
+        return path.is_dir()
+
+    def fingerprint_files(self, path: Path) -> list[Path]:
+        return bscan_files(path, self.bscan_readers())
+
+    def read(self, path: Path, limits: Limits, options: Mapping[str, Any]) -> ScanVolume:
+        readers = self.bscan_readers()
+        files = bscan_files(path, readers)
+        if not files:
+            raise ReadError(path, f"empty folder: no B-scan files ({', '.join(listed_suffixes(readers))})")
+        bscans, warnings, total, max_voxels = [], [], 0, limits.max_voxels
+        for f in files:
+            left = None if max_voxels is None else max_voxels - total
+            reader = next(r for r in readers if matches_suffix(r, f))
+            try:
+                bscan = reader.read_bscan(f, left, warnings)
+            except VoxelLimitError as e:
+                if left is not None:
+                    raise ReadError(path, f"its B-scans exceed the limit of {max_voxels:,} voxels at "
+                                          f"{shown(f.name)} (raise it with --max-voxels if the scan is genuine)") from e
+                raise
+            total += bscan.size
+            if bscans and (bscan.shape, bscan.dtype) != (bscans[0].shape, bscans[0].dtype):
+                raise ReadError(f, f"B-scan {bscan.shape} {bscan.dtype} differs from {files[0].name} "
+                                   f"({bscans[0].shape} {bscans[0].dtype}) in the same folder")
+            bscans.append(bscan)
+        return ScanVolume(np.stack(bscans), None, self.name, path, "", files, warnings=sorted(set(warnings)))
