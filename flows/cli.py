@@ -167,7 +167,7 @@ def _command(cls: type, selectors: list) -> Any:
     return config_command(app, cls, selectors, before=_quiet)
 
 
-@_command(IngestConfig, ["*"])
+@_command(IngestConfig, ["*", "reader_options.*"])
 def ingest(cfg: IngestConfig, verbose: bool) -> None:
     """Read OCT files into the archive: one volume per file (or per folder of B-scans).
 
@@ -315,7 +315,7 @@ def pipeline(cfg: PipelineConfig, verbose: bool) -> None:
     _report(_run(run_pipeline, cfg, verbose))
 
 
-@_command(WatchConfig, ["*", "inference.device"])
+@_command(WatchConfig, ["*", "reader_options.keep_identifiers", "inference.device"])
 def watch(cfg: WatchConfig, verbose: bool) -> None:
     """Ingest, preprocess and segment the files of a drop folder that the archive does not hold yet.
 

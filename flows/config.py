@@ -23,6 +23,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from octseg.tasks.readers.limits import DEFAULT_MAX_VOXELS
+from octseg.tasks.readers.registry import format_summary, reader_options_model
 from octseg.unet.config import Cli, InferenceConfig, TrainConfig, UNetConfig, WeightMapConfig
 
 __all__ = [
@@ -72,6 +73,9 @@ KeepIdentifiers = Annotated[bool, Cli("--keep-identifiers/--no-keep-identifiers"
     "Write the patient identifiers of vendor headers (names, ids, birth dates, free text) into the archive and name "
     "volumes after their files. Default: they stay out, and a file named after its patient gets an id from its "
     "content."))]
+ReaderOptions = reader_options_model(keep_identifiers=(KeepIdentifiers, False))
+"""The reader options, one typed mapping: ``keep_identifiers`` and the options the readers declare
+(:func:`octseg.tasks.readers.registry.reader_options_model`; Duke's ``grader``)."""
 MaxVoxels = Annotated[int | None, Field(ge=1, strict=True, description=(
     "Refuse a volume larger than this many voxels, from its header (before decoding)."))]
 ModelURI = Annotated[str, Cli("--model"),
@@ -86,15 +90,10 @@ class IngestConfig(_Config):
     """Files -> archive. A folder of 2-D images is one volume; every other file is one volume."""
 
     sources: Annotated[tuple[Path, ...], Cli(argument=True, metavar="SOURCE", show_default=False)] = Field(
-        min_length=1, description=(
-            "TIFF stacks, .npy files, 2-D images, folders of 2-D B-scans (one folder = one volume), or vendor "
-            "exports: Heidelberg .vol/.e2e/HEYEX .xml, DICOM, Duke .mat; Topcon .fds/.fda, Zeiss .img and "
-            "Bioptigen .oct with the 'vendor' extra."))
+        min_length=1, description=format_summary())
     archive: Archive
     labels: Labels = None
-    keep_identifiers: KeepIdentifiers = False
-    grader: int = Field(default=1, ge=1, le=2, strict=True,
-                        description="Whose manual fluid labels a Duke .mat gives: 1 or 2.")
+    reader_options: ReaderOptions = ReaderOptions()  # keep_identifiers, and what each reader declares (grader)
     max_voxels: MaxVoxels = DEFAULT_MAX_VOXELS
     dask_address: Annotated[str | None, Cli(show_default=False)] = Field(
         default_factory=dask_address_from_env, description=(
@@ -228,7 +227,7 @@ class WatchConfig(_Config):
     dask_address: DaskAddress
     n_workers: Annotated[int | None, Cli("--workers")] = Field(default=None, ge=0, strict=True, description=(
         "Segment's LocalCluster workers (0: in this process)."))
-    keep_identifiers: KeepIdentifiers = False
+    reader_options: ReaderOptions = ReaderOptions()  # as IngestConfig
     max_voxels: MaxVoxels = DEFAULT_MAX_VOXELS
     inference: InferenceConfig = InferenceConfig()
     weights: WeightMapConfig = WeightMapConfig()

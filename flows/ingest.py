@@ -31,8 +31,8 @@ def ingest_volumes(config: IngestConfig) -> State:
     todo = [str(s) for s in sources if s not in duplicates]
     labels = str(config.labels) if config.labels else None
     futures = ingest_source_task.map(todo, archive_path=unmapped(str(config.archive)), labels_dir=unmapped(labels),
-                                     keep_identifiers=unmapped(config.keep_identifiers),
-                                     grader=unmapped(config.grader), max_voxels=unmapped(config.max_voxels),
+                                     options=unmapped(config.reader_options.model_dump()),
+                                     max_voxels=unmapped(config.max_voxels),
                                      scheduler_address=unmapped(config.dask_address))
     results, failures = collect(futures, todo, "ingest files")
     summary = IngestSummary.from_results(str(config.archive), results, failures + list(duplicates.values()))

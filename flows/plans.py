@@ -54,7 +54,7 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     todo = []
     for src in sources:
         try:
-            done = is_up_to_date(src, archive, config.labels, config.grader, config.keep_identifiers)
+            done = is_up_to_date(src, archive, config.labels, config.reader_options.model_dump())
         except Exception:  # an unreadable file: the flow reports it
             done = False
         if done:

@@ -43,7 +43,7 @@ def watch_inbox(config: WatchConfig) -> State:
     if scan.new:
         ingest = _stage("ingest", lambda: ingest_volumes(
             IngestConfig(sources=tuple(scan.new), archive=config.archive, labels=config.labels,
-                         keep_identifiers=config.keep_identifiers, max_voxels=config.max_voxels,
+                         reader_options=config.reader_options, max_voxels=config.max_voxels,
                          dask_address=config.dask_address), return_state=True),
             summary)
         summary.ingested = list(ingest.written) if ingest else []

@@ -33,7 +33,7 @@ from octseg.tasks.readers.registry import SHA256_LATER, read_volume, source_sha2
 from octseg.tasks.readers.sources import shown, source_problem
 from octseg.tasks.runtime.retry import TRANSIENT_IO_RETRIES
 
-__all__ = ["IngestResult", "ingest_source", "ingest_source_task", "is_up_to_date", "reader_options"]
+__all__ = ["IngestResult", "ingest_source", "ingest_source_task", "is_up_to_date"]
 
 LOGGER = logging.getLogger(__name__)
 CLAIM_WAIT_SECONDS = 600.0  # how long an ingest waits for another run writing the same volume id
@@ -51,21 +51,15 @@ class IngestResult:
     warnings: list[str] = field(default_factory=list)  # what the reader repaired or dropped
 
 
-def reader_options(grader: int = 1, keep_identifiers: bool = False) -> dict[str, Any]:
-    """The one mapping of reader options ingest passes on, built from its settings: each reader takes
-    the keys it knows (Duke's ``grader``); ``keep_identifiers`` is ingest's own."""
-    return {"grader": grader, "keep_identifiers": keep_identifiers}
-
-
-def is_up_to_date(source: str | Path, archive, labels_dir: str | Path | None = None, grader: int = 1,
-                  keep_identifiers: bool = False) -> bool:
+def is_up_to_date(source: str | Path, archive, labels_dir: str | Path | None = None,
+                  options: Mapping[str, Any] | None = None) -> bool:
     """True when ``archive`` holds ``source`` (same bytes, under the id its name gives) and ingest would skip it."""
     src = Path(source)
     volume_id = volume_id_from_path(src)
     if not archive.has_volume(volume_id):
         return False
     return unchanged(archive.volume_meta(volume_id), source_sha256(src), labels_sha256(labels_dir, src),
-                     reader_options(grader, keep_identifiers))
+                     options or {})
 
 
 def _skipped(archive, volume_id: str, src: Path) -> IngestResult:
@@ -74,7 +68,7 @@ def _skipped(archive, volume_id: str, src: Path) -> IngestResult:
 
 
 def ingest_source(source: str | Path, archive_path: str | Path, labels_dir: str | Path | None = None, *,
-                  keep_identifiers: bool = False, grader: int = 1,
+                  options: Mapping[str, Any] | None = None,
                   max_voxels: int | None = DEFAULT_MAX_VOXELS) -> IngestResult:
     """Read ``source`` (and its masks under ``labels_dir``) and write it as one archive volume.
 
@@ -93,10 +87,12 @@ def ingest_source(source: str | Path, archive_path: str | Path, labels_dir: str 
       such files at the same moment behave the same: the volume id is claimed (waiting for the
       other run) before the check, so the second fails naming both files.
 
-    Patient identifiers found in a vendor header are not written unless ``keep_identifiers``: a file
+    ``options`` are the reader options (``IngestConfig.reader_options``: Duke's ``grader``, and
+    ``keep_identifiers``). Patient identifiers found in a vendor header are not written unless
+    ``keep_identifiers``: a file
     whose name contains them gets the volume id ``<reader>-<sha256[:12]>``, and the stored source
     path has them redacted (see :mod:`octseg.tasks.ingest.identifiers`). Masks under ``labels_dir`` take
-    precedence over the ground truth a file carries (Duke ``.mat``: grader ``grader``'s fluid).
+    precedence over the ground truth a file carries (Duke ``.mat``: the ``grader`` option's fluid).
     Volumes larger than ``max_voxels`` are refused from their headers.
 
     Raises :class:`~octseg.tasks.readers.base.ReadError` (bad file) or ValueError (id clash), both naming the file.
@@ -105,7 +101,7 @@ def ingest_source(source: str | Path, archive_path: str | Path, labels_dir: str 
     problem = source_problem(src)
     if problem:
         raise ValueError(problem)
-    options = reader_options(grader, keep_identifiers)
+    options = dict(options or {})
     with ThreadPoolExecutor(1, thread_name_prefix="octseg-sha256") as hasher:
         hashing = hasher.submit(source_sha256, src)  # meanwhile the file is decoded and written
         labels_fp = labels_sha256(labels_dir, src)
@@ -167,14 +163,14 @@ def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_
 
 
 @task(name="ingest-source", task_run_name="ingest-{source}", **TRANSIENT_IO_RETRIES)
-def ingest_source_task(source: str, archive_path: str, labels_dir: str | None = None, keep_identifiers: bool = False,
-                       grader: int = 1, max_voxels: int | None = DEFAULT_MAX_VOXELS,
+def ingest_source_task(source: str, archive_path: str, labels_dir: str | None = None,
+                       options: dict[str, Any] | None = None, max_voxels: int | None = DEFAULT_MAX_VOXELS,
                        scheduler_address: str | None = None) -> IngestResult:
     """Prefect wrapper of :func:`ingest_source`; a bad file fails this task run with its error.
 
     With ``scheduler_address`` the file is read and written by a worker of that Dask cluster (which
     must see the same paths); this task run waits for it."""
-    kwargs = dict(keep_identifiers=keep_identifiers, grader=grader, max_voxels=max_voxels)
+    kwargs = dict(options=options, max_voxels=max_voxels)
     if scheduler_address:
         from octseg.tasks.runtime.cluster import client_for
 

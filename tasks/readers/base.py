@@ -143,8 +143,10 @@ class Reader(Protocol):
     (``.ome.tif`` may sit beside ``.tif``); ``sniff(path)`` is True where the content alone identifies a
     source of this format whatever its name (DICOM's "DICM" at byte 128, a HEYEX export folder), and
     never opens anything but a regular file; ``read(path, limits, options)`` gives the volume.
-    ``options`` are the reader options of the run (Duke's ``grader``); ``option_defaults`` names those
-    this reader takes, so ingest can record and compare them. ``label`` names the format for people
+    ``options`` are the reader options of the run (Duke's ``grader``); ``option_fields`` declares those
+    this reader takes (name -> ``(type, Field(default, description=...))``: type, default, check and help
+    sentence once), from which the registry builds ``IngestConfig.reader_options`` and the
+    command its options; ``option_defaults`` are their defaults, so ingest can record and compare them. ``label`` names the format for people
     (``--help``); ``vendor`` is False for plain image formats; ``extra`` is the pip extra the reader needs.
     ``fingerprint_files(path)`` are the files whose bytes (and names, when several) identify the source.
     """
@@ -154,6 +156,7 @@ class Reader(Protocol):
     label: str
     vendor: bool
     extra: str | None
+    option_fields: Mapping[str, tuple[Any, Any]]
     option_defaults: Mapping[str, Any]
 
     def sniff(self, path: Path) -> bool: ...
@@ -180,7 +183,12 @@ class FileReader:
     label: ClassVar[str] = ""
     vendor: ClassVar[bool] = True
     extra: ClassVar[str | None] = None
-    option_defaults: ClassVar[Mapping[str, Any]] = {}
+    option_fields: ClassVar[Mapping[str, tuple[Any, Any]]] = {}  # name -> (type, pydantic Field(default, ...))
+
+    @property
+    def option_defaults(self) -> dict[str, Any]:
+        """Each option's default, from its declaration."""
+        return {name: field.default for name, (_, field) in self.option_fields.items()}
 
     def sniff(self, path: Path) -> bool:
         return False

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from octseg.tasks.readers.base import ExportReader, Limits, ReadError, ScanVolume, check_voxels, one_line
 from octseg.tasks.readers.headers import boundary_layers, floats_as_float32, new_volume
@@ -22,7 +23,8 @@ __all__ = ["MAT", "DukeMatReader"]
 
 class DukeMatReader(ExportReader):
     name, suffixes, label = "duke-mat", (".mat",), "Duke .mat"
-    option_defaults = {"grader": 1}  # whose manual labels: 1 or 2
+    option_fields = {"grader": (int, Field(1, ge=1, le=2, strict=True,
+                                           description="Whose manual fluid labels a Duke .mat gives: 1 or 2."))}
 
     def decode(self, path: Path, limits: Limits, options: Mapping[str, Any]) -> ScanVolume:
         return _read_duke_mat(path, limits.max_voxels, options.get("grader", self.option_defaults["grader"]))

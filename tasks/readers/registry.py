@@ -41,6 +41,7 @@ from octseg.tasks.readers.sources import sha256_of_files, shown
 
 __all__ = [
     "READERS", "SHA256_LATER", "bscan_readers", "format_summary", "is_volume_source", "read_volume", "reader_for",
+    "reader_options_model",
     "reader_named", "source_files", "source_sha256", "unsupported_suffix", "volume_suffixes",
 ]
 
@@ -138,6 +139,23 @@ def read_volume(path: str | Path, *, sha256: str | None = None, max_voxels: int 
     volume.sha256 = sha256 or source_sha256(p)
     check_finite(volume.image, p)
     return volume
+
+
+def reader_options_model(**common: tuple[Any, Any]) -> type:
+    """The one typed mapping of reader options (``IngestConfig.reader_options``): the ``common`` fields (e.g.
+    ingest's ``keep_identifiers``, about the identifiers every reader returns) and each reader's
+    ``option_fields``. A name declared twice, differently, is an error; built from :data:`READERS` on each call."""
+    from pydantic import ConfigDict, create_model
+
+    fields: dict[str, tuple[Any, Any]] = dict(common)
+    owner: dict[str, str] = {}
+    for reader in READERS:
+        for name, declared in reader.option_fields.items():
+            if name in fields and fields[name] != declared:
+                raise ValueError(f"reader option {name!r} is declared by {owner.get(name, 'ingest')} and, "
+                                 f"differently, by {reader.name}")
+            fields[name], owner[name] = declared, reader.name
+    return create_model("ReaderOptions", __config__=ConfigDict(frozen=True, extra="forbid"), **fields)
 
 
 def _distinct(labels: Iterable[str]) -> list[str]:

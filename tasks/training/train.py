@@ -30,14 +30,13 @@ from octseg.tasks.tracking.champion import FOREGROUND, REGISTERED, metric_of, pr
 from octseg.tasks.tracking.models import find_registered_run, log_unet
 from octseg.tasks.tracking.uri import client, ensure_experiment, using_tracking_uri
 from octseg.tasks.training.resume import save_checkpoint, unfinished_run
-from octseg.unet.config import TrainConfig, UNetConfig
+from octseg.unet.config import TrainConfig, UNetConfig, affects_result
 
 if TYPE_CHECKING:  # torch-free import: unet.data and unet.train import torch
     from octseg.unet.data import BScanSet
     from octseg.unet.train import EpochStats
 
 __all__ = [
-    "SPEED_ONLY",
     "TrainResult",
     "check_classes",
     "find_previous_training",
@@ -127,7 +126,6 @@ def _log_qc(model, data: BScanSet, prefix: str, artifact_uri: str, train_config:
     return f"{artifact_uri}/{artifact_file}"
 
 
-SPEED_ONLY = ("num_workers",)  # training settings that change how fast, not what is trained
 
 
 @dataclass
@@ -148,8 +146,9 @@ class TrainResult:
 
 def training_fingerprint(train: BScanSet, val: BScanSet | None, unet_config: UNetConfig,
                          train_config: TrainConfig, model_name: str) -> str:
-    """sha256 over the training data, both configs and the model name: equal means "already trained"."""
-    settings = {k: v for k, v in train_config.to_dict().items() if k not in SPEED_ONLY}
+    """sha256 over the training data, both configs and the model name: equal means "already trained".
+    Settings declared speed-only (:data:`octseg.unet.config.SPEED_ONLY`) are left out."""
+    settings = {k: v for k, v in train_config.to_dict().items() if affects_result(TrainConfig, k)}
     h = hashlib.sha256(json.dumps([unet_config.to_dict(), settings, model_name], sort_keys=True).encode())
     for data in (train, val):
         for arr in () if data is None else (data.images, data.labels, data.weights):

@@ -49,11 +49,11 @@ def test_another_grader_or_identifier_setting_rewrites_the_volume(tmp_path: Path
     mat = vf.write_mat5(tmp_path / "Subject_01.mat", vf.duke_arrays())
     assert ingest_source(mat, archive).annotated == [1, 2, 3]
     assert ingest_source(mat, archive).status == "skipped"
-    second = ingest_source(mat, archive, grader=2)
+    second = ingest_source(mat, archive, options={"grader": 2})
     assert second.status == "written" and second.annotated == [0, 2]
 
     dicom = vf.write_opt_dicom(tmp_path / "scan7.dcm", _volume(4))
-    assert ingest_source(dicom, archive, keep_identifiers=True).status == "written"
+    assert ingest_source(dicom, archive, options={"keep_identifiers": True}).status == "written"
     assert "identifiers" in open_archive(archive, create=False).volume_meta("scan7")
     assert ingest_source(dicom, archive).status == "written"  # identifiers written before: removed now
     assert "identifiers" not in open_archive(archive, create=False).volume_meta("scan7")
