@@ -123,6 +123,9 @@ class TrainFlowConfig(_Config):
         "Share held out for validation (whole volumes when there are several)."))
     val_volumes: Annotated[tuple[str, ...] | None, Cli("--val-volume", panel=OPTIMISATION, show_default=False)] = Field(
         None, description="Validate on this volume (repeatable; overrides --val-fraction).")
+    folds: Annotated[int | None, Cli(panel=OPTIMISATION)] = Field(None, ge=2, strict=True, description=(
+        "Cross-validate: train this many models, each with whole volumes (subjects) held out, and register "
+        "their ensemble with its out-of-fold Dice (no validation split; none: one model)."))
     evaluation_volumes: Annotated[tuple[str, ...] | None, Cli(hidden=True)] = Field(None, description=(
         "Held out of training; the champion is chosen by the pooled fluid Dice on them. None: the archive's fixed "
         "evaluation set (`octseg evaluate --fix`), if any, else the validation Dice."))
@@ -133,6 +136,13 @@ class TrainFlowConfig(_Config):
         "Train even if an identical run (same data and settings) is registered."))
     resume: Annotated[str | None, Cli(metavar="RUN_ID", show_default=False)] = Field(None, description=(
         "Continue this MLflow run from its last checkpoint (an unfinished identical run is continued without it)."))
+
+
+    @model_validator(mode="after")
+    def _folds_hold_out_their_own(self) -> TrainFlowConfig:
+        if self.folds is not None and self.val_volumes:
+            raise ValueError("with folds the held-out subjects of each fold are its test set: drop val_volumes")
+        return self
 
 
 class SegmentConfig(_Config):

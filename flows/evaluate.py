@@ -64,6 +64,9 @@ def evaluate_model(config: EvaluateConfig) -> State:
             record_eval_score(ref, fingerprint, report.score, tracking_uri, folder)
         summary.volumes = [r.volume_id for r in results]
         summary.dice = {names[c]: d for c, d in enumerate(report.scores["dice"]) if not math.isnan(d)}
+        summary.per_volume = {v: d[names[1]] for v, d in report.per_volume().items()}
+        summary.interval = tuple(report.scores["dice_interval"])
+        summary.false_alarms = (report.scores["false_alarms"], report.scores["empty_bscans"])
         summary.report = str(folder)
     logger.info(summary.headline())
     return finish(summary)

@@ -101,17 +101,25 @@ def previous_training(config: TrainFlowConfig, tracking_uri: str) -> TrainSummar
     Raises ValueError, before any run, when the selection holds no annotated B-scans.
     """
     from octseg.tasks.archive.classes import class_names_of
-    from octseg.tasks.training.dataset import load_training_data
+    from octseg.tasks.training.crossval import crossval_fingerprint
+    from octseg.tasks.training.dataset import load_training_data, load_volume_sets
     from octseg.tasks.training.train import find_previous_training, training_fingerprint
+    from octseg.unet.crossval import subject_folds
     from octseg.tasks.tracking.uri import ensure_experiment
 
     volumes, evaluation = training_volumes(config)
     if evaluation:  # the flow reuses the training and chooses the champion (cached scores): it must run
         return None
-    train, val = load_training_data(config.archive, volumes, config.val_fraction, seed=config.train.seed,
-                                    val_volumes=config.val_volumes)
-    has_val = val is not None and len(val) > 0
-    fingerprint = training_fingerprint(train, val if has_val else None, config.unet, config.train, config.model_name)
+    if config.folds:  # too many folds for the subjects is a one-line error here, before any run
+        sets = load_volume_sets(config.archive, volumes)
+        split = subject_folds(list(sets), config.folds)
+        fingerprint = crossval_fingerprint(sets, split, config.unet, config.train, config.model_name)
+    else:
+        train, val = load_training_data(config.archive, volumes, config.val_fraction, seed=config.train.seed,
+                                        val_volumes=config.val_volumes)
+        has_val = val is not None and len(val) > 0
+        fingerprint = training_fingerprint(train, val if has_val else None, config.unet, config.train,
+                                           config.model_name)
     experiment_id = ensure_experiment(tracking_uri, config.experiment)
     found = find_previous_training(fingerprint, tracking_uri, experiment_id, config.model_name,
                                    class_names_of(config.unet.out_channels))

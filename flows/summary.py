@@ -59,26 +59,37 @@ class TrainSummary:
     eval_score: float | None = None  # pooled fluid Dice on the evaluation set, when there is one
     eval_set: str | None = None  # its fingerprint
     champion_version: str | None = None  # the champion after this run
+    folds: int = 0  # a cross-validation ensemble: ``score`` is its pooled out-of-fold Dice
+    oof: dict | None = None  # its out-of-fold scores per volume, with the bootstrap interval
 
     @classmethod
     def from_result(cls, r, tracking_uri: str) -> TrainSummary:
         """From a :class:`octseg.tasks.training.train.TrainResult`."""
         return cls(run_id=r.run_id, model_name=r.model_name, model_version=r.model_version, score=r.score,
                    promoted=r.promoted, tracking_uri=tracking_uri, n_train=r.n_train, n_val=r.n_val,
-                   qc_image=r.qc_image, reused=r.reused)
+                   qc_image=r.qc_image, reused=r.reused, folds=getattr(r, "folds", 0), oof=getattr(r, "oof", None))
 
     def headline(self) -> str:
         champion = "now champion" if self.promoted else "champion unchanged"
         if not self.promoted and self.champion_version:
             champion = f"champion stays v{self.champion_version}"
-        source = "val" if self.n_val else "train"
+        source = f"out-of-fold ({self.folds} folds)" if self.folds else "val" if self.n_val else "train"
         what = "already trained as" if self.reused else "trained"
         scored = "" if self.eval_score is None else (
             f", evaluation-set fluid Dice {self.eval_score:.3f} (set {(self.eval_set or '')[:8]})")
         return (
             f"train: {what} {self.model_name} v{self.model_version} (run {self.run_id[:8]}), "
-            f"{source} fluid Dice {self.score:.3f}{scored}, {champion}; tracking at {self.tracking_uri}"
+            f"{source} fluid Dice {self.score:.3f}{self._interval()}{scored}, {champion}; tracking at "
+            f"{self.tracking_uri}"
         )
+
+    def _interval(self) -> str:
+        if not self.oof:
+            return ""
+        lo, hi = self.oof["interval"]
+        per = ", ".join(f"{v} {d:.3f}" for v, d in self.oof["per_subject"].items())
+        return (f" (95% CI over subjects {lo:.3f}-{hi:.3f}; {per}; fluid predicted in {self.oof['false_alarms']} "
+                f"of {self.oof['empty_bscans']} fluid-free B-scans)")
 
 
 @dataclass
@@ -110,11 +121,21 @@ class EvaluateSummary:
     dice: dict[str, float] = field(default_factory=dict)  # class name -> pooled Dice
     report: str | None = None  # the report's folder
     failures: list[str] = field(default_factory=list)
+    per_volume: dict[str, float] = field(default_factory=dict)  # volume -> Dice of class 1
+    interval: tuple[float, float] | None = None  # bootstrap 95% interval of the pooled class-1 Dice over volumes
+    false_alarms: tuple[int, int] | None = None  # (B-scans without class 1 where it was predicted, such B-scans)
 
     def headline(self) -> str:
         dice = ", ".join(f"{name} {d:.3f}" for name, d in self.dice.items())
+        extra = ""
+        if self.interval is not None and not any(x != x for x in self.interval):
+            extra += f" (class-1 95% CI over volumes {self.interval[0]:.3f}-{self.interval[1]:.3f})"
+        if self.per_volume:
+            extra += "; per volume " + ", ".join(f"{v} {d:.3f}" for v, d in self.per_volume.items())
+        if self.false_alarms is not None:
+            extra += f"; predicted in {self.false_alarms[0]} of {self.false_alarms[1]} B-scans without it"
         return (f"evaluate: {self.model} on {len(self.volumes)} volumes (set {self.evaluation_set[:8]}): "
-                f"pooled Dice {dice or '-'}, {len(self.failures)} failed; report in {self.report}")
+                f"pooled Dice {dice or '-'}{extra}, {len(self.failures)} failed; report in {self.report}")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from octseg.unet.config import UNetConfig
+from octseg.unet.config import PostprocessConfig, UNetConfig
 from octseg.unet.model import UNet
 
 __all__ = ["UNetEnsemble"]
@@ -30,6 +30,7 @@ class UNetEnsemble(nn.Module):
             raise ValueError(f"ensemble members must share one UNetConfig, got {len(configs)} different ones")
         self.members = nn.ModuleList(members)
         self.config: UNetConfig = members[0].config
+        self.postprocess = PostprocessConfig()  # chosen for the ensemble on out-of-fold predictions
 
     @classmethod
     def from_state_dicts(cls, config: UNetConfig, states: Sequence[dict[str, torch.Tensor]]) -> UNetEnsemble:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from octseg.unet.config import InferenceConfig, UNetConfig
+from octseg.unet.config import InferenceConfig, PostprocessConfig, UNetConfig
+from octseg.unet.postprocess import postprocess
 from octseg.unet.prefetch import threaded as _threaded
 from octseg.unet.resample import is_resampled, resample_images, resample_probabilities, scaled_size
 from octseg.unet.model import choose_tile_size, nearest_valid_input_size, output_size
@@ -254,7 +255,8 @@ def segment_bscans(
     image_hw: tuple[int, int],
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Arg-max labels of B-scans ``0 .. n_bscans - 1``, chunk by chunk, with I/O overlapped.
+    """Arg-max labels of B-scans ``0 .. n_bscans - 1``, chunk by chunk, with I/O overlapped, post-processed
+    as the model says (``model.postprocess``, chosen with it; per B-scan, so chunks do not matter).
 
     ``read(z0, z1)`` returns normalised float32 B-scans (z1 - z0, H, W); ``write(z0, labels)`` receives
     their uint8 labels. Reading runs one chunk ahead in a thread, writing one chunk behind in another;
@@ -274,12 +276,15 @@ def segment_bscans(
             _check_finite(images, z0)
             yield z0, images
 
+    after = getattr(model, "postprocess", PostprocessConfig())
+
     def labelled() -> Iterator[tuple[int, np.ndarray]]:
         for z0, images in _threaded(chunks(), depth=2):
             if plan.whole and not cfg.tta and not resampled:  # the arg-max on the device: no probabilities cross
-                yield z0, _whole_passes(images if images.ndim == 4 else images[:, None], plan, net.labels)
+                labels = _whole_passes(images if images.ndim == 4 else images[:, None], plan, net.labels)
             else:
-                yield z0, _predict(net, images, plan, cfg).argmax(1).astype(np.uint8)
+                labels = _predict(net, images, plan, cfg).argmax(1).astype(np.uint8)
+            yield z0, postprocess(labels, after)
 
     done = 0
     writes = _Writer(write)

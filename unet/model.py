@@ -16,7 +16,7 @@ import numbers
 import torch
 from torch import nn
 
-from octseg.unet.config import PADDINGS, UNetConfig
+from octseg.unet.config import PADDINGS, PostprocessConfig, UNetConfig
 from octseg.unet.parts import DoubleConv, Down, OutConv, Up
 
 __all__ = ["UNet", "Unet", "choose_tile_size", "output_size", "valid_input_sizes", "nearest_valid_input_size"]
@@ -151,6 +151,7 @@ class UNet(nn.Module):
         elif not isinstance(config, UNetConfig):
             raise TypeError(f"config must be a UNetConfig, got {type(config).__name__}")
         self.config = config
+        self.postprocess = PostprocessConfig()  # applied to its labels by octseg.unet.inference; saved with it
         in_channels, out_channels, base_channels, depth = (
             config.in_channels, config.out_channels, config.base_channels, config.depth)
         padding, dropout, up_mode = config.padding, config.dropout, config.up_mode

@@ -34,6 +34,7 @@ from octseg.tasks.tracking.champion import cached_eval_score, record_eval_score
 from octseg.tasks.tracking.models import cached_unet, ModelRef
 from octseg.tasks.runtime.retry import TRANSIENT_IO_RETRIES
 from octseg.unet.config import InferenceConfig
+from octseg.unet.crossval import bootstrap_interval
 from octseg.unet.metrics import adapted_rand_error, confusion_matrix, dice_per_class, scores_from_confusion
 
 __all__ = [
@@ -66,6 +67,8 @@ class VolumeEvaluation:
     confusion: np.ndarray  # (K, K) int64, [prediction, truth]
     bscan_dice: list[float]  # foreground (class 1) Dice per annotated B-scan, NaN where both are empty
     rand_error: float  # mean adapted Rand error over annotated B-scans with foreground; NaN if none
+    empty_bscans: int = 0  # annotated B-scans without foreground (class > 0) in the truth
+    false_alarms: int = 0  # of those, B-scans where foreground was predicted
     worst: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
 
 
@@ -129,7 +132,10 @@ def evaluate_volume(
     order = sorted(range(len(idx)), key=lambda i: (-errors[i], i))[:WORST_KEPT]
     image = archive.image(volume_id)
     worst = [(idx[i], np.asarray(image[idx[i]]), truth[i], pred[i]) for i in order]
-    return VolumeEvaluation(volume_id, idx, confusion_matrix(pred, truth, k), dice, _rand_error(pred, truth), worst)
+    empty = ~(truth > 0).reshape(len(truth), -1).any(axis=1)
+    alarms = int(((pred > 0).reshape(len(pred), -1).any(axis=1) & empty).sum())
+    return VolumeEvaluation(volume_id, idx, confusion_matrix(pred, truth, k), dice, _rand_error(pred, truth),
+                            int(empty.sum()), alarms, worst)
 
 
 @dataclass
@@ -162,6 +168,12 @@ def summarize(model: str, fingerprint: str, volumes: list[VolumeEvaluation],
     rand = [v.rand_error for v in volumes if not math.isnan(v.rand_error)]
     pooled = {key: (value.tolist() if isinstance(value, np.ndarray) else value) for key, value in scores.items()}
     pooled["rand_error"] = float(np.mean(rand)) if rand else math.nan
+    # volumes are subjects: the class-1 Dice resampled over them (bootstrap 95% interval), and false alarms
+    counts = np.array([[c[1, 1], c[1].sum() - c[1, 1], c[:, 1].sum() - c[1, 1]] for c in
+                       (v.confusion for v in volumes)]) if len(class_names) > 1 else np.zeros((len(volumes), 3))
+    pooled["dice_interval"] = list(bootstrap_interval(counts)) if len(volumes) > 1 else [math.nan, math.nan]
+    pooled["empty_bscans"] = sum(v.empty_bscans for v in volumes)
+    pooled["false_alarms"] = sum(v.false_alarms for v in volumes)
     return EvaluationReport(model, fingerprint, dict(class_names), volumes, pooled)
 
 
@@ -191,6 +203,11 @@ def _markdown(report: EvaluationReport) -> str:
     for c, name in names.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(report.scores[m][c]) for m in
                                                 ("dice", "iou", "precision", "recall")) + " |")
+    lo, hi = report.scores.get("dice_interval", [math.nan, math.nan])
+    fg = names.get(1, "class 1")
+    lines += ["", f"Pooled Dice {fg} {_fmt(report.score)}, 95% interval over volumes (subjects resampled with "
+              f"replacement) {_fmt(lo)}-{_fmt(hi)}; {fg} predicted in {report.scores.get('false_alarms', 0)} of "
+              f"{report.scores.get('empty_bscans', 0)} annotated B-scans without it."]
     lines += ["", f"Pixel error {_fmt(report.scores['pixel_error'])}; adapted Rand error "
               f"{_fmt(report.scores['rand_error'])} (foreground components; for membrane-style data).", "",
               "| volume | annotated B-scans | " + " | ".join(f"Dice {n}" for n in names.values()) + " |",

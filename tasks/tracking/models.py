@@ -9,9 +9,13 @@ version is the champion is :mod:`octseg.tasks.tracking.champion`.
 How a model is stored (flavor ``octseg_unet``, see :func:`log_unet`)::
 
     MLmodel               flavors.octseg_unet {weights, unet_config, torch_version}; metadata.unet_config
-    weights.pt            the state_dict, torch.save
-    unet_config.json      UNetConfig.to_dict(): the config that rebuilds the network
+    weights.pt            the state_dict, torch.save (of a UNetEnsemble: its members' under members.<i>.)
+    unet_config.json      UNetConfig.to_dict(): the config that rebuilds the network (each member's)
+    model.json            {"members": N, "postprocess": PostprocessConfig.to_dict()}: an ensemble of N
+                          networks (1: a single U-Net) and the post-processing chosen for it
     requirements.txt      the pip requirements given to log_unet (nothing is inferred)
+
+A model logged before ``model.json`` existed is one network without post-processing.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
 
     from octseg.unet.model import UNet
 
-__all__ = ["CONFIG_FILE", "FLAVOR_NAME", "WEIGHTS_FILE", "ModelRef", "cached_unet", "default_pip_requirements",
+__all__ = ["CONFIG_FILE", "FLAVOR_NAME", "MODEL_FILE", "WEIGHTS_FILE", "ModelRef", "cached_unet", "default_pip_requirements",
            "find_registered_run", "load_unet", "log_unet", "resolve_model"]
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 FLAVOR_NAME = "octseg_unet"
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "unet_config.json"
+MODEL_FILE = "model.json"
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
@@ -70,6 +75,8 @@ class _UNetFlavor:
         state = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
         torch.save(state, folder / WEIGHTS_FILE)
         (folder / CONFIG_FILE).write_text(json.dumps(unet.config.to_dict(), indent=2))
+        members = len(getattr(unet, "members", [unet]))
+        (folder / MODEL_FILE).write_text(json.dumps({"members": members, "postprocess": unet.postprocess.to_dict()}))
         (folder / "requirements.txt").write_text("\n".join(pip_requirements) + "\n")
         mlflow_model.add_flavor(
             FLAVOR_NAME, weights=WEIGHTS_FILE, unet_config=CONFIG_FILE, torch_version=str(torch.__version__)
@@ -125,6 +132,8 @@ class ModelRef:
     run_id: str | None
     uri: str
     unet_config: dict
+    members: int = 1  # networks averaged (a cross-validation ensemble); 1: one U-Net
+    postprocess: dict | None = None  # PostprocessConfig.to_dict() chosen for it; None: none
 
 
 def _describe(mlflow_client, name: str) -> str:
@@ -167,7 +176,12 @@ def resolve_model(model_uri: str, tracking_uri: str) -> ModelRef:
         raise ValueError(f"model {name!r} has no version {version} in {tracking_uri}; {_describe(mlflow_client, name)}")
     pinned = f"models:/{name}/{version}"
     config = json.loads(_download(tracking_uri, name, str(version), CONFIG_FILE).decode())
-    return ModelRef(name, str(version), versions[str(version)].run_id, pinned, config)
+    try:
+        model = json.loads(_download(tracking_uri, name, str(version), MODEL_FILE).decode())
+    except ValueError:  # logged before model.json: one network, no post-processing
+        model = {}
+    return ModelRef(name, str(version), versions[str(version)].run_id, pinned, config,
+                    members=int(model.get("members", 1)), postprocess=model.get("postprocess"))
 
 
 def _download(tracking_uri: str, name: str, version: str, filename: str) -> bytes:
@@ -193,15 +207,20 @@ def _download(tracking_uri: str, name: str, version: str, filename: str) -> byte
 
 
 def load_unet(ref: ModelRef, tracking_uri: str, device: str | torch.device = "cpu") -> UNet:
-    """Rebuild the registered U-Net: ``UNet.from_config(saved config)`` + the saved ``state_dict``, in eval mode."""
+    """Rebuild the registered U-Net: ``UNet.from_config(saved config)`` (or an ensemble of ``ref.members`` of
+    them) + the saved ``state_dict``, in eval mode, with the post-processing chosen for it."""
     import torch
 
-    from octseg.unet.config import UNetConfig
+    from octseg.unet.config import PostprocessConfig, UNetConfig
+    from octseg.unet.ensemble import UNetEnsemble
     from octseg.unet.inference import resolve_device
     from octseg.unet.model import UNet
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    model = UNet.from_config(UNetConfig.from_dict(ref.unet_config))
+    config = UNetConfig.from_dict(ref.unet_config)
+    model = UNet.from_config(config) if ref.members == 1 else UNetEnsemble(
+        [UNet.from_config(config) for _ in range(ref.members)])
+    model.postprocess = PostprocessConfig.from_dict(ref.postprocess or {})
     weights = _download(tracking_uri, ref.name, ref.version, WEIGHTS_FILE)
     state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     try:

@@ -11,7 +11,9 @@ from octseg.tasks.archive.store import open_archive
 from octseg.tasks.preprocess.normalized import normalized_bscans
 from octseg.unet.bscans import BScanSet
 
-__all__ = ["load_annotated", "load_training_data", "split_train_val"]
+__all__ = [
+    "checked",
+    "load_volume_sets","load_annotated", "load_training_data", "split_train_val"]
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +55,28 @@ def _concat(sets: list[BScanSet]) -> BScanSet:
     return BScanSet(np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets]), weights)
 
 
-def split_train_val(sets: dict[str, BScanSet], val_fraction: float, seed: int,
-                    val_volumes: Sequence[str] | None = None) -> tuple[BScanSet, BScanSet | None]:
-    """Hold out whole volumes when there are several (no leakage between neighbouring B-scans): the
-    ``val_volumes`` named, else a random ``val_fraction`` of them; with a single volume, hold out a
-    fraction of its B-scans."""
+def checked(sets: dict[str, BScanSet]) -> dict[str, BScanSet]:
+    """The annotated volumes, when there are any and their B-scans share one shape (ValueError otherwise),
+    with uniform weights where some volumes lack weight maps."""
     if not sets:
         raise ValueError("no annotated B-scans in the selected volumes; ingest with --labels first")
     shapes = {v: s.images.shape[1:] for v, s in sets.items()}
     if len(set(shapes.values())) > 1:
         raise ValueError(f"annotated B-scans differ in shape {shapes}; train on volumes of one shape (--volume)")
-    sets = _fill_missing_weights(sets)
+    return _fill_missing_weights(sets)
+
+
+def load_volume_sets(archive_path: str | Path, volume_ids: Sequence[str]) -> dict[str, BScanSet]:
+    """The annotated B-scans of each volume (volumes without any left out), :func:`checked`."""
+    return checked({v: s for v in volume_ids if (s := load_annotated(archive_path, v)) is not None})
+
+
+def split_train_val(sets: dict[str, BScanSet], val_fraction: float, seed: int,
+                    val_volumes: Sequence[str] | None = None) -> tuple[BScanSet, BScanSet | None]:
+    """Hold out whole volumes when there are several (no leakage between neighbouring B-scans): the
+    ``val_volumes`` named, else a random ``val_fraction`` of them; with a single volume, hold out a
+    fraction of its B-scans."""
+    sets = checked(sets)
     rng = np.random.default_rng(seed)
     ids = sorted(sets)
     if val_volumes:
@@ -95,6 +108,5 @@ def load_training_data(
     val_volumes: Sequence[str] | None = None,
 ) -> tuple[BScanSet, BScanSet | None]:
     """Load every annotated volume and split it into training and validation sets."""
-    sets = {v: s for v in volume_ids if (s := load_annotated(archive_path, v)) is not None}
-    return split_train_val(sets, val_fraction, seed, val_volumes)
+    return split_train_val(load_volume_sets(archive_path, volume_ids), val_fraction, seed, val_volumes)
 

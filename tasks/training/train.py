@@ -40,7 +40,10 @@ __all__ = [
     "TrainResult",
     "check_classes",
     "find_previous_training",
+    "epoch_logger",
+    "progress_logger",
     "run_context_tags",
+    "run_params",
     "train_and_register",
     "train_from_archive_task",
     "training_fingerprint",
@@ -75,7 +78,7 @@ def run_context_tags() -> dict[str, str]:
     return tags
 
 
-def _params(unet_config: UNetConfig, train_config: TrainConfig, train: BScanSet, val: BScanSet | None,
+def run_params(unet_config: UNetConfig, train_config: TrainConfig, train: BScanSet, val: BScanSet | None,
             names: Mapping[int, str]) -> dict[str, Any]:
     """Both configs flattened (``unet.*``, ``train.*``) plus the data sizes (``data.*``)."""
     return {
@@ -98,7 +101,7 @@ def _dice_metrics(prefix: str, dice: dict[int, float], names: Mapping[int, str])
     return {f"{prefix}_dice_{names[c]}": d for c, d in dice.items()}
 
 
-def _epoch_logger(names: Mapping[int, str], progress: Callable[[EpochStats], None] | None):
+def epoch_logger(names: Mapping[int, str], progress: Callable[[EpochStats], None] | None):
     """The ``on_epoch_end`` callback: one ``log_metrics`` call per epoch, step = epoch, then ``progress``."""
     import mlflow
 
@@ -142,6 +145,8 @@ class TrainResult:
     n_train: int = 0
     n_val: int = 0
     reused: bool = False  # an identical earlier run (same data, configs and model name) was found
+    folds: int = 0  # a cross-validation ensemble of this many folds; ``score`` is then out of fold
+    oof: dict | None = None  # its out-of-fold scores (OOFScores.to_dict())
 
 
 def training_fingerprint(train: BScanSet, val: BScanSet | None, unet_config: UNetConfig,
@@ -163,13 +168,15 @@ def find_previous_training(fingerprint: str, tracking_uri: str, experiment_id: s
     if found is None:
         return None
     run, version = found
-    prefix = "val" if run.data.tags.get("octseg.score_source") == "validation" else "train"
+    source = run.data.tags.get("octseg.score_source")
+    prefix = {"validation": "val", "out-of-fold": "oof"}.get(source, "train")
     client_ = client(tracking_uri)
     dice = {c: v if (v := metric_of(client_, run.info.run_id, f"{REGISTERED}{prefix}_dice_{n}")) is not None
             else math.nan for c, n in names.items()}
     return TrainResult(run.info.run_id, model_name, version, dice, dice.get(FOREGROUND, math.nan), False, None,
                        n_train=int(run.data.params.get("data.n_train", 0)),
-                       n_val=int(run.data.params.get("data.n_val", 0)), reused=True)
+                       n_val=int(run.data.params.get("data.n_val", 0)), reused=True,
+                       folds=int(run.data.params.get("folds", 0)))
 
 
 def check_classes(train: BScanSet, val: BScanSet | None, unet_config: UNetConfig) -> None:
@@ -233,11 +240,11 @@ def train_and_register(
     start = {"run_id": run_id} if run_id else {"experiment_id": experiment_id}
     with using_tracking_uri(tracking_uri), mlflow.start_run(**start, tags=run_tags) as run:
         if state is None:
-            mlflow.log_params(_params(unet_config, train_config, train, val, names))
+            mlflow.log_params(run_params(unet_config, train_config, train, val, names))
         else:
             log.info("continuing run %s after epoch %d", run_id, state["epoch"])
         history = fit_distributed(model, train, val if has_val else None, train_config, train_config.processes,
-                                  _epoch_logger(names, progress), on_checkpoint=save_checkpoint, resume=state)
+                                  epoch_logger(names, progress), on_checkpoint=save_checkpoint, resume=state)
         if has_val:
             scored = _registered_epoch(history, train_config)
             dice = _as_class_dict(scored.val_dice)
@@ -264,15 +271,19 @@ def _registered_epoch(history: list[EpochStats], train_config: TrainConfig) -> E
     return max(scored, key=lambda h: (h.val_dice[FOREGROUND], -h.epoch))
 
 
-def _progress_logger(bar: Callable[[int, int], None] | None = None, epochs: int = 0) -> Callable[[EpochStats], None]:
-    """Log each epoch to the Prefect run logger and advance ``bar(done, total)`` when given."""
+def progress_logger(bar: Callable[[int, int], None] | None = None, epochs: int = 0,
+                    counted: bool = False) -> Callable[[EpochStats], None]:
+    """Log each epoch to the Prefect run logger and advance ``bar(done, total)`` when given: to the epoch's
+    number, or (``counted``: several trainings in a row, e.g. folds) by one per epoch."""
     logger = get_run_logger()
+    done = [0]
 
     def progress(stats: EpochStats) -> None:
         dice = {c: round(d, 4) for c, d in _as_class_dict(stats.val_dice).items()}
         logger.info("epoch %d: loss %.4f, val Dice %s (%.1f s)", stats.epoch, stats.train_loss, dice, stats.seconds)
+        done[0] = done[0] + 1 if counted else stats.epoch + 1
         if bar is not None:
-            bar(stats.epoch + 1, epochs)
+            bar(done[0], epochs)
 
     return progress
 
@@ -291,5 +302,5 @@ def train_from_archive_task(archive_path: str, volumes: list[str], unet_config: 
     with progress_bar("train epochs", train_config.epochs) as bar:
         return train_and_register(train, val, unet_config, train_config, tracking_uri=tracking_uri,
                                   experiment=experiment, model_name=model_name,
-                                  progress=_progress_logger(bar, train_config.epochs), force=force,
+                                  progress=progress_logger(bar, train_config.epochs), force=force,
                                   promote=promote, resume_run_id=resume_run_id, tags=tags)
