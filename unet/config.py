@@ -222,7 +222,9 @@ class InferenceConfig(_Config):
                                              "2048 on CPU).")
     whole: Annotated[bool, Cli("--whole/--tiles")] = Field(True, strict=True, description=(
         "A whole B-scan per forward pass when it fits the memory budget (--tiles: always overlap-tiles)."))
-    tta: bool = Field(False, strict=True, description="Test-time augmentation: average with the mirrored B-scan.")
+    tta: bool | None = Field(None, strict=True, description=(
+        "Test-time augmentation: average with the mirrored B-scan (none: as the model was chosen; a "
+        "cross-validation ensemble with it)."))
     compile: bool = Field(False, strict=True, description="torch.compile the network (GPU; slow first batch).")
 
 

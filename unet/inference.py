@@ -46,6 +46,7 @@ __all__ = [
     "segment_bscans",
     "segment_volume",
     "torch_predictor",
+    "uses_tta",
 ]
 
 CPU_BUDGET_MB = 2048  # default memory for one forward pass on the CPU
@@ -213,6 +214,12 @@ def _probabilities(net: _Network, images: np.ndarray, plan: InferencePlan, cfg: 
                                    output_tile=plan.tile_out, align=plan.align) for image in chw])
 
 
+def uses_tta(model: torch.nn.Module, cfg: InferenceConfig) -> bool:
+    """``cfg.tta`` when set, else the model's own choice (``model.tta``: a cross-validation ensemble was
+    scored with test-time flips and predicts with them); False for a model that says nothing."""
+    return cfg.tta if cfg.tta is not None else bool(getattr(model, "tta", False))
+
+
 def _predict(net: _Network, images: np.ndarray, plan: InferencePlan, cfg: InferenceConfig) -> np.ndarray:
     """Class probabilities (N, K, H, W) of B-scans (N, H, W); a network that sees B-scans resampled
     (``scale_y``/``scale_x``) gets them so, and its probabilities come back at (H, W)."""
@@ -220,7 +227,7 @@ def _predict(net: _Network, images: np.ndarray, plan: InferencePlan, cfg: Infere
     small = scaled_size(net.model.config, hw)
     x = resample_images(images, small) if small != tuple(hw) else images
     probs = _probabilities(net, x, plan, cfg)
-    if cfg.tta:  # the mirrored B-scan's probabilities, mirrored back
+    if uses_tta(net.model, cfg):  # the mirrored B-scan's probabilities, mirrored back
         probs = 0.5 * (probs + _probabilities(net, x[..., ::-1].copy(), plan, cfg)[..., ::-1])
     return resample_probabilities(probs, hw)
 
@@ -280,7 +287,7 @@ def segment_bscans(
 
     def labelled() -> Iterator[tuple[int, np.ndarray]]:
         for z0, images in _threaded(chunks(), depth=2):
-            if plan.whole and not cfg.tta and not resampled:  # the arg-max on the device: no probabilities cross
+            if plan.whole and not uses_tta(model, cfg) and not resampled:  # the arg-max on the device: no probabilities cross
                 labels = _whole_passes(images if images.ndim == 4 else images[:, None], plan, net.labels)
             else:
                 labels = _predict(net, images, plan, cfg).argmax(1).astype(np.uint8)

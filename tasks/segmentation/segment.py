@@ -23,7 +23,7 @@ from octseg.tasks.runtime.retry import TRANSIENT_IO_RETRIES
 from octseg.tasks.archive.claims import claim_volume, VolumeBusy
 from octseg.tasks.archive.classes import class_names_of
 from octseg.unet.config import InferenceConfig, UNetConfig
-from octseg.unet.inference import segment_bscans
+from octseg.unet.inference import segment_bscans, uses_tta
 
 __all__ = ["SegmentResult", "check_model_classes", "segment_one", "segment_registered", "segment_volume_task", "segmentation_csv_path",
            "write_segmentation_csv"]
@@ -59,7 +59,7 @@ def _segment_claimed(archive, volume_id: str, model, model_info: dict, class_nam
         segment_bscans(model, bscan_reader(archive, volume_id), n, staged.write, inference,
                        chunk=staged.shard_bscans, image_hw=(h, w), progress=progress)
         staged.extra["seconds"] = round(time.perf_counter() - t0, 3)
-        staged.extra["tta"] = inference.tta
+        staged.extra["tta"] = uses_tta(model, inference)
         return staged.foreground.copy()
 
 

@@ -11,8 +11,9 @@ How a model is stored (flavor ``octseg_unet``, see :func:`log_unet`)::
     MLmodel               flavors.octseg_unet {weights, unet_config, torch_version}; metadata.unet_config
     weights.pt            the state_dict, torch.save (of a UNetEnsemble: its members' under members.<i>.)
     unet_config.json      UNetConfig.to_dict(): the config that rebuilds the network (each member's)
-    model.json            {"members": N, "postprocess": PostprocessConfig.to_dict()}: an ensemble of N
-                          networks (1: a single U-Net) and the post-processing chosen for it
+    model.json            {"members": N, "postprocess": PostprocessConfig.to_dict(), "tta": bool}: an
+                          ensemble of N networks (1: a single U-Net), the post-processing chosen for it,
+                          and whether it predicts with test-time flips by default
     requirements.txt      the pip requirements given to log_unet (nothing is inferred)
 
 A model logged before ``model.json`` existed is one network without post-processing.
@@ -76,7 +77,8 @@ class _UNetFlavor:
         torch.save(state, folder / WEIGHTS_FILE)
         (folder / CONFIG_FILE).write_text(json.dumps(unet.config.to_dict(), indent=2))
         members = len(getattr(unet, "members", [unet]))
-        (folder / MODEL_FILE).write_text(json.dumps({"members": members, "postprocess": unet.postprocess.to_dict()}))
+        (folder / MODEL_FILE).write_text(json.dumps({"members": members, "postprocess": unet.postprocess.to_dict(),
+                                                     "tta": bool(getattr(unet, "tta", False))}))
         (folder / "requirements.txt").write_text("\n".join(pip_requirements) + "\n")
         mlflow_model.add_flavor(
             FLAVOR_NAME, weights=WEIGHTS_FILE, unet_config=CONFIG_FILE, torch_version=str(torch.__version__)
@@ -134,6 +136,7 @@ class ModelRef:
     unet_config: dict
     members: int = 1  # networks averaged (a cross-validation ensemble); 1: one U-Net
     postprocess: dict | None = None  # PostprocessConfig.to_dict() chosen for it; None: none
+    tta: bool = False  # it was scored with test-time flips and predicts with them unless told otherwise
 
 
 def _describe(mlflow_client, name: str) -> str:
@@ -181,7 +184,8 @@ def resolve_model(model_uri: str, tracking_uri: str) -> ModelRef:
     except ValueError:  # logged before model.json: one network, no post-processing
         model = {}
     return ModelRef(name, str(version), versions[str(version)].run_id, pinned, config,
-                    members=int(model.get("members", 1)), postprocess=model.get("postprocess"))
+                    members=int(model.get("members", 1)), postprocess=model.get("postprocess"),
+                    tta=bool(model.get("tta", False)))
 
 
 def _download(tracking_uri: str, name: str, version: str, filename: str) -> bytes:
@@ -221,6 +225,7 @@ def load_unet(ref: ModelRef, tracking_uri: str, device: str | torch.device = "cp
     model = UNet.from_config(config) if ref.members == 1 else UNetEnsemble(
         [UNet.from_config(config) for _ in range(ref.members)])
     model.postprocess = PostprocessConfig.from_dict(ref.postprocess or {})
+    model.tta = ref.tta
     weights = _download(tracking_uri, ref.name, ref.version, WEIGHTS_FILE)
     state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     try:

@@ -3,7 +3,8 @@ model version (their ensemble) together with its out-of-fold scores and the post
 
 Volumes are subjects (:func:`octseg.unet.crossval.subject_folds`). Fold k trains on the other folds'
 volumes with a fixed schedule (no validation inside a fold: nothing chooses an epoch), then predicts its
-held-out volumes with the same inference as ``octseg segment``. Every choice made from data uses only
+held-out volumes with the same inference as ``octseg segment`` (with test-time flips, as the registered
+ensemble predicts: nnU-Net's mirroring). Every choice made from data uses only
 data that the scored predictions did not see:
 
 * the reported out-of-fold Dice applies to fold k's predictions the post-processing chosen on the *other*
@@ -100,7 +101,7 @@ def _train_fold(k: int, held_out: list[str], sets: Mapping[str, BScanSet], unet_
                           tags={"octseg.fold": str(k)}):
         mlflow.log_params({"held_out": ",".join(held_out), "n_train": len(train)})
         fit(model, train, None, train_config, epoch_logger(names, progress))
-        inference = InferenceConfig(device=train_config.device)
+        inference = InferenceConfig(device=train_config.device, tta=True)  # as the ensemble will predict
         oof = {v: segment_volume(model, sets[v].images, inference) for v in held_out}
     state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
     return state, oof
@@ -197,7 +198,7 @@ def crossval_and_register(
         mlflow.log_image(side_by_side(sets[worst].images[z], truths[worst][z], processed[worst][z]),
                          artifact_file=f"qc/oof_{worst}_bscan{z:03d}.png")
         ensemble = UNetEnsemble.from_state_dicts(unet_config, [finished[k]["weights"] for k in range(folds)])
-        ensemble.postprocess = final
+        ensemble.postprocess, ensemble.tta = final, True  # softmax averaged over folds and flips
         version = log_unet(ensemble, model_name, metadata={"class_names": {str(k): v for k, v in names.items()},
                                                            "folds": split})
         qc_image = f"{run.info.artifact_uri}/qc/oof_{worst}_bscan{z:03d}.png"

@@ -54,6 +54,7 @@ def test_folds_register_one_ensemble_scored_out_of_fold(work) -> None:
     assert lo <= summary.score <= hi
     ref = resolve_model("models:/octseg-unet@champion", work["tracking"])
     assert ref.members == 3 and ref.postprocess is not None  # one version: the three fold models
+    assert ref.tta  # averaged over folds and flips
     client, parent, children = _runs(work, summary.run_id)
     assert parent.data.tags["octseg.score_source"] == "out-of-fold"
     assert parent.data.metrics["registered_oof_dice_fluid"] == pytest.approx(summary.score)
@@ -81,7 +82,12 @@ def test_segment_uses_the_ensemble(work) -> None:
     assert sorted(summary.segmented) == VOLUMES and not summary.failures
     archive = open_archive(work["archive"], create=False)
     assert archive.prediction("phantom_000").shape == (4, 64, 96)
-    assert str(archive.prediction_info("phantom_000")["model_version"]) == "1"
+    info = archive.prediction_info("phantom_000")
+    assert str(info["model_version"]) == "1" and info["report"]["tta"] is True  # the ensemble's own choice
+    forced = segment_archive(SegmentConfig(archive=work["archive"], tracking_uri=work["tracking"], force=True,
+                                           volumes=("phantom_000",), inference={"tta": False}))
+    assert forced.segmented == ["phantom_000"]
+    assert open_archive(work["archive"], create=False).prediction_info("phantom_000")["report"]["tta"] is False
 
 
 def test_a_killed_cross_validation_continues_from_the_next_fold(work, tmp_path) -> None:
