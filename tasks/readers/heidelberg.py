@@ -7,6 +7,7 @@ Both check sizes and lengths from their headers before eyepy reads the pixels. H
 """
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,7 +26,7 @@ from octseg.tasks.readers.headers import (
     scale_um,
 )
 
-__all__ = ["E2E", "HEIDELBERG", "HE_PATTERNS", "VOL", "HeyexE2eReader", "HeyexVolReader"]
+__all__ = ["ANGIOGRAPHY", "E2E", "HEIDELBERG", "HE_PATTERNS", "VOL", "HeyexE2eReader", "HeyexVolReader"]
 
 HEIDELBERG = "Heidelberg .vol/.e2e/HEYEX .xml"  # how --help names the family
 # Heidelberg scan pattern codes (.vol header, E2E B-scan meta) -> meta["scan_pattern"]
@@ -49,6 +50,8 @@ def _vol_preflight(path: Path, max_voxels: int | None) -> None:
             raise ReadError(path, f"truncated .vol header ({len(head)} of {_VOL_HEADER} bytes)")
         sx, nb, sy = struct.unpack_from("<3I", head, 12)
         slo_x, slo_y = struct.unpack_from("<2I", head, 48)
+        if nb == 0 and slo_x and slo_y:
+            raise ReadError(path, f"an SLO-only export: a {slo_y} x {slo_x} fundus image and no OCT B-scans")
         if nb == 0 or sx == 0 or sy == 0:
             raise ReadError(path, f"header gives an empty volume ({nb} B-scans of {sy} x {sx})")
         check_voxels(path, (nb, sy, sx), max_voxels)
@@ -124,13 +127,17 @@ def _read_heyex_e2e(path: Path, max_voxels: int | None) -> ScanVolume:
             raise ReadError(path, f"truncated: a data container needs {folder.start + 60 + folder.size:,} bytes, "
                                   f"the file has {size:,}")
     with reader:
-        series = [s for s in reader.series
-                  if any(TypesEnum.bscanmeta in sl.folders for sl in s.slices.values())]
+        with_bscans = [s for s in reader.series
+                       if any(TypesEnum.bscanmeta in sl.folders for sl in s.slices.values())]
+        series = [s for s in with_bscans if not _e2e_angiography(s, TypesEnum)]
         if not series:
-            raise ReadError(path, "no OCT series in the .e2e file (truncated, or only fundus images)")
+            raise ReadError(path, _e2e_no_oct(reader.series, with_bscans, TypesEnum))
         s, warnings = series[0], []
         if len(series) > 1:
             warnings.append(f"{len(series)} OCT series in the file: only the first (id {s.id}) was read")
+        if len(with_bscans) > len(series):
+            warnings.append(f"{len(with_bscans) - len(series)} OCT angiography series left out (flow data, "
+                            f"not structural B-scans)")
         first = s.get_bscan_meta()[0]
         check_voxels(path, (s.n_bscans, int(first["size_y"]), int(first["size_x"])), max_voxels)
         image = from_e2e_intensity(s.get_bscans())
@@ -148,6 +155,35 @@ def _read_heyex_e2e(path: Path, max_voxels: int | None) -> ScanVolume:
         ids = _e2e_identifiers(s, TypesEnum)
     return new_volume(image, scale, layers=layers, layers_source="device" if layers else None, fundus=fundus,
                    meta=meta, identifiers=ids, warnings=warnings)
+
+
+ANGIOGRAPHY = re.compile(r"angio|\bocta\b|\boct-a\b|\bflow\b", re.I)  # what names an OCT-A series or procedure
+
+
+def _series_texts(s: Any, types: Any, *kinds: str) -> list[str]:
+    """The strings of a series' text items (scan pattern, OCT or en-face modality) wherever eyepy finds them."""
+    out: list[str] = []
+    for kind in kinds:
+        for folder in s.folders.get(getattr(types, kind), []):
+            text = _guard(lambda f=folder: list(f.data.text)) or []
+            out += [str(t).strip("\0 ") for t in text if str(t).strip("\0 ")]
+    return out
+
+
+def _e2e_angiography(s: Any, types: Any) -> bool:
+    """Whether an E2E series says it is OCT angiography (its scan pattern or OCT modality text)."""
+    return any(ANGIOGRAPHY.search(t) for t in _series_texts(s, types, "scanpattern", "oct_modality"))
+
+
+def _e2e_no_oct(every: Any, with_bscans: list, types: Any) -> str:
+    """Why an E2E file gives no structural OCT volume: only angiography, only fundus images, or nothing."""
+    if with_bscans:
+        said = sorted({t for s in with_bscans for t in _series_texts(s, types, "scanpattern", "oct_modality")})
+        return f"only OCT angiography series ({', '.join(map(repr, said))}): flow data, not structural B-scans"
+    enface = sorted({t for s in every for t in _series_texts(s, types, "enface_modality")})
+    if enface:
+        return f"no OCT B-scans in the .e2e file: its series hold only fundus/SLO images ({', '.join(map(repr, enface))})"
+    return "no OCT series in the .e2e file (truncated, or only fundus images)"
 
 
 def _guard(fn: Callable[[], Any]) -> Any:

@@ -299,6 +299,9 @@ def _read_bioptigen_oct(path: Path, max_voxels: int | None) -> ScanVolume:
         except Exception as e:  # noqa: BLE001
             raise ReadError(path, f"not a Bioptigen .OCT file, or a truncated one ({one_line(e)})") from e
         frames, scans = h.frames.value, h.scans.value
+        if h.dopplerflag.value:
+            raise ReadError(path, f"a Bioptigen file with Doppler (flow) data (DOPPLERFLAG {h.dopplerflag.value}): "
+                                  f"its frames are not read as structural B-scans")
         if h.framecount.value != frames * scans or h.framecount.value == 0:
             raise ReadError(path, f"header gives {h.framecount.value} frames for {frames} x {scans} B-scans")
         check_voxels(path, (h.framecount.value, h.linelength.value, h.linecount.value), max_voxels)
