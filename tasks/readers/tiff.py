@@ -161,6 +161,15 @@ class _Reader:
             raise self.truncated(what, offset + n)
         return self.buf[offset:offset + n]
 
+    def check_extent(self, entry: bytes, index: int) -> None:
+        """A tag not read here must still have its values inside the file (else the file was cut short)."""
+        code, type_, count = struct.unpack_from(self.order + "HH" + self.offset_format, entry)
+        nbytes = _TYPE_SIZES.get(type_, 0) * count
+        if nbytes > self.offset_size:
+            where = struct.unpack_from(self.order + self.offset_format, entry, 4 + self.offset_size)[0]
+            if where + nbytes > self.size:
+                raise self.truncated(f"page {index}'s tag {code} ({count:,} values)", where + nbytes)
+
     def values(self, entry: bytes, index: int) -> tuple[int, tuple]:
         """(tag code, values) of one IFD entry; the values inline or read from where the entry points."""
         o = self.order
@@ -205,6 +214,8 @@ def _page(r: _Reader, index: int, offset: int) -> tuple[Page, int]:
         if code in _WANTED:
             code, values = r.values(entry, index)
             tags[code] = values
+        else:
+            r.check_extent(entry, index)
     nxt = struct.unpack(r.order + r.offset_format, raw[-r.offset_size:])[0]
     width, length = _first(tags, _WIDTH), _first(tags, _LENGTH)
     if not width or not length:
@@ -278,13 +289,15 @@ def _walk(path: Path, max_voxels: int | None) -> list[Page]:
     return pages
 
 
-def _declared_voxels(path: Path, pages: Sequence[Page]) -> tuple[int, str] | None:
-    """(voxels, which metadata) the file's own metadata declares for its images, where it says."""
-    text = pages[0].description or ""
+def _declared_voxels(path: Path, every: Sequence[Page], pages: Sequence[Page]) -> tuple[int, str] | None:
+    """(voxels, which metadata) the file's own metadata declares for its B-scan ``pages``, where it says:
+    ImageJ and OME in the first page's description, tifffile's ``shape`` in each series' first page."""
+    text = every[0].description or ""
     if text.startswith("ImageJ="):
         m = re.search(r"^images=(\d+)", text, re.M)
         if m:
-            return int(m.group(1)) * pages[0].length * pages[0].width * (1 if pages[0].planar else pages[0].samples), \
+            first = every[0]
+            return int(m.group(1)) * first.length * first.width * (1 if first.planar else first.samples), \
                 f"the ImageJ header's images={m.group(1)}"
         return None
     if "<OME" in text[:2048]:
@@ -331,7 +344,7 @@ def tiff_layout(path: Path, max_voxels: int | None) -> TiffLayout:
             raise ReadError(path, f"page {p.index} is {p.described()}, page {first.index} is {first.described()}: "
                                   f"every page of a TIFF is a B-scan, and they must share one shape and pixel type")
     layout = TiffLayout(tuple(pages), skipped, len(every), "<OME" in (every[0].description or "")[:2048])
-    declared = _declared_voxels(path, every)
+    declared = _declared_voxels(path, every, pages)
     held = layout.voxels
     if declared is not None and declared[0] > held:
         if not _imagej_virtual(path, every, declared[0], max_voxels):
