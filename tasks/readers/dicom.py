@@ -43,13 +43,16 @@ SECONDARY_CAPTURE = {  # read only with the reader option dicom_secondary_captur
 SECONDARY_CAPTURE_MODALITIES = ("OPT", "OT", None)  # what a secondary capture may say it shows (OT: other)
 # ophthalmic classes that are not OCT B-scans, with what they are instead
 NOT_BSCANS = {
-    "1.2.840.10008.5.1.4.1.1.77.1.5.7": "OCT angiography / B-scan volume analysis (flow data, not structural B-scans)",
-    "1.2.840.10008.5.1.4.1.1.77.1.5.8": "an OCT en-face image (a projection, not B-scans)",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.7": "an OCT en-face image (a projection, not B-scans)",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.8": "OCT B-scan volume analysis, e.g. OCT angiography (flow data, not structural "
+                                        "B-scans)",
     "1.2.840.10008.5.1.4.1.1.77.1.5.1": "an ophthalmic photograph (fundus/SLO image, not B-scans)",
     "1.2.840.10008.5.1.4.1.1.77.1.5.2": "an ophthalmic photograph (fundus/SLO image, not B-scans)",
     "1.2.840.10008.5.1.4.1.1.77.1.5.5": "a wide-field ophthalmic photograph (not B-scans)",
     "1.2.840.10008.5.1.4.1.1.77.1.5.6": "a wide-field ophthalmic photograph (not B-scans)",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.3": "a stereometric relationship (no B-scans)",
     "1.2.840.10008.5.1.4.1.1.81.1": "an ophthalmic thickness map (not B-scans)",
+    "1.2.840.10008.5.1.4.1.1.82.1": "a corneal topography map (not B-scans)",
 }
 
 

@@ -157,7 +157,8 @@ def _read_heyex_e2e(path: Path, max_voxels: int | None) -> ScanVolume:
                    meta=meta, identifiers=ids, warnings=warnings)
 
 
-ANGIOGRAPHY = re.compile(r"angio|\bocta\b|\boct-a\b|\bflow\b", re.I)  # what names an OCT-A series or procedure
+# what names an OCT-A series or procedure: "OCTA", "OCT-A", "IR_OCTA", "OCT Angiography", "flow" (not "OCT ART")
+ANGIOGRAPHY = re.compile(r"angio|(?<![a-z])oct-?a(?![a-z])|(?<![a-z])flow(?![a-z])", re.I)
 
 
 def _series_texts(s: Any, types: Any, *kinds: str) -> list[str]:
