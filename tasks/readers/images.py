@@ -33,6 +33,7 @@ from octseg.tasks.readers.base import (
     check_voxels,
     listed_suffixes,
     matches_suffix,
+    one_line,
     to_volume_dtype,
 )
 from octseg.tasks.readers.limits import DEFAULT_MAX_VOXELS
@@ -100,8 +101,10 @@ def _read_tiff(path: Path, max_voxels: int | None, warnings: list[str]) -> tuple
         if "not a TIFF file" in str(e):
             raise ReadError(path, f"not a TIFF image ({e})") from e
         raise ReadError(path, f"truncated or corrupt TIFF ({e})") from e
-    except (OSError, ValueError, IndexError, KeyError, struct.error, ET.ParseError) as e:
-        raise ReadError(path, f"truncated or corrupt TIFF ({type(e).__name__}: {e})") from e
+    except MemoryError as e:
+        raise ReadError(path, "out of memory while reading the TIFF") from e
+    except Exception as e:  # noqa: BLE001 - tifffile on a damaged file: ValueError, TypeError, KeyError, struct.error...
+        raise ReadError(path, f"truncated or corrupt TIFF ({one_line(e)})") from e
 
 
 def _read_pil(path: Path, keep_palette: bool, max_voxels: int | None) -> tuple[np.ndarray, bool]:
@@ -168,8 +171,8 @@ def _read_npy(path: Path, max_voxels: int | None) -> np.ndarray:
             version = np.lib.format.read_magic(fh)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read_header(fh)
-        except (ValueError, SyntaxError, EOFError, OSError) as e:
-            raise ReadError(path, f"corrupt .npy header ({e})") from e
+        except Exception as e:  # noqa: BLE001 - ValueError, SyntaxError, tokenize.TokenError, EOFError, ...
+            raise ReadError(path, f"corrupt .npy header ({one_line(e)})") from e
         start = fh.tell()
     if dtype.hasobject:
         raise ReadError(path, f"object arrays ({dtype}) are refused: reading them would unpickle code")

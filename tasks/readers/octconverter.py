@@ -79,6 +79,13 @@ def _topcon_chunks(path: Path) -> dict[bytes, list[tuple[int, int]]]:
     return chunks
 
 
+def _one_volume_chunk(path: Path, chunks: dict, names: tuple[bytes, ...]) -> None:
+    """A volume chunk that occurs twice is ambiguous (oct-converter reads the last, a chunk list the first): refused."""
+    for name in names:
+        if len(chunks.get(name, [])) > 1:
+            raise ReadError(path, f"{len(chunks[name])} {name.decode()} chunks: which one is the volume is ambiguous")
+
+
 def _chunk(path: Path, chunks: dict, name: bytes, index: int = 0) -> bytes | None:
     if name not in chunks:
         return None
@@ -103,6 +110,7 @@ def _read_topcon_fds(path: Path, max_voxels: int | None) -> ScanVolume:
     from oct_converter.readers.binary_structs import fds_binary as binary
 
     chunks = _topcon_chunks(path)
+    _one_volume_chunk(path, chunks, (b"@IMG_SCAN_03", b"@IMG_SCAN_02"))
     for name, struct_, hsize in ((b"@IMG_SCAN_03", binary.oct_header, 22), (b"@IMG_SCAN_02", binary.oct_header_2, 30)):
         if name in chunks:
             data = _chunk(path, chunks, name)
@@ -125,6 +133,7 @@ def _read_topcon_fda(path: Path, max_voxels: int | None) -> ScanVolume:
     from oct_converter.readers.binary_structs import fda_binary as binary
 
     chunks = _topcon_chunks(path)
+    _one_volume_chunk(path, chunks, (b"@IMG_JPEG", b"@IMG_MOT_COMP_03"))
     if data := _chunk(path, chunks, b"@IMG_JPEG"):
         header = binary.oct_header.parse(data)
         image = _topcon_jpegs(path, data, header, max_voxels)

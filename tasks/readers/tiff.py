@@ -30,10 +30,12 @@ import math
 import mmap
 import re
 import struct
+import zlib
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -69,6 +71,11 @@ class Page:
     depth: int
     compression: int
     description: str | None
+    # every tag as tifffile would see it (code, type, count, value bytes), the data offsets' values left out:
+    # two pages with one signature are parsed and decoded alike by tifffile, wherever their data lie
+    signature: tuple = ()
+    data: tuple[int, int] = (0, 0)  # (first byte, end) of the page's strips or tiles
+    data_contiguous: bool = False  # strips or tiles follow each other in the file, in order
 
     @property
     def preview(self) -> bool:
@@ -161,14 +168,16 @@ class _Reader:
             raise self.truncated(what, offset + n)
         return self.buf[offset:offset + n]
 
-    def check_extent(self, entry: bytes, index: int) -> None:
-        """A tag not read here must still have its values inside the file (else the file was cut short)."""
+    def signature(self, entry: bytes, index: int) -> tuple:
+        """(code, type and count, the value bytes) of an entry; large values by length and CRC."""
         code, type_, count = struct.unpack_from(self.order + "HH" + self.offset_format, entry)
         nbytes = _TYPE_SIZES.get(type_, 0) * count
-        if nbytes > self.offset_size:
-            where = struct.unpack_from(self.order + self.offset_format, entry, 4 + self.offset_size)[0]
-            if where + nbytes > self.size:
-                raise self.truncated(f"page {index}'s tag {code} ({count:,} values)", where + nbytes)
+        field = entry[4 + self.offset_size:]
+        if nbytes <= self.offset_size:
+            return code, entry[2:4 + self.offset_size], field[:nbytes]
+        where = struct.unpack(self.order + self.offset_format, field)[0]
+        data = self.read_at(where, nbytes, f"page {index}'s tag {code} ({count:,} values)")
+        return code, entry[2:4 + self.offset_size], data if nbytes <= 4096 else (nbytes, zlib.crc32(data))
 
     def values(self, entry: bytes, index: int) -> tuple[int, tuple]:
         """(tag code, values) of one IFD entry; the values inline or read from where the entry points."""
@@ -208,14 +217,17 @@ def _page(r: _Reader, index: int, offset: int) -> tuple[Page, int]:
         raise ReadError(r.path, f"page {index}: {count} tags in its header (IFD at byte {offset:,}): corrupt TIFF")
     raw = r.read_at(offset + r.count_size, count * r.tag_size + r.offset_size, f"page {index}'s header (IFD)")
     tags: dict[int, tuple] = {}
+    signature = []
     for k in range(count):
         entry = raw[k * r.tag_size:(k + 1) * r.tag_size]
         code = struct.unpack_from(r.order + "H", entry)[0]
         if code in _WANTED:
             code, values = r.values(entry, index)
             tags[code] = values
+        if code in (_STRIP_OFFSETS, _TILE_OFFSETS):
+            signature.append((code, entry[2:4 + r.offset_size], 0 in tags.get(code, ())))
         else:
-            r.check_extent(entry, index)
+            signature.append(r.signature(entry, index))
     nxt = struct.unpack(r.order + r.offset_format, raw[-r.offset_size:])[0]
     width, length = _first(tags, _WIDTH), _first(tags, _LENGTH)
     if not width or not length:
@@ -227,12 +239,13 @@ def _page(r: _Reader, index: int, offset: int) -> tuple[Page, int]:
                 bits=tuple(int(b) for b in tags.get(_BITS, (1,))), sample_format=_first(tags, _SAMPLE_FORMAT, 1),
                 depth=_first(tags, _DEPTH, 1) or 1, compression=_first(tags, _COMPRESSION, 1),
                 description=tags[_DESCRIPTION][0] if _DESCRIPTION in tags else None)
-    _check_data(r, page, tags)
-    return page, nxt
+    data, contiguous = _check_data(r, page, tags)
+    return replace(page, signature=tuple(signature), data=data, data_contiguous=contiguous), nxt
 
 
-def _check_data(r: _Reader, page: Page, tags: dict) -> None:
-    """The page's strips or tiles lie inside the file; an uncompressed page holds all its bytes."""
+def _check_data(r: _Reader, page: Page, tags: dict) -> tuple[tuple[int, int], bool]:
+    """The page's strips or tiles lie inside the file; an uncompressed page holds all its bytes.
+    Returns their (first byte, end) and whether they follow each other in the file."""
     tiled = _TILE_OFFSETS in tags
     offsets = tags.get(_TILE_OFFSETS if tiled else _STRIP_OFFSETS)
     counts = tags.get(_TILE_COUNTS if tiled else _STRIP_COUNTS)
@@ -256,6 +269,8 @@ def _check_data(r: _Reader, page: Page, tags: dict) -> None:
     if page.compression == 1 and not tiled and sum(counts) < need:
         raise ReadError(r.path, f"truncated TIFF: page {page.index} holds {sum(counts):,} bytes of pixel data, "
                                 f"its {page.described()} pixels need {need:,}")
+    starts = np.asarray(offsets, np.uint64)
+    return (int(starts[0]), int(ends[-1])), bool((starts[1:] == ends[:-1]).all())
 
 
 def _walk(path: Path, max_voxels: int | None) -> list[Page]:
@@ -368,22 +383,58 @@ def _imagej_virtual(path: Path, pages: Sequence[Page], declared: int, max_voxels
         return series.kind == "imagej" and int(series.size) == declared
 
 
+def _decoding(page: Any) -> tuple:
+    """What tifffile decodes a page with (a frame borrows these from its key frame): all must match for the
+    pages of one series to be read as one block, as each would be read alone."""
+    return (page.compression, page.predictor, page.photometric, page.planarconfig, page.bitspersample,
+            page.sampleformat, page.rowsperstrip, page.tilewidth, page.tilelength, page.fillorder, page.extrasamples,
+            page.shaped, page.dtype, page.databytecounts, page.jpegtables)
+
+
+def _contiguous(pages: Sequence[Page]) -> bool:
+    """Every strip of every page follows the previous one in the file: one read gives them all, in order."""
+    return all(p.data_contiguous for p in pages) and all(b.data[0] == a.data[1] for a, b in zip(pages, pages[1:]))
+
+
 def read_tiff_pages(path: Path, layout: TiffLayout) -> np.ndarray:
-    """The pixels of ``layout``'s pages in file order, as ``layout.shape``."""
+    """The pixels of ``layout``'s pages in file order, as ``layout.shape``: each page as tifffile reads it
+    alone. tifffile parses one page of each signature whole (pages of one signature parse alike), so a
+    page it cannot read refuses the file; the first series is read in one block only where that is the
+    same as page by page: one signature for all but the first page, one decoding, contiguous data."""
     with tifffile.TiffFile(path) as tif:
-        fast = None
-        if (not layout.skipped and not layout.ome) or layout.virtual:
+        if layout.virtual:
+            series = tif.series[0]
+            if series.kind != "imagej" or series.size != layout.voxels:
+                raise ReadError(path, "an ImageJ virtual stack that tifffile does not read as one series")
+            return series.asarray().reshape(layout.shape)
+        tif.pages.useframes = False
+        parsed: dict[tuple, Any] = {}
+        for mine in layout.pages:
+            if mine.signature not in parsed:
+                parsed[mine.signature] = page = tif.pages[mine.index]
+                expected = (mine.samples if mine.planar else 1, mine.depth, mine.length, mine.width,
+                            1 if mine.planar else mine.samples)
+                if tuple(page.shaped) != expected:
+                    raise ReadError(path, f"tifffile reads page {mine.index} as {tuple(page.shaped)} (planes, depth, "
+                                          f"height, width, samples), its tags say {expected}: a layout this reader "
+                                          f"does not take")
+        arr = None
+        decodings = {_decoding(p) for p in parsed.values()}
+        if not layout.skipped and not layout.ome and len(decodings) == 1 and _contiguous(layout.pages):
             series = tif.series
             if len(series) == 1 and series[0].kind in ("shaped", "imagej", "uniform", "generic") \
-                    and series[0].size == layout.voxels:
-                fast = series[0]
-        if fast is not None:
-            arr = fast.asarray()
-        elif layout.virtual:
-            raise ReadError(path, "an ImageJ virtual stack that tifffile does not read as one series")
-        else:
-            with tifffile.TiffFile(path) as fresh:  # full pages (never frames borrowing another page's tags)
-                arr = fresh.asarray(key=[p.index for p in layout.pages])
+                    and series[0].size == layout.voxels and len(series[0].pages) == len(layout.pages):
+                arr = series[0].asarray()
+        if arr is None:  # page by page, each with its own tags (tifffile's asarray(key=...) borrows the first's)
+            first = parsed[layout.first.signature]
+            arr = np.empty((len(layout.pages), *first.shaped), first.dtype)
+            for k, mine in enumerate(layout.pages):
+                page = tif.pages[mine.index]
+                decoded = page.asarray()
+                if decoded.size != arr[k].size or decoded.dtype != arr.dtype:
+                    raise ReadError(path, f"tifffile decodes page {mine.index} as {decoded.shape} {decoded.dtype}, "
+                                          f"page {layout.first.index} as {first.shape} {first.dtype}")
+                arr[k] = decoded.reshape(arr.shape[1:])
     want = layout.shape
     if arr.size != math.prod(want):
         raise ReadError(path, f"tifffile decoded {arr.shape} from pages of {layout.first.described()}: a TIFF layout "
