@@ -109,6 +109,56 @@ def _read_heyex_vol(path: Path, max_voxels: int | None) -> ScanVolume:
 # ------------------------------------------------------------------------------ Heidelberg .e2e
 
 
+_E2E_HEAD = 36 + 52  # version structure, then the main header; chunks follow
+_E2E_CHUNK, _E2E_FOLDER, _E2E_CONTAINER = 52, 44, 60  # chunk header, folder header, data container header
+_E2E_TEXTS = {17, 9000, 9001, 9005, 9006, 9007, 9008}  # containers of n_strings strings of string_size bytes
+
+
+def _e2e_preflight(path: Path) -> None:
+    """Walk the E2E index as eyepy will (chunks of folder headers, each chunk followed by the next at the end
+    of its last folder's data) and refuse what would make eyepy loop, allocate without end or read a cut
+    file: a chunk that leads back to one already read (eyepy's GreedyRange re-reads it forever), an
+    index chunk or a data container cut by the end of the file, and text containers whose string count
+    and size cannot fit (zero-byte strings are counted without reading anything)."""
+    size = path.stat().st_size
+    pos, seen = _E2E_HEAD, set()
+    with path.open("rb") as fh:
+        while pos < size:
+            if pos in seen:
+                raise ReadError(path, f"corrupt .e2e index: the chunk at byte {pos:,} leads back to itself")
+            seen.add(pos)
+            fh.seek(pos)
+            head = fh.read(_E2E_CHUNK)
+            if len(head) < _E2E_CHUNK:
+                raise ReadError(path, f"truncated: an index chunk at byte {pos:,} is cut by the end of the file "
+                                      f"({size:,} bytes)")
+            entries = struct.unpack_from("<I", head, 36)[0]
+            if entries == 0:
+                return  # eyepy stops its index here
+            need = pos + _E2E_CHUNK + entries * _E2E_FOLDER
+            if need > size:
+                raise ReadError(path, f"truncated: an index chunk at byte {pos:,} lists {entries:,} folders, "
+                                      f"{need:,} bytes, the file has {size:,}")
+            table = fh.read(entries * _E2E_FOLDER)
+            for k in range(entries):
+                start, length = struct.unpack_from("<2I", table, k * _E2E_FOLDER + 4)
+                kind = struct.unpack_from("<I", table, k * _E2E_FOLDER + 36)[0]
+                end = start + _E2E_CONTAINER + length
+                if end > size:
+                    raise ReadError(path, f"truncated: a data container needs {end:,} bytes, the file has {size:,}")
+                if kind in _E2E_TEXTS and length:
+                    fh.seek(start + _E2E_CONTAINER)
+                    count = fh.read(8)
+                    strings, each = struct.unpack("<2I", count) if len(count) == 8 else (0, 0)
+                    if strings * max(each, 1) > length:
+                        raise ReadError(path, f"corrupt .e2e: a text container of {length:,} bytes claims {strings:,} "
+                                              f"strings of {each:,} bytes")
+            pos = start + length + _E2E_CONTAINER  # eyepy's jump: after the last folder's data (padding
+            # folders of start 0 send it back to byte 60, where it finds no entries and stops, as here)
+            if len(seen) > 100_000:
+                raise ReadError(path, "corrupt .e2e index: more than 100,000 chunks")
+
+
 def _read_heyex_e2e(path: Path, max_voxels: int | None) -> ScanVolume:
     """The first OCT series of an E2E file (eyepy's reader; tested on synthetic files only)."""
     from eyepy.core.utils import from_e2e_intensity
@@ -120,12 +170,8 @@ def _read_heyex_e2e(path: Path, max_voxels: int | None) -> ScanVolume:
         head = fh.read(0x24 + 7)
     if head[:4] != b"CMDb" or head[0x24:0x24 + 7] != b"MDbMDir":
         raise ReadError(path, f"not a Heidelberg .e2e file (magic {head[:4]!r}, expected b'CMDb' ... b'MDbMDir')")
-    reader = HeE2eReader(path)  # indexes the folder headers only
-    size = path.stat().st_size
-    for folder in getattr(reader.file_hierarchy, "all_folders", []):
-        if folder.start + 60 + folder.size > size:
-            raise ReadError(path, f"truncated: a data container needs {folder.start + 60 + folder.size:,} bytes, "
-                                  f"the file has {size:,}")
+    _e2e_preflight(path)
+    reader = HeE2eReader(path)  # indexes the folder headers, parses the small containers
     with reader:
         with_bscans = [s for s in reader.series
                        if any(TypesEnum.bscanmeta in sl.folders for sl in s.slices.values())]

@@ -345,7 +345,7 @@ def mutate(data: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
     return kind, bytes(b)
 
 
-class _Hang(Exception):
+class _Hang(BaseException):  # not an Exception: readers that catch those must not swallow it
     pass
 
 
