@@ -66,7 +66,10 @@ def _topcon_chunks(path: Path) -> dict[bytes, list[tuple[int, int]]]:
             raise ReadError(path, f"not a Topcon file (magic {head[:4]!r}, expected b'FOCT')")
         if len(head) < 15:
             raise ReadError(path, "truncated Topcon header")
-        while (n := fh.read(1)) not in (b"", b"\0"):
+        while (n := fh.read(1)) != b"\0":
+            if not n:
+                raise ReadError(path, f"truncated: the chunk list ends at byte {size:,} without its terminating "
+                                      f"zero (after {sum(map(len, chunks.values()))} chunks)")
             name, raw = fh.read(n[0]), fh.read(4)
             if len(raw) < 4:
                 raise ReadError(path, "truncated chunk list")

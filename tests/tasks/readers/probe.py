@@ -168,9 +168,18 @@ def _ref_fds(path: Path) -> np.ndarray:
 
 
 def _ref_boct(path: Path) -> np.ndarray:
+    """oct-converter's B-scans: a line scan's volumes are one B-scan each (all of them), a volume scan's first
+    volume (the others repeat it; octseg says so in a warning)."""
     from oct_converter.readers import BOCT
 
-    return np.ascontiguousarray(np.asarray(BOCT(path).read_oct_volume()[0].volume).transpose(0, 2, 1))
+    reader = BOCT(path)
+    volumes = reader.read_oct_volume()
+    with path.open("rb") as fh:
+        from oct_converter.readers.binary_structs import boct_binary
+
+        linear = boct_binary.bioptigen_oct_header_struct.parse_stream(fh).scantype.value == 0
+    image = np.concatenate([np.asarray(v.volume) for v in volumes]) if linear else np.asarray(volumes[0].volume)
+    return np.ascontiguousarray(image.transpose(0, 2, 1))
 
 
 def _ref_xml(path: Path) -> np.ndarray:
