@@ -7,7 +7,8 @@ where that library fails, counts as "stored in part"; any other exception, or a 
 as "crashed". Both must be 0.
 
 ``tests/tasks/readers/test_hostile_probe.py`` runs a bounded version in ``make test``; for the README's counts:
-``python -m tests.tasks.readers.probe 1000`` (mutations per format, seeded: the same counts every run).
+``python -m tests.tasks.readers.probe 1000 [SEED]`` (mutations per format; seeded, default 0: the same counts
+every run).
 """
 from __future__ import annotations
 
@@ -452,10 +453,11 @@ def quiet() -> Iterator[None]:
 
 def main(argv: list[str]) -> int:
     count = int(argv[0]) if argv else 1000
+    seed = int(argv[1]) if len(argv) > 1 else 0
     rows, failed = [], False
     with quiet(), tempfile.TemporaryDirectory() as tmp:
         for k, fmt in enumerate(formats()):
-            counts, bad = probe(fmt, count, Path(tmp) / str(k))
+            counts, bad = probe(fmt, count, Path(tmp) / str(k), seed=seed)
             rows.append((fmt.name, counts))
             failed |= bool(bad)
             for line in bad[:12]:
