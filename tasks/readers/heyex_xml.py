@@ -173,15 +173,18 @@ def _xml_file(path: Path, image: ET.Element) -> Path:
 
 
 def _xml_image(f: Path, shape: tuple[int, ...] | None, max_voxels: int | None) -> np.ndarray:
-    """One exported B-scan or fundus image as 2-D grey, its size checked before decoding."""
-    import tifffile
+    """One exported B-scan or fundus image as 2-D grey, its size checked before decoding; a TIFF checked as
+    every TIFF is (:mod:`octseg.tasks.readers.tiff`: whole, not cut short), and of one page."""
     from PIL import Image
+
+    from octseg.tasks.readers.tiff import read_tiff_pages, tiff_layout
 
     try:
         if f.suffix.lower() in (".tif", ".tiff"):
-            with tifffile.TiffFile(f) as tif:
-                check_voxels(f, tif.series[0].shape, max_voxels)
-                arr = tif.series[0].asarray()
+            layout = tiff_layout(f, max_voxels)
+            if layout.bscans != 1:
+                raise ReadError(f, f"{layout.bscans} pages where the export names one image")
+            arr = read_tiff_pages(f, layout)
         else:
             with Image.open(f) as img:
                 check_voxels(f, (img.height, img.width), max_voxels)

@@ -66,6 +66,12 @@ def _topcon_chunks(path: Path) -> dict[bytes, list[tuple[int, int]]]:
             raise ReadError(path, f"not a Topcon file (magic {head[:4]!r}, expected b'FOCT')")
         if len(head) < 15:
             raise ReadError(path, "truncated Topcon header")
+        from oct_converter.readers.binary_structs import fds_binary
+
+        try:  # as oct-converter reads it first (its version strings are ASCII)
+            fds_binary.header.parse(head)
+        except Exception as e:  # noqa: BLE001 - construct's errors
+            raise ReadError(path, f"unreadable Topcon file header ({one_line(e)})") from e
         while (n := fh.read(1)) != b"\0":
             if not n:
                 raise ReadError(path, f"truncated: the chunk list ends at byte {size:,} without its terminating "

@@ -210,37 +210,47 @@ def _first(tags: dict, code: int, default: int | None = None) -> int | None:
     return int(v[0]) if v else default
 
 
-def _page(r: _Reader, index: int, offset: int) -> tuple[Page, int]:
-    """The page whose IFD is at ``offset``, and the offset of the next IFD (0: none)."""
+def _page(r: _Reader, index: int, offset: int, memo: dict[bytes, tuple]) -> tuple[Page, int]:
+    """The page whose IFD is at ``offset``, and the offset of the next IFD (0: none). ``memo``: pages already
+    read by their IFD bytes, the data offsets' value left out (a stack's pages differ only there)."""
     count = struct.unpack(r.order + r.count_format, r.read_at(offset, r.count_size, f"page {index}'s header (IFD)"))[0]
     if count == 0 or count > _MAX_TAGS:
         raise ReadError(r.path, f"page {index}: {count} tags in its header (IFD at byte {offset:,}): corrupt TIFF")
     raw = r.read_at(offset + r.count_size, count * r.tag_size + r.offset_size, f"page {index}'s header (IFD)")
-    tags: dict[int, tuple] = {}
-    signature = []
-    for k in range(count):
-        entry = raw[k * r.tag_size:(k + 1) * r.tag_size]
-        code = struct.unpack_from(r.order + "H", entry)[0]
-        if code in _WANTED:
-            code, values = r.values(entry, index)
-            tags[code] = values
-        if code in (_STRIP_OFFSETS, _TILE_OFFSETS):
-            signature.append((code, entry[2:4 + r.offset_size], 0 in tags.get(code, ())))
-        else:
-            signature.append(r.signature(entry, index))
     nxt = struct.unpack(r.order + r.offset_format, raw[-r.offset_size:])[0]
-    width, length = _first(tags, _WIDTH), _first(tags, _LENGTH)
-    if not width or not length:
-        raise ReadError(r.path, f"page {index} has no image size (ImageWidth {width}, ImageLength {length}): "
-                                f"corrupt TIFF")
-    samples = _first(tags, _SAMPLES, 1) or 1
-    page = Page(index=index, offset=offset, subfiletype=_first(tags, _SUBFILETYPE, 0), width=width, length=length,
-                samples=samples, planar=samples > 1 and _first(tags, _PLANAR, 1) == 2,
-                bits=tuple(int(b) for b in tags.get(_BITS, (1,))), sample_format=_first(tags, _SAMPLE_FORMAT, 1),
-                depth=_first(tags, _DEPTH, 1) or 1, compression=_first(tags, _COMPRESSION, 1),
-                description=tags[_DESCRIPTION][0] if _DESCRIPTION in tags else None)
+    entries = [raw[k * r.tag_size:(k + 1) * r.tag_size] for k in range(count)]
+    codes = [struct.unpack_from(r.order + "H", e)[0] for e in entries]
+    where = [k for k, c in enumerate(codes) if c in (_STRIP_OFFSETS, _TILE_OFFSETS)]
+    key = b"".join(e[:4 + r.offset_size] if k in where else e for k, e in enumerate(entries))
+    if key in memo:
+        template, tags, signature = memo[key]
+        tags = dict(tags)
+    else:
+        template, tags, signature = None, {}, []
+        for entry, code in zip(entries, codes):
+            if code in _WANTED and code not in (_STRIP_OFFSETS, _TILE_OFFSETS):
+                tags[code] = r.values(entry, index)[1]
+            signature.append(None if code in (_STRIP_OFFSETS, _TILE_OFFSETS) else r.signature(entry, index))
+    for k in where:  # their values, wherever the page's data lie
+        tags[codes[k]] = r.values(entries[k], index)[1]
+    if template is None:
+        width, length = _first(tags, _WIDTH), _first(tags, _LENGTH)
+        if not width or not length:
+            raise ReadError(r.path, f"page {index} has no image size (ImageWidth {width}, ImageLength {length}): "
+                                    f"corrupt TIFF")
+        samples = _first(tags, _SAMPLES, 1) or 1
+        template = Page(index=index, offset=offset, subfiletype=_first(tags, _SUBFILETYPE, 0), width=width,
+                        length=length, samples=samples, planar=samples > 1 and _first(tags, _PLANAR, 1) == 2,
+                        bits=tuple(int(b) for b in tags.get(_BITS, (1,))),
+                        sample_format=_first(tags, _SAMPLE_FORMAT, 1), depth=_first(tags, _DEPTH, 1) or 1,
+                        compression=_first(tags, _COMPRESSION, 1),
+                        description=tags[_DESCRIPTION][0] if _DESCRIPTION in tags else None)
+        memo[key] = (template, {c: v for c, v in tags.items() if c not in (_STRIP_OFFSETS, _TILE_OFFSETS)}, signature)
+    full = tuple((codes[k], entries[k][2:4 + r.offset_size], 0 in tags[codes[k]]) if k in where else item
+                 for k, item in enumerate(signature))
+    page = replace(template, index=index, offset=offset)
     data, contiguous = _check_data(r, page, tags)
-    return replace(page, signature=tuple(signature), data=data, data_contiguous=contiguous), nxt
+    return replace(page, signature=full, data=data, data_contiguous=contiguous), nxt
 
 
 def _check_data(r: _Reader, page: Page, tags: dict) -> tuple[tuple[int, int], bool]:
@@ -280,7 +290,7 @@ def _walk(path: Path, max_voxels: int | None) -> list[Page]:
     voxels = 0
     with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         r = _Reader(path, buf, size)
-        offset, seen = r.first, set()
+        offset, seen, memo = r.first, set(), {}
         while offset:
             if offset in seen:
                 raise ReadError(path, f"page {len(pages)}'s header points back to an earlier page (byte {offset:,}): "
@@ -290,7 +300,7 @@ def _walk(path: Path, max_voxels: int | None) -> list[Page]:
                 raise ReadError(path, f"truncated TIFF: {what} should start at byte {offset:,}, the file has "
                                       f"{size:,} (the file ends after {len(pages)} page{'s' * (len(pages) != 1)})")
             seen.add(offset)
-            page, offset = _page(r, len(pages), offset)
+            page, offset = _page(r, len(pages), offset, memo)
             pages.append(page)
             voxels += page.voxels
             if max_voxels is not None and voxels > max_voxels:
@@ -420,7 +430,20 @@ def read_tiff_pages(path: Path, layout: TiffLayout) -> np.ndarray:
                                           f"does not take")
         arr = None
         decodings = {_decoding(p) for p in parsed.values()}
-        if not layout.skipped and not layout.ome and len(decodings) == 1 and _contiguous(layout.pages):
+        one = parsed[layout.first.signature]
+        if len(decodings) == 1 and _contiguous(layout.pages) and one.compression == 1 and one.fillorder == 1 \
+                and one.predictor == 1 and one.bitspersample in (8, 16, 32, 64) and one.dtype is not None:
+            # uncompressed whole-byte samples, one block in page order: what tifffile decodes, read at once
+            dtype = np.dtype(one.dtype).newbyteorder(tif.byteorder)
+            count = layout.voxels
+            arr = np.empty(count, dtype)
+            with path.open("rb", buffering=0) as fh:
+                fh.seek(layout.first.data[0])
+                got = fh.readinto(memoryview(arr).cast("B"))
+            if got != arr.nbytes:
+                raise ReadError(path, f"truncated TIFF: {got:,} of {arr.nbytes:,} bytes of pixel data")
+            arr = arr.astype(dtype.newbyteorder("="), copy=False)
+        elif not layout.skipped and not layout.ome and len(decodings) == 1 and _contiguous(layout.pages):
             series = tif.series
             if len(series) == 1 and series[0].kind in ("shaped", "imagej", "uniform", "generic") \
                     and series[0].size == layout.voxels and len(series[0].pages) == len(layout.pages):

@@ -213,6 +213,13 @@ def _tiff_imagej(path: Path) -> Path:
     return path
 
 
+def _tiff_zlib(path: Path) -> Path:
+    import tifffile
+
+    tifffile.imwrite(path, SMALL, photometric="minisblack", compression="zlib")
+    return path
+
+
 def _png(path: Path) -> Path:
     from PIL import Image
 
@@ -300,6 +307,7 @@ def formats() -> list[Format]:
     found = [
         Format("tiff (one series a page)", ".tif", _tiff_per_page, _ref_tiff),
         Format("tiff (ImageJ stack)", ".tif", _tiff_imagej, _ref_tiff),
+        Format("tiff (zlib stack)", ".tif", _tiff_zlib, _ref_tiff),
         Format("npy", ".npy", _npy, _ref_npy),
         Format("png", ".png", _png, _ref_pil),
         Format("jpeg", ".jpg", _jpeg, _ref_pil),
