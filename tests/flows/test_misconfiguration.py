@@ -53,6 +53,17 @@ def test_a_tracking_server_that_is_not_listening_is_one_line_in_seconds(archive:
     assert uri in line and "no server answers" in line
 
 
+def test_a_tracking_server_that_accepts_but_never_answers_is_one_line_in_seconds(archive: Path) -> None:
+    with socket.socket() as silent:  # connections are accepted by the kernel, nothing ever answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        line = _one_line_exit_2(_invoke("train", "--archive", str(archive), "--tracking-uri", uri))
+        assert time.monotonic() - start < 10
+    assert "no server answers" in line or "no answer within" in line
+
+
 def test_a_tracking_host_that_does_not_resolve_is_one_line(archive: Path) -> None:
     line = _one_line_exit_2(_invoke("train", "--archive", str(archive), "--tracking-uri", "http://no-such-host.invalid:5000"))
     assert "no server answers" in line
