@@ -38,6 +38,11 @@ QUIET_LOGGERS = ("distributed", "mlflow", "alembic")  # third-party INFO lines o
 # server's first start migrates its database, which outlasts Prefect's 20 s default on a small machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# MLflow's HTTP client retries 7 times with a backoff factor of 2 and waits 120 s per request by default:
+# a tracking server that stops answering held a command for minutes. A few seconds of retries instead.
+for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                      ("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")):
+    os.environ.setdefault(_name, _value)
 
 
 def _one_line(error: Exception) -> str:
@@ -117,6 +122,9 @@ def _prepare_runtime(verbose: bool) -> None:
         dask.config.set({"distributed.logging.distributed": "warning"})
     from prefect.logging.configuration import ensure_logging_setup
 
+    from octseg.tasks.runtime.tether import tether_ephemeral_server
+
+    tether_ephemeral_server()  # an ephemeral Prefect server dies with this command, even on kill -9
     ensure_logging_setup()
     if verbose:
         return
@@ -257,6 +265,7 @@ def segment(cfg: SegmentConfig, verbose: bool) -> None:
     """
     preflight.check_archive(cfg.archive, writable=True)
     preflight.check_output_folder(cfg.qc_folder, "QC folder")
+    preflight.check_archive_siblings(cfg.archive, "reports")
     ref = _registered_model(cfg.model_uri, cfg.tracking_uri)
     from octseg.flows.plans import plan_segmentation
     from octseg.flows.summary import SegmentSummary
@@ -309,6 +318,7 @@ def pipeline(cfg: PipelineConfig, verbose: bool) -> None:
     from octseg.tasks.tracking.uri import check_tracking_uri, resolve_tracking_uri
 
     preflight.check_output_folder(cfg.segment.qc_folder, "QC folder")
+    preflight.check_archive_siblings(cfg.ingest.archive, "reports")
     check_tracking_uri(resolve_tracking_uri(cfg.train.tracking_uri))
     from octseg.flows.pipeline import run_pipeline
 
@@ -325,6 +335,7 @@ def watch(cfg: WatchConfig, verbose: bool) -> None:
     """
     preflight.check_sources([cfg.inbox])
     preflight.check_new_archive(cfg.archive)
+    preflight.check_archive_siblings(cfg.archive, "qc", "reports")
     from octseg.flows.summary import WatchSummary
     from octseg.tasks.ingest.inbox import scan_inbox
 
@@ -332,6 +343,9 @@ def watch(cfg: WatchConfig, verbose: bool) -> None:
     if not scan.new and not scan.unreadable:
         return _report(WatchSummary(str(cfg.inbox), str(cfg.archive), known=len(scan.known),
                                     unsettled=len(scan.unsettled)))
+    from octseg.tasks.tracking.uri import check_tracking_uri, resolve_tracking_uri
+
+    check_tracking_uri(resolve_tracking_uri(cfg.tracking_uri))
     from octseg.flows.watch import watch_inbox
 
     _report(_run(watch_inbox, cfg, verbose))

@@ -12,7 +12,18 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["check_archive", "check_new_archive", "check_output_folder", "check_sources", "check_writable"]
+__all__ = ["SIBLINGS", "check_archive", "check_archive_siblings", "check_new_archive", "check_output_folder",
+           "check_sources", "check_writable"]
+
+# The folders octseg keeps beside an archive ``A`` (name patterns, what they hold): the per-volume claims of
+# concurrent runs and the staging folders of volumes being written (tasks.archive.claims and .staging, next
+# to the resolved archive), the QC overlays and the reports (next to the archive as given).
+SIBLINGS = {
+    "claims": (".{}.claims", "per-volume claims"),
+    "staging": (".{}.staging", "staging folders"),
+    "qc": ("{}.qc", "QC overlays"),
+    "reports": ("{}.reports", "reports"),
+}
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -51,6 +62,31 @@ def _octseg_group(path: Path) -> bool:
     return isinstance(attrs, dict) and "octseg" in attrs
 
 
+def check_archive_siblings(path: Path, *which: str) -> None:
+    """The folders octseg creates beside the archive (``which`` of :data:`SIBLINGS`) can be created or
+    written: each that exists is a writable folder, and the folder beside the archive takes new ones."""
+    path = Path(path)
+    resolved = path.resolve()
+    missing: list[Path] = []
+    for key in which:
+        pattern, purpose = SIBLINGS[key]
+        where = resolved.parent if key in ("claims", "staging") else path.parent
+        sibling = where / pattern.format(resolved.name if key in ("claims", "staging") else path.name)
+        if sibling.exists() or sibling.is_symlink():
+            if not sibling.is_dir():
+                raise ValueError(f"{sibling} is {'a broken link' if not sibling.exists() else 'a file'}, not a folder: "
+                                 f"octseg keeps the archive's {purpose} there; remove or rename it")
+            check_writable(sibling, f"the archive's {purpose} folder")
+        else:
+            missing.append(sibling)
+    for parent in dict.fromkeys(s.parent for s in missing):
+        names = ", ".join(s.name for s in missing if s.parent == parent)
+        try:
+            check_writable(_existing_ancestor(parent), "folder beside the archive")
+        except ValueError as e:
+            raise ValueError(f"{e}: octseg creates {names} there") from None
+
+
 def check_archive(path: Path, writable: bool) -> None:
     """An existing octseg archive at ``path`` (written by ``octseg ingest``), writable if asked."""
     path = Path(path)
@@ -65,7 +101,7 @@ def check_archive(path: Path, writable: bool) -> None:
         raise ValueError(f"{path}: a Zarr store but not an octseg archive")
     if writable:
         check_writable(path, "archive")
-        check_writable(path.resolve().parent, "folder beside the archive (for staging)")
+        check_archive_siblings(path, "claims", "staging")
 
 
 def check_new_archive(path: Path) -> None:
@@ -80,6 +116,7 @@ def check_new_archive(path: Path) -> None:
         if (path / "zarr.json").is_file() and not _octseg_group(path):
             raise ValueError(f"{path}: a Zarr store but not an octseg archive")
     check_writable(where, "archive" if where == path else "folder")
+    check_archive_siblings(path, "claims", "staging")
 
 
 def check_output_folder(path: Path, what: str) -> None:

@@ -3,7 +3,8 @@
 Owns every file format octseg reads: :mod:`.registry` lists the readers and dispatches
 (``read_volume``); :mod:`.base` holds the ``Reader`` protocol, ``ScanVolume``, ``ReadError`` and the
 voxel limit; :mod:`.sources` checks, orders and hashes source paths; :mod:`.headers` converts what
-vendor headers say. Formats: :mod:`.images` (TIFF, PNG/JPEG, ``.npy``, folders of B-scans),
+vendor headers say. Formats: :mod:`.images` (TIFF, PNG/JPEG, ``.npy``, folders of B-scans; a TIFF's pages checked by
+:mod:`.tiff`),
 :mod:`.heidelberg` (``.vol``, ``.e2e``), :mod:`.heyex_xml`, :mod:`.dicom`, :mod:`.duke` and
 :mod:`.octconverter` (Topcon, Zeiss, Bioptigen).
 

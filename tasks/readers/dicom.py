@@ -1,4 +1,4 @@
-"""DICOM files (Ophthalmic Tomography and any other multi-frame image), read with pydicom when one is read.
+"""DICOM Ophthalmic Tomography files (and, when asked, secondary capture), read with pydicom when one is read.
 
 Recognised by content whatever the name ("DICM" at byte 128: DICOM files often have none) or by
 ``.dcm``. Frames are B-scans; MONOCHROME1 is inverted; the pixel spacing and B-scan spacing come from
@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from octseg.tasks.readers.base import ExportReader, Limits, ReadError, ScanVolume, check_voxels, one_line
 from octseg.tasks.readers.headers import add_identifier, floats_as_float32, grey, iso_date, laterality, new_volume, scale_um
 
-__all__ = ["DICOM", "DicomReader", "is_dicom"]
+__all__ = ["DICOM", "NOT_BSCANS", "OPT_IMAGE", "SECONDARY_CAPTURE", "DicomReader", "check_oct", "is_dicom"]
 
 
 def is_dicom(path: Path) -> bool:
@@ -31,14 +32,44 @@ def is_dicom(path: Path) -> bool:
         return False
 
 
+OPT_IMAGE = "1.2.840.10008.5.1.4.1.1.77.1.5.4"  # Ophthalmic Tomography Image Storage: the OCT B-scans
+SECONDARY_CAPTURE = {  # read only with the reader option dicom_secondary_capture
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.1": "Multi-frame Single Bit Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture Image Storage",
+}
+SECONDARY_CAPTURE_MODALITIES = ("OPT", "OT", None)  # what a secondary capture may say it shows (OT: other)
+# ophthalmic classes that are not OCT B-scans, with what they are instead
+NOT_BSCANS = {
+    "1.2.840.10008.5.1.4.1.1.77.1.5.7": "an OCT en-face image (a projection, not B-scans)",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.8": "OCT B-scan volume analysis, e.g. OCT angiography (flow data, not structural "
+                                        "B-scans)",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.1": "an ophthalmic photograph (fundus/SLO image, not B-scans)",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.2": "an ophthalmic photograph (fundus/SLO image, not B-scans)",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.5": "a wide-field ophthalmic photograph (not B-scans)",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.6": "a wide-field ophthalmic photograph (not B-scans)",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.3": "a stereometric relationship (no B-scans)",
+    "1.2.840.10008.5.1.4.1.1.81.1": "an ophthalmic thickness map (not B-scans)",
+    "1.2.840.10008.5.1.4.1.1.82.1": "a corneal topography map (not B-scans)",
+}
+
+
 class DicomReader(ExportReader):
+    """DICOM: Ophthalmic Tomography Image Storage (Modality OPT) is read; secondary capture only with the
+    option ``dicom_secondary_capture``; everything else is refused naming its Modality and SOP class."""
+
     name, suffixes, label = "dicom", (".dcm",), "DICOM"
+    option_fields = {"dicom_secondary_capture": (bool, Field(False, strict=True, description=(
+        "Also read DICOM secondary capture files (e.g. multi-frame grey exports of OCT B-scans, Modality OPT, OT "
+        "or none) as OCT volumes; without it only DICOM Ophthalmic Tomography is read.")))}
 
     def sniff(self, path: Path) -> bool:
         return is_dicom(path)
 
     def decode(self, path: Path, limits: Limits, options: Mapping[str, Any]) -> ScanVolume:
-        return _read_dicom(path, limits.max_voxels)
+        return _read_dicom(path, limits.max_voxels, bool(options.get("dicom_secondary_capture", False)))
 
 
 DICOM = DicomReader()
@@ -59,7 +90,33 @@ _DICOM_IDENTIFYING = (
 )
 
 
-def _read_dicom(path: Path, max_voxels: int | None) -> ScanVolume:
+def _sop_uid(ds: Any) -> str | None:
+    uid = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+    return str(uid).strip().rstrip("\0") or None if uid else None
+
+
+def check_oct(path: Path, ds: Any, secondary_capture: bool) -> None:
+    """Refuse what is not OCT B-scans, naming its Modality and SOP class (see :class:`DicomReader`)."""
+    uid, modality = _sop_uid(ds), (str(ds.get("Modality") or "").strip() or None)
+    what = f"Modality {modality or '(none)'}, SOP class {_sop_name(ds)}" + (f" ({uid})" if uid and _sop_name(ds) != uid else "")
+    if uid == OPT_IMAGE:
+        if modality not in ("OPT", None):
+            raise ReadError(path, f"not read: {what}: an Ophthalmic Tomography image must have Modality OPT")
+        return
+    if uid in NOT_BSCANS:
+        raise ReadError(path, f"not OCT B-scans: {what}, {NOT_BSCANS[uid]}")
+    if uid in SECONDARY_CAPTURE:
+        if not secondary_capture:
+            raise ReadError(path, f"not read: {what}: a secondary capture is read as OCT B-scans only with "
+                                  f"--dicom-secondary-capture")
+        if modality not in SECONDARY_CAPTURE_MODALITIES:
+            raise ReadError(path, f"not OCT: {what}: a secondary capture is read only with Modality OPT, OT or none")
+        return
+    raise ReadError(path, f"not OCT: {what}; octseg reads DICOM Ophthalmic Tomography Image Storage ({OPT_IMAGE}, "
+                          f"Modality OPT) and, with --dicom-secondary-capture, secondary capture")
+
+
+def _read_dicom(path: Path, max_voxels: int | None, secondary_capture: bool = False) -> ScanVolume:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -67,6 +124,7 @@ def _read_dicom(path: Path, max_voxels: int | None) -> ScanVolume:
         ds = pydicom.dcmread(path, defer_size="256 KB")
     except InvalidDicomError as e:
         raise ReadError(path, f"not a DICOM file ({one_line(e)})") from e
+    check_oct(path, ds, secondary_capture)
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         raise ReadError(path, f"DICOM file without pixel data (SOP class {_sop_name(ds)})")
     rows, cols = ds.get("Rows"), ds.get("Columns")
@@ -99,8 +157,27 @@ def _sop_name(ds: Any) -> str:
     return getattr(uid, "name", None) or str(uid or "unknown")
 
 
+def _check_native_length(path: Path, ds: Any, frames: int, spp: int) -> None:
+    """Uncompressed pixel data must be exactly as long as its header says (one pad byte allowed): pydicom
+    reads a longer one in part, with only a warning, when NumberOfFrames or the image size understates it."""
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if (ts is not None and ts.is_compressed) or "PixelData" not in ds:
+        return
+    bits = int(ds.get("BitsAllocated") or 0)
+    need = (frames * int(ds.Rows) * int(ds.Columns) * spp * bits + 7) // 8
+    held = len(ds.PixelData or b"")
+    if held < need:
+        raise ReadError(path, f"truncated pixel data: {held:,} bytes, the header describes {frames} frame(s) of "
+                              f"{ds.Rows} x {ds.Columns} x {spp} samples of {bits} bits ({need:,} bytes)")
+    if held > need + 1:
+        raise ReadError(path, f"the pixel data holds {held:,} bytes, the header describes {frames} frame(s) of "
+                              f"{ds.Rows} x {ds.Columns} x {spp} samples of {bits} bits ({need:,} bytes): the header "
+                              f"disagrees with the pixel data (a wrong NumberOfFrames?); refused rather than read in part")
+
+
 def _dicom_pixels(path: Path, ds: Any, frames: int, spp: int) -> np.ndarray:
     ts = ds.file_meta.get("TransferSyntaxUID")
+    _check_native_length(path, ds, frames, spp)
     try:
         arr = ds.pixel_array
     except Exception as e:  # noqa: BLE001

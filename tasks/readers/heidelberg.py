@@ -7,6 +7,7 @@ Both check sizes and lengths from their headers before eyepy reads the pixels. H
 """
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,7 +26,7 @@ from octseg.tasks.readers.headers import (
     scale_um,
 )
 
-__all__ = ["E2E", "HEIDELBERG", "HE_PATTERNS", "VOL", "HeyexE2eReader", "HeyexVolReader"]
+__all__ = ["ANGIOGRAPHY", "E2E", "HEIDELBERG", "HE_PATTERNS", "VOL", "HeyexE2eReader", "HeyexVolReader"]
 
 HEIDELBERG = "Heidelberg .vol/.e2e/HEYEX .xml"  # how --help names the family
 # Heidelberg scan pattern codes (.vol header, E2E B-scan meta) -> meta["scan_pattern"]
@@ -49,6 +50,8 @@ def _vol_preflight(path: Path, max_voxels: int | None) -> None:
             raise ReadError(path, f"truncated .vol header ({len(head)} of {_VOL_HEADER} bytes)")
         sx, nb, sy = struct.unpack_from("<3I", head, 12)
         slo_x, slo_y = struct.unpack_from("<2I", head, 48)
+        if nb == 0 and slo_x and slo_y:
+            raise ReadError(path, f"an SLO-only export: a {slo_y} x {slo_x} fundus image and no OCT B-scans")
         if nb == 0 or sx == 0 or sy == 0:
             raise ReadError(path, f"header gives an empty volume ({nb} B-scans of {sy} x {sx})")
         check_voxels(path, (nb, sy, sx), max_voxels)
@@ -106,6 +109,56 @@ def _read_heyex_vol(path: Path, max_voxels: int | None) -> ScanVolume:
 # ------------------------------------------------------------------------------ Heidelberg .e2e
 
 
+_E2E_HEAD = 36 + 52  # version structure, then the main header; chunks follow
+_E2E_CHUNK, _E2E_FOLDER, _E2E_CONTAINER = 52, 44, 60  # chunk header, folder header, data container header
+_E2E_TEXTS = {17, 9000, 9001, 9005, 9006, 9007, 9008}  # containers of n_strings strings of string_size bytes
+
+
+def _e2e_preflight(path: Path) -> None:
+    """Walk the E2E index as eyepy will (chunks of folder headers, each chunk followed by the next at the end
+    of its last folder's data) and refuse what would make eyepy loop, allocate without end or read a cut
+    file: a chunk that leads back to one already read (eyepy's GreedyRange re-reads it forever), an
+    index chunk or a data container cut by the end of the file, and text containers whose string count
+    and size cannot fit (zero-byte strings are counted without reading anything)."""
+    size = path.stat().st_size
+    pos, seen = _E2E_HEAD, set()
+    with path.open("rb") as fh:
+        while pos < size:
+            if pos in seen:
+                raise ReadError(path, f"corrupt .e2e index: the chunk at byte {pos:,} leads back to itself")
+            seen.add(pos)
+            fh.seek(pos)
+            head = fh.read(_E2E_CHUNK)
+            if len(head) < _E2E_CHUNK:
+                raise ReadError(path, f"truncated: an index chunk at byte {pos:,} is cut by the end of the file "
+                                      f"({size:,} bytes)")
+            entries = struct.unpack_from("<I", head, 36)[0]
+            if entries == 0:
+                return  # eyepy stops its index here
+            need = pos + _E2E_CHUNK + entries * _E2E_FOLDER
+            if need > size:
+                raise ReadError(path, f"truncated: an index chunk at byte {pos:,} lists {entries:,} folders, "
+                                      f"{need:,} bytes, the file has {size:,}")
+            table = fh.read(entries * _E2E_FOLDER)
+            for k in range(entries):
+                start, length = struct.unpack_from("<2I", table, k * _E2E_FOLDER + 4)
+                kind = struct.unpack_from("<I", table, k * _E2E_FOLDER + 36)[0]
+                end = start + _E2E_CONTAINER + length
+                if end > size:
+                    raise ReadError(path, f"truncated: a data container needs {end:,} bytes, the file has {size:,}")
+                if kind in _E2E_TEXTS and length:
+                    fh.seek(start + _E2E_CONTAINER)
+                    count = fh.read(8)
+                    strings, each = struct.unpack("<2I", count) if len(count) == 8 else (0, 0)
+                    if strings * max(each, 1) > length:
+                        raise ReadError(path, f"corrupt .e2e: a text container of {length:,} bytes claims {strings:,} "
+                                              f"strings of {each:,} bytes")
+            pos = start + length + _E2E_CONTAINER  # eyepy's jump: after the last folder's data (padding
+            # folders of start 0 send it back to byte 60, where it finds no entries and stops, as here)
+            if len(seen) > 100_000:
+                raise ReadError(path, "corrupt .e2e index: more than 100,000 chunks")
+
+
 def _read_heyex_e2e(path: Path, max_voxels: int | None) -> ScanVolume:
     """The first OCT series of an E2E file (eyepy's reader; tested on synthetic files only)."""
     from eyepy.core.utils import from_e2e_intensity
@@ -117,20 +170,20 @@ def _read_heyex_e2e(path: Path, max_voxels: int | None) -> ScanVolume:
         head = fh.read(0x24 + 7)
     if head[:4] != b"CMDb" or head[0x24:0x24 + 7] != b"MDbMDir":
         raise ReadError(path, f"not a Heidelberg .e2e file (magic {head[:4]!r}, expected b'CMDb' ... b'MDbMDir')")
-    reader = HeE2eReader(path)  # indexes the folder headers only
-    size = path.stat().st_size
-    for folder in getattr(reader.file_hierarchy, "all_folders", []):
-        if folder.start + 60 + folder.size > size:
-            raise ReadError(path, f"truncated: a data container needs {folder.start + 60 + folder.size:,} bytes, "
-                                  f"the file has {size:,}")
+    _e2e_preflight(path)
+    reader = HeE2eReader(path)  # indexes the folder headers, parses the small containers
     with reader:
-        series = [s for s in reader.series
-                  if any(TypesEnum.bscanmeta in sl.folders for sl in s.slices.values())]
+        with_bscans = [s for s in reader.series
+                       if any(TypesEnum.bscanmeta in sl.folders for sl in s.slices.values())]
+        series = [s for s in with_bscans if not _e2e_angiography(s, TypesEnum)]
         if not series:
-            raise ReadError(path, "no OCT series in the .e2e file (truncated, or only fundus images)")
+            raise ReadError(path, _e2e_no_oct(reader.series, with_bscans, TypesEnum))
         s, warnings = series[0], []
         if len(series) > 1:
             warnings.append(f"{len(series)} OCT series in the file: only the first (id {s.id}) was read")
+        if len(with_bscans) > len(series):
+            warnings.append(f"{len(with_bscans) - len(series)} OCT angiography series left out (flow data, "
+                            f"not structural B-scans)")
         first = s.get_bscan_meta()[0]
         check_voxels(path, (s.n_bscans, int(first["size_y"]), int(first["size_x"])), max_voxels)
         image = from_e2e_intensity(s.get_bscans())
@@ -148,6 +201,36 @@ def _read_heyex_e2e(path: Path, max_voxels: int | None) -> ScanVolume:
         ids = _e2e_identifiers(s, TypesEnum)
     return new_volume(image, scale, layers=layers, layers_source="device" if layers else None, fundus=fundus,
                    meta=meta, identifiers=ids, warnings=warnings)
+
+
+# what names an OCT-A series or procedure: "OCTA", "OCT-A", "IR_OCTA", "OCT Angiography", "flow" (not "OCT ART")
+ANGIOGRAPHY = re.compile(r"angio|(?<![a-z])oct-?a(?![a-z])|(?<![a-z])flow(?![a-z])", re.I)
+
+
+def _series_texts(s: Any, types: Any, *kinds: str) -> list[str]:
+    """The strings of a series' text items (scan pattern, OCT or en-face modality) wherever eyepy finds them."""
+    out: list[str] = []
+    for kind in kinds:
+        for folder in s.folders.get(getattr(types, kind), []):
+            text = _guard(lambda f=folder: list(f.data.text)) or []
+            out += [str(t).strip("\0 ") for t in text if str(t).strip("\0 ")]
+    return out
+
+
+def _e2e_angiography(s: Any, types: Any) -> bool:
+    """Whether an E2E series says it is OCT angiography (its scan pattern or OCT modality text)."""
+    return any(ANGIOGRAPHY.search(t) for t in _series_texts(s, types, "scanpattern", "oct_modality"))
+
+
+def _e2e_no_oct(every: Any, with_bscans: list, types: Any) -> str:
+    """Why an E2E file gives no structural OCT volume: only angiography, only fundus images, or nothing."""
+    if with_bscans:
+        said = sorted({t for s in with_bscans for t in _series_texts(s, types, "scanpattern", "oct_modality")})
+        return f"only OCT angiography series ({', '.join(map(repr, said))}): flow data, not structural B-scans"
+    enface = sorted({t for s in every for t in _series_texts(s, types, "enface_modality")})
+    if enface:
+        return f"no OCT B-scans in the .e2e file: its series hold only fundus/SLO images ({', '.join(map(repr, enface))})"
+    return "no OCT series in the .e2e file (truncated, or only fundus images)"
 
 
 def _guard(fn: Callable[[], Any]) -> Any:

@@ -29,7 +29,7 @@ from octseg.tasks.readers.headers import (
     positive,
     scale_um,
 )
-from octseg.tasks.readers.heidelberg import HEIDELBERG
+from octseg.tasks.readers.heidelberg import ANGIOGRAPHY, HEIDELBERG
 
 __all__ = ["XML", "HeyexXmlReader", "export_xml", "heyex_xml_files", "is_heyex_xml"]
 
@@ -79,8 +79,12 @@ def _read_heyex_xml(path: Path, max_voxels: int | None) -> ScanVolume:
     body = root.find("BODY")
     if root.tag != "HEDX" or body is None or body.find("Patient") is None:
         raise ReadError(path, f"not a HEYEX XML export (root <{root.tag}>, expected <HEDX><BODY><Patient>)")
+    _check_modality(path, body)
     octs = body.findall(".//ImageType[Type='OCT']..")
     if not octs:
+        localizers = body.findall(".//ImageType[Type='LOCALIZER']..")
+        if localizers:
+            raise ReadError(path, f"an SLO-only export: {len(localizers)} localizer (fundus) image(s) and no OCT B-scans")
         raise ReadError(path, "the export holds no OCT B-scans")
     sizes = {(_xml_int(path, i, "Height"), _xml_int(path, i, "Width")) for i in octs}
     if len(sizes) > 1:
@@ -130,6 +134,20 @@ def _exam_name(url: str) -> str:
     return re.split(r"[\\/]", url.strip())[-1]
 
 
+def _check_modality(path: Path, body: ET.Element) -> None:
+    """The export's series must be OCT (its Modality, where given) and not OCT angiography (its
+    ModalityProcedure or Type naming angiography or flow)."""
+    for series in body.findall("Patient/Study/Series"):
+        modality = (series.findtext("Modality") or "").strip()
+        said = [t for t in ((series.findtext(k) or "").strip() for k in ("ModalityProcedure", "Type")) if t]
+        if modality and modality.upper() != "OCT":
+            raise ReadError(path, f"not OCT: the export's series has Modality {modality!r}"
+                                  + (f" ({', '.join(said)})" if said else ""))
+        if any(ANGIOGRAPHY.search(t) for t in (modality, *said)):
+            raise ReadError(path, f"an OCT angiography export ({', '.join(map(repr, said))}): flow data, not "
+                                  f"structural B-scans")
+
+
 def _xml_int(path: Path, image: ET.Element, tag: str) -> int:
     text = image.findtext(f"OphthalmicAcquisitionContext/{tag}")
     if text is None or not text.strip().isdigit():
@@ -155,15 +173,18 @@ def _xml_file(path: Path, image: ET.Element) -> Path:
 
 
 def _xml_image(f: Path, shape: tuple[int, ...] | None, max_voxels: int | None) -> np.ndarray:
-    """One exported B-scan or fundus image as 2-D grey, its size checked before decoding."""
-    import tifffile
+    """One exported B-scan or fundus image as 2-D grey, its size checked before decoding; a TIFF checked as
+    every TIFF is (:mod:`octseg.tasks.readers.tiff`: whole, not cut short), and of one page."""
     from PIL import Image
+
+    from octseg.tasks.readers.tiff import read_tiff_pages, tiff_layout
 
     try:
         if f.suffix.lower() in (".tif", ".tiff"):
-            with tifffile.TiffFile(f) as tif:
-                check_voxels(f, tif.series[0].shape, max_voxels)
-                arr = tif.series[0].asarray()
+            layout = tiff_layout(f, max_voxels)
+            if layout.bscans != 1:
+                raise ReadError(f, f"{layout.bscans} pages where the export names one image")
+            arr = read_tiff_pages(f, layout)
         else:
             with Image.open(f) as img:
                 check_voxels(f, (img.height, img.width), max_voxels)

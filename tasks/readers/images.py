@@ -9,6 +9,9 @@ natural order. Masks are read by :func:`read_pixels` with the same refusals.
 from __future__ import annotations
 
 import math
+import mmap
+import struct
+import zlib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,10 +33,12 @@ from octseg.tasks.readers.base import (
     check_voxels,
     listed_suffixes,
     matches_suffix,
+    one_line,
     to_volume_dtype,
 )
 from octseg.tasks.readers.limits import DEFAULT_MAX_VOXELS
 from octseg.tasks.readers.sources import natural_key, shown
+from octseg.tasks.readers.tiff import read_tiff_pages, tiff_layout
 
 __all__ = ["IMAGE", "NPY", "PIXEL_READERS", "TIFF", "BScanFolderReader", "BScanImageReader", "PixelReader", "bscan_files", "read_pixels"]
 
@@ -76,32 +81,44 @@ def _tiff_scale(tif: tifffile.TiffFile, warnings: list[str]) -> Scale | None:
 def _read_tiff(path: Path, max_voxels: int | None, warnings: list[str]) -> tuple[np.ndarray, bool, Scale | None]:
     """TIFF pixels, whether the last axis is colour samples, and the OME scale.
 
-    Only interleaved samples (``...YXS``, what every RGB image writer makes) are colour. Planar
-    samples (``SYX``) are what ``tifffile.imwrite`` makes of a 3- or 4-B-scan stack: B-scans. The
-    size is checked from the header (series shape) before any pixel is decoded.
+    Every page is a B-scan, in file order (:mod:`octseg.tasks.readers.tiff` checks the file's pages,
+    their shapes, their data and what the metadata declares before any pixel is decoded). Only
+    interleaved samples (``...YXS``, what every RGB image writer makes) are colour. Planar samples
+    (``SYX``) are what ``tifffile.imwrite`` makes of a 3- or 4-B-scan stack: B-scans.
     """
     try:
+        layout = tiff_layout(path, max_voxels)
+        if layout.skipped:
+            warnings.append(f"{len(layout.skipped)} reduced-resolution or mask page(s) (previews of the B-scans, "
+                            f"pages {', '.join(str(p.index) for p in layout.skipped[:5])}) left out")
+        arr = read_tiff_pages(path, layout)
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            check_voxels(path, series.shape, max_voxels)
-            arr, axes = series.asarray(), series.axes
-            return arr, axes.endswith("S"), _tiff_scale(tif, warnings)
+            scale = _tiff_scale(tif, warnings) if layout.ome else None
+        return arr, layout.first.colour, scale
     except ReadError:
         raise
     except tifffile.TiffFileError as e:
         if "not a TIFF file" in str(e):
             raise ReadError(path, f"not a TIFF image ({e})") from e
         raise ReadError(path, f"truncated or corrupt TIFF ({e})") from e
-    except (OSError, ValueError, IndexError, ET.ParseError) as e:
-        raise ReadError(path, f"truncated or corrupt TIFF ({type(e).__name__}: {e})") from e
+    except MemoryError as e:
+        raise ReadError(path, "out of memory while reading the TIFF") from e
+    except Exception as e:  # noqa: BLE001 - tifffile on a damaged file: ValueError, TypeError, KeyError, struct.error...
+        raise ReadError(path, f"truncated or corrupt TIFF ({one_line(e)})") from e
 
 
 def _read_pil(path: Path, keep_palette: bool, max_voxels: int | None) -> tuple[np.ndarray, bool]:
     """PNG/JPEG pixels and whether the last axis is colour channels (palette kept for masks); the size
     is checked from the header before decoding."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=_PIL_FORMATS) as img:
             check_voxels(path, (img.height, img.width, len(img.getbands())), max_voxels)
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                raise ReadError(path, f"{img.format} image of {frames} frames (an animation or multi-picture file): "
+                                      f"one file is one B-scan here; export the frames as a stack (TIFF) instead")
+            if img.format == "PNG":
+                _check_png_chunks(path)
             img.load()
             if img.mode == "P" and not keep_palette:
                 img = img.convert("RGBA")
@@ -111,12 +128,37 @@ def _read_pil(path: Path, keep_palette: bool, max_voxels: int | None) -> tuple[n
     except ReadError:
         raise  # the voxel limit, said as it is (a ReadError is a ValueError too)
     except UnidentifiedImageError as e:
-        raise ReadError(path, "not an image (PIL cannot identify the file format)") from e
+        raise ReadError(path, "not an image (neither PNG nor JPEG by its content)") from e
     except Image.DecompressionBombError as e:
         raise ReadError(path, f"refused as a decompression bomb ({e})") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise ReadError(path, f"truncated or corrupt image ({type(e).__name__}: {e})") from e
     return arr, arr.ndim == 3
+
+
+_PIL_FORMATS = ("PNG", "JPEG")  # what .png/.jpg/.jpeg files may hold: no other Pillow decoder is ever run
+
+
+def _check_png_chunks(path: Path) -> None:
+    """Every chunk of a PNG lies inside the file with its CRC intact, up to IEND: a PNG cut short after
+    its pixel data (Pillow reads it without complaint) or with a damaged chunk is refused."""
+    size = path.stat().st_size
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        pos = 8
+        while True:
+            if pos + 8 > size:
+                raise ReadError(path, f"truncated PNG: the file ends at byte {size:,} before its IEND chunk")
+            length, kind = struct.unpack_from(">I4s", buf, pos)
+            end = pos + 12 + length
+            if end > size:
+                raise ReadError(path, f"truncated PNG: chunk {kind.decode('latin1')!r} at byte {pos:,} needs {end:,} "
+                                      f"bytes, the file has {size:,}")
+            crc = struct.unpack_from(">I", buf, end - 4)[0]
+            if zlib.crc32(buf[pos + 4:end - 4]) != crc:
+                raise ReadError(path, f"corrupt PNG: chunk {shown(kind.decode('latin1'))!r} at byte {pos:,} fails its CRC")
+            if kind == b"IEND":
+                return
+            pos = end
 
 
 def _read_npy(path: Path, max_voxels: int | None) -> np.ndarray:
@@ -129,11 +171,19 @@ def _read_npy(path: Path, max_voxels: int | None) -> np.ndarray:
             version = np.lib.format.read_magic(fh)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read_header(fh)
-        except (ValueError, SyntaxError, EOFError, OSError) as e:
-            raise ReadError(path, f"corrupt .npy header ({e})") from e
+        except Exception as e:  # noqa: BLE001 - ValueError, SyntaxError, tokenize.TokenError, EOFError, ...
+            raise ReadError(path, f"corrupt .npy header ({one_line(e)})") from e
+        start = fh.tell()
     if dtype.hasobject:
         raise ReadError(path, f"object arrays ({dtype}) are refused: reading them would unpickle code")
     check_voxels(path, shape, max_voxels)
+    need, size = start + math.prod(shape) * dtype.itemsize, path.stat().st_size
+    if size < need:
+        raise ReadError(path, f"truncated .npy: its header says {dtype} {tuple(shape)}, {need:,} bytes with the "
+                              f"header, the file has {size:,}")
+    if size > need:
+        raise ReadError(path, f"{size - need:,} bytes after the array its header describes ({dtype} {tuple(shape)}): "
+                              f"several arrays saved into one file, or a damaged header; refused rather than read in part")
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:

@@ -66,7 +66,16 @@ def _topcon_chunks(path: Path) -> dict[bytes, list[tuple[int, int]]]:
             raise ReadError(path, f"not a Topcon file (magic {head[:4]!r}, expected b'FOCT')")
         if len(head) < 15:
             raise ReadError(path, "truncated Topcon header")
-        while (n := fh.read(1)) not in (b"", b"\0"):
+        from oct_converter.readers.binary_structs import fds_binary
+
+        try:  # as oct-converter reads it first (its version strings are ASCII)
+            fds_binary.header.parse(head)
+        except Exception as e:  # noqa: BLE001 - construct's errors
+            raise ReadError(path, f"unreadable Topcon file header ({one_line(e)})") from e
+        while (n := fh.read(1)) != b"\0":
+            if not n:
+                raise ReadError(path, f"truncated: the chunk list ends at byte {size:,} without its terminating "
+                                      f"zero (after {sum(map(len, chunks.values()))} chunks)")
             name, raw = fh.read(n[0]), fh.read(4)
             if len(raw) < 4:
                 raise ReadError(path, "truncated chunk list")
@@ -77,6 +86,13 @@ def _topcon_chunks(path: Path) -> dict[bytes, list[tuple[int, int]]]:
             chunks.setdefault(name, []).append((start, length))
             fh.seek(length, 1)
     return chunks
+
+
+def _one_volume_chunk(path: Path, chunks: dict, names: tuple[bytes, ...]) -> None:
+    """A volume chunk that occurs twice is ambiguous (oct-converter reads the last, a chunk list the first): refused."""
+    for name in names:
+        if len(chunks.get(name, [])) > 1:
+            raise ReadError(path, f"{len(chunks[name])} {name.decode()} chunks: which one is the volume is ambiguous")
 
 
 def _chunk(path: Path, chunks: dict, name: bytes, index: int = 0) -> bytes | None:
@@ -103,6 +119,7 @@ def _read_topcon_fds(path: Path, max_voxels: int | None) -> ScanVolume:
     from oct_converter.readers.binary_structs import fds_binary as binary
 
     chunks = _topcon_chunks(path)
+    _one_volume_chunk(path, chunks, (b"@IMG_SCAN_03", b"@IMG_SCAN_02"))
     for name, struct_, hsize in ((b"@IMG_SCAN_03", binary.oct_header, 22), (b"@IMG_SCAN_02", binary.oct_header_2, 30)):
         if name in chunks:
             data = _chunk(path, chunks, name)
@@ -125,6 +142,7 @@ def _read_topcon_fda(path: Path, max_voxels: int | None) -> ScanVolume:
     from oct_converter.readers.binary_structs import fda_binary as binary
 
     chunks = _topcon_chunks(path)
+    _one_volume_chunk(path, chunks, (b"@IMG_JPEG", b"@IMG_MOT_COMP_03"))
     if data := _chunk(path, chunks, b"@IMG_JPEG"):
         header = binary.oct_header.parse(data)
         image = _topcon_jpegs(path, data, header, max_voxels)
@@ -299,6 +317,9 @@ def _read_bioptigen_oct(path: Path, max_voxels: int | None) -> ScanVolume:
         except Exception as e:  # noqa: BLE001
             raise ReadError(path, f"not a Bioptigen .OCT file, or a truncated one ({one_line(e)})") from e
         frames, scans = h.frames.value, h.scans.value
+        if h.dopplerflag.value:
+            raise ReadError(path, f"a Bioptigen file with Doppler (flow) data (DOPPLERFLAG {h.dopplerflag.value}): "
+                                  f"its frames are not read as structural B-scans")
         if h.framecount.value != frames * scans or h.framecount.value == 0:
             raise ReadError(path, f"header gives {h.framecount.value} frames for {frames} x {scans} B-scans")
         check_voxels(path, (h.framecount.value, h.linelength.value, h.linecount.value), max_voxels)

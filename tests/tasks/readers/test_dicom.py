@@ -59,3 +59,58 @@ def test_dicom_errors(tmp_path: Path) -> None:
         read_volume(full, max_voxels=1000)
     with pytest.raises(ReadError):
         read_volume(half(full, tmp_path / "cut.dcm"))
+
+
+# ---- only OCT: what a DICOM file says it is decides (issue 17, item 2) -----------------------------------------
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+MF_GREY_SC = "1.2.840.10008.5.1.4.1.1.7.2"
+
+
+@pytest.mark.parametrize(("sop_class", "modality", "phrase"), [
+    (CT_IMAGE, "CT", r"not OCT: Modality CT, SOP class CT Image Storage \(1\.2\.840\.10008\.5\.1\.4\.1\.1\.2\)"),
+    ("1.2.840.10008.5.1.4.1.1.4", "MR", r"not OCT: Modality MR, SOP class MR Image Storage"),
+    ("1.2.840.10008.5.1.4.1.1.77.1.5.7", "OPT", r"not OCT B-scans: Modality OPT, .*En Face.*an OCT en-face image"),
+    ("1.2.840.10008.5.1.4.1.1.77.1.5.8", "OPT", r"not OCT B-scans: .*B-scan Volume Analysis.*OCT angiography"),
+    ("1.2.840.10008.5.1.4.1.1.77.1.5.1", "OP", r"not OCT B-scans: Modality OP, .*ophthalmic photograph"),
+    (vf.OPT_SOP_CLASS, "CT", r"Modality CT, SOP class Ophthalmic Tomography Image Storage.*must have Modality OPT"),
+    (MF_GREY_SC, "OPT", r"secondary capture is read as OCT B-scans only with --dicom-secondary-capture"),
+])
+def test_dicom_that_is_not_oct_is_refused_naming_modality_and_sop_class(
+        tmp_path: Path, sop_class: str, modality: str, phrase: str) -> None:
+    p = vf.write_opt_dicom(tmp_path / "x.dcm", VOL8, sop_class=sop_class, Modality=modality)
+    with pytest.raises(ReadError, match=phrase) as err:
+        read_volume(p)
+    assert "x.dcm" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_secondary_capture_is_read_only_when_asked(tmp_path: Path) -> None:
+    sc = vf.write_opt_dicom(tmp_path / "sc.dcm", VOL8, sop_class=MF_GREY_SC, Modality="OT")
+    with pytest.raises(ReadError, match="only with --dicom-secondary-capture"):
+        read_volume(sc)
+    vol = read_volume(sc, options={"dicom_secondary_capture": True})
+    np.testing.assert_array_equal(vol.image, VOL8)
+    assert vol.meta["modality"] == "OT" and "Secondary Capture" in vol.meta["sop_class"]
+    ct_sc = vf.write_opt_dicom(tmp_path / "ct_sc.dcm", VOL8, sop_class=MF_GREY_SC, Modality="CT")
+    with pytest.raises(ReadError, match=r"not OCT: Modality CT, .*read only with Modality OPT, OT or none"):
+        read_volume(ct_sc, options={"dicom_secondary_capture": True})  # the opt-in is not a CT pass
+
+
+def test_the_opt_in_is_a_declared_reader_option() -> None:
+    from octseg.flows.config import IngestConfig
+    from octseg.tasks.readers.dicom import DICOM
+
+    assert DICOM.option_defaults == {"dicom_secondary_capture": False}
+    cfg = IngestConfig(sources=("a.dcm",), archive="x.zarr", reader_options={"dicom_secondary_capture": True})
+    assert cfg.reader_options.dicom_secondary_capture is True
+
+
+def test_pixel_data_longer_than_the_header_says_is_refused_not_read_in_part(tmp_path: Path) -> None:
+    import pydicom
+
+    p = vf.write_opt_dicom(tmp_path / "f.dcm", np.concatenate([VOL8, VOL8]))  # 6 frames
+    ds = pydicom.dcmread(p)
+    ds.NumberOfFrames = 4  # pydicom would read the first 4 with a warning
+    ds.save_as(p)
+    with pytest.raises(ReadError, match=r"pixel data holds 3,600 bytes, the header describes 4 frame"):
+        read_volume(p)

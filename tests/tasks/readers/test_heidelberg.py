@@ -138,3 +138,36 @@ def test_e2e_errors(tmp_path: Path) -> None:
 def test_e2e_without_layer_annotations_is_read(tmp_path: Path) -> None:
     vol = read_volume(vf.write_e2e(tmp_path / "x.e2e", np.full((2, 16, 24), 30000, np.uint16), {}))
     assert vol.image.shape[0] == 2 and vol.layers == {} and any("no layer" in w for w in vol.warnings)
+
+
+# ---- only OCT B-scans: what the file says it is (issue 17, item 2) --------------------------------------------
+
+def test_synthetic_vol_equals_eyepy(tmp_path: Path) -> None:
+    from eyepy.core.utils import vol_intensity_transform
+    from eyepy.io import HeVolReader
+
+    raw = RNG.random((3, 10, 12)).astype(np.float32)
+    p = vf.write_vol(tmp_path / "s.vol", raw)
+    vol = read_volume(p)
+    assert_common(vol, p, "heyex-vol")
+    expected = vol_intensity_transform(np.stack([b.data for b in HeVolReader(p).parsed_file.bscans]))
+    np.testing.assert_array_equal(vol.image, expected)
+    assert set(vol.layers) == {"ILM", "BM"} and vol.fundus.shape == (8, 8)
+
+
+def test_slo_only_vol_is_refused_with_the_reason(tmp_path: Path) -> None:
+    p = vf.write_vol_header(tmp_path / "slo_only.vol", 12, 0, 10, slo=8, extra=64)
+    with pytest.raises(ReadError, match=r"an SLO-only export: a 8 x 8 fundus image and no OCT B-scans"):
+        read_volume(p)
+
+
+@pytest.mark.parametrize(("series", "phrase"), [
+    ({"oct_modality": ("OCT-A", "OCTA")}, r"only OCT angiography series \(.*'OCTA'.*\): flow data"),
+    ({"scan_pattern": "OCT Angiography Volume"}, r"only OCT angiography series"),
+    ({"bscans": False}, r"no OCT B-scans in the \.e2e file: its series hold only fundus/SLO images \('IR', 'Infra-Red'\)"),
+])
+def test_e2e_angiography_or_fundus_only_is_refused(tmp_path: Path, series: dict, phrase: str) -> None:
+    p = vf.write_e2e(tmp_path / "x.e2e", np.full((2, 16, 24), 30000, np.uint16), {}, **series)
+    with pytest.raises(ReadError, match=phrase) as err:
+        read_volume(p)
+    assert "x.e2e" in str(err.value)

@@ -78,3 +78,24 @@ def test_xml_export_never_follows_a_link_out_of_its_folder(tmp_path: Path) -> No
     with pytest.raises(ReadError, match="B2.tif links outside the export folder") as err:
         read_volume(export / "test_dummy.xml")
     assert "header=b'root" not in str(err.value)  # nothing of the link's target is read
+
+
+def _export(tmp_path: Path, modality: str, procedure: str, images: list[str]) -> Path:
+    """A HEYEX XML export's skeleton (no image files: these are refused before any is opened)."""
+    body = "".join(f"<Image><ID>{i}</ID><ImageType><Type>{t}</Type></ImageType></Image>" for i, t in enumerate(images))
+    xml = tmp_path / "export.xml"
+    xml.write_text(f"<HEDX><BODY><Patient><ID>1</ID><Study><Series><Modality>{modality}</Modality>"
+                   f"<ModalityProcedure>{procedure}</ModalityProcedure><Type>Volume</Type>{body}"
+                   f"</Series></Study></Patient></BODY></HEDX>")
+    return xml
+
+
+@pytest.mark.parametrize(("modality", "procedure", "images", "phrase"), [
+    ("OCT", "IR_OCT", ["LOCALIZER"], r"an SLO-only export: 1 localizer \(fundus\) image\(s\) and no OCT B-scans"),
+    ("OCT", "IR_OCTA", ["LOCALIZER", "OCT", "OCT"], r"an OCT angiography export \('IR_OCTA', 'Volume'\)"),
+    ("FA", "FA", ["LOCALIZER"], r"not OCT: the export's series has Modality 'FA'"),
+])
+def test_xml_export_that_is_not_oct_is_refused(tmp_path: Path, modality: str, procedure: str, images: list[str],
+                                               phrase: str) -> None:
+    with pytest.raises(ReadError, match=phrase):
+        read_volume(_export(tmp_path, modality, procedure, images))

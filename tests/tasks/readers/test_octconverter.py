@@ -132,3 +132,10 @@ def test_extra_installed_but_a_system_library_missing(tmp_path: Path, monkeypatc
     p.write_bytes(bytes(200 * 1024 * 200))
     with pytest.raises(ReadError, match=r"oct-converter is installed but cannot be imported \(libGL\.so\.1.*libgl1"):
         read_volume(p)
+
+
+def test_bioptigen_with_doppler_frames_is_refused(tmp_path: Path) -> None:
+    pytest.importorskip("oct_converter")
+    p = vf.write_bioptigen(tmp_path / "flow.oct", VOL16, doppler=1)
+    with pytest.raises(ReadError, match=r"Doppler \(flow\) data \(DOPPLERFLAG 1\)"):
+        read_volume(p)

@@ -21,18 +21,19 @@ PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PAT-4711", "PatientBirthDate
 
 def write_opt_dicom(path: Path, volume: np.ndarray, *, spacing_mm: tuple[float, float] = (0.0039, 0.0117),
                     between_mm: float | None = 0.12, laterality: str = "R", transfer_syntax: str | None = None,
-                    pixels: bool = True, **extra: Any) -> Path:
-    """A multi-frame OPT file (frames = B-scans) with PATIENT's identifiers; spacing in the shared groups."""
+                    pixels: bool = True, sop_class: str = OPT_SOP_CLASS, **extra: Any) -> Path:
+    """A multi-frame OPT file (frames = B-scans) with PATIENT's identifiers; spacing in the shared groups.
+    ``sop_class`` and ``Modality=...`` make other kinds of DICOM image with the same pixels."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = OPT_SOP_CLASS
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = OPT_SOP_CLASS, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality, ds.Manufacturer, ds.ManufacturerModelName = "OPT", "Acme Optics", "RetinaScan 3000"
     ds.StudyDate, ds.AcquisitionDateTime = "20230105", "20230102101530"
@@ -113,6 +114,30 @@ def write_vol_header(path: Path, size_x: int, n_bscans: int, size_y: int, slo: i
     return path
 
 
+def write_vol(path: Path, raw: np.ndarray, slo: np.ndarray | None = None, layers: int = 2,
+              scan_pattern: int = 3) -> Path:
+    """A whole HSF-OCT-103 ``.vol`` file: header, SLO, then per B-scan a header with ``layers`` boundary rows
+    and the raw float32 pixels (the layout eyepy's ``HeVolReader`` parses)."""
+    z, y, x = raw.shape
+    slo = np.full((8, 8), 40, np.uint8) if slo is None else slo
+    hdr_size = 256 + layers * 4 * x + 64
+    head = bytearray(2048)
+    struct.pack_into("<12s3I3d2I2dId4sQiI", head, 0, b"HSF-OCT-103\0", x, z, y, 0.0117, 0.12, 0.0039,
+                     slo.shape[1], slo.shape[0], 0.0117, 0.0117, 30, 0.0, b"OD\0\0", 131_000_000_000_000_000,
+                     scan_pattern, hdr_size)
+    struct.pack_into("<16s16sI24s", head, 104, b"4711\0", b"\0", 86, b"PAT-0815\0")
+    out = [bytes(head), slo.astype(np.uint8).tobytes()]
+    for i, bscan in enumerate(raw):
+        bh = bytearray(hdr_size)
+        struct.pack_into("<12sI4dII", bh, 0, b"HSF-BS-103\0", hdr_size, 0.0, i * 0.12, x * 0.0117, i * 0.12,
+                         layers, 256)
+        for k in range(layers):
+            struct.pack_into(f"<{x}f", bh, 256 + k * 4 * x, *np.linspace(2 + k * 3, 3 + k * 3, x))
+        out += [bytes(bh), np.ascontiguousarray(bscan, "<f4").tobytes()]
+    path.write_bytes(b"".join(out))
+    return path
+
+
 # ----------------------------------------------------------------------------- Heidelberg .e2e
 
 
@@ -121,8 +146,10 @@ def _utf16(texts: list[str], size: int = 128) -> bytes:
     return struct.pack("<2I", len(texts), size) + b"".join(t.encode("utf-16-le").ljust(size, b"\0") for t in texts)
 
 
-def _e2e_items(volume: np.ndarray, layers: dict[int, np.ndarray]) -> list[tuple[int, int, int, int, int, bytes]]:
-    """(patient, study, series, slice, type, data) of a left-eye volume, its patient, localizer and layers."""
+def _e2e_items(volume: np.ndarray, layers: dict[int, np.ndarray], oct_modality: tuple[str, ...] = ("OCT", "OCT"),
+               scan_pattern: str = "OCT ART Volume", bscans: bool = True) -> list[tuple[int, int, int, int, int, bytes]]:
+    """(patient, study, series, slice, type, data) of a left-eye volume, its patient, localizer and layers;
+    the series' OCT modality and scan pattern texts as given, its B-scans left out unless ``bscans``."""
     from eyepy.io.he import e2e_format as f
 
     z, h, w = volume.shape
@@ -132,12 +159,12 @@ def _e2e_items(volume: np.ndarray, layers: dict[int, np.ndarray]) -> list[tuple[
              (1, 1, -1, -1, 9000, _utf16(["Glaucoma study"])),
              (1, 1, -1, -1, 9001, _utf16(["Heidelberg Retina Angiograph"])),
              (1, 1, 1, -1, 11, bytes(14) + bytes([76])),  # 'L'
-             (1, 1, 1, -1, 9005, _utf16(["Retina"])), (1, 1, 1, -1, 9006, _utf16(["OCT ART Volume"])),
-             (1, 1, 1, -1, 9007, _utf16(["Infra-Red", "IR"])), (1, 1, 1, -1, 9008, _utf16(["OCT", "OCT"])),
+             (1, 1, 1, -1, 9005, _utf16(["Retina"])), (1, 1, 1, -1, 9006, _utf16([scan_pattern])),
+             (1, 1, 1, -1, 9007, _utf16(["Infra-Red", "IR"])), (1, 1, 1, -1, 9008, _utf16(list(oct_modality))),
              (1, 1, 1, -1, 1073741824, struct.pack("<5I", loc.size, 33620481, loc.size, 8, 8) + loc.tobytes()),
              (1, 1, 1, -1, 10005, bytes(16) + struct.pack("<Q", 132_000_000_000_000_000))]  # 2019-04-17
     meta = f.type10004_format.subcon
-    for i in range(z):
+    for i in range(z if bscans else 0):
         y_deg = 2.0 - i  # B-scans 1 degree apart
         bscan_meta = build(meta, size_y=h, size_x=w, start_x=0.0, end_x=20.0, start_y=y_deg, end_y=y_deg,
                            center_x=10.0, center_y=y_deg, scale_y=0.0039, imgSizeWidth=w, n_bscans=z, aktImage=i,
@@ -151,12 +178,13 @@ def _e2e_items(volume: np.ndarray, layers: dict[int, np.ndarray]) -> list[tuple[
     return items
 
 
-def write_e2e(path: Path, volume: np.ndarray, layers: dict[int, np.ndarray]) -> Path:
+def write_e2e(path: Path, volume: np.ndarray, layers: dict[int, np.ndarray], **series: Any) -> Path:
     """An E2E file in one chunk: version and directory headers, folder headers, then the data containers.
-    ``volume`` holds the raw uint16 codes of E2E's 16-bit float; ``layers`` maps layer ids to (Z, X) rows."""
+    ``volume`` holds the raw uint16 codes of E2E's 16-bit float; ``layers`` maps layer ids to (Z, X) rows;
+    ``series``: :func:`_e2e_items`' texts (OCT modality, scan pattern) and whether it holds B-scans."""
     from eyepy.io.he import e2e_format as f
 
-    items = _e2e_items(volume, layers)
+    items = _e2e_items(volume, layers, **series)
     n = len(items)
     version = build(f.version_format.subcon, name="CMDb", version=1)
     directory = build(f.header_format.subcon, magic2="MDbMDir", version=1, num_entries=n, current=36)
@@ -294,7 +322,8 @@ def _text(key: str, v: str) -> bytes:
     return _field(key, v.encode())
 
 
-def write_bioptigen(path: Path, volume: np.ndarray, description: str = "Subject Miller, baseline") -> Path:
+def write_bioptigen(path: Path, volume: np.ndarray, description: str = "Subject Miller, baseline",
+                    doppler: int = 0) -> Path:
     """A Bioptigen .OCT rectangular volume (frames = 1 repeat, scans = B-scans): each frame holds its
     A-scans one after the other, depth samples contiguous, as uint16."""
     z, depth, ascans = volume.shape
@@ -304,7 +333,7 @@ def write_bioptigen(path: Path, volume: np.ndarray, description: str = "Subject 
            _float("YMIN", 0.0), _float("YMAX", 2.0), _text("YCAPTION", "mm"), _int("SCANTYPE", 1),
            _float("SCANDEPTH", 2.0), _float("SCANLENGTH", 6.0), _float("AZSCANLENGTH", 6.0),
            _float("ELSCANLENGTH", 6.0), _float("OBJECTDISTANCE", 0.0), _float("SCANANGLE", 0.0),
-           _int("SCANS", z), _int("FRAMES", 1), _int("DOPPLERFLAG", 0), _field("CONFIG", b"\0" * 4),
+           _int("SCANS", z), _int("FRAMES", 1), _int("DOPPLERFLAG", doppler), _field("CONFIG", b"\0" * 4),
            b"\0" * 4]
     stamp = struct.pack("<8H", 2019, 11, 2, 5, 14, 20, 7, 0)
     for bscan in volume:

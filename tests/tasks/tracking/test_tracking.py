@@ -2,8 +2,12 @@
 resolve -> load round trip, helpful errors, and no artifacts outside the tmp folder."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -228,7 +232,12 @@ def test_using_tracking_uri_restores_the_environment(monkeypatch, tmp_path):
 def test_check_tracking_uri(tmp_path):
     db = tmp_path / "mlflow.db"
     check_tracking_uri(f"sqlite:///{db}")  # absent, in an existing folder: MLflow creates it
-    check_tracking_uri("http://127.0.0.1:5000")  # left to MLflow
+    with _http_server() as port:  # anything answering is left to MLflow
+        check_tracking_uri(f"http://127.0.0.1:{port}")
+    with pytest.raises(ValueError, match=f"127.0.0.1:{port}: no server answers"):
+        check_tracking_uri(f"http://127.0.0.1:{port}")  # gone: refused in the probe, not after minutes
+    with pytest.raises(ValueError, match="unsupported scheme 'foo'"):
+        check_tracking_uri("foo://bar")
     with pytest.raises(ValueError, match="no MLflow database"):
         check_tracking_uri(f"sqlite:///{db}", must_exist=True)
     with pytest.raises(ValueError, match="does not exist"):
@@ -239,5 +248,33 @@ def test_check_tracking_uri(tmp_path):
     with pytest.raises(ValueError, match="is not a SQLite database") as info:
         check_tracking_uri(f"sqlite:///{db}", must_exist=True)
     assert "\n" not in str(info.value)
-    db.write_bytes(b"SQLite format 3\x00" + bytes(84))
+    db.write_bytes(b"SQLite format 3\x00" + bytes(84))  # a header and nothing else: SQLite says "not a database"
+    with pytest.raises(ValueError, match="damaged SQLite database"):
+        check_tracking_uri(f"sqlite:///{db}", must_exist=True)
+    db.write_bytes(b"")
+    os.utime(db, (time.time() - 60, time.time() - 60))
+    with pytest.raises(ValueError, match="is an empty file, not an MLflow database"):
+        check_tracking_uri(f"sqlite:///{db}")
+    db.unlink()
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE experiments (experiment_id INTEGER)")
     check_tracking_uri(f"sqlite:///{db}", must_exist=True)
+
+
+@contextlib.contextmanager
+def _http_server():
+    """A local HTTP server on a free port for the block (it answers 404 to everything)."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Quiet(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
