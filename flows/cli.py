@@ -327,11 +327,13 @@ def watch(cfg: WatchConfig, verbose: bool) -> None:
     preflight.check_new_archive(cfg.archive)
     from octseg.flows.summary import WatchSummary
     from octseg.tasks.ingest.inbox import scan_inbox
+    from octseg.tasks.ingest.known import read_settings
 
-    scan = scan_inbox(cfg.inbox, cfg.archive, settle_seconds=cfg.settle_seconds, labels=cfg.labels)
+    scan = scan_inbox(cfg.inbox, cfg.archive, settle_seconds=cfg.settle_seconds, labels=cfg.labels,
+                      settings=read_settings(cfg.reader_options.model_dump(), cfg.max_voxels))
     if not scan.new and not scan.unreadable:
         return _report(WatchSummary(str(cfg.inbox), str(cfg.archive), known=len(scan.known),
-                                    unsettled=len(scan.unsettled)))
+                                    unsettled=len(scan.unsettled), known_bad=len(scan.known_bad)))
     from octseg.flows.watch import watch_inbox
 
     _report(_run(watch_inbox, cfg, verbose))

@@ -78,6 +78,10 @@ ReaderOptions = reader_options_model(keep_identifiers=(KeepIdentifiers, False))
 (:func:`octseg.tasks.readers.registry.reader_options_model`; Duke's ``grader``)."""
 MaxVoxels = Annotated[int | None, Field(ge=1, strict=True, description=(
     "Refuse a volume larger than this many voxels, from its header (before decoding)."))]
+PerTask = Annotated[int | None, Cli(show_default="grows with the run"), Field(ge=1, strict=True, description=(
+    "Items (files or volumes) per Prefect task run. Default: one each for runs of up to 100, then batches that "
+    "keep a run near 100 task runs (at most 200 items each); a failed item always gets a Failed task run of its "
+    "own."))]
 ModelURI = Annotated[str, Cli("--model"),
                      Field(description="Model URI: models:/NAME@ALIAS or models:/NAME/VERSION.")]
 
@@ -99,6 +103,7 @@ class IngestConfig(_Config):
         default_factory=dask_address_from_env, description=(
             "Dask scheduler (tcp://host:8786) whose workers read and write the files (they must see the same "
             "paths). Default: $DASK_SCHEDULER_ADDRESS, else threads of this command."))
+    per_task: PerTask = None
 
 
 class PreprocessConfig(_Config):
@@ -110,6 +115,7 @@ class PreprocessConfig(_Config):
     n_workers: Annotated[int, Cli("--workers")] = Field(default=2, ge=1, strict=True,
                                                         description="LocalCluster worker processes.")
     weights: WeightMapConfig = WeightMapConfig()
+    per_task: PerTask = None
 
 
 class TrainFlowConfig(_Config):
@@ -152,6 +158,7 @@ class SegmentConfig(_Config):
         "0: segment in this process."))
     gpu: bool | None = Field(None, strict=True, description=(
         "Each volume asks its Dask worker for the resource GPU=1 (default: when a worker declares one)."))
+    per_task: PerTask = None
 
     @property
     def qc_folder(self) -> Path:

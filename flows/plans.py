@@ -5,6 +5,11 @@ Each plan applies the same rule as its flow's tasks (the flow checks again as it
 never decides what is written): ingest skips sources the archive holds unchanged, preprocess skips
 volumes whose derived arrays carry current fingerprints, train reuses a registered run with the
 same data and settings, segment skips volumes the pinned model version already segmented.
+
+The plans of ingest, preprocess and segment read the archive's catalogue
+(:mod:`octseg.tasks.archive.catalogue`), not every volume: each "nothing to do" rests on a catalogue row
+whose files (the volume's ``zarr.json``, its prediction's or derived arrays') still have the stamps the
+row was read from; any other row is read again from its volume first, so the volume's own records win.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from octseg.flows.config import IngestConfig, PreprocessConfig, SegmentConfig, T
 from octseg.flows.summary import IngestSummary, PreprocessSummary, TrainSummary
 from octseg.tasks.readers.sources import shown, source_problem
 from octseg.tasks.archive.layout import volume_id_from_path
-from octseg.tasks.archive.store import already_segmented, open_archive, select_volumes
+from octseg.tasks.archive.store import open_archive, select_volumes
 from octseg.tasks.tracking.models import ModelRef
 
 __all__ = ["duplicate_ids", "plan_ingest", "training_volumes", "plan_preprocess", "plan_segmentation", "previous_training"]
@@ -42,7 +47,8 @@ def duplicate_ids(sources: list[Path]) -> dict[Path, str]:
 
 def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     """(sources to ingest, a summary of the rest): those the archive holds unchanged are skipped, a
-    source whose volume id an earlier one in the batch already uses is a failure, as in the flow."""
+    source whose volume id an earlier one in the batch already uses is a failure, as in the flow. A source
+    whose path and stamp the catalogue remembers is not read (its SHA-256 is known)."""
     from octseg.tasks.ingest.source import is_up_to_date
 
     duplicates = duplicate_ids(list(config.sources))
@@ -51,14 +57,21 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     if not (Path(config.archive) / "zarr.json").is_file():
         return [str(s) for s in sources], summary
     archive = open_archive(config.archive, create=False)
+    catalogue = archive.catalogue()
+    ids = {src: volume_id_from_path(src) for src in sources}
+    entries = catalogue.entries(sorted(set(ids.values())), verify=("volume",), details=True, missing_ok=True)
+    remembered = catalogue.sources()
     todo = []
     for src in sources:
+        entry = entries.get(ids[src])
         try:
-            done = is_up_to_date(src, archive, config.labels, config.reader_options.model_dump())
+            done = entry is not None and entry.meta is not None and is_up_to_date(
+                src, archive, config.labels, config.reader_options.model_dump(), meta=entry.meta,
+                remembered=remembered)
         except Exception:  # an unreadable file: the flow reports it
             done = False
         if done:
-            summary.skipped.append(volume_id_from_path(src))
+            summary.skipped.append(ids[src])
         else:
             todo.append(str(src))
     return todo, summary
@@ -66,16 +79,24 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
 
 def plan_preprocess(config: PreprocessConfig) -> tuple[list[str], PreprocessSummary]:
     """(volumes with a derived array to (re)compute, a summary listing those up to date)."""
-    from octseg.tasks.preprocess.derive import outdated
+    from octseg.tasks.preprocess.derive import expected_fingerprints, outdated
 
     archive = open_archive(config.archive, create=False)
     summary = PreprocessSummary(str(config.archive))
     todo = []
-    for vid in select_volumes(config.archive, config.volumes):
-        try:
-            current = not outdated(archive, vid, config.weights)
-        except Exception:  # a broken volume: the flow reports it
-            current = False
+    for vid, entry in archive.catalogue().entries(config.volumes, verify=("volume", "derived")).items():
+        if entry.status == "unreadable":
+            todo.append(vid)  # a broken volume: the flow reports it
+            continue
+        if entry.manual and not entry.labels_sha256:  # its weights' fingerprint needs the labels read
+            try:
+                current = not outdated(archive, vid, config.weights)
+            except Exception:
+                current = False
+        else:
+            fps = expected_fingerprints(entry.source_sha256, entry.labels_sha256 if entry.manual else None,
+                                        config.weights, manual=entry.manual)
+            current = all(entry.derived_current(name, fp) for name, fp in fps.items())
         (summary.up_to_date if current else todo).append(vid)
     return todo, summary
 
@@ -118,11 +139,16 @@ def previous_training(config: TrainFlowConfig, tracking_uri: str) -> TrainSummar
     return None if found is None else TrainSummary.from_result(found, tracking_uri)
 
 
-def plan_segmentation(config: SegmentConfig, ref: ModelRef) -> tuple[list[str], list[str]]:
-    """(volumes to segment, volumes this model version already segmented) of the selection."""
-    archive = open_archive(config.archive, create=False)
+def plan_segmentation(config: SegmentConfig, ref: ModelRef,
+                      bscans: dict[str, int] | None = None) -> tuple[list[str], list[str]]:
+    """(volumes to segment, volumes this model version already segmented) of the selection; ``bscans``, when
+    given, receives the B-scans of each volume to segment."""
     todo, done = [], []
-    for vid in select_volumes(config.archive, config.volumes):
-        finished = not config.force and already_segmented(archive, vid, ref.name, ref.version)
+    entries = open_archive(config.archive, create=False).catalogue().entries(config.volumes,
+                                                                              verify=("volume", "prediction"))
+    for vid, entry in entries.items():
+        finished = not config.force and entry.segmented_by(ref.name, ref.version)
         (done if finished else todo).append(vid)
+        if bscans is not None and not finished:
+            bscans[vid] = entry.n_bscans
     return todo, done

@@ -15,7 +15,9 @@ from octseg.flows.preprocess import preprocess_archive
 from octseg.flows.runs import failure_line, finish, summary_of
 from octseg.flows.segment import segment_archive
 from octseg.flows.summary import WatchSummary
-from octseg.tasks.ingest.inbox import scan_inbox
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.ingest.inbox import remember_problems, scan_inbox
+from octseg.tasks.ingest.known import read_settings
 
 __all__ = ["watch_inbox"]
 
@@ -35,11 +37,16 @@ def _stage(name: str, run, summary: WatchSummary):
 def watch_inbox(config: WatchConfig) -> State:
     """Scan the inbox; ingest, preprocess and segment what is new and settled."""
     logger = get_run_logger()
-    scan = scan_inbox(config.inbox, config.archive, settle_seconds=config.settle_seconds, labels=config.labels)
+    open_archive(config.archive, create=True)  # so that what fails is remembered beside it
+    settings = read_settings(config.reader_options.model_dump(), config.max_voxels)
+    scan = scan_inbox(config.inbox, config.archive, settle_seconds=config.settle_seconds, labels=config.labels,
+                      settings=settings)
     summary = WatchSummary(str(config.inbox), str(config.archive), known=len(scan.known),
-                           unsettled=len(scan.unsettled), failures=list(scan.unreadable))
-    logger.info("inbox: %d new, %d known, %d still being written", len(scan.new), len(scan.known),
-                len(scan.unsettled))
+                           unsettled=len(scan.unsettled), failures=list(scan.unreadable),
+                           known_bad=len(scan.known_bad))
+    logger.info("inbox: %d new, %d known, %d known bad (unchanged), %d still being written", len(scan.new),
+                len(scan.known), len(scan.known_bad), len(scan.unsettled))
+    remember_problems(config.archive, scan.problems, settings)  # reported this once, counted as known bad after
     if scan.new:
         ingest = _stage("ingest", lambda: ingest_volumes(
             IngestConfig(sources=tuple(scan.new), archive=config.archive, labels=config.labels,

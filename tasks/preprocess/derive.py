@@ -22,8 +22,8 @@ from octseg.unet.config import WeightMapConfig
 from octseg.unet.normalize import normalize_volume
 from octseg.unet.weights import border_weight_map
 
-__all__ = ["NORMALIZATION_METHOD", "PreprocessResult", "derived_fingerprints", "outdated", "preprocess_volume",
-           "preprocess_volume_task"]
+__all__ = ["NORMALIZATION_METHOD", "PreprocessResult", "derived_fingerprints", "expected_fingerprints", "outdated",
+           "preprocess_volume", "preprocess_volume_task"]
 
 
 NORMALIZATION_METHOD = "zscore-excluding-fill-v1"
@@ -74,18 +74,25 @@ def _store(result, target, scheduler_address: str | None) -> None:
         f.result()
 
 
+def expected_fingerprints(source_sha256: str | None, labels_fp: str | None, weights: WeightMapConfig, *,
+                          manual: bool) -> dict[str, dict]:
+    """The fingerprint each derived array must carry to be up to date: ``normalized`` from the source's sha256,
+    ``weights`` (volumes with manual labels) from the labels' fingerprint and the weight-map settings."""
+    fps = {"normalized": {"source_sha256": source_sha256, "method": NORMALIZATION_METHOD}}
+    if manual:
+        fps["weights"] = {"labels_sha256": labels_fp, "w0": weights.w0, "sigma": weights.sigma,
+                          "class_weights": weights.class_weights}
+    return fps
+
+
 def derived_fingerprints(archive, volume_id: str, weights: WeightMapConfig) -> dict[str, dict]:
     """The fingerprint each derived array of ``volume_id`` must carry to be up to date: ``normalized``
     always, ``weights`` when the volume has manual labels."""
     meta = archive.volume_meta(volume_id)
-    fps = {"normalized": {"source_sha256": meta.get("source_sha256"), "method": NORMALIZATION_METHOD}}
     manual = archive.manual_labels(volume_id)
-    if manual is not None:
-        # ingest records the masks' sha256 (and rewrites the volume when they change); else hash the labels
-        labels_fp = meta.get("labels_sha256") or _labels_digest(*manual)
-        fps["weights"] = {"labels_sha256": labels_fp, "w0": weights.w0, "sigma": weights.sigma,
-                          "class_weights": weights.class_weights}
-    return fps
+    # ingest records the masks' sha256 (and rewrites the volume when they change); else hash the labels
+    labels_fp = (meta.get("labels_sha256") or _labels_digest(*manual)) if manual is not None else None
+    return expected_fingerprints(meta.get("source_sha256"), labels_fp, weights, manual=manual is not None)
 
 
 def outdated(archive, volume_id: str, weights: WeightMapConfig) -> list[str]:
