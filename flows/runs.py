@@ -111,7 +111,7 @@ def _run_batch(fn: Callable[..., Any], items: list[str], run_name: str, options:
                kwargs: dict[str, Any]) -> Batch:
     """Run a batch's items (see :func:`~octseg.tasks.runtime.batches.run_items`); a batch of one item fails
     with that item's error, so its task run is the item's own."""
-    batch = Batch(list(run_items(fn, items, **options, **kwargs)))
+    batch = Batch(list(run_items(fn, items, kwargs, **options)))
     if len(items) == 1 and batch.outcomes[0].error is not None:
         raise batch.outcomes[0].error
     failed = sum(o.error is not None for o in batch.outcomes)

@@ -25,7 +25,14 @@ from pathlib import Path
 
 from octseg.tasks.archive.catalogue import Catalogue, SourceRecord
 from octseg.tasks.archive.store import open_archive
-from octseg.tasks.ingest.known import remember_bad, remember_read, source_parts, source_stamp
+from octseg.tasks.ingest.known import (
+    refused_under,
+    remember_bad,
+    remember_read,
+    source_parts,
+    source_stamp,
+    still_refused,
+)
 from octseg.tasks.readers.base import ReadError
 from octseg.tasks.readers.registry import is_volume_source, reader_for, source_files, source_sha256
 from octseg.tasks.readers.sources import shown, source_problem
@@ -129,7 +136,7 @@ def scan_inbox(inbox: str | Path, archive: str | Path, *, settle_seconds: float 
     for path, record in quick.items():
         if path.name in covered:
             continue
-        if record.bad is not None and record.bad_settings == settings:
+        if still_refused(record, settings):
             scan.known_bad.append(str(path))
         elif record.bad is None and record.sha256 in held:
             scan.known.append(str(path))
@@ -158,12 +165,14 @@ def scan_inbox(inbox: str | Path, archive: str | Path, *, settle_seconds: float 
                 scan.problems[str(path)] = str(e.reason if isinstance(e, ReadError) else e)
             continue
         bad = catalogue.bad_by_sha(sha, settings) if catalogue is not None and settings is not None else None
+        bad = bad or (catalogue.bad_by_sha(sha, refused_under(settings)) if bad is None and catalogue is not None
+                      and settings is not None else None)
         if sha in held:
             scan.known.append(str(path))
             remember_read(catalogue, Path(resolved_of[path]), stamp, parts, sha, held[sha])  # known by stamp next time
         elif bad is not None:
             scan.known_bad.append(str(path))  # a renamed copy of a refused file
-            remember_bad(catalogue, Path(resolved_of[path]), stamp, parts, sha, bad.bad, settings)
+            remember_bad(catalogue, Path(resolved_of[path]), stamp, parts, sha, bad.bad, bad.bad_settings)
         else:
             scan.new.append(str(path))
     for found in (scan.new, scan.known, scan.unsettled, scan.known_bad):
@@ -178,4 +187,4 @@ def remember_problems(archive: str | Path, problems: dict[str, str], settings: s
         return
     catalogue = open_archive(archive, create=False).catalogue()
     for path, reason in problems.items():
-        remember_bad(catalogue, Path(path), source_stamp(Path(path), None), None, None, reason, settings)
+        remember_bad(catalogue, Path(path), source_stamp(Path(path), None), None, None, reason, refused_under(settings))

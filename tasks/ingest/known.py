@@ -15,6 +15,7 @@ are unchanged. Reasons are stored without the file's path (the catalogue is kept
 """
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import json
 import os
@@ -23,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from octseg.tasks.archive.catalogue import Catalogue, SourceRecord, file_stamp
-from octseg.tasks.readers.base import ReadError
+from octseg.tasks.readers.base import ReadError, VoxelLimitError
 from octseg.tasks.readers.registry import reader_for
 from octseg.tasks.runtime.retry import is_transient
 
-__all__ = ["bad_reason", "is_bad_input", "known_sha256", "read_settings", "remember_bad", "remember_read", "resolved",
-           "source_parts", "source_stamp"]
+__all__ = ["bad_reason", "is_bad_input", "known_sha256", "read_settings", "refused_under", "remember_bad",
+           "remember_read", "resolved", "source_parts", "source_stamp", "still_refused"]
 
 
 def resolved(path: str | os.PathLike[str]) -> str:
@@ -70,15 +71,45 @@ def _octseg_version() -> str:
 
 
 def read_settings(options: Mapping[str, Any] | None, max_voxels: int | None) -> str:
-    """The settings a refusal depends on: a file refused under others (a larger voxel limit, another grader, a
-    newer octseg) is tried again."""
+    """The settings a refusal depends on: a file refused under others (another grader, a newer octseg; for a
+    volume refused as too large, another voxel limit) is tried again."""
     return json.dumps({"max_voxels": max_voxels, "options": dict(options or {}), "octseg": _octseg_version()},
                       sort_keys=True, default=str)
 
 
+def refused_under(settings: str, error: BaseException | None = None) -> str:
+    """The part of ``settings`` a refusal depends on: all of it for a volume refused as too large, else all but
+    the voxel limit (raising the limit retries only what was too large)."""
+    if isinstance(error, VoxelLimitError):
+        return settings
+    found = json.loads(settings)
+    found["max_voxels"] = None
+    return json.dumps(found, sort_keys=True)
+
+
+def still_refused(record: SourceRecord, settings: str | None) -> bool:
+    """Whether a remembered refusal holds under this run's ``settings`` (see :func:`refused_under`)."""
+    return (record.bad is not None and settings is not None
+            and record.bad_settings in (settings, refused_under(settings)))
+
+
+_FILE_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG,
+                errno.EFBIG, errno.EINVAL}
+
+
 def is_bad_input(error: BaseException) -> bool:
-    """A reader's refusal of the file itself (ReadError or ValueError), which no retry changes."""
-    return isinstance(error, ValueError) and not is_transient(error)
+    """A refusal of the file itself, which no retry changes: a reader's ReadError or ValueError, or a library's
+    bare ``OSError`` without an errno (Pillow's truncated image, h5py's missing signature). Not a transient
+    error (:func:`~octseg.tasks.runtime.retry.is_transient`), nor one of the system's (an errno that is not
+    about the file, such as too many open files)."""
+    if is_transient(error):
+        return False
+    cause, seen = error, 0
+    while cause is not None and seen < 8:
+        if isinstance(cause, OSError) and cause.errno is not None and cause.errno not in _FILE_ERRNOS:
+            return False
+        cause, seen = cause.__cause__, seen + 1
+    return isinstance(error, (ValueError, OSError))
 
 
 def bad_reason(error: BaseException, path: Path) -> str:

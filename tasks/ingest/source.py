@@ -30,6 +30,7 @@ from octseg.tasks.ingest.known import (
     is_bad_input,
     known_sha256,
     read_settings,
+    refused_under,
     remember_bad,
     remember_read,
     source_parts,
@@ -134,7 +135,7 @@ def ingest_source(source: str | Path, archive_path: str | Path, labels_dir: str 
                 if is_bad_input(e):  # remembered, so the drop folder does not read it again until it changes
                     sha = hashing.result() if hashing.exception() is None else None
                     remember_bad(archive.catalogue(), src, stamp, parts, sha, bad_reason(e, src),
-                                 read_settings(options, max_voxels))
+                                 refused_under(read_settings(options, max_voxels), e))
                 raise
             result = _write(archive, src, volume, hashing, labels_dir, labels_fp, options, stamp)
     remember_read(archive.catalogue(), src, stamp, parts, hashing.result(), result.volume_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
@@ -42,12 +42,13 @@ def batch_size(n_items: int, per_task: int | None = None) -> int:
     return max(1, min(MAX_BATCH, math.ceil(n_items / TASK_RUNS_PER_RUN)))
 
 
-def run_items(fn: Callable[..., Any], items: Sequence[str], *, scheduler_address: str | None = None,
-              threads: int = 1, resources: dict[str, float] | None = None, key: str = "item",
-              **kwargs: Any) -> Iterator[ItemOutcome]:
+def run_items(fn: Callable[..., Any], items: Sequence[str], kwargs: Mapping[str, Any] | None = None, *,
+              scheduler_address: str | None = None, threads: int = 1, resources: dict[str, float] | None = None,
+              key: str = "item") -> Iterator[ItemOutcome]:
     """``fn(item, **kwargs)`` for each item, transient errors retried where it runs; an :class:`ItemOutcome`
     per item as each finishes. On the Dask cluster at ``scheduler_address`` (asking each task for
     ``resources``), else in ``threads`` threads (1: in order, in this thread)."""
+    kwargs = dict(kwargs or {})
     if scheduler_address is not None:
         yield from _on_dask(fn, items, scheduler_address, resources, key, kwargs)
     elif threads > 1 and len(items) > 1:
@@ -66,15 +67,20 @@ def run_items(fn: Callable[..., Any], items: Sequence[str], *, scheduler_address
 
 
 def _on_dask(fn, items, address, resources, key, kwargs) -> Iterator[ItemOutcome]:
-    from distributed import as_completed as dask_completed
+    import queue
 
     from octseg.tasks.runtime.cluster import client_for
 
     client = client_for(address)
-    futures = {client.submit(call_with_retries, fn, item, **kwargs, pure=False, resources=resources,
-                             key=f"{key}-{uuid.uuid4().hex}"): item for item in items}
-    for future in dask_completed(list(futures)):
-        item = futures.pop(future)
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    futures = {}
+    for item in items:
+        future = client.submit(call_with_retries, fn, item, **kwargs, pure=False, resources=resources,
+                               key=f"{key}-{uuid.uuid4().hex}")
+        futures[future.key] = (future, item)
+        future.add_done_callback(lambda f: done.put(f.key))
+    while futures:
+        future, item = futures.pop(done.get())
         if future.status == "error":
             outcome = ItemOutcome(item, error=future.exception())
         else:
