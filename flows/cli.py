@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 from octseg.flows import preflight
 from octseg.flows.cli_options import VerboseOpt, config_command
 from octseg.flows.config import (
+    CatalogueConfig,
     EvaluateConfig,
     IngestConfig,
     PipelineConfig,
@@ -337,6 +338,34 @@ def watch(cfg: WatchConfig, verbose: bool) -> None:
     from octseg.flows.watch import watch_inbox
 
     _report(_run(watch_inbox, cfg, verbose))
+
+
+@_command(CatalogueConfig, ["*"])
+def catalogue(cfg: CatalogueConfig, verbose: bool) -> None:
+    """Check the archive's catalogue against its volumes and show what it holds; --rebuild reads every volume.
+
+    Plans (what ingest, preprocess, segment and watch would do) read the catalogue instead of every volume; a row
+    whose volume changed since it was read is read again from the volume, and a missing or damaged catalogue is
+    rebuilt on its own. Nothing is written into the archive.
+    """
+    import time
+
+    preflight.check_archive(cfg.archive, writable=False)
+    from octseg.tasks.archive.store import open_archive
+
+    store = open_archive(cfg.archive, create=False).catalogue()
+    t0 = time.perf_counter()
+    if cfg.rebuild:
+        store.rebuild()
+    volumes = len(store.entries(verify=("volume", "prediction", "derived")))
+    counts, models = store.counts(), store.models()
+    statuses = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("segmented", "preprocessed", "ingested", "unreadable")
+                         if counts.get(k) or k != "unreadable")
+    by_model = "; ".join(f"{name} v{version}: {n}" for (name, version), n in sorted(models.items()))
+    typer.echo(f"catalogue {store.path}: {volumes} volumes ({statuses}"
+               f"{'; segmented by ' + by_model if by_model else ''}); {counts['sources']} source files known, "
+               f"{counts['bad']} refused; {'rebuilt from the volumes' if cfg.rebuild else 'checked against them'} "
+               f"in {time.perf_counter() - t0:.2f} s")
 
 
 @app.command()

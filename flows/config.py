@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_EXPERIMENT",
     "DEFAULT_MODEL_NAME",
     "DEFAULT_MODEL_URI",
+    "CatalogueConfig",
     "EvaluateConfig",
     "IngestConfig",
     "PipelineConfig",
@@ -238,3 +239,12 @@ class WatchConfig(_Config):
     max_voxels: MaxVoxels = DEFAULT_MAX_VOXELS
     inference: InferenceConfig = InferenceConfig()
     weights: WeightMapConfig = WeightMapConfig()
+
+
+class CatalogueConfig(_Config):
+    """The archive's catalogue (``<archive>.catalogue.sqlite``): what the plans read instead of every volume."""
+
+    archive: Archive
+    rebuild: bool = Field(False, strict=True, description=(
+        "Forget the catalogue's volume rows and read every volume again (it is also rebuilt on its own when "
+        "missing or damaged, and any row whose volume changed is read again when used)."))

@@ -584,6 +584,12 @@ class Catalogue:
         out["bad"] = self._query("SELECT COUNT(*) FROM sources WHERE bad IS NOT NULL")[0][0]
         return out
 
+    def models(self) -> dict[tuple[str, str], int]:
+        """(model name, version) -> volumes whose complete prediction it made."""
+        return {(name, version): n for name, version, n in self._query(
+            "SELECT model_name, model_version, COUNT(*) FROM volumes WHERE p_complete = 1 "
+            "GROUP BY model_name, model_version")}
+
     def volumes_holding(self, sha256: str) -> list[str]:
         """Ids whose rows record this source SHA-256 (check them with :meth:`entries` before trusting)."""
         return [r[0] for r in self._query("SELECT volume_id FROM volumes WHERE source_sha256 = ?", (sha256,))]

@@ -263,3 +263,18 @@ def test_select_missing_volumes_names_them(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\['nope'\] not in archive"):
         plan_segmentation(SegmentConfig(archive=arc.path, volumes=("v0", "nope"), dask_address=None), REF)
     assert os.path.exists(catalogue_path(arc.path))
+
+
+def test_the_catalogue_command_checks_and_rebuilds(tmp_path: Path) -> None:
+    from tests.flows.cli_runner import invoke
+
+    arc = _segmented_archive(tmp_path, n=3, segmented=2)
+    shown = invoke("catalogue", "--archive", str(arc.path))
+    assert shown.exit_code == 0, shown.plain
+    assert "3 volumes (2 segmented, 1 preprocessed, 0 ingested; segmented by unet v3: 2)" in shown.plain
+    catalogue_path(arc.path).unlink()
+    rebuilt = invoke("catalogue", "--archive", str(arc.path), "--rebuild")
+    assert rebuilt.exit_code == 0 and "3 volumes" in rebuilt.plain and "rebuilt from the volumes" in rebuilt.plain
+    assert _rows(arc) == _truth(arc)
+    missing = invoke("catalogue", "--archive", str(tmp_path / "none.zarr"))
+    assert missing.exit_code == 2 and "no archive here" in missing.plain
