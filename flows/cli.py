@@ -186,9 +186,10 @@ def ingest(cfg: IngestConfig, verbose: bool) -> None:
     todo, planned = plan_ingest(cfg)
     if not todo:
         return _report(planned)
-    from octseg.flows.ingest import ingest_volumes
+    from octseg.flows.ingest import ingest_config_for, ingest_volumes
 
-    summary = _run(ingest_volumes, cfg.model_copy(update={"sources": tuple(Path(s) for s in todo)}), verbose)
+    with ingest_config_for(cfg, todo) as run_cfg:
+        summary = _run(ingest_volumes, run_cfg, verbose)
     summary.skipped = planned.skipped + summary.skipped  # found unchanged by the plan, not hashed again
     summary.failures = planned.failures + summary.failures  # duplicate ids, missing or unusable names
     _report(summary)

@@ -95,7 +95,10 @@ class IngestConfig(_Config):
     """Files -> archive. A folder of 2-D images is one volume; every other file is one volume."""
 
     sources: Annotated[tuple[Path, ...], Cli(argument=True, metavar="SOURCE", show_default=False)] = Field(
-        min_length=1, description=format_summary())
+        default=(), description=format_summary())
+    sources_file: Annotated[Path | None, Cli(show_default=False)] = Field(None, description=(
+        "A text file naming one source per line, ingested with the SOURCE arguments: for more files than a command "
+        "line holds (or a Prefect flow run's parameters: 512 KB)."))
     archive: Archive
     labels: Labels = None
     reader_options: ReaderOptions = ReaderOptions()  # keep_identifiers, and what each reader declares (grader)
@@ -105,6 +108,22 @@ class IngestConfig(_Config):
             "Dask scheduler (tcp://host:8786) whose workers read and write the files (they must see the same "
             "paths). Default: $DASK_SCHEDULER_ADDRESS, else threads of this command."))
     per_task: PerTask = None
+
+    @model_validator(mode="after")
+    def _some_source(self) -> IngestConfig:
+        if not self.sources and self.sources_file is None:
+            raise ValueError("no source given: name files or folders (SOURCE), or --sources-file")
+        return self
+
+    def all_sources(self) -> tuple[Path, ...]:
+        """The SOURCE arguments, then the lines of ``sources_file`` (blank lines left out)."""
+        if self.sources_file is None:
+            return self.sources
+        try:
+            lines = Path(self.sources_file).read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+        except OSError as e:
+            raise ValueError(f"sources file {self.sources_file}: cannot be read ({e.strerror or e})") from None
+        return self.sources + tuple(Path(line) for line in lines if line.strip())
 
 
 class PreprocessConfig(_Config):

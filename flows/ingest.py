@@ -1,6 +1,10 @@
 """Flow ``ingest-volumes``: OCT files -> volumes of the OME-Zarr archive."""
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +20,27 @@ from octseg.tasks.ingest.source import IngestResult, ingest_source
 from octseg.tasks.runtime.batches import ItemOutcome
 from octseg.tasks.runtime.progress import progress_bar
 
-__all__ = ["ingest_item", "ingest_volumes"]
+__all__ = ["MANIFEST_ABOVE", "ingest_config_for", "ingest_item", "ingest_volumes"]
 
 INGEST_FILES = batch_task("ingest-files")
 THREADS = 4  # files read and written at once by this process, all batches together
+MANIFEST_ABOVE = 1000  # more sources than this travel to the flow run in a file: its parameters hold 512 KB
+
+
+@contextlib.contextmanager
+def ingest_config_for(config: IngestConfig, sources: list[str]) -> Iterator[IngestConfig]:
+    """``config`` for these ``sources``: in its parameters when they are few, else in a temporary file
+    (``sources_file``) removed afterwards, since Prefect refuses a flow run whose parameters exceed 512 KB."""
+    if len(sources) <= MANIFEST_ABOVE:
+        yield config.model_copy(update={"sources": tuple(Path(s) for s in sources), "sources_file": None})
+        return
+    fd, name = tempfile.mkstemp(prefix="octseg-sources-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write("".join(f"{s}\n" for s in sources))
+        yield config.model_copy(update={"sources": (), "sources_file": Path(name)})
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 def ingest_item(source: str, *, archive_path: str, labels_dir: str | None, options: dict[str, Any],
@@ -37,7 +58,7 @@ def ingest_volumes(config: IngestConfig) -> State:
     logger = get_run_logger()
     logger.info("ingest config: %s", config.model_dump_json())
     open_archive(config.archive, create=True)
-    sources = [Path(s) for s in config.sources]
+    sources = list(config.all_sources())
     duplicates = duplicate_ids(sources)
     todo = [str(s) for s in sources if s not in duplicates]
     summary = IngestSummary(str(config.archive), failures=list(duplicates.values()))

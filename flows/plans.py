@@ -51,9 +51,10 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     whose path and stamp the catalogue remembers is not read (its SHA-256 is known)."""
     from octseg.tasks.ingest.source import is_up_to_date
 
-    duplicates = duplicate_ids(list(config.sources))
+    given = config.all_sources()
+    duplicates = duplicate_ids(list(given))
     summary = IngestSummary(str(config.archive), failures=list(duplicates.values()))
-    sources = [s for s in config.sources if s not in duplicates]
+    sources = [s for s in given if s not in duplicates]
     if not (Path(config.archive) / "zarr.json").is_file():
         return [str(s) for s in sources], summary
     archive = open_archive(config.archive, create=False)
