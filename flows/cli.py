@@ -259,10 +259,17 @@ def segment(cfg: SegmentConfig, verbose: bool) -> None:
     """
     preflight.check_archive(cfg.archive, writable=True)
     preflight.check_output_folder(cfg.qc_folder, "QC folder")
-    ref = _registered_model(cfg.model_uri, cfg.tracking_uri)
-    from octseg.flows.plans import plan_segmentation
+    from octseg.flows.plans import plan_segmentation, registered_version
     from octseg.flows.summary import SegmentSummary
+    from octseg.tasks.tracking.uri import resolve_tracking_uri
 
+    quick = None if cfg.force else registered_version(cfg.model_uri, resolve_tracking_uri(cfg.tracking_uri))
+    if quick is not None:  # nothing to do is answered without loading MLflow
+        todo, done = plan_segmentation(cfg, quick)
+        if not todo:
+            return _report(SegmentSummary(str(cfg.archive), f"{quick.name} v{quick.version}", skipped=done,
+                                          qc_dir=str(cfg.qc_folder)))
+    ref = _registered_model(cfg.model_uri, cfg.tracking_uri)
     todo, done = plan_segmentation(cfg, ref)
     if not todo:
         return _report(SegmentSummary(str(cfg.archive), f"{ref.name} v{ref.version}", skipped=done,

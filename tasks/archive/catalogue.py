@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from octseg.tasks.archive.layout import valid_name
+from octseg.tasks.archive.names import valid_name
 
 __all__ = ["CATALOGUE_SCHEMA", "Catalogue", "SourceRecord", "VolumeEntry", "catalogue_for", "catalogue_path",
            "file_stamp", "image_fingerprint_of", "read_entry"]

@@ -23,8 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from octseg.tasks.archive.catalogue import Catalogue, SourceRecord
-from octseg.tasks.archive.store import open_archive
+from octseg.tasks.archive.catalogue import Catalogue, SourceRecord, catalogue_for
 from octseg.tasks.ingest.known import (
     refused_under,
     remember_bad,
@@ -119,7 +118,7 @@ def scan_inbox(inbox: str | Path, archive: str | Path, *, settle_seconds: float 
         raise ValueError(f"{inbox}: the inbox is not a folder")
     labels = Path(labels) if labels else None
     scan = InboxScan()
-    catalogue = open_archive(archive, create=False).catalogue() if (Path(archive) / "zarr.json").is_file() else None
+    catalogue = catalogue_for(archive) if (Path(archive) / "zarr.json").is_file() else None
     remembered = catalogue.sources() if catalogue is not None else {}
     held = _held(catalogue)
     entries = _entries(inbox, labels)
@@ -185,6 +184,6 @@ def remember_problems(archive: str | Path, problems: dict[str, str], settings: s
     once they have been reported: the next scans count them as known bad until they change."""
     if not problems or not (Path(archive) / "zarr.json").is_file():
         return
-    catalogue = open_archive(archive, create=False).catalogue()
+    catalogue = catalogue_for(archive)
     for path, reason in problems.items():
         remember_bad(catalogue, Path(path), source_stamp(Path(path), None), None, None, reason, refused_under(settings))

@@ -17,6 +17,7 @@ import numpy as np
 from prefect import get_run_logger, task
 
 from octseg.tasks.archive.store import open_archive
+from octseg.tasks.preprocess.fingerprints import NORMALIZATION_METHOD, expected_fingerprints
 from octseg.tasks.runtime.retry import TRANSIENT_IO_RETRIES
 from octseg.unet.config import WeightMapConfig
 from octseg.unet.normalize import normalize_volume
@@ -26,7 +27,6 @@ __all__ = ["NORMALIZATION_METHOD", "PreprocessResult", "derived_fingerprints", "
            "preprocess_volume", "preprocess_volume_task"]
 
 
-NORMALIZATION_METHOD = "zscore-excluding-fill-v1"
 
 
 @dataclass
@@ -72,17 +72,6 @@ def _store(result, target, scheduler_address: str | None) -> None:
     future = client_for(scheduler_address).compute(stored)  # one client per process, shared by the tasks
     for f in future if isinstance(future, list) else [future]:
         f.result()
-
-
-def expected_fingerprints(source_sha256: str | None, labels_fp: str | None, weights: WeightMapConfig, *,
-                          manual: bool) -> dict[str, dict]:
-    """The fingerprint each derived array must carry to be up to date: ``normalized`` from the source's sha256,
-    ``weights`` (volumes with manual labels) from the labels' fingerprint and the weight-map settings."""
-    fps = {"normalized": {"source_sha256": source_sha256, "method": NORMALIZATION_METHOD}}
-    if manual:
-        fps["weights"] = {"labels_sha256": labels_fp, "w0": weights.w0, "sigma": weights.sigma,
-                          "class_weights": weights.class_weights}
-    return fps
 
 
 def derived_fingerprints(archive, volume_id: str, weights: WeightMapConfig) -> dict[str, dict]:
