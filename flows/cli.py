@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 from octseg.flows import preflight
 from octseg.flows.cli_options import VerboseOpt, config_command
 from octseg.flows.config import (
+    CatalogueConfig,
     EvaluateConfig,
     IngestConfig,
     PipelineConfig,
@@ -193,9 +194,10 @@ def ingest(cfg: IngestConfig, verbose: bool) -> None:
     todo, planned = plan_ingest(cfg)
     if not todo:
         return _report(planned)
-    from octseg.flows.ingest import ingest_volumes
+    from octseg.flows.ingest import ingest_config_for, ingest_volumes
 
-    summary = _run(ingest_volumes, cfg.model_copy(update={"sources": tuple(Path(s) for s in todo)}), verbose)
+    with ingest_config_for(cfg, todo) as run_cfg:
+        summary = _run(ingest_volumes, run_cfg, verbose)
     summary.skipped = planned.skipped + summary.skipped  # found unchanged by the plan, not hashed again
     summary.failures = planned.failures + summary.failures  # duplicate ids, missing or unusable names
     _report(summary)
@@ -266,10 +268,17 @@ def segment(cfg: SegmentConfig, verbose: bool) -> None:
     preflight.check_archive(cfg.archive, writable=True)
     preflight.check_output_folder(cfg.qc_folder, "QC folder")
     preflight.check_archive_siblings(cfg.archive, "reports")
-    ref = _registered_model(cfg.model_uri, cfg.tracking_uri)
-    from octseg.flows.plans import plan_segmentation
+    from octseg.flows.plans import plan_segmentation, registered_version
     from octseg.flows.summary import SegmentSummary
+    from octseg.tasks.tracking.uri import resolve_tracking_uri
 
+    quick = None if cfg.force else registered_version(cfg.model_uri, resolve_tracking_uri(cfg.tracking_uri))
+    if quick is not None:  # nothing to do is answered without loading MLflow
+        todo, done = plan_segmentation(cfg, quick)
+        if not todo:
+            return _report(SegmentSummary(str(cfg.archive), f"{quick.name} v{quick.version}", skipped=done,
+                                          qc_dir=str(cfg.qc_folder)))
+    ref = _registered_model(cfg.model_uri, cfg.tracking_uri)
     todo, done = plan_segmentation(cfg, ref)
     if not todo:
         return _report(SegmentSummary(str(cfg.archive), f"{ref.name} v{ref.version}", skipped=done,
@@ -338,17 +347,47 @@ def watch(cfg: WatchConfig, verbose: bool) -> None:
     preflight.check_archive_siblings(cfg.archive, "qc", "reports")
     from octseg.flows.summary import WatchSummary
     from octseg.tasks.ingest.inbox import scan_inbox
+    from octseg.tasks.ingest.known import read_settings
 
-    scan = scan_inbox(cfg.inbox, cfg.archive, settle_seconds=cfg.settle_seconds, labels=cfg.labels)
+    scan = scan_inbox(cfg.inbox, cfg.archive, settle_seconds=cfg.settle_seconds, labels=cfg.labels,
+                      settings=read_settings(cfg.reader_options.model_dump(), cfg.max_voxels))
     if not scan.new and not scan.unreadable:
         return _report(WatchSummary(str(cfg.inbox), str(cfg.archive), known=len(scan.known),
-                                    unsettled=len(scan.unsettled)))
+                                    unsettled=len(scan.unsettled), known_bad=len(scan.known_bad)))
     from octseg.tasks.tracking.uri import check_tracking_uri, resolve_tracking_uri
 
     check_tracking_uri(resolve_tracking_uri(cfg.tracking_uri))
     from octseg.flows.watch import watch_inbox
 
     _report(_run(watch_inbox, cfg, verbose))
+
+
+@_command(CatalogueConfig, ["*"])
+def catalogue(cfg: CatalogueConfig, verbose: bool) -> None:
+    """Check the archive's catalogue against its volumes and show what it holds; --rebuild reads every volume.
+
+    Plans (what ingest, preprocess, segment and watch would do) read the catalogue instead of every volume; a row
+    whose volume changed since it was read is read again from the volume, and a missing or damaged catalogue is
+    rebuilt on its own. Nothing is written into the archive.
+    """
+    import time
+
+    preflight.check_archive(cfg.archive, writable=False)
+    from octseg.tasks.archive.store import open_archive
+
+    store = open_archive(cfg.archive, create=False).catalogue()
+    t0 = time.perf_counter()
+    if cfg.rebuild:
+        store.rebuild()
+    volumes = len(store.entries(verify=("volume", "prediction", "derived")))
+    counts, models = store.counts(), store.models()
+    statuses = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("segmented", "preprocessed", "ingested", "unreadable")
+                         if counts.get(k) or k != "unreadable")
+    by_model = "; ".join(f"{name} v{version}: {n}" for (name, version), n in sorted(models.items()))
+    typer.echo(f"catalogue {store.path}: {volumes} volumes ({statuses}"
+               f"{'; segmented by ' + by_model if by_model else ''}); {counts['sources']} source files known, "
+               f"{counts['bad']} refused; {'rebuilt from the volumes' if cfg.rebuild else 'checked against them'} "
+               f"in {time.perf_counter() - t0:.2f} s")
 
 
 @app.command()

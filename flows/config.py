@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_EXPERIMENT",
     "DEFAULT_MODEL_NAME",
     "DEFAULT_MODEL_URI",
+    "CatalogueConfig",
     "EvaluateConfig",
     "IngestConfig",
     "PipelineConfig",
@@ -78,6 +79,10 @@ ReaderOptions = reader_options_model(keep_identifiers=(KeepIdentifiers, False))
 (:func:`octseg.tasks.readers.registry.reader_options_model`; Duke's ``grader``)."""
 MaxVoxels = Annotated[int | None, Field(ge=1, strict=True, description=(
     "Refuse a volume larger than this many voxels, from its header (before decoding)."))]
+PerTask = Annotated[int | None, Cli(show_default="grows with the run"), Field(ge=1, strict=True, description=(
+    "Items (files or volumes) per Prefect task run. Default: one each for runs of up to 100, then batches that "
+    "keep a run near 100 task runs (at most 200 items each); a failed item always gets a Failed task run of its "
+    "own."))]
 ModelURI = Annotated[str, Cli("--model"),
                      Field(description="Model URI: models:/NAME@ALIAS or models:/NAME/VERSION.")]
 
@@ -90,7 +95,10 @@ class IngestConfig(_Config):
     """Files -> archive. A folder of 2-D images is one volume; every other file is one volume."""
 
     sources: Annotated[tuple[Path, ...], Cli(argument=True, metavar="SOURCE", show_default=False)] = Field(
-        min_length=1, description=format_summary())
+        default=(), description=format_summary())
+    sources_file: Annotated[Path | None, Cli(show_default=False)] = Field(None, description=(
+        "A text file naming one source per line, ingested with the SOURCE arguments: for more files than a command "
+        "line holds (or a Prefect flow run's parameters: 512 KB)."))
     archive: Archive
     labels: Labels = None
     reader_options: ReaderOptions = ReaderOptions()  # keep_identifiers, and what each reader declares (grader)
@@ -99,6 +107,23 @@ class IngestConfig(_Config):
         default_factory=dask_address_from_env, description=(
             "Dask scheduler (tcp://host:8786) whose workers read and write the files (they must see the same "
             "paths). Default: $DASK_SCHEDULER_ADDRESS, else threads of this command."))
+    per_task: PerTask = None
+
+    @model_validator(mode="after")
+    def _some_source(self) -> IngestConfig:
+        if not self.sources and self.sources_file is None:
+            raise ValueError("no source given: name files or folders (SOURCE), or --sources-file")
+        return self
+
+    def all_sources(self) -> tuple[Path, ...]:
+        """The SOURCE arguments, then the lines of ``sources_file`` (blank lines left out)."""
+        if self.sources_file is None:
+            return self.sources
+        try:
+            lines = Path(self.sources_file).read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+        except OSError as e:
+            raise ValueError(f"sources file {self.sources_file}: cannot be read ({e.strerror or e})") from None
+        return self.sources + tuple(Path(line) for line in lines if line.strip())
 
 
 class PreprocessConfig(_Config):
@@ -110,6 +135,7 @@ class PreprocessConfig(_Config):
     n_workers: Annotated[int, Cli("--workers")] = Field(default=2, ge=1, strict=True,
                                                         description="LocalCluster worker processes.")
     weights: WeightMapConfig = WeightMapConfig()
+    per_task: PerTask = None
 
 
 class TrainFlowConfig(_Config):
@@ -162,6 +188,7 @@ class SegmentConfig(_Config):
         "0: segment in this process."))
     gpu: bool | None = Field(None, strict=True, description=(
         "Each volume asks its Dask worker for the resource GPU=1 (default: when a worker declares one)."))
+    per_task: PerTask = None
 
     @property
     def qc_folder(self) -> Path:
@@ -241,3 +268,12 @@ class WatchConfig(_Config):
     max_voxels: MaxVoxels = DEFAULT_MAX_VOXELS
     inference: InferenceConfig = InferenceConfig()
     weights: WeightMapConfig = WeightMapConfig()
+
+
+class CatalogueConfig(_Config):
+    """The archive's catalogue (``<archive>.catalogue.sqlite``): what the plans read instead of every volume."""
+
+    archive: Archive
+    rebuild: bool = Field(False, strict=True, description=(
+        "Forget the catalogue's volume rows and read every volume again (it is also rebuilt on its own when "
+        "missing or damaged, and any row whose volume changed is read again when used)."))

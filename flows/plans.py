@@ -5,19 +5,33 @@ Each plan applies the same rule as its flow's tasks (the flow checks again as it
 never decides what is written): ingest skips sources the archive holds unchanged, preprocess skips
 volumes whose derived arrays carry current fingerprints, train reuses a registered run with the
 same data and settings, segment skips volumes the pinned model version already segmented.
+
+The plans of ingest, preprocess and segment read the archive's catalogue
+(:mod:`octseg.tasks.archive.catalogue`), not every volume: each "nothing to do" rests on a catalogue row
+whose files (the volume's ``zarr.json``, its prediction's or derived arrays') still have the stamps the
+row was read from; any other row is read again from its volume first, so the volume's own records win.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
+import sqlite3
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from octseg.flows.config import IngestConfig, PreprocessConfig, SegmentConfig, TrainFlowConfig
 from octseg.flows.summary import IngestSummary, PreprocessSummary, TrainSummary
+from octseg.tasks.archive.catalogue import catalogue_for
+from octseg.tasks.archive.names import volume_id_from_path
 from octseg.tasks.readers.sources import shown, source_problem
-from octseg.tasks.archive.layout import volume_id_from_path
-from octseg.tasks.archive.store import already_segmented, open_archive, select_volumes
 from octseg.tasks.tracking.models import ModelRef
 
-__all__ = ["duplicate_ids", "plan_ingest", "training_volumes", "plan_preprocess", "plan_segmentation", "previous_training"]
+__all__ = ["ModelVersion", "duplicate_ids", "plan_ingest", "training_volumes", "plan_preprocess", "plan_segmentation",
+           "previous_training", "registered_version"]
 
 
 def duplicate_ids(sources: list[Path]) -> dict[Path, str]:
@@ -42,23 +56,34 @@ def duplicate_ids(sources: list[Path]) -> dict[Path, str]:
 
 def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     """(sources to ingest, a summary of the rest): those the archive holds unchanged are skipped, a
-    source whose volume id an earlier one in the batch already uses is a failure, as in the flow."""
-    from octseg.tasks.ingest.source import is_up_to_date
+    source whose volume id an earlier one in the batch already uses is a failure, as in the flow. A source
+    whose path and stamp the catalogue remembers is not read (its SHA-256 is known)."""
+    from octseg.tasks.ingest.known import known_sha256
+    from octseg.tasks.ingest.rules import labels_sha256, unchanged
+    from octseg.tasks.readers.registry import source_sha256
 
-    duplicates = duplicate_ids(list(config.sources))
+    given = config.all_sources()
+    duplicates = duplicate_ids(list(given))
     summary = IngestSummary(str(config.archive), failures=list(duplicates.values()))
-    sources = [s for s in config.sources if s not in duplicates]
+    sources = [s for s in given if s not in duplicates]
     if not (Path(config.archive) / "zarr.json").is_file():
         return [str(s) for s in sources], summary
-    archive = open_archive(config.archive, create=False)
+    catalogue = catalogue_for(config.archive)
+    ids = {src: volume_id_from_path(src) for src in sources}
+    entries = catalogue.entries(sorted(set(ids.values())), verify=("volume",), details=True, missing_ok=True)
+    remembered = catalogue.sources()
+    options = config.reader_options.model_dump()
     todo = []
     for src in sources:
-        try:
-            done = is_up_to_date(src, archive, config.labels, config.reader_options.model_dump())
+        entry = entries.get(ids[src])
+        try:  # what ingest's rule says (octseg.tasks.ingest.source.is_up_to_date), from the catalogue
+            done = entry is not None and entry.meta is not None and unchanged(
+                entry.meta, known_sha256(catalogue, src, remembered) or source_sha256(src),
+                labels_sha256(config.labels, src), options)
         except Exception:  # an unreadable file: the flow reports it
             done = False
         if done:
-            summary.skipped.append(volume_id_from_path(src))
+            summary.skipped.append(ids[src])
         else:
             todo.append(str(src))
     return todo, summary
@@ -66,22 +91,38 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
 
 def plan_preprocess(config: PreprocessConfig) -> tuple[list[str], PreprocessSummary]:
     """(volumes with a derived array to (re)compute, a summary listing those up to date)."""
-    from octseg.tasks.preprocess.derive import outdated
+    from octseg.tasks.preprocess.fingerprints import expected_fingerprints
 
-    archive = open_archive(config.archive, create=False)
     summary = PreprocessSummary(str(config.archive))
     todo = []
-    for vid in select_volumes(config.archive, config.volumes):
-        try:
-            current = not outdated(archive, vid, config.weights)
-        except Exception:  # a broken volume: the flow reports it
-            current = False
+    for vid, entry in catalogue_for(config.archive).entries(config.volumes, verify=("volume", "derived")).items():
+        if entry.status == "unreadable":
+            todo.append(vid)  # a broken volume: the flow reports it
+            continue
+        if entry.manual and not entry.labels_sha256:  # its weights' fingerprint needs the labels read
+            current = _current_from_volume(config, vid)
+        else:
+            fps = expected_fingerprints(entry.source_sha256, entry.labels_sha256 if entry.manual else None,
+                                        config.weights, manual=entry.manual)
+            current = all(entry.derived_current(name, fp) for name, fp in fps.items())
         (summary.up_to_date if current else todo).append(vid)
     return todo, summary
 
 
+def _current_from_volume(config: PreprocessConfig, volume_id: str) -> bool:
+    from octseg.tasks.archive.store import open_archive
+    from octseg.tasks.preprocess.derive import outdated
+
+    try:
+        return not outdated(open_archive(config.archive, create=False), volume_id, config.weights)
+    except Exception:  # a broken volume: the flow reports it
+        return False
+
+
 def training_volumes(config: TrainFlowConfig) -> tuple[list[str], list[str]]:
     """(volumes to train on, the evaluation set held out of them: the config's, else the archive's)."""
+    from octseg.tasks.archive.store import open_archive, select_volumes
+
     evaluation = list(config.evaluation_volumes or open_archive(config.archive, create=False).evaluation_set() or [])
     if evaluation:
         archive = open_archive(config.archive, create=False)
@@ -126,11 +167,61 @@ def previous_training(config: TrainFlowConfig, tracking_uri: str) -> TrainSummar
     return None if found is None else TrainSummary.from_result(found, tracking_uri)
 
 
-def plan_segmentation(config: SegmentConfig, ref: ModelRef) -> tuple[list[str], list[str]]:
-    """(volumes to segment, volumes this model version already segmented) of the selection."""
-    archive = open_archive(config.archive, create=False)
+def plan_segmentation(config: SegmentConfig, ref: ModelRef | ModelVersion,
+                      bscans: dict[str, int] | None = None) -> tuple[list[str], list[str]]:
+    """(volumes to segment, volumes this model version already segmented) of the selection; ``bscans``, when
+    given, receives the B-scans of each volume to segment."""
     todo, done = [], []
-    for vid in select_volumes(config.archive, config.volumes):
-        finished = not config.force and already_segmented(archive, vid, ref.name, ref.version)
+    entries = catalogue_for(config.archive).entries(config.volumes, verify=("volume", "prediction"))
+    for vid, entry in entries.items():
+        finished = not config.force and entry.segmented_by(ref.name, ref.version)
         (done if finished else todo).append(vid)
+        if bscans is not None and not finished:
+            bscans[vid] = entry.n_bscans
     return todo, done
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A registered model's name and version: all :func:`plan_segmentation` needs of a model."""
+
+    name: str
+    version: str
+
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+def registered_version(model_uri: str, tracking_uri: str) -> ModelVersion | None:
+    """The name and version ``model_uri`` names, read without loading MLflow (its SQLite file, read-only, or
+    its server's REST API, 5 s at most), so that a command with nothing to do answers in a second; None when
+    that cannot tell (the command then resolves the model through MLflow, with all its checks)."""
+    match = _MODEL_URI.match(model_uri)
+    if match is None:
+        return None
+    name, alias, version = match["name"], match["alias"], match["version"]
+    if version is not None:
+        return ModelVersion(name, version)
+    found: list[str] = []
+    with contextlib.suppress(Exception):  # any doubt: MLflow itself decides
+        if tracking_uri.startswith("sqlite:///"):
+            path = tracking_uri.removeprefix("sqlite:///")
+            path = path if path.startswith("/") else os.path.join(os.getcwd(), path)
+            if not os.path.isfile(path):
+                return None
+            with contextlib.closing(sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True,
+                                                    timeout=5)) as conn:
+                try:
+                    rows = conn.execute("SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ? "
+                                        "AND workspace = 'default'", (name, alias)).fetchall()
+                except sqlite3.OperationalError:  # a schema without workspaces
+                    rows = conn.execute("SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?",
+                                        (name, alias)).fetchall()
+            found = [str(r[0]) for r in rows]
+        elif tracking_uri.startswith(("http://", "https://")) and not any(
+                os.environ.get(k) for k in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME")):
+            query = urllib.parse.urlencode({"name": name, "alias": alias})
+            url = f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/registered-models/alias?{query}"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                found = [str(json.loads(response.read())["model_version"]["version"])]
+    return ModelVersion(name, found[0]) if len(found) == 1 else None

@@ -1,17 +1,32 @@
-"""How a flow waits for its task runs and ends: every failure is a Failed task run in Prefect, the
-batch goes on, and the flow run ends Failed (with its summary as data) when anything failed."""
+"""How a flow runs its units of work and ends: every failure is a Failed task run in Prefect naming its
+item, the batch goes on, and the flow run ends Failed (with its summary as data) when anything failed.
+
+:func:`run_in_batches` is how ingest, preprocess and segment run their files or volumes: consecutive
+batches of items (:func:`~octseg.tasks.runtime.batches.batch_size`: one item per task run for runs of up
+to 100 items, larger batches for larger runs), each batch one Prefect task run whose items run on the Dask
+cluster or in threads (:func:`~octseg.tasks.runtime.batches.run_items`). A bounded window of batches is in
+flight: the next is submitted as one finishes, and a finished batch's future is dropped once its outcomes
+are counted, so the flow's memory and Prefect's records grow with the number of batches, not of items.
+A failed item is always its own Failed task run, ``<label>-<item>``, with its error: a batch of one is
+that task run itself; in a larger batch the failed item's task run is recorded when the batch ends.
+"""
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Completed, Failed, State
 
+from octseg.tasks.runtime.batches import ItemOutcome, batch_size, run_items
 from octseg.tasks.runtime.progress import progress_bar
 from octseg.tasks.readers.sources import shown
 
-__all__ = ["Outcomes", "as_finished", "collect", "failure_line", "finish", "summary_of"]
+__all__ = ["Batch", "Outcomes", "as_finished", "batch_task", "collect", "failure_line", "finish", "run_in_batches",
+           "summary_of"]
 
 
 def failure_line(item: str, error: BaseException) -> str:
@@ -80,3 +95,88 @@ def summary_of(state: State) -> Any:
     if isinstance(result, State):  # a parent flow that returned its child's state
         return summary_of(result)
     return result
+
+
+# ---- many items: batches of them, a bounded window in flight ---------------------------------------------
+
+@dataclass
+class Batch:
+    """What one batch task run returns: the outcome of each of its items (one object, so Prefect links one
+    result to the task run, not one per item)."""
+
+    outcomes: list[ItemOutcome] = field(default_factory=list)
+
+
+def _run_batch(fn: Callable[..., Any], items: list[str], run_name: str, options: dict[str, Any],
+               kwargs: dict[str, Any]) -> Batch:
+    """Run a batch's items (see :func:`~octseg.tasks.runtime.batches.run_items`); a batch of one item fails
+    with that item's error, so its task run is the item's own."""
+    batch = Batch(list(run_items(fn, items, kwargs, **options)))
+    if len(items) == 1 and batch.outcomes[0].error is not None:
+        raise batch.outcomes[0].error
+    failed = sum(o.error is not None for o in batch.outcomes)
+    if len(items) > 1:
+        get_run_logger().info("%s: %d done, %d failed", run_name, len(items) - failed, failed)
+    return batch
+
+
+def batch_task(name: str):
+    """The Prefect task of one batch of ``name`` items (e.g. ``segment-volumes``); its runs are named after
+    their items. No Prefect retries: each item's transient errors are retried where it runs."""
+    return task(_run_batch, name=name, task_run_name="{run_name}", cache_policy=NO_CACHE)
+
+
+@task(name="failed-item", task_run_name="{run_name}", cache_policy=NO_CACHE)
+def _failed_item(run_name: str, error: BaseException) -> None:
+    """The Failed task run of an item that failed inside a larger batch: its own record, with its error."""
+    raise error
+
+
+def _run_name(label: str, items: Sequence[str]) -> str:
+    if len(items) == 1:
+        return f"{label}-{items[0]}"
+    return f"{label}-{items[0]}..{items[-1]} ({len(items)})"
+
+
+def run_in_batches(task_fn, fn: Callable[..., Any], items: Sequence[str], *, label: str,
+                   on_outcome: Callable[[ItemOutcome], None], per_task: int | None = None, in_flight: int = 2,
+                   runner: Mapping[str, Any] | None = None, **kwargs: Any) -> list[str]:
+    """Run ``fn(item, **kwargs)`` over ``items`` in batches, each a run of ``task_fn`` (a :func:`batch_task`),
+    at most ``in_flight`` batches at a time; ``on_outcome`` gets each item's outcome as its batch finishes.
+    ``runner`` goes to :func:`~octseg.tasks.runtime.batches.run_items` (``scheduler_address``, ``threads``,
+    ``resources``, ``key``). Returns one failure line per failed item, each also a Failed task run
+    ``<label>-<item>`` (logged as it comes)."""
+    logger = get_run_logger()
+    size = batch_size(len(items), per_task)
+    batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
+    failures: list[str] = []
+    window: dict[PrefectFuture, list[str]] = {}
+    runner = dict(runner or {})
+
+    def submit(chunk: list[str]) -> None:
+        window[task_fn.submit(fn, chunk, _run_name(label, chunk), runner, kwargs)] = chunk
+
+    def settle(future: PrefectFuture, chunk: list[str]) -> None:
+        result = future.result(raise_on_failure=False)
+        outcomes = ([ItemOutcome(chunk[0], error=result)] if isinstance(result, BaseException)
+                    else result.outcomes)
+        for outcome in outcomes:
+            if outcome.error is not None:
+                failures.append(failure_line(outcome.item, outcome.error))
+                logger.error("failed: %s", failures[-1])
+                if len(chunk) > 1:
+                    _failed_item(_run_name(label, [outcome.item]), outcome.error, return_state=True)
+            on_outcome(outcome)
+
+    pending = iter(batches)
+    for chunk in pending:
+        submit(chunk)
+        if len(window) >= max(1, in_flight):
+            break
+    while window:
+        future = next(as_completed(list(window)))
+        settle(future, window.pop(future))
+        for chunk in pending:  # one in, one out
+            submit(chunk)
+            break
+    return failures

@@ -162,11 +162,12 @@ class WatchSummary:
     known: int = 0  # files whose content the archive already holds
     unsettled: int = 0  # files still changing: left for the next run
     failures: list[str] = field(default_factory=list)
+    known_bad: int = 0  # files refused before and unchanged since: not read again
 
     def headline(self) -> str:
         waiting = f"; {self.unsettled} still being written" if self.unsettled else ""
+        bad = f", {self.known_bad} known bad (unchanged)" if self.known_bad else ""
         if not self.ingested and not self.failures:
-            return f"watch: nothing new in {self.inbox} ({self.known} already in {self.archive}{waiting})"
+            return f"watch: nothing new in {self.inbox} ({self.known} already in {self.archive}{bad}{waiting})"
         return (f"watch: {len(self.ingested)} new volumes ingested, {len(self.segmented)} segmented, "
-                f"{len(self.failures)} failed -> {self.archive}{waiting}")
-
+                f"{len(self.failures)} failed{bad} -> {self.archive}{waiting}")

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from octseg.tasks.archive.catalogue import catalogue_for, publishing
 from octseg.tasks.archive.layout import (
     AXES,
     ArchiveError,
@@ -46,6 +47,7 @@ class DerivedArrays:
         chunking, zero-filled, ``octseg.complete: false`` until :meth:`mark_derived_complete`."""
         path = self._derived_path(volume_id, name)
         shape = self.image(volume_id).shape
+        catalogue_for(self.path).mark_doubt(volume_id)  # until mark_derived_complete records it again
         group = zarr.open_group(path.parent, mode="a", zarr_format=3, use_consolidated=False)
         octseg = {**jsonable(dict(attrs or {}), f"{path}: attrs"), "complete": False}
         return group.create_array(name, shape=shape, dtype=dtype, chunks=bscan_chunks(shape),
@@ -73,7 +75,8 @@ class DerivedArrays:
         octseg = {**arr.attrs.get("octseg", {}), **jsonable(dict(attrs or {}), f"{path}: attrs")}
         octseg.update(fingerprint=jsonable(dict(fingerprint), f"{path}: fingerprint"),
                       complete=True, completed_at=utc_now())
-        arr.attrs["octseg"] = octseg
+        with publishing(self.path, volume_id):
+            arr.attrs["octseg"] = octseg
 
     def derived_is_complete(self, volume_id: str, name: str) -> bool:
         """True when the derived array exists and was marked complete (for any fingerprint)."""

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 from datetime import UTC, datetime
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import dask.array as da
@@ -20,7 +17,7 @@ import numpy as np
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from octseg.tasks.archive.classes import palette_color
-from octseg.tasks.readers.registry import volume_suffixes
+from octseg.tasks.archive.names import ID_PATTERN, RESERVED_NAMES, valid_name, volume_id_from_path
 
 __all__ = [
     "AXES", "AXIS_UNITS", "BYTE_COMPRESSORS", "ID_PATTERN", "IMAGE_DTYPES", "OME_VERSION", "RESERVED_NAMES",
@@ -34,8 +31,6 @@ AXES = ("z", "y", "x")  # B-scan, depth, A-scan
 UNIT = "micrometer"
 SHARD_BSCANS = 8
 IMAGE_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.uint16, np.float32))
-RESERVED_NAMES = {"zarr.json"}
-ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 AXIS_UNITS = dict.fromkeys(AXES, UNIT)
 
 
@@ -151,25 +146,6 @@ def label_metadata(class_names: Mapping[int, str]) -> dict[str, Any]:
 def default_class_names(lab: np.ndarray) -> dict[int, str]:
     """``background`` for 0, ``class_<v>`` for every other value in ``lab``."""
     return {int(v): "background" if v == 0 else f"class_{int(v)}" for v in np.unique(lab)}
-
-
-def valid_name(name: str) -> bool:
-    """Whether ``name`` may name a volume or a derived array (``[A-Za-z0-9._-]``, no leading dot, not reserved)."""
-    return isinstance(name, str) and bool(ID_PATTERN.fullmatch(name)) and name not in RESERVED_NAMES
-
-
-def volume_id_from_path(path: str | os.PathLike[str]) -> str:
-    """Volume id of a source: file stem without a registered reader's suffix (``.ome.tif`` as a whole), or
-    a folder's name, reduced to ``[A-Za-z0-9._-]`` with no leading dots; never empty."""
-    p = Path(path)
-    name = p.name
-    if not p.is_dir():
-        for suffix in volume_suffixes():
-            if name.lower().endswith(suffix) and len(name) > len(suffix):
-                name = name[: -len(suffix)]
-                break
-    vid = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")[:200] or "volume"
-    return "_" + vid if vid in RESERVED_NAMES else vid
 
 
 def utc_now() -> str:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import importlib.metadata
-import json
 import os
 import shutil
 import uuid
@@ -25,6 +23,7 @@ import numpy as np
 import zarr
 from ome_zarr.writer import write_image
 
+from octseg.tasks.archive.catalogue import Catalogue, catalogue_for, image_fingerprint_of, publishing
 from octseg.tasks.archive.derived import DerivedArrays
 from octseg.tasks.archive.layout import (
     AXES,
@@ -93,6 +92,17 @@ class Archive(DerivedArrays):
             raise ArchiveError(f"{self.path}: evaluation volumes need manual labels: {unannotated}")
         group = zarr.open_group(self.path, mode="a", use_consolidated=False)
         group.attrs["octseg"] = {**dict(group.attrs.get("octseg", {})), "evaluation_set": sorted(set(volume_ids))}
+
+    # ----- the catalogue -----
+    def catalogue(self) -> Catalogue:
+        """The archive's catalogue (:mod:`~octseg.tasks.archive.catalogue`): what plans read instead of every volume."""
+        return catalogue_for(self.path)
+
+    def prediction_infos(self) -> dict[str, dict[str, Any]]:
+        """Volume id -> the attributes of its complete prediction (as :meth:`prediction_info`), for every volume
+        that has one; from the catalogue, each entry checked against the volume's and the prediction's files."""
+        entries = self.catalogue().entries(verify=("volume", "prediction"), details=True)
+        return {vid: dict(e.prediction) for vid, e in entries.items() if e.p_complete and e.prediction}
 
     # ----- reading -----
     def volume_ids(self) -> list[str]:
@@ -190,7 +200,7 @@ class Archive(DerivedArrays):
         def described(later: Mapping[str, Any]) -> dict[str, Any]:
             return {**require_keys({**provenance, **later}, REQUIRED_PROVENANCE, f"{where}: provenance"),
                     "volume_id": volume_id, "octseg_version": _octseg_version(), "ingested_at": utc_now(),
-                    "scale_known": scale_um is not None}
+                    "scale_known": scale_um is not None, "n_bscans": int(arr.shape[0])}
 
         if provenance_later is None:
             described({})  # checked before any byte is written
@@ -208,7 +218,8 @@ class Archive(DerivedArrays):
                 if boundaries:
                     write_boundaries(group, boundaries, boundaries_source, arr.shape, where)
                 group.attrs["octseg"] = described(provenance_later() if provenance_later is not None else {})
-                replace_dir(stage / "new", self.path / volume_id, stage / "old")
+                with publishing(self.path, volume_id):  # its catalogue entry: in doubt, then read from the volume
+                    replace_dir(stage / "new", self.path / volume_id, stage / "old")
             except Exception as e:
                 raise ArchiveError(f"{where}: writing the volume failed, archive unchanged "
                                    f"({type(e).__name__}: {e})") from e
@@ -229,9 +240,7 @@ class Archive(DerivedArrays):
     def image_fingerprint(self, volume_id: str) -> str:
         """Identifies the volume's current image: its source's sha256 and when it was ingested. A
         prediction records it; one made from another image (the volume was re-ingested) is not current."""
-        meta = self.volume_meta(volume_id)
-        key = json.dumps([meta.get("source_sha256"), meta.get("ingested_at"), meta.get("reader")])
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
+        return image_fingerprint_of(self.volume_meta(volume_id))
 
     @contextlib.contextmanager
     def staged_prediction(self, volume_id: str, *, class_names: Mapping[int, str], model_info: Mapping[str, Any],
@@ -261,7 +270,8 @@ class Archive(DerivedArrays):
                                    "of the old image is discarded (segment it again)")
             try:
                 group.attrs["octseg"] = {**info, "written_at": utc_now(), "complete": True, "report": staged.report()}
-                self._publish_label(stage, volume_id, "prediction")
+                with publishing(self.path, volume_id):
+                    self._publish_label(stage, volume_id, "prediction")
             except Exception as e:
                 raise ArchiveError(f"{where}: writing the prediction failed ({type(e).__name__}: {e})") from e
 

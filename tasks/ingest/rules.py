@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from octseg.tasks.ingest.masks import mask_files
 from octseg.tasks.readers.registry import reader_named
 from octseg.tasks.readers.sources import shown
 
@@ -21,7 +20,11 @@ __all__ = ["existing_volume", "labels_sha256", "path_digest", "reader_settings",
 
 def labels_sha256(labels_dir: str | Path | None, source: str | Path) -> str | None:
     """SHA-256 over the source's mask files (B-scan index, name and bytes); None without masks."""
-    found = mask_files(labels_dir, source) if labels_dir is not None else {}
+    if labels_dir is None:
+        return None
+    from octseg.tasks.ingest.masks import mask_files  # the image readers: only where masks are given
+
+    found = mask_files(labels_dir, source)
     if not found:
         return None
     digest = hashlib.sha256()

@@ -25,6 +25,17 @@ from octseg.tasks.archive.classes import DEFAULT_CLASS_NAMES
 from octseg.tasks.archive.layout import volume_id_from_path
 from octseg.tasks.archive.store import open_archive
 from octseg.tasks.ingest.identifiers import content_volume_id, has_identifier, redact
+from octseg.tasks.ingest.known import (
+    bad_reason,
+    is_bad_input,
+    known_sha256,
+    read_settings,
+    refused_under,
+    remember_bad,
+    remember_read,
+    source_parts,
+    source_stamp,
+)
 from octseg.tasks.ingest.masks import read_masks
 from octseg.tasks.ingest.rules import existing_volume, labels_sha256, path_digest, reader_settings, unchanged
 from octseg.tasks.readers.base import ScanVolume
@@ -52,14 +63,19 @@ class IngestResult:
 
 
 def is_up_to_date(source: str | Path, archive, labels_dir: str | Path | None = None,
-                  options: Mapping[str, Any] | None = None) -> bool:
-    """True when ``archive`` holds ``source`` (same bytes, under the id its name gives) and ingest would skip it."""
+                  options: Mapping[str, Any] | None = None, *, meta: Mapping[str, Any] | None = None,
+                  remembered: Mapping[str, Any] | None = None) -> bool:
+    """True when ``archive`` holds ``source`` (same bytes, under the id its name gives) and ingest would skip it.
+    ``meta``: the provenance of that volume when the caller has it (from the catalogue). The source is not
+    read when the catalogue remembers it with its present stamp (``remembered``: its sources, if at hand)."""
     src = Path(source)
-    volume_id = volume_id_from_path(src)
-    if not archive.has_volume(volume_id):
-        return False
-    return unchanged(archive.volume_meta(volume_id), source_sha256(src), labels_sha256(labels_dir, src),
-                     options or {})
+    if meta is None:
+        volume_id = volume_id_from_path(src)
+        if not archive.has_volume(volume_id):
+            return False
+        meta = archive.volume_meta(volume_id)
+    sha = known_sha256(archive.catalogue(), src, remembered) or source_sha256(src)
+    return unchanged(meta, sha, labels_sha256(labels_dir, src), options or {})
 
 
 def _skipped(archive, volume_id: str, src: Path) -> IngestResult:
@@ -102,6 +118,8 @@ def ingest_source(source: str | Path, archive_path: str | Path, labels_dir: str 
     if problem:
         raise ValueError(problem)
     options = dict(options or {})
+    parts = source_parts(src)
+    stamp = source_stamp(src, parts)  # the catalogue remembers the file by it (checked again after hashing)
     with ThreadPoolExecutor(1, thread_name_prefix="octseg-sha256") as hasher:
         hashing = hasher.submit(source_sha256, src)  # meanwhile the file is decoded and written
         labels_fp = labels_sha256(labels_dir, src)
@@ -109,13 +127,23 @@ def ingest_source(source: str | Path, archive_path: str | Path, labels_dir: str 
         path_id = volume_id_from_path(src)
         if archive.has_volume(path_id) and unchanged(archive.volume_meta(path_id), hashing.result(), labels_fp,
                                                      options):
-            return _skipped(archive, path_id, src)  # unchanged: not decoded again
-        volume = read_volume(src, sha256=SHA256_LATER, max_voxels=max_voxels, options=options)
-        return _write(archive, src, volume, hashing, labels_dir, labels_fp, options)
+            result = _skipped(archive, path_id, src)  # unchanged: not decoded again
+        else:
+            try:
+                volume = read_volume(src, sha256=SHA256_LATER, max_voxels=max_voxels, options=options)
+            except Exception as e:
+                if is_bad_input(e):  # remembered, so the drop folder does not read it again until it changes
+                    sha = hashing.result() if hashing.exception() is None else None
+                    remember_bad(archive.catalogue(), src, stamp, parts, sha, bad_reason(e, src),
+                                 refused_under(read_settings(options, max_voxels), e))
+                raise
+            result = _write(archive, src, volume, hashing, labels_dir, labels_fp, options, stamp)
+    remember_read(archive.catalogue(), src, stamp, parts, hashing.result(), result.volume_id)
+    return result
 
 
 def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_dir: str | Path | None,
-           labels_fp: str | None, options: Mapping[str, Any]) -> IngestResult:
+           labels_fp: str | None, options: Mapping[str, Any], stamp: str | None = None) -> IngestResult:
     """The write half of :func:`ingest_source`: the volume id, the check against a stored volume, the write.
     ``hashing`` gives the source's SHA-256; it is waited for only where a decision needs it, else the hash
     is computed while the pixels are written."""
@@ -148,9 +176,10 @@ def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_
         if keep_identifiers and volume.identifiers:
             provenance["identifiers"] = dict(volume.identifiers)
 
-        def hashed() -> dict[str, str]:  # once the pixels are written
+        def hashed() -> dict[str, Any]:  # once the pixels are written
             volume.sha256 = hashing.result()
-            return {"source_sha256": volume.sha256, "source_path_digest": path_digest(src, volume.sha256[:16])}
+            return {"source_sha256": volume.sha256, "source_path_digest": path_digest(src, volume.sha256[:16]),
+                    "source_stat": _stat_record(stamp)}
 
         binary = labels is not None and labels.max() <= 1
         archive.write_volume(volume_id, volume.image, scale_um=volume.scale_um, provenance=provenance,
@@ -160,6 +189,14 @@ def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_
                              boundaries=volume.layers or None, boundaries_source=volume.layers_source,
                              fundus=volume.fundus, fundus_scale_um=volume.fundus_scale_um)
     return IngestResult(str(src), volume_id, "written", volume.image.shape[0], list(annotated), list(volume.warnings))
+
+
+def _stat_record(stamp: str | None) -> dict[str, int] | None:
+    """Size, mtime (ns) and inode of the source file as it was read (the first field of its stamp)."""
+    if not stamp:
+        return None
+    ino, size, mtime_ns = (int(v) for v in stamp.split("|", 1)[0].split(":")[:3])
+    return {"size": size, "mtime_ns": mtime_ns, "ino": ino}
 
 
 @task(name="ingest-source", task_run_name="ingest-{source}", **TRANSIENT_IO_RETRIES)

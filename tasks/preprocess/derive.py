@@ -17,16 +17,16 @@ import numpy as np
 from prefect import get_run_logger, task
 
 from octseg.tasks.archive.store import open_archive
+from octseg.tasks.preprocess.fingerprints import NORMALIZATION_METHOD, expected_fingerprints
 from octseg.tasks.runtime.retry import TRANSIENT_IO_RETRIES
 from octseg.unet.config import WeightMapConfig
 from octseg.unet.normalize import normalize_volume
 from octseg.unet.weights import border_weight_map
 
-__all__ = ["NORMALIZATION_METHOD", "PreprocessResult", "derived_fingerprints", "outdated", "preprocess_volume",
-           "preprocess_volume_task"]
+__all__ = ["NORMALIZATION_METHOD", "PreprocessResult", "derived_fingerprints", "expected_fingerprints", "outdated",
+           "preprocess_volume", "preprocess_volume_task"]
 
 
-NORMALIZATION_METHOD = "zscore-excluding-fill-v1"
 
 
 @dataclass
@@ -78,14 +78,10 @@ def derived_fingerprints(archive, volume_id: str, weights: WeightMapConfig) -> d
     """The fingerprint each derived array of ``volume_id`` must carry to be up to date: ``normalized``
     always, ``weights`` when the volume has manual labels."""
     meta = archive.volume_meta(volume_id)
-    fps = {"normalized": {"source_sha256": meta.get("source_sha256"), "method": NORMALIZATION_METHOD}}
     manual = archive.manual_labels(volume_id)
-    if manual is not None:
-        # ingest records the masks' sha256 (and rewrites the volume when they change); else hash the labels
-        labels_fp = meta.get("labels_sha256") or _labels_digest(*manual)
-        fps["weights"] = {"labels_sha256": labels_fp, "w0": weights.w0, "sigma": weights.sigma,
-                          "class_weights": weights.class_weights}
-    return fps
+    # ingest records the masks' sha256 (and rewrites the volume when they change); else hash the labels
+    labels_fp = (meta.get("labels_sha256") or _labels_digest(*manual)) if manual is not None else None
+    return expected_fingerprints(meta.get("source_sha256"), labels_fp, weights, manual=manual is not None)
 
 
 def outdated(archive, volume_id: str, weights: WeightMapConfig) -> list[str]:

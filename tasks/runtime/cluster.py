@@ -16,6 +16,8 @@ from typing import Any
 __all__ = ["client_for", "close_clients", "dask_scheduler", "gpu_device_of_worker", "publish", "worker_resources"]
 
 _CLIENTS: dict[str, Any] = {}
+LOCAL_SCHEDULER_LOGS = {"distributed.admin.log-length": 500, "distributed.admin.low-level-log-length": 100,
+                        "distributed.diagnostics.computations.max-history": 10}
 _LOCK = threading.Lock()
 
 
@@ -33,8 +35,13 @@ def dask_scheduler(address: str | None, n_workers: int, *, threads: int | None =
     per_worker = threads or max(1, (os.cpu_count() or 1) // max(1, n_workers))
     env = {name: str(per_worker) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     resources = {"GPU": 1} if gpus else None
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      env=env, resources=resources) as cluster:
+    import dask
+
+    # the LocalCluster's scheduler lives in this (the flow's) process: keep its in-memory logs short, so that its
+    # memory does not grow with the tasks of a long run (Dask keeps 10,000 events per topic by default)
+    with dask.config.set(LOCAL_SCHEDULER_LOGS), LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env,
+            resources=resources) as cluster:
         try:
             yield cluster.scheduler_address
         finally:

@@ -163,9 +163,8 @@ def write_segmentation_csv(archive_path: str | Path) -> Path:
 
     archive = open_archive(archive_path, create=False)
     rows, classes, foreground = [], [], []
-    for vid in archive.volume_ids():
-        info = archive.prediction_info(vid)
-        report = (info or {}).get("report")
+    for vid, info in archive.prediction_infos().items():  # from the catalogue, not every volume
+        report = info.get("report")
         if not report:
             continue
         rows.append((vid, info, report))

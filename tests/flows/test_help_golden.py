@@ -14,7 +14,7 @@ if __name__ == "__main__":  # run as a script to regenerate
 from tests.flows.cli_runner import invoke  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden"
-COMMANDS = ["ingest", "preprocess", "train", "segment", "evaluate", "pipeline", "watch", "demo"]
+COMMANDS = ["ingest", "preprocess", "train", "segment", "evaluate", "pipeline", "watch", "catalogue", "demo"]
 SHOW = {  # command -> the smallest arguments that make a valid config
     "ingest": ["ingest", "a.tif", "b.vol", "--archive", "x.zarr"],
     "preprocess": ["preprocess", "--archive", "x.zarr"],
@@ -23,6 +23,7 @@ SHOW = {  # command -> the smallest arguments that make a valid config
     "evaluate": ["evaluate", "--archive", "x.zarr"],
     "pipeline": ["pipeline", "a.tif", "--archive", "x.zarr"],
     "watch": ["watch", "--inbox", "in", "--archive", "x.zarr"],
+    "catalogue": ["catalogue", "--archive", "x.zarr"],
 }
 
 

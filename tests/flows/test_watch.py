@@ -88,3 +88,50 @@ def test_watch_without_a_champion_still_ingests_and_says_why(tmp_path: Path) -> 
     summary = summary_of(state)
     assert summary.ingested == ["phantom_000"] and summary.segmented == []
     assert state.is_failed() and any(f.startswith("segment") for f in summary.failures), summary.failures
+
+
+def _broken_inbox(inbox: Path) -> list[Path]:
+    """Six files a retry cannot fix: not a TIFF, truncated, empty, a garbage .npy, too large, not a PNG."""
+    import numpy as np
+    import tifffile
+
+    inbox.mkdir(parents=True)
+    whole = inbox / "whole.tif.part"
+    tifffile.imwrite(whole, np.zeros((4, 64, 64), np.uint8), photometric="minisblack")
+    data = whole.read_bytes()
+    whole.unlink()
+    files = {"text.tif": b"this is not a tiff\n", "truncated.tif": data[:300], "empty.tif": b"",
+             "garbage.npy": b"\x93NUMPY garbage", "notes.png": b"not a png either"}
+    for name, content in files.items():
+        (inbox / name).write_bytes(content)
+    tifffile.imwrite(inbox / "large.tif", np.zeros((4, 128, 128), np.uint8), photometric="minisblack")
+    paths = sorted(inbox.iterdir())
+    for p in paths:
+        _age(p, 300)
+    return paths
+
+
+def test_watch_remembers_broken_files_until_they_change(tmp_path: Path, monkeypatch) -> None:
+    from tests.flows.cli_runner import invoke
+    from tests.tasks.ingest.test_known import OpenCounter
+
+    inbox, archive = tmp_path / "inbox", tmp_path / "a.zarr"
+    broken = _broken_inbox(inbox)
+    args = ("watch", "--inbox", str(inbox), "--archive", str(archive), "--max-voxels", "20000")
+    first = invoke(*args)
+    assert first.exit_code == 1, first.plain
+    for path in broken:  # each named once, as a failure
+        assert f"failed: {path}" in first.plain, (path, first.plain)
+    assert "AwaitingRetry" not in first.plain and "Retrying" not in first.plain  # no Prefect retries of bad files
+    counter = OpenCounter(inbox, monkeypatch)
+    second = invoke(*args)
+    assert second.exit_code == 0, second.plain
+    assert "6 known bad (unchanged)" in second.plain and "Beginning flow run" not in second.plain
+    assert counter.opened == []  # not read again
+    monkeypatch.undo()
+    (inbox / "text.tif").write_bytes(b"still not a tiff, but changed\n")  # a changed file is tried again
+    _age(inbox / "text.tif", 300)
+    third = invoke(*args[:-2], "--max-voxels", "100000", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}")
+    assert third.exit_code == 1, third.plain  # text.tif fails again; large.tif fits the larger limit now
+    assert f"failed: {inbox / 'text.tif'}" in third.plain and f"failed: {inbox / 'large.tif'}" not in third.plain
+    assert "1 new volumes ingested" in third.plain and "4 known bad (unchanged)" in third.plain

@@ -33,6 +33,12 @@ CASES = [  # (exception, transient?)
     (ArchiveError("a.zarr: exists and is not an empty folder"), False),
     (ValueError("volume id 'eye_a' already holds another file"), False),
     (RuntimeError("boom"), False),
+    (OSError("image file is truncated (4 bytes not processed)"), False),  # Pillow: a corrupt file, no errno
+    (OSError("Unable to open file (file signature not found)"), False),  # h5py: the same
+    (_caused_by(ReadError("scan.png", "unreadable"), OSError("image file is truncated")), False),
+    (OSError(errno.EMFILE, "Too many open files"), False),  # the system's, but no retry in seconds cures it
+    (OSError(errno.ECONNRESET, "Connection reset by peer"), True),
+    (type("CommClosedError", (OSError,), {})("in <TCP ...>: Stream is closed"), True),  # Dask's dropped connection
     (KeyboardInterrupt(), False),
     (None, False),
 ]
@@ -68,3 +74,26 @@ def test_tasks_use_the_retry_settings() -> None:
     for task in (ingest_source_task, preprocess_volume_task, segment_volume_task):
         assert task.retries == 2, task.name
         assert task.retry_condition_fn is retry_on_transient_io, task.name
+
+
+def test_call_with_retries_retries_transient_errors_only(monkeypatch) -> None:
+    import octseg.tasks.runtime.retry as retry
+
+    monkeypatch.setattr(retry, "RETRY_DELAYS", (0.0, 0.0))
+    calls = []
+
+    def flaky(fail_with: BaseException, times: int) -> str:
+        calls.append(1)
+        if len(calls) <= times:
+            raise fail_with
+        return "done"
+
+    assert retry.call_with_retries(flaky, OSError(errno.EIO, "Input/output error"), 2) == "done" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(OSError):
+        retry.call_with_retries(flaky, OSError(errno.EIO, "Input/output error"), 3)
+    assert len(calls) == 3  # two retries, then the error
+    calls.clear()
+    with pytest.raises(ReadError):
+        retry.call_with_retries(flaky, ReadError("x.tif", "truncated"), 1)
+    assert len(calls) == 1  # bad input: never again

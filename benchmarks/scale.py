@@ -1,0 +1,502 @@
+"""Benchmark: octseg at 1,000 to 100,000 volumes. Orchestration, not compute: each volume is tiny.
+
+Builds an archive of N volumes of 2 B-scans of 64 x 64 (``.npy`` files in a drop folder, ingested by the
+flow) against a real ``prefect server`` (its database SQLite or PostgreSQL) and measures, per N:
+
+* ingest: seconds per volume of the ``ingest-volumes`` flow (4 threads);
+* preprocess and segment: seconds per volume of their flows on a 2-worker Dask LocalCluster, and for segment
+  the overhead per volume beyond its compute (``wall / N - compute / workers``, compute measured here on
+  single-threaded torch as a worker runs it);
+* the flow process's RSS at 10% and 90% of the segment run (sampled every 0.2 s), and its growth per volume;
+* the Prefect database's growth per 1,000 volumes for each flow (bytes and rows: task runs, states, logs,
+  events);
+* each command's no-op: the plan alone in this process (``plan_ingest``, ``plan_preprocess``,
+  ``plan_segmentation``, ``scan_inbox``) and the whole command as a user runs it (``octseg watch``,
+  ``preprocess``, ``segment``, ``catalogue``; ``octseg ingest`` of N files exceeds the argument limit at
+  100,000, so its plan stands for it).
+
+``--compare`` instead segments the same N volumes twice (``--force``), one Prefect task run per volume and
+one per batch (the default), and adds the API latency of the flow run's page (the calls the UI makes) and
+how long after the flow's end the server has recorded every task run.
+
+    .venv/bin/python benchmarks/scale.py --volumes 1000                      # SQLite Prefect server
+    .venv/bin/python benchmarks/scale.py --volumes 1000 10000 --prefect both  # and on PostgreSQL
+    .venv/bin/python benchmarks/scale.py --volumes 5000 --compare --prefect postgres
+    nice -n 10 .venv/bin/python benchmarks/scale.py --volumes 100000 --prefect postgres --out scale-100k.json
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SHAPE = (2, 64, 64)
+WORKERS = 2
+ROW_TABLES = ("flow_run", "task_run", "task_run_state", "log", "events", "event_resources")
+
+
+# ---- servers --------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited {proc.returncode}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not up after {timeout} s")
+
+
+@contextlib.contextmanager
+def postgres(root: Path):
+    """A PostgreSQL server run as the postgres user (see /work/shared/STACK.md); yields its host:port."""
+    pg_bin = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
+    as_pg = ["runuser", "-u", "postgres", "--"]
+    folder = root / "pg"
+    folder.mkdir()
+    os.chmod(root, 0o755)
+    shutil.chown(folder, "postgres")
+    port = _free_port()
+    run = lambda *a: subprocess.run([*as_pg, *a], check=True, capture_output=True, timeout=300)  # noqa: E731
+    run(str(pg_bin / "initdb"), "-D", str(folder / "data"), "-A", "trust", "-U", "octseg")
+    run(str(pg_bin / "pg_ctl"), "-D", str(folder / "data"), "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1",
+        "-l", str(folder / "log"), "-w", "start")
+    try:
+        run(str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "octseg", "prefect")
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_pg, str(pg_bin / "pg_ctl"), "-D", str(folder / "data"), "-m", "fast", "-w", "stop"],
+                       capture_output=True, timeout=300)
+
+
+@contextlib.contextmanager
+def prefect_server(root: Path, kind: str):
+    """A ``prefect server`` on 127.0.0.1 with its database in SQLite or PostgreSQL; yields (api url, db url)."""
+    with contextlib.ExitStack() as stack:
+        if kind == "postgres":
+            db = f"postgresql+asyncpg://octseg@{stack.enter_context(postgres(root))}/prefect"
+        else:
+            db = f"sqlite+aiosqlite:///{root / 'prefect.db'}"
+        port = _free_port()
+        env = {**_clean_env(root), "PREFECT_API_DATABASE_CONNECTION_URL": db}
+        log = (root / f"prefect-{kind}.log").open("w")
+        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                                 "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_http(f"http://127.0.0.1:{port}/api/health", proc)
+            yield f"http://127.0.0.1:{port}/api", db
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(60)
+
+
+def _clean_env(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DASK_"))}
+    env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               MLFLOW_DISABLE_TELEMETRY="true", OCTSEG_PROGRESS="0", MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db")
+    return env
+
+
+def db_stats(db: str) -> dict[str, int]:
+    """The Prefect database's size in bytes and the rows of its busiest tables."""
+    if db.startswith("sqlite"):
+        import sqlite3
+
+        path = db.split("///", 1)[1]
+        size = sum(os.path.getsize(p) for p in (path, f"{path}-wal") if os.path.exists(p))
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)) as conn:
+            rows = {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ROW_TABLES}
+        return {"bytes": size, **rows}
+    import psycopg2
+
+    with contextlib.closing(psycopg2.connect(db.replace("postgresql+asyncpg", "postgresql"))) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_database_size('prefect')")
+        size = cur.fetchone()[0]
+        rows = {}
+        for t in ROW_TABLES:
+            cur.execute(f"SELECT COUNT(*) FROM {t}")
+            rows[t] = cur.fetchone()[0]
+    return {"bytes": size, **rows}
+
+
+def _growth(before: dict[str, int], after: dict[str, int], n: int) -> dict[str, float]:
+    """Per 1,000 volumes."""
+    return {k: round((after[k] - before[k]) * 1000 / n, 1) for k in after}
+
+
+# ---- the measurements, run in a child process pointed at the server -------------------------------------
+
+class RSS:
+    """This process's resident memory, sampled every 0.2 s while the block runs."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+
+    def __enter__(self) -> RSS:
+        import psutil
+
+        me = psutil.Process()
+
+        def sample() -> None:
+            while not self._stop.wait(0.2):
+                self.samples.append((time.perf_counter(), me.memory_info().rss))
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self.t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.t1 = time.perf_counter()
+
+    def at(self, fraction: float) -> float:
+        """Median RSS (MiB) over the samples within 2.5% of the run either side of ``fraction`` of it."""
+        span = self.t1 - self.t0
+        near = [r for t, r in self.samples if abs((t - self.t0) / span - fraction) <= 0.025] or [
+            min(self.samples, key=lambda s: abs((s[0] - self.t0) / span - fraction))[1]]
+        return statistics.median(near) / 2**20
+
+
+def _timed(fn, *args, **kwargs) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - t0, result
+
+
+def _command(args: list[str], env: dict[str, str]) -> float:
+    """Wall seconds of an ``octseg`` command run as a user runs it (a new process); it must say it has nothing to do."""
+    t0 = time.perf_counter()
+    done = subprocess.run([str(BIN / "octseg"), *args], env=env, capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"octseg {' '.join(args)} exited {done.returncode}: {(done.stdout + done.stderr)[-2000:]}")
+    return round(wall, 2)
+
+
+def _make_sources(inbox: Path, n: int) -> list[str]:
+    import numpy as np
+
+    inbox.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    then = time.time() - 600
+    files = []
+    for i in range(n):
+        path = inbox / f"vol{i:06d}.npy"
+        np.save(path, rng.integers(0, 255, SHAPE, dtype=np.uint8))
+        os.utime(path, (then, then))  # settled
+        files.append(str(path))
+    return files
+
+
+def _register_model(tracking: str) -> str:
+    import mlflow
+    import torch
+
+    from octseg.tasks.tracking.models import log_unet
+    from octseg.tasks.tracking.uri import ensure_experiment, using_tracking_uri
+    from octseg.unet.model import UNet
+
+    torch.manual_seed(0)
+    with using_tracking_uri(tracking), mlflow.start_run(experiment_id=ensure_experiment(tracking, "scale")):
+        version = log_unet(UNet(base_channels=4, depth=2), "octseg-unet",
+                           metadata={"class_names": {"0": "background", "1": "fluid"}})
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking).set_registered_model_alias("octseg-unet", "champion", version)
+    return version
+
+
+def _compute_per_volume(archive: Path, tracking: str, volumes: list[str]) -> float:
+    """Seconds one volume takes in segment_one on one thread (as a worker of the 2-worker cluster runs it),
+    with its QC picture; written as another model version, so the flow still segments these volumes."""
+    import torch
+
+    from octseg.tasks.segmentation.segment import segment_one
+    from octseg.tasks.tracking.models import cached_unet, resolve_model
+    from octseg.unet.config import InferenceConfig
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = resolve_model("models:/octseg-unet@champion", tracking)
+        model = cached_unet(ref, tracking, "cpu")
+        info = {"model_name": "octseg-unet", "model_version": "0", "run_id": "-", "model_uri": "-"}
+        names = {0: "background", 1: "fluid"}
+        segment_one(archive, volumes[0], model, info, names, InferenceConfig(device="cpu"), qc_dir=archive.parent / "q")
+        t0 = time.perf_counter()
+        for vid in volumes[1:]:
+            segment_one(archive, vid, model, info, names, InferenceConfig(device="cpu"), qc_dir=archive.parent / "q")
+        return (time.perf_counter() - t0) / (len(volumes) - 1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bare_dask(archive: Path, tracking: str, volumes: list[str]) -> float:
+    """Seconds per volume of the same work on a 2-worker LocalCluster with no Prefect and no flow: each volume
+    submitted to Dask at once and gathered (after each worker loaded the model). The floor under the flow."""
+    from octseg.tasks.runtime.cluster import client_for, dask_scheduler
+    from octseg.tasks.segmentation.segment import segment_registered
+    from octseg.tasks.tracking.models import resolve_model
+    from octseg.unet.config import InferenceConfig
+
+    ref = resolve_model("models:/octseg-unet@champion", tracking)
+    kw = dict(requested_uri="models:/octseg-unet@champion", inference=InferenceConfig(device="cpu"),
+              qc_dir=str(archive.parent / "qc"), force=True)
+    with dask_scheduler(None, WORKERS) as address:
+        client = client_for(address)
+        warm = [client.submit(segment_registered, str(archive), v, ref, tracking, **kw, pure=False) for v in volumes[:WORKERS * 2]]
+        client.gather(warm)
+        del warm
+        t0 = time.perf_counter()
+        futures = [client.submit(segment_registered, str(archive), v, ref, tracking, **kw, pure=False)
+                   for v in volumes[WORKERS * 2:]]
+        client.gather(futures)
+        wall = time.perf_counter() - t0
+        del futures
+    return wall / (len(volumes) - WORKERS * 2)
+
+
+def _api_latency(api: str, flow_run_id: str) -> dict[str, float]:
+    """Median ms of the calls the UI's flow-run page makes (5 rounds)."""
+    body = lambda d: json.dumps(d).encode()  # noqa: E731
+    flow_filter = {"flow_runs": {"id": {"any_": [flow_run_id]}}}
+    calls = {
+        "flow_run": ("GET", f"/flow_runs/{flow_run_id}", None),
+        "task_runs_page": ("POST", "/task_runs/filter", body({**flow_filter, "sort": "EXPECTED_START_TIME_DESC",
+                                                              "limit": 200, "offset": 0})),
+        "task_runs_count": ("POST", "/task_runs/count", body(flow_filter)),
+        "run_graph": ("GET", f"/flow_runs/{flow_run_id}/graph-v2", None),
+        "logs_page": ("POST", "/logs/filter", body({"logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                                                    "sort": "TIMESTAMP_ASC", "limit": 200, "offset": 0})),
+    }
+    out = {}
+    for name, (method, path, data) in calls.items():
+        times = []
+        for _ in range(5):
+            request = urllib.request.Request(api + path, data=data, method=method,
+                                             headers={"Content-Type": "application/json"})
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(request, timeout=300) as r:
+                r.read()
+            times.append(time.perf_counter() - t0)
+        out[name] = round(statistics.median(times) * 1000, 1)
+    return out
+
+
+def _recorded_lag(api: str, flow_run_id: str, expected: int, ended: float) -> float:
+    """Seconds after the flow ended until the server lists ``expected`` final task runs of the flow run."""
+    data = json.dumps({"flow_runs": {"id": {"any_": [flow_run_id]}},
+                       "task_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED"]}}}}).encode()
+    while True:
+        request = urllib.request.Request(api + "/task_runs/count", data=data, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as r:
+            if int(r.read()) >= expected or time.perf_counter() - ended > 600:
+                return round(time.perf_counter() - ended, 2)
+        time.sleep(0.5)
+
+
+def _segment(cfg, api: str, db: str, n: int, compute: float, bare: float, per_task: int | None = None) -> dict:
+    from octseg.flows.runs import summary_of
+    from octseg.flows.segment import segment_archive
+    from octseg.tasks.runtime.batches import batch_size
+
+    cfg = cfg.model_copy(update={"per_task": per_task})
+    before = db_stats(db)
+    with RSS() as rss:
+        state = segment_archive(cfg, return_state=True)
+    ended = time.perf_counter()
+    summary = summary_of(state)
+    assert len(summary.segmented) == n and not summary.failures, summary.headline()
+    wall = rss.t1 - rss.t0
+    size = batch_size(n, per_task)
+    expected = -(-n // size)
+    lag = _recorded_lag(api, str(state.state_details.flow_run_id), expected, ended)
+    out = {"volumes_per_task_run": size, "task_runs": expected, "seconds": round(wall, 1),
+           "per_volume_s": round(wall / n, 4), "overhead_per_volume_s": round(wall / n - compute / WORKERS, 4),
+           "overhead_vs_bare_dask_s": round(wall / n - bare, 4),
+           "rss_10_mib": round(rss.at(0.1), 1), "rss_90_mib": round(rss.at(0.9), 1),
+           "rss_growth_kib_per_volume": round((rss.at(0.9) - rss.at(0.1)) * 1024 / (0.8 * n), 3),
+           "recorded_lag_s": lag, "db_per_1000": _growth(before, db_stats(db), n),
+           "api_ms": _api_latency(api, str(state.state_details.flow_run_id))}
+    return out
+
+
+def child(n: int, workdir: Path, api: str, db: str, compare: bool) -> dict:
+    os.environ.setdefault("OCTSEG_PROGRESS", "0")
+    from octseg.flows.config import IngestConfig, PreprocessConfig, SegmentConfig, WatchConfig
+    from octseg.flows.ingest import ingest_volumes
+    from octseg.flows.plans import plan_ingest, plan_preprocess, plan_segmentation
+    from octseg.flows.preprocess import preprocess_archive
+    from octseg.flows.runs import summary_of
+    from octseg.tasks.ingest.inbox import scan_inbox
+    from octseg.tasks.ingest.known import read_settings
+    from octseg.tasks.tracking.models import resolve_model
+
+    inbox, archive, tracking = workdir / "inbox", workdir / "archive.zarr", f"sqlite:///{workdir}/mlflow.db"
+    env = {**_clean_env(workdir), "PREFECT_API_URL": api}
+    result: dict = {"volumes": n, "prefect_db": db.split(":")[0].split("+")[0], "workers": WORKERS}
+    t, files = _timed(_make_sources, inbox, n)
+    print(f"[{n}] {n} sources written in {t:.1f} s", flush=True)
+
+    listing = workdir / "sources.txt"  # the list in a file (--sources-file), as the command passes many
+    listing.write_text("".join(f"{f}\n" for f in files))
+    ingest_cfg = IngestConfig(sources_file=listing, archive=archive, dask_address=None)
+    before = db_stats(db)
+    wall, state = _timed(ingest_volumes, ingest_cfg, return_state=True)
+    summary = summary_of(state)
+    assert len(summary.written) == n and not summary.failures, summary.headline()
+    result["ingest"] = {"seconds": round(wall, 1), "per_volume_s": round(wall / n, 4),
+                        "db_per_1000": _growth(before, db_stats(db), n)}
+    print(f"[{n}] ingest {result['ingest']}", flush=True)
+
+    pre_cfg = PreprocessConfig(archive=archive, dask_address=None, n_workers=WORKERS)
+    before = db_stats(db)
+    wall, state = _timed(preprocess_archive, pre_cfg, return_state=True)
+    summary = summary_of(state)
+    assert len(summary.computed) == n and not summary.failures, summary.headline()
+    result["preprocess"] = {"seconds": round(wall, 1), "per_volume_s": round(wall / n, 4),
+                            "db_per_1000": _growth(before, db_stats(db), n)}
+    print(f"[{n}] preprocess {result['preprocess']}", flush=True)
+
+    _register_model(tracking)
+    ref = resolve_model("models:/octseg-unet@champion", tracking)
+    ids = sorted(p.stem for p in map(Path, files))
+    compute = _compute_per_volume(archive, tracking, ids[:21])
+    sample = max(40, min(400, n // 25))
+    bare = [_bare_dask(archive, tracking, ids[-sample:])]
+    # force: the bare runs rewrote some predictions with the champion; the flow does every volume regardless
+    seg_cfg = SegmentConfig(archive=archive, tracking_uri=tracking, dask_address=None, n_workers=WORKERS,
+                            qc_dir=workdir / "qc", force=True)
+    result["compute_per_volume_s"] = round(compute, 4)
+    if compare:
+        result["segment_per_volume_task_runs"] = _segment(seg_cfg, api, db, n, compute, bare[0], per_task=1)
+        print(f"[{n}] segment, a task run per volume {result['segment_per_volume_task_runs']}", flush=True)
+    result["segment"] = _segment(seg_cfg, api, db, n, compute, bare[0])
+    bare.append(_bare_dask(archive, tracking, ids[-2 * sample : -sample]))
+    result["bare_dask_per_volume_s"] = [round(b, 4) for b in bare]
+    result["segment"]["overhead_vs_bare_dask_s"] = round(result["segment"]["per_volume_s"] - sum(bare) / 2, 4)
+    print(f"[{n}] segment {result['segment']}; bare Dask {result['bare_dask_per_volume_s']} s/volume", flush=True)
+
+    settings = read_settings(WatchConfig(inbox=inbox, archive=archive).reader_options.model_dump(), 2**28)
+    noop = {}
+    noop["ingest_plan"], (todo, _) = _timed(plan_ingest, ingest_cfg)
+    assert todo == [], len(todo)
+    noop["watch_plan"], scan = _timed(scan_inbox, inbox, archive, settle_seconds=60, settings=settings)
+    assert scan.new == [] and len(scan.known) == n and scan.hashed == 0, (len(scan.new), scan.hashed)
+    noop["preprocess_plan"], (todo, _) = _timed(plan_preprocess, pre_cfg)
+    assert todo == [], len(todo)
+    noop["segment_plan"], (todo, _) = _timed(plan_segmentation, seg_cfg.model_copy(update={"force": False}), ref)
+    assert todo == [], len(todo)
+    noop = {k: round(v, 2) for k, v in noop.items()}
+    a = ["--archive", str(archive)]
+    noop["octseg_ingest"] = _command(["ingest", "--sources-file", str(listing), *a], env)
+    noop["octseg_watch"] = _command(["watch", "--inbox", str(inbox), *a], env)
+    noop["octseg_preprocess"] = _command(["preprocess", *a], env)
+    noop["octseg_segment"] = _command(["segment", *a, "--tracking-uri", tracking], env)
+    noop["octseg_catalogue"] = _command(["catalogue", *a], env)
+    result["noop_s"] = noop
+    print(f"[{n}] no-op {noop}", flush=True)
+    return result
+
+
+# ---- the parent: servers, children, the table ---------------------------------------------------------
+
+def _table(results: list[dict]) -> str:
+    lines = ["| volumes | Prefect DB | ingest s/vol | preprocess s/vol | segment s/vol | segment overhead s/vol "
+             "(beyond compute/2; beyond bare Dask) | "
+             "RSS 10% -> 90% MiB (KiB/vol) | no-op plans ingest/watch/preprocess/segment s | no-op commands "
+             "ingest/watch/preprocess/segment s | Prefect DB per 1,000 vol (ingest+preprocess+segment) |",
+             "|" + "---|" * 10]
+    for r in results:
+        s, nop = r["segment"], r["noop_s"]
+        db = sum(r[k]["db_per_1000"]["bytes"] for k in ("ingest", "preprocess", "segment")) / 2**20
+        lines.append(
+            f"| {r['volumes']:,} | {r['prefect_db']} | {r['ingest']['per_volume_s']} | {r['preprocess']['per_volume_s']} "
+            f"| {s['per_volume_s']} | {s['overhead_per_volume_s']}; {s['overhead_vs_bare_dask_s']} | "
+            f"{s['rss_10_mib']} -> {s['rss_90_mib']} "
+            f"({s['rss_growth_kib_per_volume']}) | {nop['ingest_plan']} / {nop['watch_plan']} / {nop['preprocess_plan']} / "
+            f"{nop['segment_plan']} | {nop['octseg_ingest']} / {nop['octseg_watch']} / {nop['octseg_preprocess']} / "
+            f"{nop['octseg_segment']} | "
+            f"{db:.2f} MiB |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--volumes", type=int, nargs="+", default=[1000])
+    parser.add_argument("--prefect", choices=("sqlite", "postgres", "both"), default="sqlite")
+    parser.add_argument("--compare", action="store_true", help="segment with a task run per volume, then per batch")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
+    parser.add_argument("--child", nargs=4, metavar=("N", "WORKDIR", "API", "DB"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        n, workdir, api, db = args.child
+        print("RESULT " + json.dumps(child(int(n), Path(workdir), api, db, args.compare)), flush=True)
+        return
+    kinds = ["sqlite", "postgres"] if args.prefect == "both" else [args.prefect]
+    results = []
+    for n in args.volumes:
+        for kind in kinds:
+            root = Path(tempfile.mkdtemp(prefix=f"octseg-scale-{n}-{kind}-", dir=args.keep))
+            try:
+                with prefect_server(root, kind) as (api, db):
+                    env = {**_clean_env(root), "PREFECT_API_URL": api}
+                    cmd = [sys.executable, __file__, *(["--compare"] if args.compare else []),
+                           "--child", str(n), str(root), api, db]
+                    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                    result, tail = None, collections.deque(maxlen=60)
+                    for line in proc.stdout:
+                        tail.append(line.rstrip())
+                        if line.startswith("RESULT "):
+                            result = json.loads(line[7:])
+                        elif line.startswith("["):
+                            print(line.rstrip(), flush=True)
+                    if proc.wait() != 0 or result is None:
+                        print("\n".join(tail), file=sys.stderr)
+                        raise RuntimeError(f"the run of {n} volumes on {kind} failed (exit {proc.returncode})")
+                results.append(result)
+                if args.out:
+                    args.out.write_text(json.dumps(results, indent=1))
+            finally:
+                if args.keep is None:
+                    shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(results, indent=1))
+    print(_table(results))
+
+
+if __name__ == "__main__":
+    main()

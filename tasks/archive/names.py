@@ -1,0 +1,36 @@
+"""Names in the archive: which strings may name a volume or an array, and the volume id a source file gets.
+
+Standard library and the readers' registry only (no Zarr, Dask or NumPy), so plans and the drop folder can
+name volumes without loading the archive's writers; :mod:`~octseg.tasks.archive.layout` re-exports these.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from octseg.tasks.readers.registry import volume_suffixes
+
+__all__ = ["ID_PATTERN", "RESERVED_NAMES", "valid_name", "volume_id_from_path"]
+
+RESERVED_NAMES = {"zarr.json"}
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` may name a volume or a derived array (``[A-Za-z0-9._-]``, no leading dot, not reserved)."""
+    return isinstance(name, str) and bool(ID_PATTERN.fullmatch(name)) and name not in RESERVED_NAMES
+
+
+def volume_id_from_path(path: str | os.PathLike[str]) -> str:
+    """Volume id of a source: file stem without a registered reader's suffix (``.ome.tif`` as a whole), or
+    a folder's name, reduced to ``[A-Za-z0-9._-]`` with no leading dots; never empty."""
+    p = Path(path)
+    name = p.name
+    if not p.is_dir():
+        for suffix in volume_suffixes():
+            if name.lower().endswith(suffix) and len(name) > len(suffix):
+                name = name[: -len(suffix)]
+                break
+    vid = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")[:200] or "volume"
+    return "_" + vid if vid in RESERVED_NAMES else vid

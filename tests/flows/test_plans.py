@@ -1,0 +1,75 @@
+"""A command with nothing to do answers from the catalogue, without loading MLflow, Zarr, Dask or Prefect, and
+the registered version it peeks at is the one MLflow resolves."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from octseg.flows.plans import ModelVersion, registered_version
+from octseg.tasks.archive.store import open_archive
+from octseg.tasks.tracking.models import resolve_model
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> str:
+    """Two versions of a tiny U-Net in a SQLite MLflow, the second the champion."""
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from octseg.tasks.tracking.models import log_unet
+    from octseg.tasks.tracking.uri import ensure_experiment, using_tracking_uri
+    from octseg.unet.model import UNet
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    torch.manual_seed(0)
+    with using_tracking_uri(uri), mlflow.start_run(experiment_id=ensure_experiment(uri, "plans")):
+        for _ in range(2):
+            version = log_unet(UNet(base_channels=4, depth=2), "octseg-unet",
+                               metadata={"class_names": {"0": "background", "1": "fluid"}})
+    MlflowClient(uri).set_registered_model_alias("octseg-unet", "champion", version)
+    return uri
+
+
+def test_the_peeked_version_is_mlflows(registry: str, tmp_path: Path) -> None:
+    ref = resolve_model("models:/octseg-unet@champion", registry)
+    assert registered_version("models:/octseg-unet@champion", registry) == ModelVersion("octseg-unet", ref.version)
+    assert registered_version("models:/octseg-unet/1", registry) == ModelVersion("octseg-unet", "1")
+    # anything it cannot tell is left to MLflow: no alias, no file, another scheme, a server that is not there
+    assert registered_version("models:/octseg-unet@nope", registry) is None
+    assert registered_version("models:/other@champion", registry) is None
+    assert registered_version("models:/octseg-unet@champion", f"sqlite:///{tmp_path / 'none.db'}") is None
+    assert registered_version("runs:/abc/model", registry) is None
+    t0 = time.perf_counter()
+    assert registered_version("models:/octseg-unet@champion", "http://127.0.0.1:9") is None
+    assert time.perf_counter() - t0 < 6
+
+
+def test_a_no_op_segment_loads_no_mlflow(registry: str, tmp_path: Path) -> None:
+    from octseg.tasks.segmentation.segment import segment_one
+    from octseg.tasks.tracking.models import load_unet
+    from octseg.unet.config import InferenceConfig
+
+    archive = open_archive(tmp_path / "a.zarr")
+    archive.write_volume("v", np.zeros((2, 32, 32), np.uint8),
+                         provenance={"source": "x", "source_sha256": "0" * 64, "reader": "npy"})
+    ref = resolve_model("models:/octseg-unet@champion", registry)
+    info = {"model_name": ref.name, "model_version": ref.version, "run_id": ref.run_id, "model_uri": ref.uri}
+    segment_one(archive.path, "v", load_unet(ref, registry, "cpu"), info, {0: "background", 1: "fluid"},
+                InferenceConfig(device="cpu"))
+    code = ("import sys\nfrom octseg.flows.cli import main\nsys.argv = ['octseg', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "heavy = sorted(m for m in ('mlflow', 'zarr', 'dask', 'prefect', 'torch') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\nsys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", code, "segment", "--archive", str(archive.path), "--tracking-uri",
+                           registry], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OCTSEG_PROGRESS": "0"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 segmented, 1 already done" in done.stdout and f"v{ref.version}" in done.stdout
+    assert "HEAVY []" in done.stdout, done.stdout
