@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sqlite3
+import stat
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -27,30 +28,33 @@ from octseg.flows.config import IngestConfig, PreprocessConfig, SegmentConfig, T
 from octseg.flows.summary import IngestSummary, PreprocessSummary, TrainSummary
 from octseg.tasks.archive.catalogue import catalogue_for
 from octseg.tasks.archive.names import volume_id_from_path
-from octseg.tasks.readers.sources import shown, source_problem
+from octseg.tasks.readers.sources import shown, source_check
 from octseg.tasks.tracking.models import ModelRef
 
 __all__ = ["ModelVersion", "duplicate_ids", "plan_ingest", "training_volumes", "plan_preprocess", "plan_segmentation",
            "previous_training", "registered_version"]
 
 
-def duplicate_ids(sources: list[Path]) -> dict[Path, str]:
+def duplicate_ids(sources: list[Path], ids: dict[Path, str] | None = None) -> dict[Path, str]:
     """Sources that cannot go into this batch -> error text: whose volume id an earlier source of the
     batch already takes, and those :func:`~octseg.tasks.readers.sources.source_problem` refuses by name (not
-    UTF-8, a symlink loop, missing). Each fails alone; the rest of the batch goes on."""
+    UTF-8, a symlink loop, missing). Each fails alone; the rest of the batch goes on. ``ids``, when given,
+    receives the volume id of each source that can go."""
     seen: dict[str, Path] = {}
     dup: dict[Path, str] = {}
     for src in sources:
-        problem = source_problem(src)
+        problem, mode = source_check(src)
         if problem:
             dup[src] = problem
             continue
-        vid = volume_id_from_path(src)
+        vid = volume_id_from_path(src, is_dir=stat.S_ISDIR(mode))
         if vid in seen:
             dup[src] = (f"{shown(src)}: volume id {vid!r} is already used by {shown(seen[vid])} in this batch; "
                         f"rename one of them")
         else:
             seen[vid] = src
+            if ids is not None:
+                ids[src] = vid
     return dup
 
 
@@ -63,14 +67,14 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     from octseg.tasks.readers.registry import source_sha256
 
     given = config.all_sources()
-    duplicates = duplicate_ids(list(given))
+    ids: dict[Path, str] = {}
+    duplicates = duplicate_ids(list(given), ids)
     summary = IngestSummary(str(config.archive), failures=list(duplicates.values()))
     sources = [s for s in given if s not in duplicates]
     if not (Path(config.archive) / "zarr.json").is_file():
         return [str(s) for s in sources], summary
     catalogue = catalogue_for(config.archive)
-    ids = {src: volume_id_from_path(src) for src in sources}
-    entries = catalogue.entries(sorted(set(ids.values())), verify=("volume",), details=True, missing_ok=True)
+    entries = catalogue.entries(sorted(set(ids.values())), verify=("volume",), details="meta", missing_ok=True)
     remembered = catalogue.sources()
     options = config.reader_options.model_dump()
     todo = []

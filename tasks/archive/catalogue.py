@@ -498,14 +498,14 @@ class Catalogue:
         return list(self.entries(verify=()))
 
     def entries(self, volume_ids: Sequence[str] | None = None, *, verify: Sequence[str] = ("volume",),
-                details: bool = False, missing_ok: bool = False) -> dict[str, VolumeEntry]:
+                details: bool | str = False, missing_ok: bool = False) -> dict[str, VolumeEntry]:
         """Volume id -> entry for ``volume_ids`` (in that order; ValueError naming those the archive lacks unless
         ``missing_ok``), or for every volume in id order. On the way the rows are brought in line with the
         archive: its listing (one ``scandir``) adds the volumes the catalogue lacks (a new or deleted catalogue,
         a volume copied in by hand) and drops rows of vanished ones; a row in doubt, failing its digest, or
         whose files named by ``verify`` (``volume``, ``prediction``, ``derived``) changed since it was read, is
         read again from the volume. ``details`` also loads each volume's provenance (``meta``) and prediction
-        attributes."""
+        attributes (``details="meta"``: the provenance alone)."""
         listed = self._listed()
         rows = self._query(f"SELECT {', '.join(_VOLUME_COLUMNS)}, doubt, digest FROM volumes")
         width = len(_VOLUME_COLUMNS)
@@ -538,7 +538,8 @@ class Catalogue:
                 continue
             found[vid] = entry
         if details and found:
-            stale += self._load_details(found, all_rows=wanted is None)
+            stale += self._load_details(found, all_rows=wanted is None or len(found) > 2000,
+                                        prediction=details != "meta")
         known = {values[0] for values in rows}
         stale += sorted(vid for vid in listed - known if wanted is None or vid in wanted)
         for vid, entry in self._refresh(stale).items():  # the volume's own records win
@@ -553,7 +554,7 @@ class Catalogue:
                              f"{f' and {len(held) - 20} more' if len(held) > 20 else ''}")
         return {vid: found[vid] for vid in volume_ids if vid in found}
 
-    def _load_details(self, found: dict[str, VolumeEntry], all_rows: bool) -> list[str]:
+    def _load_details(self, found: dict[str, VolumeEntry], all_rows: bool, prediction: bool = True) -> list[str]:
         """Fill ``meta`` and ``prediction`` of the entries in ``found``; the ids whose details fail their digest
         (removed from ``found``)."""
         sql = "SELECT volume_id, meta, prediction, detail_digest FROM volumes"
@@ -565,16 +566,18 @@ class Catalogue:
                 chunk = ids[start : start + 500]
                 rows += self._query(f"{sql} WHERE volume_id IN ({', '.join('?' * len(chunk))})", chunk)
         stale = []
-        for vid, meta, prediction, detail_digest in rows:
+        loads = json.loads
+        for vid, meta, attrs, detail_digest in rows:
             entry = found.get(vid)
             if entry is None:
                 continue
-            if detail_digest != _digest((vid, meta, prediction)):
+            if detail_digest != _digest((vid, meta, attrs)):
                 stale.append(vid)
                 del found[vid]
                 continue
-            entry.meta = json.loads(meta) if meta else None
-            entry.prediction = json.loads(prediction) if prediction else None
+            entry.meta = loads(meta) if meta else None
+            if prediction:
+                entry.prediction = loads(attrs) if attrs else None
         return stale
 
     def counts(self) -> dict[str, int]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 from octseg.tasks.readers.registry import volume_suffixes
 
@@ -22,15 +21,16 @@ def valid_name(name: str) -> bool:
     return isinstance(name, str) and bool(ID_PATTERN.fullmatch(name)) and name not in RESERVED_NAMES
 
 
-def volume_id_from_path(path: str | os.PathLike[str]) -> str:
+def volume_id_from_path(path: str | os.PathLike[str], is_dir: bool | None = None) -> str:
     """Volume id of a source: file stem without a registered reader's suffix (``.ome.tif`` as a whole), or
-    a folder's name, reduced to ``[A-Za-z0-9._-]`` with no leading dots; never empty."""
-    p = Path(path)
-    name = p.name
-    if not p.is_dir():
-        for suffix in volume_suffixes():
-            if name.lower().endswith(suffix) and len(name) > len(suffix):
+    a folder's name, reduced to ``[A-Za-z0-9._-]`` with no leading dots; never empty. ``is_dir``: whether
+    ``path`` is a folder, when the caller knows (else it is looked up, only for a name with a suffix)."""
+    name = os.path.basename(os.path.normpath(os.fspath(path)))
+    lower = name.lower()
+    for suffix in volume_suffixes():
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            if not (os.path.isdir(path) if is_dir is None else is_dir):
                 name = name[: -len(suffix)]
-                break
+            break
     vid = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")[:200] or "volume"
     return "_" + vid if vid in RESERVED_NAMES else vid

@@ -16,9 +16,11 @@ are unchanged. Reasons are stored without the file's path (the catalogue is kept
 from __future__ import annotations
 
 import errno
+import functools
 import importlib.metadata
 import json
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,22 @@ __all__ = ["bad_reason", "is_bad_input", "known_sha256", "read_settings", "refus
 
 
 def resolved(path: str | os.PathLike[str]) -> str:
-    """The absolute, symlink-free path a source is remembered by."""
+    """The absolute, symlink-free path a source is remembered by: ``os.path.realpath``, with the folder's
+    resolution cached (a drop folder of 100,000 files is one folder), so a file that is not itself a link
+    costs one ``lstat``."""
+    path = os.path.abspath(path)
+    folder, name = os.path.split(path)
+    try:
+        if name and not stat.S_ISLNK(os.lstat(path).st_mode):
+            return os.path.join(_real_folder(folder), name)
+    except OSError:
+        pass
     return os.path.realpath(path)
+
+
+@functools.lru_cache(maxsize=1024)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 def source_parts(path: Path) -> tuple[str, ...] | None:

@@ -11,7 +11,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["natural_key", "sha256_of_files", "shown", "source_problem"]
+__all__ = ["natural_key", "sha256_of_files", "shown", "source_check", "source_problem"]
 
 
 def shown(path: str | os.PathLike[str]) -> str:
@@ -37,24 +37,28 @@ def source_problem(path: str | Path) -> str | None:
     """Why a source given by name cannot be ingested at all, as ``"<path>: <why>"``; None when it can be
     tried. Catches what would otherwise abort or hang a whole batch: a name that is not UTF-8 (it cannot
     travel in Prefect's JSON parameters), a symbolic link loop, a missing path, a FIFO, socket or device."""
-    p = Path(path)
+    return source_check(path)[0]
+
+
+def source_check(path: str | Path) -> tuple[str | None, int | None]:
+    """(:func:`source_problem`, the mode of the file or folder the path names when there is none)."""
+    p = os.fspath(path)
     try:
-        str(p).encode("utf-8")
+        p.encode("utf-8")
     except UnicodeEncodeError:
-        return f"{shown(p)}: file name is not valid UTF-8; rename the file (e.g. with convmv) and ingest it again"
+        return f"{shown(p)}: file name is not valid UTF-8; rename the file (e.g. with convmv) and ingest it again", None
     try:
-        p.resolve(strict=True)
-        mode = p.stat().st_mode
+        mode = os.stat(p).st_mode  # follows links: ELOOP for a loop, ENOENT for a dangling one
     except FileNotFoundError:
-        return f"{shown(p)}: does not exist"
-    except (RuntimeError, OSError) as e:  # RuntimeError: pathlib's symlink loop before Python 3.13
+        return f"{shown(p)}: does not exist", None
+    except (RuntimeError, OSError) as e:
         if isinstance(e, RuntimeError) or getattr(e, "errno", None) == 40:
-            return f"{shown(p)}: symbolic link loop"
-        return f"{shown(p)}: cannot be resolved ({getattr(e, 'strerror', None) or e})"
+            return f"{shown(p)}: symbolic link loop", None
+        return f"{shown(p)}: cannot be resolved ({getattr(e, 'strerror', None) or e})", None
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # opening a FIFO would wait for a writer forever
         kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-        return f"{shown(p)}: not a regular file ({kind})"
-    return None
+        return f"{shown(p)}: not a regular file ({kind})", None
+    return None, mode
 
 
 def natural_key(name: str) -> list[int | str]:
