@@ -36,7 +36,7 @@ class ItemOutcome:
 def batch_size(n_items: int, per_task: int | None = None) -> int:
     """Items per batch: ``per_task`` when given; else 1 for runs of up to :data:`TASK_RUNS_PER_RUN` items (one
     task run each), growing with the run so that it makes about that many task runs, at most :data:`MAX_BATCH`
-    items each (benchmarks/scale.py measures why: see the README's "Orchestrating 100,000 volumes")."""
+    items each (benchmarks/scale.py measures why: see the README's "At scale")."""
     if per_task:
         return per_task
     return max(1, min(MAX_BATCH, math.ceil(n_items / TASK_RUNS_PER_RUN)))
