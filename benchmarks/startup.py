@@ -50,7 +50,7 @@ def main() -> None:
             subprocess.run(octseg + step, env=env, cwd=work, capture_output=True, check=True)
         # a flow run over the same up-to-date archive: the old behaviour of a no-op command
         flow_run = [sys.executable, "-c",
-                    "from octseg.flows.cli import _run; from octseg.flows.config import PreprocessConfig; "
+                    "from octseg.flows.console import run_flow as _run; from octseg.flows.config import PreprocessConfig; "
                     "from octseg.flows.preprocess import preprocess_archive; "
                     f"_run(preprocess_archive, PreprocessConfig(archive={archive!r}), False)"]
         cases = {

@@ -9,15 +9,12 @@ imported inside the commands so that ``--help`` stays fast.
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
-
 from octseg.flows import preflight
 from octseg.flows.cli_options import VerboseOpt, config_command
 from octseg.flows.config import (
@@ -30,10 +27,16 @@ from octseg.flows.config import (
     TrainFlowConfig,
     WatchConfig,
 )
+from octseg.flows.console import (
+    one_line,
+    prepare_runtime,
+    quiet_third_party,
+    report,
+    run_flow,
+)
+from typer.core import TyperGroup
 
 __all__ = ["app", "main"]
-
-QUIET_LOGGERS = ("distributed", "mlflow", "alembic")  # third-party INFO lines off the console by default
 
 # Read by Prefect when it is first imported, so set before any command can import it. The ephemeral
 # server's first start migrates its database, which outlasts Prefect's 20 s default on a small machine.
@@ -46,15 +49,6 @@ for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_RE
     os.environ.setdefault(_name, _value)
 
 
-def _one_line(error: Exception) -> str:
-    """The error as one line; a pydantic ValidationError as ``field: message; ...``."""
-    from pydantic import ValidationError
-
-    if isinstance(error, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
-    return " ".join(str(error).split())
-
-
 class _UserErrorGroup(TyperGroup):
     """Shows a ValueError from a command (bad input, missing model, ...) as one line, exit code 2."""
 
@@ -62,7 +56,7 @@ class _UserErrorGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except ValueError as e:
-            typer.secho(f"Error: {_one_line(e)}", fg=typer.colors.RED, err=True)
+            typer.secho(f"Error: {one_line(e)}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=2) from e
 
 
@@ -86,94 +80,10 @@ app = typer.Typer(
 )
 
 
-# ---- running a flow ----------------------------------------------------------------------------
-
-class _NoTracebackFormatter(logging.Formatter):
-    """Prefect's console format without exception tracebacks (the message names the error already)."""
-
-    def __init__(self, inner: logging.Formatter) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def format(self, record: logging.LogRecord) -> str:
-        if not record.exc_info:
-            return self.inner.format(record)
-        exc_info, exc_text = record.exc_info, record.exc_text
-        record.exc_info, record.exc_text = None, None
-        try:
-            return self.inner.format(record)
-        finally:
-            record.exc_info, record.exc_text = exc_info, exc_text
-
-
-def _quiet(verbose: bool) -> None:
-    """Third-party INFO logs off the console unless ``--verbose``: set first in every command, since
-    MLflow and Dask read these when they are first imported (and Dask's workers inherit them)."""
-    if not verbose:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
-
-
-def _prepare_runtime(verbose: bool) -> None:
-    """Logging for a flow run from the command line: third-party INFO logs and the tracebacks of failed
-    items stay off the console unless ``--verbose``; Prefect's own logs and run records are unchanged."""
-    if not verbose:  # in case Dask was imported before the variable was set (e.g. in tests)
-        import dask
-
-        dask.config.set({"distributed.logging.distributed": "warning"})
-    from prefect.logging.configuration import ensure_logging_setup
-
-    from octseg.tasks.runtime.tether import tether_ephemeral_server
-
-    tether_ephemeral_server()  # an ephemeral Prefect server dies with this command, even on kill -9
-    ensure_logging_setup()
-    if verbose:
-        return
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for handler in logging.getLogger().handlers:
-        if type(handler).__name__ == "PrefectConsoleHandler" and handler.formatter is not None:
-            if not isinstance(handler.formatter, _NoTracebackFormatter):
-                handler.setFormatter(_NoTracebackFormatter(handler.formatter))
-
-
-def _run(flow_fn: Any, config: Any, verbose: bool) -> Any:
-    """Run ``flow_fn(config)`` as a Prefect flow run and return its summary, failed or not.
-
-    A flow that raised a ValueError (bad input found on the way) is a user error (exit 2, one line);
-    any other error is one line and exit 1, with its traceback only under ``--verbose``.
-    """
-    _prepare_runtime(verbose)
-    from octseg.flows.runs import summary_of
-
-    try:
-        return summary_of(flow_fn(config, return_state=True))
-    except ValueError:
-        raise
-    except Exception as e:
-        if verbose:
-            raise
-        typer.secho(f"Error: {type(e).__name__}: {_one_line(e)} (--verbose shows the traceback)",
-                    fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=1) from None
-
-
-def _report(summary: Any) -> None:
-    """The summary, one line per failed item, and exit code 1 when any failed."""
-    failures = list(getattr(summary, "failures", []))
-    typer.secho(summary.headline(), fg=typer.colors.GREEN if not failures else typer.colors.YELLOW)
-    for w in getattr(summary, "warnings", []):
-        typer.secho(f"  warning: {w}", fg=typer.colors.YELLOW, err=True)
-    for f in failures:
-        typer.secho(f"  failed: {f}", fg=typer.colors.RED, err=True)
-    if failures:
-        raise typer.Exit(code=1)
-
-
 # ---- the commands: options derived from each config (octseg.flows.cli_options) -------------------
 
 def _command(cls: type, selectors: list) -> Any:
-    return config_command(app, cls, selectors, before=_quiet)
+    return config_command(app, cls, selectors, before=quiet_third_party)
 
 
 @_command(IngestConfig, ["*", "reader_options.*"])
@@ -193,14 +103,14 @@ def ingest(cfg: IngestConfig, verbose: bool) -> None:
 
     todo, planned = plan_ingest(cfg)
     if not todo:
-        return _report(planned)
+        return report(planned)
     from octseg.flows.ingest import ingest_config_for, ingest_volumes
 
     with ingest_config_for(cfg, todo) as run_cfg:
-        summary = _run(ingest_volumes, run_cfg, verbose)
+        summary = run_flow(ingest_volumes, run_cfg, verbose)
     summary.skipped = planned.skipped + summary.skipped  # found unchanged by the plan, not hashed again
     summary.failures = planned.failures + summary.failures  # duplicate ids, missing or unusable names
-    _report(summary)
+    report(summary)
 
 
 @_command(PreprocessConfig, ["*", "weights.*"])
@@ -214,10 +124,10 @@ def preprocess(cfg: PreprocessConfig, verbose: bool) -> None:
 
     todo, summary = plan_preprocess(cfg)
     if not todo:
-        return _report(summary)
+        return report(summary)
     from octseg.flows.preprocess import preprocess_archive
 
-    _report(_run(preprocess_archive, cfg, verbose))
+    report(run_flow(preprocess_archive, cfg, verbose))
 
 
 def _registered_model(model_uri: str, tracking_uri: str | None) -> Any:
@@ -248,10 +158,10 @@ def train(cfg: TrainFlowConfig, verbose: bool) -> None:
 
     done = None if cfg.force or cfg.resume else previous_training(cfg, uri)
     if done is not None:
-        return _report(done)
+        return report(done)
     from octseg.flows.train import train_unet
 
-    _report(_run(train_unet, cfg, verbose))
+    report(run_flow(train_unet, cfg, verbose))
 
 
 @_command(SegmentConfig, ["*", "inference.*"])
@@ -276,16 +186,16 @@ def segment(cfg: SegmentConfig, verbose: bool) -> None:
     if quick is not None:  # nothing to do is answered without loading MLflow
         todo, done = plan_segmentation(cfg, quick)
         if not todo:
-            return _report(SegmentSummary(str(cfg.archive), f"{quick.name} v{quick.version}", skipped=done,
+            return report(SegmentSummary(str(cfg.archive), f"{quick.name} v{quick.version}", skipped=done,
                                           qc_dir=str(cfg.qc_folder)))
     ref = _registered_model(cfg.model_uri, cfg.tracking_uri)
     todo, done = plan_segmentation(cfg, ref)
     if not todo:
-        return _report(SegmentSummary(str(cfg.archive), f"{ref.name} v{ref.version}", skipped=done,
+        return report(SegmentSummary(str(cfg.archive), f"{ref.name} v{ref.version}", skipped=done,
                                       qc_dir=str(cfg.qc_folder)))
     from octseg.flows.segment import segment_archive
 
-    _report(_run(segment_archive, cfg, verbose))
+    report(run_flow(segment_archive, cfg, verbose))
 
 
 @_command(EvaluateConfig, ["*", "inference.*"])
@@ -304,7 +214,7 @@ def evaluate(cfg: EvaluateConfig, verbose: bool) -> None:
     _registered_model(cfg.model_uri, cfg.tracking_uri)
     from octseg.flows.evaluate import evaluate_model
 
-    _report(_run(evaluate_model, cfg, verbose))
+    report(run_flow(evaluate_model, cfg, verbose))
 
 
 _STAGES = ("ingest", "preprocess", "train", "segment")
@@ -331,7 +241,7 @@ def pipeline(cfg: PipelineConfig, verbose: bool) -> None:
     check_tracking_uri(resolve_tracking_uri(cfg.train.tracking_uri))
     from octseg.flows.pipeline import run_pipeline
 
-    _report(_run(run_pipeline, cfg, verbose))
+    report(run_flow(run_pipeline, cfg, verbose))
 
 
 @_command(WatchConfig, ["*", "reader_options.keep_identifiers", "inference.device"])
@@ -352,14 +262,14 @@ def watch(cfg: WatchConfig, verbose: bool) -> None:
     scan = scan_inbox(cfg.inbox, cfg.archive, settle_seconds=cfg.settle_seconds, labels=cfg.labels,
                       settings=read_settings(cfg.reader_options.model_dump(), cfg.max_voxels))
     if not scan.new and not scan.unreadable:
-        return _report(WatchSummary(str(cfg.inbox), str(cfg.archive), known=len(scan.known),
+        return report(WatchSummary(str(cfg.inbox), str(cfg.archive), known=len(scan.known),
                                     unsettled=len(scan.unsettled), known_bad=len(scan.known_bad)))
     from octseg.tasks.tracking.uri import check_tracking_uri, resolve_tracking_uri
 
     check_tracking_uri(resolve_tracking_uri(cfg.tracking_uri))
     from octseg.flows.watch import watch_inbox
 
-    _report(_run(watch_inbox, cfg, verbose))
+    report(run_flow(watch_inbox, cfg, verbose))
 
 
 @_command(CatalogueConfig, ["*"])
@@ -403,11 +313,11 @@ def demo(
     Everything lives in WORKDIR: Prefect's ephemeral server state, MLflow's SQLite file and
     artifacts, the archive and QC overlays. About 2 minutes on a 2-core CPU.
     """
-    _quiet(verbose)
+    quiet_third_party(verbose)
     workdir = workdir.resolve()
     os.environ.setdefault("PREFECT_HOME", str(workdir / ".prefect"))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    _prepare_runtime(verbose)
+    prepare_runtime(verbose)
     from octseg.flows.demo import run_demo
 
     typer.echo(run_demo(workdir, epochs=epochs, n_volumes=volumes))

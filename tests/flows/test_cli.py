@@ -279,12 +279,12 @@ def test_an_unexpected_flow_error_is_one_line_and_exit_1(capsys) -> None:
         raise RuntimeError(f"disk {config} on fire")
 
     with pytest.raises(typer.Exit) as exit_info:
-        cli._run(boom, 7, verbose=False)
+        cli.run_flow(boom, 7, verbose=False)
     assert exit_info.value.exit_code == 1
     err = capsys.readouterr().err
     assert "Error: RuntimeError: disk 7 on fire" in err and "Traceback" not in err
     with pytest.raises(RuntimeError, match="disk 8 on fire"):
-        cli._run(boom, 8, verbose=True)
+        cli.run_flow(boom, 8, verbose=True)
 
 
 def test_a_duplicate_id_fails_even_when_everything_else_is_up_to_date(ingested) -> None:
