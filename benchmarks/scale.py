@@ -23,6 +23,12 @@ how long after the flow's end the server has recorded every task run.
     .venv/bin/python benchmarks/scale.py --volumes 1000 10000 --prefect both  # and on PostgreSQL
     .venv/bin/python benchmarks/scale.py --volumes 5000 --compare --prefect postgres
     nice -n 10 .venv/bin/python benchmarks/scale.py --volumes 100000 --prefect postgres --out scale-100k.json
+    .venv/bin/python benchmarks/scale.py --volumes 10000 --replicate 10   # no-ops at 100,000 in ~40 min
+
+``--replicate K`` then hard-links every volume and inbox file of the built archive K - 1 more times under new
+ids (``vol000123-r1``, ...), as if the flows had written them (they are the same bytes), lets ``octseg
+catalogue`` and one ``octseg watch`` record them, and times the no-op commands again at N x K volumes: the
+no-op figures at 100,000 without ingesting, preprocessing and segmenting 100,000 volumes.
 """
 from __future__ import annotations
 
@@ -354,7 +360,37 @@ def _segment(cfg, api: str, db: str, n: int, compute: float, bare: float, per_ta
     return out
 
 
-def child(n: int, workdir: Path, api: str, db: str, compare: bool) -> dict:
+def _replicate(workdir: Path, copies: int) -> int:
+    """Hard-link every volume of the archive and every inbox file ``copies - 1`` more times under new ids; the
+    number of volumes after."""
+    archive, inbox = workdir / "archive.zarr", workdir / "inbox"
+    volumes = sorted(e.name for e in os.scandir(archive) if e.is_dir() and e.name.startswith("vol"))
+    added = []
+    for vid in volumes:
+        tree = [(os.path.relpath(d, archive / vid), files) for d, _, files in os.walk(archive / vid)]
+        for k in range(1, copies):
+            new = f"{vid}-r{k}"
+            for rel, files in tree:
+                os.makedirs(archive / new / rel, exist_ok=True)
+                for f in files:
+                    os.link(archive / vid / rel / f, archive / new / rel / f)
+            os.link(inbox / f"{vid}.npy", inbox / f"{new}.npy")
+            added.append(str(inbox / f"{new}.npy"))
+    with (workdir / "sources.txt").open("a") as listing:
+        listing.write("".join(f"{f}\n" for f in added))
+    return len(volumes) * copies
+
+
+def _noop_commands(workdir: Path, env: dict[str, str], tracking: str) -> dict[str, float]:
+    a = ["--archive", str(workdir / "archive.zarr")]
+    return {"octseg_ingest": _command(["ingest", "--sources-file", str(workdir / "sources.txt"), *a], env),
+            "octseg_watch": _command(["watch", "--inbox", str(workdir / "inbox"), *a], env),
+            "octseg_preprocess": _command(["preprocess", *a], env),
+            "octseg_segment": _command(["segment", *a, "--tracking-uri", tracking], env),
+            "octseg_catalogue": _command(["catalogue", *a], env)}
+
+
+def child(n: int, workdir: Path, api: str, db: str, compare: bool, replicate: int = 1) -> dict:
     os.environ.setdefault("OCTSEG_PROGRESS", "0")
     from octseg.flows.config import IngestConfig, PreprocessConfig, SegmentConfig, WatchConfig
     from octseg.flows.ingest import ingest_volumes
@@ -421,14 +457,16 @@ def child(n: int, workdir: Path, api: str, db: str, compare: bool) -> dict:
     noop["segment_plan"], (todo, _) = _timed(plan_segmentation, seg_cfg.model_copy(update={"force": False}), ref)
     assert todo == [], len(todo)
     noop = {k: round(v, 2) for k, v in noop.items()}
-    a = ["--archive", str(archive)]
-    noop["octseg_ingest"] = _command(["ingest", "--sources-file", str(listing), *a], env)
-    noop["octseg_watch"] = _command(["watch", "--inbox", str(inbox), *a], env)
-    noop["octseg_preprocess"] = _command(["preprocess", *a], env)
-    noop["octseg_segment"] = _command(["segment", *a, "--tracking-uri", tracking], env)
-    noop["octseg_catalogue"] = _command(["catalogue", *a], env)
+    noop.update(_noop_commands(workdir, env, tracking))
     result["noop_s"] = noop
     print(f"[{n}] no-op {noop}", flush=True)
+    if replicate > 1:
+        t, total = _timed(_replicate, workdir, replicate)
+        print(f"[{n}] hard-linked to {total} volumes in {t:.0f} s", flush=True)
+        first = {"catalogue_sync_s": _command(["catalogue", "--archive", str(archive)], env),
+                 "watch_hashing_new_names_s": _command(["watch", "--inbox", str(inbox), "--archive", str(archive)], env)}
+        result["replicated"] = {"volumes": total, **first, "noop_s": _noop_commands(workdir, env, tracking)}
+        print(f"[{n}] at {total} volumes {result['replicated']}", flush=True)
     return result
 
 
@@ -461,11 +499,13 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true", help="segment with a task run per volume, then per batch")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
+    parser.add_argument("--replicate", type=int, default=1, metavar="K",
+                        help="then hard-link the archive to K times its volumes and time the no-ops again")
     parser.add_argument("--child", nargs=4, metavar=("N", "WORKDIR", "API", "DB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         n, workdir, api, db = args.child
-        print("RESULT " + json.dumps(child(int(n), Path(workdir), api, db, args.compare)), flush=True)
+        print("RESULT " + json.dumps(child(int(n), Path(workdir), api, db, args.compare, args.replicate)), flush=True)
         return
     kinds = ["sqlite", "postgres"] if args.prefect == "both" else [args.prefect]
     results = []
@@ -476,6 +516,7 @@ def main() -> None:
                 with prefect_server(root, kind) as (api, db):
                     env = {**_clean_env(root), "PREFECT_API_URL": api}
                     cmd = [sys.executable, __file__, *(["--compare"] if args.compare else []),
+                           "--replicate", str(args.replicate),
                            "--child", str(n), str(root), api, db]
                     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                     result, tail = None, collections.deque(maxlen=60)

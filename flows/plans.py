@@ -21,6 +21,7 @@ import sqlite3
 import stat
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,19 +36,19 @@ __all__ = ["ModelVersion", "duplicate_ids", "plan_ingest", "training_volumes", "
            "previous_training", "registered_version"]
 
 
-def duplicate_ids(sources: list[Path], ids: dict[Path, str] | None = None) -> dict[Path, str]:
+def duplicate_ids(sources: Sequence[str | Path], ids: dict | None = None, stats: dict | None = None) -> dict:
     """Sources that cannot go into this batch -> error text: whose volume id an earlier source of the
     batch already takes, and those :func:`~octseg.tasks.readers.sources.source_problem` refuses by name (not
     UTF-8, a symlink loop, missing). Each fails alone; the rest of the batch goes on. ``ids``, when given,
-    receives the volume id of each source that can go."""
+    receives the volume id of each source that can go; ``stats`` the ``lstat`` of each that is not a link."""
     seen: dict[str, Path] = {}
     dup: dict[Path, str] = {}
     for src in sources:
-        problem, mode = source_check(src)
+        problem, st, link = source_check(src)
         if problem:
             dup[src] = problem
             continue
-        vid = volume_id_from_path(src, is_dir=stat.S_ISDIR(mode))
+        vid = volume_id_from_path(src, is_dir=stat.S_ISDIR(st.st_mode))
         if vid in seen:
             dup[src] = (f"{shown(src)}: volume id {vid!r} is already used by {shown(seen[vid])} in this batch; "
                         f"rename one of them")
@@ -55,6 +56,8 @@ def duplicate_ids(sources: list[Path], ids: dict[Path, str] | None = None) -> di
             seen[vid] = src
             if ids is not None:
                 ids[src] = vid
+            if stats is not None and not link:
+                stats[src] = st
     return dup
 
 
@@ -66,9 +69,10 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     from octseg.tasks.ingest.rules import labels_sha256, unchanged
     from octseg.tasks.readers.registry import source_sha256
 
-    given = config.all_sources()
-    ids: dict[Path, str] = {}
-    duplicates = duplicate_ids(list(given), ids)
+    given = config.source_names()
+    ids: dict[str, str] = {}
+    stats: dict[str, os.stat_result] = {}
+    duplicates = duplicate_ids(given, ids, stats)
     summary = IngestSummary(str(config.archive), failures=list(duplicates.values()))
     sources = [s for s in given if s not in duplicates]
     if not (Path(config.archive) / "zarr.json").is_file():
@@ -82,7 +86,7 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
         entry = entries.get(ids[src])
         try:  # what ingest's rule says (octseg.tasks.ingest.source.is_up_to_date), from the catalogue
             done = entry is not None and entry.meta is not None and unchanged(
-                entry.meta, known_sha256(catalogue, src, remembered) or source_sha256(src),
+                entry.meta, known_sha256(catalogue, src, remembered, stats.get(src)) or source_sha256(src),
                 labels_sha256(config.labels, src), options)
         except Exception:  # an unreadable file: the flow reports it
             done = False

@@ -47,16 +47,17 @@ from typing import Any
 from octseg.tasks.archive.entries import (
     DETAIL_COLUMNS,
     SOURCE_COLUMNS,
+    SourceIndex,
     VOLUME_COLUMNS,
     SourceRecord,
     VolumeEntry,
     canonical,
     file_stamp,
     image_fingerprint_of,
+    loads,
     n_bscans_fallback,
     read_entry,
     row_digest,
-    stamp_at,
 )
 from octseg.tasks.archive.names import valid_name
 from octseg.tasks.archive.sqlite_file import SharedSQLite
@@ -208,39 +209,53 @@ class Catalogue(SharedSQLite):
         read again from the volume. ``details`` also loads each volume's provenance (``meta``) and prediction
         attributes (``details="meta"``: the provenance alone)."""
         listed = self._listed()
-        rows = self._query(f"SELECT {', '.join(VOLUME_COLUMNS)}, doubt, digest FROM volumes")
+        extra = ", meta, prediction, detail_digest" if details else ""
+        rows = self._query(f"SELECT {', '.join(VOLUME_COLUMNS)}, doubt, digest{extra} FROM volumes")
         width = len(VOLUME_COLUMNS)
         found: dict[str, VolumeEntry] = {}
         stale: list[str] = []
         want_volume, want_prediction, want_derived = ("volume" in verify, "prediction" in verify, "derived" in verify)
         wanted = None if volume_ids is None else set(volume_ids)
-        join, stat_of = os.path.join, stamp_at
-        for values in rows:
-            vid = values[0]
-            if vid not in listed:
-                stale.append(vid)
-                continue
-            if wanted is not None and vid not in wanted:
-                continue
-            doubt, digest = values[width:]
-            row = values[:width]
-            if doubt or digest != row_digest(row):
-                stale.append(vid)
-                continue
-            entry = VolumeEntry.from_row(row)
-            base = join(self.root, vid)
-            if ((want_volume and stat_of(join(base, "zarr.json")) != entry.v_stamp)
-                    or (want_prediction and entry.p_stamp is not None
-                        and stat_of(join(base, "labels", "prediction", "zarr.json")) != entry.p_stamp)
-                    or (want_derived and entry.derived_json != "{}"
-                        and any(stat_of(join(base, "derived", name, "zarr.json")) != d[0]
-                                for name, d in entry.derived.items()))):
-                stale.append(vid)
-                continue
-            found[vid] = entry
-        if details and found:
-            stale += self._load_details(found, all_rows=wanted is None or len(found) > 2000,
-                                        prediction=details != "meta")
+        with_prediction = details != "meta"
+        with _folder_fd(self.root) as fd:
+            def stamp(rel: str) -> str | None:  # relative to the archive's descriptor: no path walk each time
+                if fd is None:
+                    return None
+                try:
+                    st = os.stat(rel, dir_fd=fd)
+                except OSError:
+                    return None
+                return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+            for values in rows:
+                vid = values[0]
+                if vid not in listed:
+                    stale.append(vid)
+                    continue
+                if wanted is not None and vid not in wanted:
+                    continue
+                row = values[:width]
+                if values[width] or values[width + 1] != row_digest(row):  # in doubt, or edited / damaged
+                    stale.append(vid)
+                    continue
+                entry = VolumeEntry.from_row(row)
+                if ((want_volume and stamp(f"{vid}/zarr.json") != entry.v_stamp)
+                        or (want_prediction and entry.p_stamp is not None
+                            and stamp(f"{vid}/labels/prediction/zarr.json") != entry.p_stamp)
+                        or (want_derived and entry.derived_json != "{}"
+                            and any(stamp(f"{vid}/derived/{name}/zarr.json") != d[0]
+                                    for name, d in entry.derived.items()))):
+                    stale.append(vid)
+                    continue
+                if details:
+                    meta, attrs, detail_digest = values[width + 2:]
+                    if detail_digest != row_digest((vid, meta, attrs)):
+                        stale.append(vid)
+                        continue
+                    entry.meta = loads(meta) if meta else None
+                    if with_prediction:
+                        entry.prediction = loads(attrs) if attrs else None
+                found[vid] = entry
         known = {values[0] for values in rows}
         stale += sorted(vid for vid in listed - known if wanted is None or vid in wanted)
         for vid, entry in self._refresh(stale).items():  # the volume's own records win
@@ -254,32 +269,6 @@ class Catalogue(SharedSQLite):
             raise ValueError(f"volume(s) {missing} not in archive {self.root}; it holds {held[:20]}"
                              f"{f' and {len(held) - 20} more' if len(held) > 20 else ''}")
         return {vid: found[vid] for vid in volume_ids if vid in found}
-
-    def _load_details(self, found: dict[str, VolumeEntry], all_rows: bool, prediction: bool = True) -> list[str]:
-        """Fill ``meta`` and ``prediction`` of the entries in ``found``; the ids whose details fail their digest
-        (removed from ``found``)."""
-        sql = "SELECT volume_id, meta, prediction, detail_digest FROM volumes"
-        if all_rows:
-            rows = self._query(sql)
-        else:
-            ids, rows = sorted(found), []
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                rows += self._query(f"{sql} WHERE volume_id IN ({', '.join('?' * len(chunk))})", chunk)
-        stale = []
-        loads = json.loads
-        for vid, meta, attrs, detail_digest in rows:
-            entry = found.get(vid)
-            if entry is None:
-                continue
-            if detail_digest != row_digest((vid, meta, attrs)):
-                stale.append(vid)
-                del found[vid]
-                continue
-            entry.meta = loads(meta) if meta else None
-            if prediction:
-                entry.prediction = loads(attrs) if attrs else None
-        return stale
 
     def counts(self) -> dict[str, int]:
         """Volumes per status, and the files known: ``sources`` (read, content held) and ``bad`` (refused)."""
@@ -303,16 +292,9 @@ class Catalogue(SharedSQLite):
         """The key of a source path: a salted hash, so the catalogue does not hold patients' file names."""
         return hashlib.sha256((self.salt + resolved_path).encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
-    def sources(self) -> dict[str, SourceRecord]:
+    def sources(self) -> SourceIndex:
         """Every file octseg remembers, by key; a row failing its digest is left out (read the file again)."""
-        out = {}
-        for *values, digest in self._query(f"SELECT {', '.join(SOURCE_COLUMNS)}, digest FROM sources"):
-            if digest != row_digest(values):
-                continue
-            key, stamp, parts, sha, vid, bad, settings = values
-            out[key] = SourceRecord(key, stamp, None if parts is None else tuple(json.loads(parts)), sha, vid, bad,
-                                    settings)
-        return out
+        return SourceIndex(self._query(f"SELECT {', '.join(SOURCE_COLUMNS)}, digest FROM sources"))
 
     def bad_by_sha(self, sha256: str, settings: str) -> SourceRecord | None:
         """A file refused under ``settings`` whose content had this SHA-256 (a renamed copy of a bad file)."""
@@ -346,6 +328,21 @@ class Catalogue(SharedSQLite):
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+@contextlib.contextmanager
+def _folder_fd(folder: Path) -> Iterator[int | None]:
+    """A descriptor of ``folder`` to stat its files relative to (None where it cannot be opened: then every
+    stamp reads as changed, and the volumes are read)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
 
 _CATALOGUES: dict[tuple[str, int], Catalogue] = {}
 _CATALOGUES_LOCK = threading.Lock()

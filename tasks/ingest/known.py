@@ -156,11 +156,22 @@ def remember_bad(catalogue: Catalogue, path: Path, stamp: str | None, parts: tup
                                      settings)])
 
 
-def known_sha256(catalogue: Catalogue, path: Path, remembered: Mapping[str, SourceRecord] | None = None) -> str | None:
+def known_sha256(catalogue: Catalogue, path: str | Path, remembered: Mapping[str, SourceRecord] | None = None,
+                 lstat: os.stat_result | None = None) -> str | None:
     """The SHA-256 of the file at ``path`` when the catalogue remembers it with its present stamp (so it need
-    not be read); else None. ``remembered``: :meth:`Catalogue.sources`, when the caller has it already."""
-    key = catalogue.source_key(resolved(path))
-    record = (remembered.get(key) if remembered is not None else catalogue.sources().get(key))
-    if record is None or not record.sha256 or source_stamp(path, record.parts) != record.stamp:
+    not be read); else None. ``remembered``: :meth:`Catalogue.sources`, when the caller has it already;
+    ``lstat``: the path's ``lstat`` just taken, when it is not a symbolic link (saves two system calls)."""
+    if lstat is not None:
+        folder, name = os.path.split(os.path.abspath(path))
+        real = os.path.join(_real_folder(folder), name)
+    else:
+        real = resolved(path)
+    record = (remembered.get(catalogue.source_key(real)) if remembered is not None
+              else catalogue.sources().get(catalogue.source_key(real)))
+    if record is None or not record.sha256:
         return None
-    return record.sha256
+    if lstat is not None and not record.parts:
+        stamp = f"{file_stamp(lstat)}:{lstat.st_mode:o}"  # what source_stamp makes of a single file
+    else:
+        stamp = source_stamp(Path(path), record.parts)
+    return record.sha256 if stamp == record.stamp else None

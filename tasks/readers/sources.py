@@ -40,25 +40,30 @@ def source_problem(path: str | Path) -> str | None:
     return source_check(path)[0]
 
 
-def source_check(path: str | Path) -> tuple[str | None, int | None]:
-    """(:func:`source_problem`, the mode of the file or folder the path names when there is none)."""
+def source_check(path: str | Path) -> tuple[str | None, os.stat_result | None, bool]:
+    """(:func:`source_problem`; when there is none the ``stat`` of the file or folder the path names; whether
+    the path is itself a symbolic link). A path that is not a link costs one ``lstat``."""
     p = os.fspath(path)
     try:
         p.encode("utf-8")
     except UnicodeEncodeError:
-        return f"{shown(p)}: file name is not valid UTF-8; rename the file (e.g. with convmv) and ingest it again", None
+        return f"{shown(p)}: file name is not valid UTF-8; rename the file (e.g. with convmv) and ingest it again", None, False
     try:
-        mode = os.stat(p).st_mode  # follows links: ELOOP for a loop, ENOENT for a dangling one
+        st = os.lstat(p)
+        link = stat.S_ISLNK(st.st_mode)
+        if link:
+            st = os.stat(p)  # follows links: ELOOP for a loop, ENOENT for a dangling one
+        mode = st.st_mode
     except FileNotFoundError:
-        return f"{shown(p)}: does not exist", None
+        return f"{shown(p)}: does not exist", None, False
     except (RuntimeError, OSError) as e:
         if isinstance(e, RuntimeError) or getattr(e, "errno", None) == 40:
-            return f"{shown(p)}: symbolic link loop", None
-        return f"{shown(p)}: cannot be resolved ({getattr(e, 'strerror', None) or e})", None
+            return f"{shown(p)}: symbolic link loop", None, False
+        return f"{shown(p)}: cannot be resolved ({getattr(e, 'strerror', None) or e})", None, False
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # opening a FIFO would wait for a writer forever
         kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-        return f"{shown(p)}: not a regular file ({kind})", None
-    return None, mode
+        return f"{shown(p)}: not a regular file ({kind})", None, False
+    return None, st, link
 
 
 def natural_key(name: str) -> list[int | str]:
