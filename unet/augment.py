@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from scipy import ndimage
 
 __all__ = [
     "augment",
@@ -84,6 +83,7 @@ def displacement_field(
 def _spline_rows(n: int, grid: int) -> np.ndarray:
     """(n, grid): the cubic spline through ``grid`` nodes sampled at n points (``scipy.ndimage.zoom``,
     order 3, nodes on the end points), applied to each unit vector: row i weighs the nodes for pixel i."""
+    from scipy import ndimage  # here: importing the package (every command does) stays light
     rows = ndimage.zoom(np.eye(grid), (n / grid, 1), order=3, mode="mirror", grid_mode=False)
     assert rows.shape == (n, grid), f"zoom produced {rows.shape}, expected {(n, grid)}"
     rows.flags.writeable = False
@@ -129,6 +129,7 @@ def elastic_deform(
         (image, labels, weights): the image of the input shape, labels and weights of the input shape or
         of ``window``; None stays None.
     """
+    from scipy import ndimage  # here: importing the package (every command does) stays light
     image = np.asarray(image)
     _check_arrays(image, labels, weights)
     if image_order not in range(6):
@@ -271,6 +272,7 @@ def noise_and_blur(image: np.ndarray, rng: np.random.Generator | int, noise: flo
     """nnU-Net's image-quality augmentation: with probability ``p_noise`` add Gaussian noise of standard
     deviation U(0, ``noise``) (image units), with probability ``p_blur`` blur with a Gaussian of sigma
     U(0.5, ``blur``) pixels (when ``blur`` > 0.5). Both draws are always made. Float image returned."""
+    from scipy import ndimage  # here: importing the package (every command does) stays light
     gen = _as_rng(rng)
     noisy, std = gen.random() < p_noise, gen.uniform(0.0, noise) if noise > 0 else 0.0
     blurred, sigma = gen.random() < p_blur, gen.uniform(0.5, max(blur, 0.5))

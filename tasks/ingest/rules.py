@@ -60,9 +60,10 @@ def _settings_match(meta: Mapping[str, Any], options: Mapping[str, Any]) -> bool
     """The stored volume was read with the settings that change what is written: the options its reader
     takes (a volume stored before one was recorded has its default), and whether the identifiers of a
     file that has them were kept."""
-    reader = meta.get("reader")
-    stored = {key: meta.get(key, default) for key, default in reader_settings(reader, {}).items()}
-    if stored != reader_settings(reader, options):
+    found = reader_named(meta.get("reader"))
+    defaults = found.option_defaults if found is not None else {}
+    if defaults and ({key: meta.get(key, default) for key, default in defaults.items()}
+                     != {key: options.get(key, default) for key, default in defaults.items()}):
         return False
     keep = bool(options.get("keep_identifiers", False))
     return not meta.get("has_identifiers") or bool(meta.get("identifiers_kept")) == keep
