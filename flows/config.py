@@ -134,7 +134,15 @@ class IngestConfig(_Config):
             text = Path(self.sources_file).read_text(encoding="utf-8", errors="surrogateescape")
         except OSError as e:
             raise ValueError(f"sources file {self.sources_file}: cannot be read ({e.strerror or e})") from None
-        return given + [line for line in text.splitlines() if line.strip()]
+        return given + [_as_path(line) for line in text.splitlines() if line.strip()]
+
+
+def _as_path(name: str) -> str:
+    """``str(Path(name))`` (no trailing slash, no ``.`` parts, no doubled slashes), without a ``Path`` where the
+    name is already in that form."""
+    if name.endswith("/") or "//" in name or "/./" in name or name.startswith("./") or name.endswith("/."):
+        return str(Path(name))
+    return name
 
 
 class PreprocessConfig(_Config):

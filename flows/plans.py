@@ -65,10 +65,11 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     """(sources to ingest, a summary of the rest): those the archive holds unchanged are skipped, a
     source whose volume id an earlier one in the batch already uses is a failure, as in the flow. A source
     whose path and stamp the catalogue remembers is not read (its SHA-256 is known)."""
-    from octseg.tasks.ingest.known import known_sha256
+    from octseg.tasks.ingest.known import forget_folders, known_sha256
     from octseg.tasks.ingest.rules import labels_sha256, unchanged
     from octseg.tasks.readers.registry import source_sha256
 
+    forget_folders()
     given = config.source_names()
     ids: dict[str, str] = {}
     stats: dict[str, os.stat_result] = {}

@@ -210,7 +210,14 @@ class Catalogue(SharedSQLite):
         attributes (``details="meta"``: the provenance alone)."""
         listed = self._listed()
         extra = ", meta, prediction, detail_digest" if details else ""
-        rows = self._query(f"SELECT {', '.join(VOLUME_COLUMNS)}, doubt, digest{extra} FROM volumes")
+        sql = f"SELECT {', '.join(VOLUME_COLUMNS)}, doubt, digest{extra} FROM volumes"
+        if volume_ids is not None and len(volume_ids) <= 2000:  # a few volumes of a large archive: their rows
+            ids, rows = sorted(set(volume_ids)), []
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                rows += self._query(f"{sql} WHERE volume_id IN ({', '.join('?' * len(chunk))})", chunk)
+        else:
+            rows = self._query(sql)
         width = len(VOLUME_COLUMNS)
         found: dict[str, VolumeEntry] = {}
         stale: list[str] = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 from octseg.tasks.readers.registry import volume_suffixes
 
@@ -25,7 +26,8 @@ def volume_id_from_path(path: str | os.PathLike[str], is_dir: bool | None = None
     """Volume id of a source: file stem without a registered reader's suffix (``.ome.tif`` as a whole), or
     a folder's name, reduced to ``[A-Za-z0-9._-]`` with no leading dots; never empty. ``is_dir``: whether
     ``path`` is a folder, when the caller knows (else it is looked up, only for a name with a suffix)."""
-    name = os.path.basename(os.path.normpath(os.fspath(path)))
+    text = os.fspath(path)
+    name = Path(text).name if text.endswith("/") or "/." in text else os.path.basename(text)  # as Path(...).name
     found = _suffix_pattern().match(name)  # the longest registered suffix, after at least one character
     if found and not (os.path.isdir(path) if is_dir is None else is_dir):
         name = name[: found.start(1)]
@@ -44,5 +46,5 @@ def _suffix_pattern() -> re.Pattern[str]:
     suffixes = volume_suffixes()
     if _PATTERN[0] is not suffixes or _PATTERN[1] is None:  # the registry's list, kept until it changes
         _PATTERN = (suffixes, re.compile(r".+?(" + "|".join(map(re.escape, suffixes)) + r")\Z",
-                                             re.IGNORECASE | re.DOTALL))
+                                             re.IGNORECASE | re.ASCII | re.DOTALL))
     return _PATTERN[1]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from octseg.tasks.archive.catalogue import Catalogue, SourceRecord, catalogue_for
 from octseg.tasks.ingest.known import (
+    forget_folders,
     refused_under,
     remember_bad,
     remember_read,
@@ -114,6 +115,7 @@ def scan_inbox(inbox: str | Path, archive: str | Path, *, settle_seconds: float 
     """Sort the inbox's candidates into new, known, known bad, unsettled and unreadable (see the module doc).
     ``settings``: the reading settings of this run (:func:`~octseg.tasks.ingest.known.read_settings`); a file
     refused under others is tried again."""
+    forget_folders()
     inbox, now = Path(inbox), time.time() if now is None else now
     if not inbox.is_dir():
         raise ValueError(f"{inbox}: the inbox is not a folder")

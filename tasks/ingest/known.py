@@ -31,26 +31,40 @@ from octseg.tasks.readers.registry import reader_for
 from octseg.tasks.runtime.retry import is_transient
 
 __all__ = ["bad_reason", "is_bad_input", "known_sha256", "read_settings", "refused_under", "remember_bad",
-           "remember_read", "resolved", "source_parts", "source_stamp", "still_refused"]
+           "remember_read", "resolved", "forget_folders", "source_parts", "source_stamp", "still_refused"]
 
 
 def resolved(path: str | os.PathLike[str]) -> str:
     """The absolute, symlink-free path a source is remembered by: ``os.path.realpath``, with the folder's
     resolution cached (a drop folder of 100,000 files is one folder), so a file that is not itself a link
     costs one ``lstat``."""
-    path = os.path.abspath(path)
-    folder, name = os.path.split(path)
-    try:
-        if name and not stat.S_ISLNK(os.lstat(path).st_mode):
-            return os.path.join(_real_folder(folder), name)
-    except OSError:
-        pass
+    if _plain(path):
+        path = os.path.abspath(path)
+        folder, name = os.path.split(path)
+        try:
+            if name and not stat.S_ISLNK(os.lstat(path).st_mode):
+                return os.path.join(_real_folder(folder), name)
+        except OSError:
+            pass
     return os.path.realpath(path)
+
+
+def _plain(path: str | os.PathLike[str]) -> bool:
+    """A name the folder shortcut resolves as ``realpath`` does: no ``..`` (``abspath`` would fold it before
+    links are followed) and no trailing slash (``lstat`` would follow a link to a folder)."""
+    text = os.fspath(path)
+    return ".." not in text and not text.endswith("/")
 
 
 @functools.lru_cache(maxsize=1024)
 def _real_folder(folder: str) -> str:
     return os.path.realpath(folder)
+
+
+def forget_folders() -> None:
+    """Forget the folders resolved so far: each plan and inbox scan starts afresh (a folder link may have been
+    pointed elsewhere since the last one, in a process that lives for many)."""
+    _real_folder.cache_clear()
 
 
 def source_parts(path: Path) -> tuple[str, ...] | None:
@@ -161,7 +175,7 @@ def known_sha256(catalogue: Catalogue, path: str | Path, remembered: Mapping[str
     """The SHA-256 of the file at ``path`` when the catalogue remembers it with its present stamp (so it need
     not be read); else None. ``remembered``: :meth:`Catalogue.sources`, when the caller has it already;
     ``lstat``: the path's ``lstat`` just taken, when it is not a symbolic link (saves two system calls)."""
-    if lstat is not None:
+    if lstat is not None and _plain(path):
         folder, name = os.path.split(os.path.abspath(path))
         real = os.path.join(_real_folder(folder), name)
     else:
@@ -170,7 +184,7 @@ def known_sha256(catalogue: Catalogue, path: str | Path, remembered: Mapping[str
               else catalogue.sources().get(catalogue.source_key(real)))
     if record is None or not record.sha256:
         return None
-    if lstat is not None and not record.parts:
+    if lstat is not None and _plain(path) and not record.parts:
         stamp = f"{file_stamp(lstat)}:{lstat.st_mode:o}"  # what source_stamp makes of a single file
     else:
         stamp = source_stamp(Path(path), record.parts)

@@ -111,3 +111,39 @@ def test_one_lstat_per_name_refuses_what_resolving_refused(tmp_path: Path, kind:
     else:
         assert problem is None and st is not None and link == (kind == "link")
         assert (st.st_ino, st.st_mode) == (os.stat(path).st_ino, os.stat(path).st_mode)
+
+
+def test_names_a_plan_takes_from_a_sources_file_are_those_of_paths(tmp_path: Path) -> None:
+    from octseg.flows.config import IngestConfig
+
+    names = ["a.npy", "./b.npy", "c.npy/", "d//e.npy", "f/./g.npy", "h/.", "sub/../i.npy", "x y.npy"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{n}\n" for n in names))
+    cfg = IngestConfig(sources_file=listing, archive=tmp_path / "a.zarr", dask_address=None)
+    assert cfg.source_names() == [str(p) for p in cfg.all_sources()]
+
+
+def test_resolving_follows_links_before_dot_dot_and_forgets_retargeted_folders(tmp_path: Path) -> None:
+    from octseg.tasks.ingest.known import forget_folders
+
+    (tmp_path / "deep" / "sub").mkdir(parents=True)
+    (tmp_path / "deep" / "x.tif").write_bytes(b"x")
+    (tmp_path / "sublink").symlink_to(tmp_path / "deep" / "sub")
+    assert resolved(tmp_path / "sublink" / ".." / "x.tif") == os.path.realpath(tmp_path / "sublink" / ".." / "x.tif")
+    for m in ("m1", "m2"):
+        (tmp_path / m).mkdir()
+        (tmp_path / m / "f.tif").write_bytes(b"x")
+    (tmp_path / "cur").symlink_to(tmp_path / "m1")
+    assert resolved(tmp_path / "cur" / "f.tif") == str(tmp_path / "m1" / "f.tif")
+    (tmp_path / "cur").unlink()
+    (tmp_path / "cur").symlink_to(tmp_path / "m2")
+    forget_folders()  # what each plan and inbox scan does first
+    assert resolved(tmp_path / "cur" / "f.tif") == str(tmp_path / "m2" / "f.tif")
+    assert resolved(str(tmp_path / "cur") + "/") == os.path.realpath(tmp_path / "cur")
+
+
+def test_suffixes_match_ascii_letters_only(tmp_path: Path) -> None:
+    for name in ["scan.t\u0131f", "scan.T\u0130F", "x.fd\u017f", "y.\u212aat"]:
+        assert volume_id_from_path(str(tmp_path / name)) == _slow_volume_id(str(tmp_path / name)), name
+    for name in ["a/b/..", "a/b/.", "a/b/", "a/./b.npy"]:
+        assert volume_id_from_path(name) == _slow_volume_id(name), name
