@@ -34,129 +34,22 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
-import glob
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from scale_servers import api_latency, clean_env, db_stats, growth, prefect_server, recorded_lag  # beside this script
+
 BIN = Path(sys.executable).parent
 SHAPE = (2, 64, 64)
 WORKERS = 2
-ROW_TABLES = ("flow_run", "task_run", "task_run_state", "log", "events", "event_resources")
-
-
-# ---- servers --------------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: server exited {proc.returncode}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not up after {timeout} s")
-
-
-@contextlib.contextmanager
-def postgres(root: Path):
-    """A PostgreSQL server run as the postgres user (see /work/shared/STACK.md); yields its host:port."""
-    pg_bin = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
-    as_pg = ["runuser", "-u", "postgres", "--"]
-    folder = root / "pg"
-    folder.mkdir()
-    os.chmod(root, 0o755)
-    shutil.chown(folder, "postgres")
-    port = _free_port()
-    run = lambda *a: subprocess.run([*as_pg, *a], check=True, capture_output=True, timeout=300)  # noqa: E731
-    run(str(pg_bin / "initdb"), "-D", str(folder / "data"), "-A", "trust", "-U", "octseg")
-    run(str(pg_bin / "pg_ctl"), "-D", str(folder / "data"), "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1",
-        "-l", str(folder / "log"), "-w", "start")
-    try:
-        run(str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "octseg", "prefect")
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([*as_pg, str(pg_bin / "pg_ctl"), "-D", str(folder / "data"), "-m", "fast", "-w", "stop"],
-                       capture_output=True, timeout=300)
-
-
-@contextlib.contextmanager
-def prefect_server(root: Path, kind: str):
-    """A ``prefect server`` on 127.0.0.1 with its database in SQLite or PostgreSQL; yields (api url, db url)."""
-    with contextlib.ExitStack() as stack:
-        if kind == "postgres":
-            db = f"postgresql+asyncpg://octseg@{stack.enter_context(postgres(root))}/prefect"
-        else:
-            db = f"sqlite+aiosqlite:///{root / 'prefect.db'}"
-        port = _free_port()
-        env = {**_clean_env(root), "PREFECT_API_DATABASE_CONNECTION_URL": db}
-        log = (root / f"prefect-{kind}.log").open("w")
-        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                                 "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait_http(f"http://127.0.0.1:{port}/api/health", proc)
-            yield f"http://127.0.0.1:{port}/api", db
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(60)
-
-
-def _clean_env(root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DASK_"))}
-    env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               MLFLOW_DISABLE_TELEMETRY="true", OCTSEG_PROGRESS="0", MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db")
-    return env
-
-
-def db_stats(db: str) -> dict[str, int]:
-    """The Prefect database's size in bytes and the rows of its busiest tables."""
-    if db.startswith("sqlite"):
-        import sqlite3
-
-        path = db.split("///", 1)[1]
-        size = sum(os.path.getsize(p) for p in (path, f"{path}-wal") if os.path.exists(p))
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)) as conn:
-            rows = {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ROW_TABLES}
-        return {"bytes": size, **rows}
-    import psycopg2
-
-    with contextlib.closing(psycopg2.connect(db.replace("postgresql+asyncpg", "postgresql"))) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_database_size('prefect')")
-        size = cur.fetchone()[0]
-        rows = {}
-        for t in ROW_TABLES:
-            cur.execute(f"SELECT COUNT(*) FROM {t}")
-            rows[t] = cur.fetchone()[0]
-    return {"bytes": size, **rows}
-
-
-def _growth(before: dict[str, int], after: dict[str, int], n: int) -> dict[str, float]:
-    """Per 1,000 volumes."""
-    return {k: round((after[k] - before[k]) * 1000 / n, 1) for k in after}
 
 
 # ---- the measurements, run in a child process pointed at the server -------------------------------------
@@ -229,7 +122,6 @@ def _make_sources(inbox: Path, n: int) -> list[str]:
 def _register_model(tracking: str) -> str:
     import mlflow
     import torch
-
     from octseg.tasks.tracking.models import log_unet
     from octseg.tasks.tracking.uri import ensure_experiment, using_tracking_uri
     from octseg.unet.model import UNet
@@ -248,7 +140,6 @@ def _compute_per_volume(archive: Path, tracking: str, volumes: list[str]) -> flo
     """Seconds one volume takes in segment_one on one thread (as a worker of the 2-worker cluster runs it),
     with its QC picture; written as another model version, so the flow still segments these volumes."""
     import torch
-
     from octseg.tasks.segmentation.segment import segment_one
     from octseg.tasks.tracking.models import cached_unet, resolve_model
     from octseg.unet.config import InferenceConfig
@@ -294,46 +185,6 @@ def _bare_dask(archive: Path, tracking: str, volumes: list[str]) -> float:
     return wall / (len(volumes) - WORKERS * 2)
 
 
-def _api_latency(api: str, flow_run_id: str) -> dict[str, float]:
-    """Median ms of the calls the UI's flow-run page makes (5 rounds)."""
-    body = lambda d: json.dumps(d).encode()  # noqa: E731
-    flow_filter = {"flow_runs": {"id": {"any_": [flow_run_id]}}}
-    calls = {
-        "flow_run": ("GET", f"/flow_runs/{flow_run_id}", None),
-        "task_runs_page": ("POST", "/task_runs/filter", body({**flow_filter, "sort": "EXPECTED_START_TIME_DESC",
-                                                              "limit": 200, "offset": 0})),
-        "task_runs_count": ("POST", "/task_runs/count", body(flow_filter)),
-        "run_graph": ("GET", f"/flow_runs/{flow_run_id}/graph-v2", None),
-        "logs_page": ("POST", "/logs/filter", body({"logs": {"flow_run_id": {"any_": [flow_run_id]}},
-                                                    "sort": "TIMESTAMP_ASC", "limit": 200, "offset": 0})),
-    }
-    out = {}
-    for name, (method, path, data) in calls.items():
-        times = []
-        for _ in range(5):
-            request = urllib.request.Request(api + path, data=data, method=method,
-                                             headers={"Content-Type": "application/json"})
-            t0 = time.perf_counter()
-            with urllib.request.urlopen(request, timeout=300) as r:
-                r.read()
-            times.append(time.perf_counter() - t0)
-        out[name] = round(statistics.median(times) * 1000, 1)
-    return out
-
-
-def _recorded_lag(api: str, flow_run_id: str, expected: int, ended: float) -> float:
-    """Seconds after the flow ended until the server lists ``expected`` final task runs of the flow run."""
-    data = json.dumps({"flow_runs": {"id": {"any_": [flow_run_id]}},
-                       "task_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED"]}}}}).encode()
-    while True:
-        request = urllib.request.Request(api + "/task_runs/count", data=data, method="POST",
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=300) as r:
-            if int(r.read()) >= expected or time.perf_counter() - ended > 600:
-                return round(time.perf_counter() - ended, 2)
-        time.sleep(0.5)
-
-
 def _segment(cfg, api: str, db: str, n: int, compute: float, bare: float, per_task: int | None = None) -> dict:
     from octseg.flows.runs import summary_of
     from octseg.flows.segment import segment_archive
@@ -349,14 +200,14 @@ def _segment(cfg, api: str, db: str, n: int, compute: float, bare: float, per_ta
     wall = rss.t1 - rss.t0
     size = batch_size(n, per_task)
     expected = -(-n // size)
-    lag = _recorded_lag(api, str(state.state_details.flow_run_id), expected, ended)
+    lag = recorded_lag(api, str(state.state_details.flow_run_id), expected, ended)
     out = {"volumes_per_task_run": size, "task_runs": expected, "seconds": round(wall, 1),
            "per_volume_s": round(wall / n, 4), "overhead_per_volume_s": round(wall / n - compute / WORKERS, 4),
            "overhead_vs_bare_dask_s": round(wall / n - bare, 4),
            "rss_10_mib": round(rss.at(0.1), 1), "rss_90_mib": round(rss.at(0.9), 1),
            "rss_growth_kib_per_volume": round((rss.at(0.9) - rss.at(0.1)) * 1024 / (0.8 * n), 3),
-           "recorded_lag_s": lag, "db_per_1000": _growth(before, db_stats(db), n),
-           "api_ms": _api_latency(api, str(state.state_details.flow_run_id))}
+           "recorded_lag_s": lag, "db_per_1000": growth(before, db_stats(db), n),
+           "api_ms": api_latency(api, str(state.state_details.flow_run_id))}
     return out
 
 
@@ -392,7 +243,12 @@ def _noop_commands(workdir: Path, env: dict[str, str], tracking: str) -> dict[st
 
 def child(n: int, workdir: Path, api: str, db: str, compare: bool, replicate: int = 1) -> dict:
     os.environ.setdefault("OCTSEG_PROGRESS", "0")
-    from octseg.flows.config import IngestConfig, PreprocessConfig, SegmentConfig, WatchConfig
+    from octseg.flows.config import (
+        IngestConfig,
+        PreprocessConfig,
+        SegmentConfig,
+        WatchConfig,
+    )
     from octseg.flows.ingest import ingest_volumes
     from octseg.flows.plans import plan_ingest, plan_preprocess, plan_segmentation
     from octseg.flows.preprocess import preprocess_archive
@@ -402,7 +258,7 @@ def child(n: int, workdir: Path, api: str, db: str, compare: bool, replicate: in
     from octseg.tasks.tracking.models import resolve_model
 
     inbox, archive, tracking = workdir / "inbox", workdir / "archive.zarr", f"sqlite:///{workdir}/mlflow.db"
-    env = {**_clean_env(workdir), "PREFECT_API_URL": api}
+    env = {**clean_env(workdir), "PREFECT_API_URL": api}
     result: dict = {"volumes": n, "prefect_db": db.split(":")[0].split("+")[0], "workers": WORKERS}
     t, files = _timed(_make_sources, inbox, n)
     print(f"[{n}] {n} sources written in {t:.1f} s", flush=True)
@@ -415,7 +271,7 @@ def child(n: int, workdir: Path, api: str, db: str, compare: bool, replicate: in
     summary = summary_of(state)
     assert len(summary.written) == n and not summary.failures, summary.headline()
     result["ingest"] = {"seconds": round(wall, 1), "per_volume_s": round(wall / n, 4),
-                        "db_per_1000": _growth(before, db_stats(db), n)}
+                        "db_per_1000": growth(before, db_stats(db), n)}
     print(f"[{n}] ingest {result['ingest']}", flush=True)
 
     pre_cfg = PreprocessConfig(archive=archive, dask_address=None, n_workers=WORKERS)
@@ -424,7 +280,7 @@ def child(n: int, workdir: Path, api: str, db: str, compare: bool, replicate: in
     summary = summary_of(state)
     assert len(summary.computed) == n and not summary.failures, summary.headline()
     result["preprocess"] = {"seconds": round(wall, 1), "per_volume_s": round(wall / n, 4),
-                            "db_per_1000": _growth(before, db_stats(db), n)}
+                            "db_per_1000": growth(before, db_stats(db), n)}
     print(f"[{n}] preprocess {result['preprocess']}", flush=True)
 
     _register_model(tracking)
@@ -514,7 +370,7 @@ def main() -> None:
             root = Path(tempfile.mkdtemp(prefix=f"octseg-scale-{n}-{kind}-", dir=args.keep))
             try:
                 with prefect_server(root, kind) as (api, db):
-                    env = {**_clean_env(root), "PREFECT_API_URL": api}
+                    env = {**clean_env(root), "PREFECT_API_URL": api}
                     cmd = [sys.executable, __file__, *(["--compare"] if args.compare else []),
                            "--replicate", str(args.replicate),
                            "--child", str(n), str(root), api, db]

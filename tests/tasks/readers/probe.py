@@ -25,9 +25,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from octseg.tasks.readers.base import ReadError, to_volume_dtype
+from octseg.tasks.readers.base import ReadError
 from octseg.tasks.readers.registry import read_volume
+
+from tests.tasks.readers.probe_references import (
+    ref_boct,
+    ref_dicom,
+    ref_e2e,
+    ref_fds,
+    ref_mat,
+    ref_mat73,
+    ref_npy,
+    ref_pil,
+    ref_tiff,
+    ref_vol,
+    ref_xml,
+)
 
 MAX_VOXELS = 50_000  # the probe's voxel limit: a forged header is refused before anything large is allocated
 SECONDS = 10  # a read that takes longer hangs
@@ -42,157 +55,6 @@ class Format:
     build: Callable[[Path], Path]  # writes a small valid file (and any files beside it), returns the source
     reference: Callable[[Path], np.ndarray]  # the format library's (Z, Y, X) read of a source
     options: dict[str, Any] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------- references
-
-def _grey(arr: np.ndarray) -> np.ndarray:
-    """Colour samples in the last axis -> one channel, as the readers do (equal channels kept, else luminance)."""
-    from octseg.tasks.readers.images import _to_gray
-
-    return _to_gray(arr, arr.ndim == 3 and arr.shape[-1] in (2, 3, 4))
-
-
-def _ref_tiff(path: Path) -> np.ndarray:
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        pages = list(tif.pages)
-        kept = [p for p in pages if not p.subfiletype & 0b101] or pages
-        bscans: list[np.ndarray] = []
-        for p in kept:
-            a = p.asarray()
-            if (p.planarconfig == 2 and p.samplesperpixel > 1) or p.imagedepth > 1:
-                bscans += list(a.reshape(-1, p.imagelength, p.imagewidth))
-            else:
-                bscans.append(_grey(a) if p.samplesperpixel > 1 else a)
-    return to_volume_dtype(np.stack(bscans), path, [])
-
-
-def _ref_npy(path: Path) -> np.ndarray:
-    a = np.load(path, allow_pickle=False)
-    return to_volume_dtype(a[None] if a.ndim == 2 else a, path, [])
-
-
-def _ref_pil(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()
-        if img.mode == "P":
-            img = img.convert("RGBA")
-        elif img.mode in ("LA", "PA"):
-            img = img.getchannel(0)
-        a = np.asarray(img)
-    return to_volume_dtype(_grey(a)[None], path, [])
-
-
-def _ref_dicom(path: Path) -> np.ndarray:
-    import pydicom
-
-    ds = pydicom.dcmread(path)
-    a = ds.pixel_array
-    if int(ds.get("NumberOfFrames") or 1) == 1:
-        a = a[None]
-    if int(ds.get("SamplesPerPixel") or 1) > 1:
-        a = np.stack([_grey(f) for f in a])
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        top = (1 << int(ds.get("BitsStored") or 8 * a.itemsize)) - 1 if a.dtype.kind == "u" else 0
-        a = (top - a).astype(a.dtype)
-    return to_volume_dtype(a.astype(np.float32) if a.dtype.kind == "f" else a, path, [])
-
-
-def _ref_vol(path: Path) -> np.ndarray:
-    from eyepy.core.utils import vol_intensity_transform
-    from eyepy.io import HeVolReader
-
-    raw = np.stack([b.data for b in HeVolReader(path).parsed_file.bscans]).astype(np.float32)
-    return vol_intensity_transform(raw)
-
-
-def _ref_e2e(path: Path) -> np.ndarray:
-    """eyepy's B-scans of the first series that has any (eyepy's EyeVolume also wants metadata it can parse)."""
-    from eyepy.core.utils import from_e2e_intensity
-    from eyepy.io.he import HeE2eReader
-    from eyepy.io.he.e2e_format import TypesEnum
-
-    with HeE2eReader(path) as reader:
-        series = next(s for s in reader.series if any(TypesEnum.bscanmeta in sl.folders for sl in s.slices.values()))
-        return from_e2e_intensity(series.get_bscans())
-
-
-def _ref_mat(path: Path) -> np.ndarray:
-    import scipy.io
-
-    images = np.asarray(scipy.io.loadmat(path, variable_names=["images"])["images"])
-    images = images if images.ndim == 3 else images[..., None]
-    return to_volume_dtype(np.ascontiguousarray(np.moveaxis(images, -1, 0)), path, [])
-
-
-def _ref_mat73(path: Path) -> np.ndarray:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        images = np.asarray(f["images"][()]).T
-    images = images if images.ndim == 3 else images[..., None]
-    return to_volume_dtype(np.ascontiguousarray(np.moveaxis(images, -1, 0)), path, [])
-
-
-@contextlib.contextmanager
-def _fromstring() -> Iterator[None]:
-    """np.fromstring for binary data, which oct-converter 0.7.0's Topcon classes still call."""
-    saved = getattr(np, "fromstring", None)
-    np.fromstring = lambda s, dtype=float: np.frombuffer(s, dtype=dtype).copy()
-    try:
-        yield
-    finally:
-        np.fromstring = saved
-
-
-def _ref_fds(path: Path) -> np.ndarray:
-    """oct-converter's B-scans of a .fds: its chunk table and its @IMG_SCAN_03 header, the pixels laid out as
-    its ``FDS.read_oct_volume`` lays them out. (That method then parses every metadata chunk and fails on a
-    damaged date or name, which octseg does not read: those would count against the pixels here.)"""
-    from oct_converter.readers import FDS
-    from oct_converter.readers.binary_structs import fds_binary
-
-    with _fromstring():
-        chunks = FDS(path).chunk_dict
-    start, _ = chunks[b"@IMG_SCAN_03"]
-    with path.open("rb") as f:
-        f.seek(start)
-        h = fds_binary.oct_header.parse(f.read(22))
-        n = h.width * h.height * h.number_slices
-        raw = np.frombuffer(f.read(n * 2), dtype=np.uint16)
-    volume = np.transpose(raw.reshape(h.width, h.height, h.number_slices, order="F"), [1, 0, 2])
-    return np.stack([volume[:, :, i] for i in range(volume.shape[2])])
-
-
-def _ref_boct(path: Path) -> np.ndarray:
-    """oct-converter's B-scans: a line scan's volumes are one B-scan each (all of them), a volume scan's first
-    volume (the others repeat it; octseg says so in a warning)."""
-    from oct_converter.readers import BOCT
-
-    reader = BOCT(path)
-    volumes = reader.read_oct_volume()
-    with path.open("rb") as fh:
-        from oct_converter.readers.binary_structs import boct_binary
-
-        linear = boct_binary.bioptigen_oct_header_struct.parse_stream(fh).scantype.value == 0
-    image = np.concatenate([np.asarray(v.volume) for v in volumes]) if linear else np.asarray(volumes[0].volume)
-    return np.ascontiguousarray(image.transpose(0, 2, 1))
-
-
-def _ref_xml(path: Path) -> np.ndarray:
-    """The HEYEX export's B-scans as the XML lists them, each image read by tifffile."""
-    import xml.etree.ElementTree as ET
-
-    import tifffile
-
-    root = ET.parse(path).getroot()
-    octs = root.findall(".//ImageType[Type='OCT']..")
-    names = [(i.findtext("ImageData/ExamURL") or "").replace("\\", "/").split("/")[-1] for i in octs]
-    return np.stack([tifffile.imread(path.parent / n) for n in names])
 
 
 # ------------------------------------------------------------------------------------------ builders
@@ -305,24 +167,24 @@ def _xml(path: Path) -> Path:
 
 def formats() -> list[Format]:
     found = [
-        Format("tiff (one series a page)", ".tif", _tiff_per_page, _ref_tiff),
-        Format("tiff (ImageJ stack)", ".tif", _tiff_imagej, _ref_tiff),
-        Format("tiff (zlib stack)", ".tif", _tiff_zlib, _ref_tiff),
-        Format("npy", ".npy", _npy, _ref_npy),
-        Format("png", ".png", _png, _ref_pil),
-        Format("jpeg", ".jpg", _jpeg, _ref_pil),
-        Format("dicom (OPT)", ".dcm", _dicom, _ref_dicom),
-        Format("heidelberg .vol", ".vol", _vol, _ref_vol),
-        Format("heidelberg .e2e", ".e2e", _e2e, _ref_e2e),
-        Format("heyex xml", ".xml", _xml, _ref_xml),
-        Format("duke .mat (v5)", ".mat", _mat, _ref_mat),
-        Format("duke .mat (v7.3, HDF5)", ".mat", _mat73, _ref_mat73),
+        Format("tiff (one series a page)", ".tif", _tiff_per_page, ref_tiff),
+        Format("tiff (ImageJ stack)", ".tif", _tiff_imagej, ref_tiff),
+        Format("tiff (zlib stack)", ".tif", _tiff_zlib, ref_tiff),
+        Format("npy", ".npy", _npy, ref_npy),
+        Format("png", ".png", _png, ref_pil),
+        Format("jpeg", ".jpg", _jpeg, ref_pil),
+        Format("dicom (OPT)", ".dcm", _dicom, ref_dicom),
+        Format("heidelberg .vol", ".vol", _vol, ref_vol),
+        Format("heidelberg .e2e", ".e2e", _e2e, ref_e2e),
+        Format("heyex xml", ".xml", _xml, ref_xml),
+        Format("duke .mat (v5)", ".mat", _mat, ref_mat),
+        Format("duke .mat (v7.3, HDF5)", ".mat", _mat73, ref_mat73),
     ]
     try:
         import oct_converter  # noqa: F401 - the 'vendor' extra
     except ImportError:
         return found
-    return found + [Format("topcon .fds", ".fds", _fds, _ref_fds), Format("bioptigen .oct", ".oct", _boct, _ref_boct)]
+    return found + [Format("topcon .fds", ".fds", _fds, ref_fds), Format("bioptigen .oct", ".oct", _boct, ref_boct)]
 
 
 # ------------------------------------------------------------------------------------------ mutations
