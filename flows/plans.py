@@ -30,6 +30,7 @@ from octseg.flows.summary import IngestSummary, PreprocessSummary, TrainSummary
 from octseg.tasks.archive.catalogue import catalogue_for
 from octseg.tasks.archive.names import volume_id_from_path
 from octseg.tasks.readers.sources import shown, source_check
+from octseg.tasks.runtime.memory import paused_gc
 from octseg.tasks.tracking.models import ModelRef
 
 __all__ = ["ModelVersion", "duplicate_ids", "plan_ingest", "training_volumes", "plan_preprocess", "plan_segmentation",
@@ -61,6 +62,7 @@ def duplicate_ids(sources: Sequence[str | Path], ids: dict | None = None, stats:
     return dup
 
 
+@paused_gc()
 def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     """(sources to ingest, a summary of the rest): those the archive holds unchanged are skipped, a
     source whose volume id an earlier one in the batch already uses is a failure, as in the flow. A source
@@ -79,15 +81,18 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     if not (Path(config.archive) / "zarr.json").is_file():
         return [str(s) for s in sources], summary
     catalogue = catalogue_for(config.archive)
-    entries = catalogue.entries(sorted(set(ids.values())), verify=("volume",), details="meta", missing_ok=True)
+    entries = catalogue.entries(sorted(set(ids.values())), verify=("volume",), missing_ok=True)
     remembered = catalogue.sources()
     options = config.reader_options.model_dump()
+    settings: dict[str, dict] = {}  # each distinct settings text parsed once (most volumes share one)
     todo = []
     for src in sources:
         entry = entries.get(ids[src])
-        try:  # what ingest's rule says (octseg.tasks.ingest.source.is_up_to_date), from the catalogue
-            done = entry is not None and entry.meta is not None and unchanged(
-                entry.meta, known_sha256(catalogue, src, remembered, stats.get(src)) or source_sha256(src),
+        try:  # what ingest's rule says (octseg.tasks.ingest.source.is_up_to_date), from the catalogue's columns
+            done = entry is not None and entry.settings is not None and unchanged(
+                {**(settings.get(entry.settings) or settings.setdefault(entry.settings, json.loads(entry.settings))),
+                 "reader": entry.reader, "source_sha256": entry.source_sha256, "labels_sha256": entry.labels_sha256},
+                known_sha256(catalogue, src, remembered, stats.get(src)) or source_sha256(src),
                 labels_sha256(config.labels, src), options)
         except Exception:  # an unreadable file: the flow reports it
             done = False
@@ -98,6 +103,7 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     return todo, summary
 
 
+@paused_gc()
 def plan_preprocess(config: PreprocessConfig) -> tuple[list[str], PreprocessSummary]:
     """(volumes with a derived array to (re)compute, a summary listing those up to date)."""
     from octseg.tasks.preprocess.fingerprints import expected_fingerprints
@@ -176,6 +182,7 @@ def previous_training(config: TrainFlowConfig, tracking_uri: str) -> TrainSummar
     return None if found is None else TrainSummary.from_result(found, tracking_uri)
 
 
+@paused_gc()
 def plan_segmentation(config: SegmentConfig, ref: ModelRef | ModelVersion,
                       bscans: dict[str, int] | None = None) -> tuple[list[str], list[str]]:
     """(volumes to segment, volumes this model version already segmented) of the selection; ``bscans``, when

@@ -61,12 +61,13 @@ from octseg.tasks.archive.entries import (
 )
 from octseg.tasks.archive.names import valid_name
 from octseg.tasks.archive.sqlite_file import SharedSQLite
+from octseg.tasks.runtime.memory import paused_gc
 
 __all__ = ["CATALOGUE_SCHEMA", "Catalogue", "SourceRecord", "VolumeEntry", "catalogue_for", "catalogue_path",
            "file_stamp", "image_fingerprint_of", "read_entry"]
 
 LOGGER = logging.getLogger(__name__)
-CATALOGUE_SCHEMA = 1
+CATALOGUE_SCHEMA = 2  # 2: the volumes' reading settings (``settings``)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS catalogue (key TEXT PRIMARY KEY, value TEXT);
@@ -74,7 +75,7 @@ CREATE TABLE IF NOT EXISTS volumes (
   volume_id TEXT PRIMARY KEY, doubt INTEGER NOT NULL DEFAULT 0, status TEXT, v_stamp TEXT, source TEXT,
   source_sha256 TEXT, source_size INTEGER, source_mtime_ns INTEGER, source_ino INTEGER, reader TEXT,
   n_bscans INTEGER, labels_sha256 TEXT, image_fp TEXT, manual INTEGER, annotated INTEGER, p_stamp TEXT,
-  model_name TEXT, model_version TEXT, p_image_fp TEXT, p_complete INTEGER, derived TEXT,
+  model_name TEXT, model_version TEXT, p_image_fp TEXT, p_complete INTEGER, derived TEXT, settings TEXT,
   meta TEXT, prediction TEXT, recorded_at REAL, digest TEXT, detail_digest TEXT);
 CREATE INDEX IF NOT EXISTS volumes_by_sha ON volumes (source_sha256);
 CREATE TABLE IF NOT EXISTS sources (
@@ -105,8 +106,9 @@ class Catalogue(SharedSQLite):
     # ---- the schema ----
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
-        """Read the schema version and salt; create the tables when missing. A database of another schema is
-        emptied (and so filled again from the volumes)."""
+        """Read the schema version and salt; create the tables when missing. A database of another schema has
+        its volume rows dropped (they are read again from the volumes); what it knows of source files is kept
+        when that table has the columns this schema reads (its keys need the same salt), else dropped too."""
         with contextlib.suppress(sqlite3.OperationalError):  # no such table: a new file
             found = dict(conn.execute("SELECT key, value FROM catalogue").fetchall())
             if found.get("schema") == str(CATALOGUE_SCHEMA) and found.get("salt"):
@@ -114,15 +116,24 @@ class Catalogue(SharedSQLite):
                 return
         conn.execute("BEGIN IMMEDIATE")
         try:
+            with contextlib.suppress(sqlite3.OperationalError):
+                found = dict(conn.execute("SELECT key, value FROM catalogue").fetchall())
+                if found.get("schema") != str(CATALOGUE_SCHEMA):  # another schema (another process may have
+                    conn.execute("DROP TABLE IF EXISTS volumes")  # moved it on since the check above)
+                    columns = {row[1] for row in conn.execute("PRAGMA table_info(sources)")}
+                    if not found.get("salt") or not {*SOURCE_COLUMNS, "seen_at", "digest"} <= columns:
+                        conn.execute("DROP TABLE IF EXISTS sources")
+                        conn.execute("DELETE FROM catalogue WHERE key = 'salt'")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             found = dict(conn.execute("SELECT key, value FROM catalogue").fetchall())
             if found.get("schema") != str(CATALOGUE_SCHEMA) or not found.get("salt"):
-                for table in ("volumes", "sources", "catalogue"):
-                    conn.execute(f"DELETE FROM {table}")
-                found = {"schema": str(CATALOGUE_SCHEMA), "salt": secrets.token_hex(16),
-                         "created_at": str(time.time())}
+                salt = found.get("salt") or secrets.token_hex(16)
+                if not found.get("salt"):
+                    conn.execute("DELETE FROM sources")
+                conn.execute("DELETE FROM catalogue")
+                found = {"schema": str(CATALOGUE_SCHEMA), "salt": salt, "created_at": str(time.time())}
                 conn.executemany("INSERT INTO catalogue VALUES (?, ?)", found.items())
             conn.execute("COMMIT")
         except BaseException:
@@ -199,6 +210,7 @@ class Catalogue(SharedSQLite):
         """Sorted ids of the volumes."""
         return list(self.entries(verify=()))
 
+    @paused_gc()
     def entries(self, volume_ids: Sequence[str] | None = None, *, verify: Sequence[str] = ("volume",),
                 details: bool | str = False, missing_ok: bool = False) -> dict[str, VolumeEntry]:
         """Volume id -> entry for ``volume_ids`` (in that order; ValueError naming those the archive lacks unless
@@ -299,6 +311,7 @@ class Catalogue(SharedSQLite):
         """The key of a source path: a salted hash, so the catalogue does not hold patients' file names."""
         return hashlib.sha256((self.salt + resolved_path).encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
+    @paused_gc()
     def sources(self) -> SourceIndex:
         """Every file octseg remembers, by key; a row failing its digest is left out (read the file again)."""
         return SourceIndex(self._query(f"SELECT {', '.join(SOURCE_COLUMNS)}, digest FROM sources"))

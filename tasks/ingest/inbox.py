@@ -36,6 +36,7 @@ from octseg.tasks.ingest.known import (
 from octseg.tasks.readers.base import ReadError
 from octseg.tasks.readers.registry import is_volume_source, reader_for, source_files, source_sha256
 from octseg.tasks.readers.sources import shown, source_problem
+from octseg.tasks.runtime.memory import paused_gc
 from octseg.tasks.runtime.retry import is_transient
 
 __all__ = ["InboxScan", "remember_problems", "scan_inbox"]
@@ -110,6 +111,7 @@ def _held(catalogue: Catalogue | None) -> dict[str, str]:
     return {e.source_sha256: vid for vid, e in catalogue.entries(verify=("volume",)).items() if e.source_sha256}
 
 
+@paused_gc()
 def scan_inbox(inbox: str | Path, archive: str | Path, *, settle_seconds: float = 60.0,
                labels: str | Path | None = None, now: float | None = None, settings: str | None = None) -> InboxScan:
     """Sort the inbox's candidates into new, known, known bad, unsettled and unreadable (see the module doc).

@@ -278,3 +278,30 @@ def test_the_catalogue_command_checks_and_rebuilds(tmp_path: Path) -> None:
     assert _rows(arc) == _truth(arc)
     missing = invoke("catalogue", "--archive", str(tmp_path / "none.zarr"))
     assert missing.exit_code == 2 and "no archive here" in missing.plain
+
+
+@pytest.mark.parametrize("sources_table", ["as this schema reads it", "of other columns"])
+def test_a_catalogue_of_an_older_schema_is_read_again_keeping_what_it_knows_of_files(tmp_path: Path,
+                                                                                     sources_table: str) -> None:
+    import octseg.tasks.archive.catalogue as catalogue
+    from octseg.tasks.archive.entries import SourceRecord
+
+    arc = _segmented_archive(tmp_path, n=4, segmented=2)
+    store = catalogue_for(arc.path)
+    record = SourceRecord(store.source_key("/inbox/v0.tif"), "1:2:3:100644", None, f"{0:064x}", "v0")
+    store.remember([record])
+    salt = store.salt
+    path = _checkpoint(arc)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:  # what schema 1 wrote
+        conn.execute("UPDATE catalogue SET value = '1' WHERE key = 'schema'")
+        conn.execute("ALTER TABLE volumes DROP COLUMN settings")
+        if sources_table == "of other columns":
+            conn.execute("ALTER TABLE sources DROP COLUMN parts")
+    catalogue._CATALOGUES.clear()  # a new process, of the new schema
+    assert _todo(arc) == _truly_todo(arc) == (["v2", "v3"], [])
+    assert _rows(arc) == _truth(arc)
+    store = catalogue_for(arc.path)
+    if sources_table == "as this schema reads it":
+        assert store.salt == salt and store.sources()[record.key] == record
+    else:  # unusable: forgotten, files are hashed again
+        assert not store.sources()

@@ -60,6 +60,28 @@ def test_another_grader_or_identifier_setting_rewrites_the_volume(tmp_path: Path
     assert ingest_source(dicom, archive).status == "skipped"
 
 
+def test_the_no_op_plan_reads_the_same_rule_from_the_catalogue(tmp_path: Path) -> None:
+    """The plan decides from the catalogue's columns (the settings a volume was read with) what the flow decides
+    from the volume's provenance: for each setting, the plan has work exactly where ingest writes."""
+    from octseg.flows.config import IngestConfig
+    from octseg.flows.plans import plan_ingest
+
+    archive = tmp_path / "a.zarr"
+    mat = vf.write_mat5(tmp_path / "Subject_01.mat", vf.duke_arrays())
+    dicom = vf.write_opt_dicom(tmp_path / "scan7.dcm", _volume(4))
+
+    def planned(source: Path, **options) -> bool:
+        todo, _ = plan_ingest(IngestConfig(sources=[source], archive=archive, reader_options=options,
+                                           dask_address=None))
+        return todo == [str(source)]
+
+    for source, options in [(mat, {}), (mat, {}), (mat, {"grader": 2}), (mat, {"grader": 2}), (mat, {"grader": 1}),
+                            (dicom, {"keep_identifiers": True}), (dicom, {"keep_identifiers": True}), (dicom, {}),
+                            (dicom, {}), (mat, {"keep_identifiers": True})]:
+        plan = planned(source, **options)
+        assert plan == (ingest_source(source, archive, options=options).status == "written"), (source, options)
+
+
 @pytest.mark.skipif(not EYEPY.is_dir(), reason="../shared/data is not here")
 def test_an_edited_xml_inside_an_export_folder_is_ingested_again(tmp_path: Path) -> None:
     export = tmp_path / "export"
