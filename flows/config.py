@@ -171,6 +171,9 @@ class TrainFlowConfig(_Config):
     folds: Annotated[int | None, Cli(panel=OPTIMISATION)] = Field(None, ge=2, strict=True, description=(
         "Cross-validate: train this many models, each with whole volumes (subjects) held out, and register "
         "their ensemble with its out-of-fold Dice (no validation split; none: one model)."))
+    fold_models: Annotated[int, Cli(panel=OPTIMISATION)] = Field(1, ge=1, strict=True, description=(
+        "With --folds: models trained per fold, each from its own initial weights and tiles, their softmax "
+        "averaged for the fold's out-of-fold labels; the registered ensemble holds folds x this many."))
     evaluation_volumes: Annotated[tuple[str, ...] | None, Cli(hidden=True)] = Field(None, description=(
         "Held out of training; the champion is chosen by the pooled fluid Dice on them. None: the archive's fixed "
         "evaluation set (`octseg evaluate --fix`), if any, else the validation Dice."))
@@ -187,6 +190,8 @@ class TrainFlowConfig(_Config):
     def _folds_hold_out_their_own(self) -> TrainFlowConfig:
         if self.folds is not None and self.val_volumes:
             raise ValueError("with folds the held-out subjects of each fold are its test set: drop val_volumes")
+        if self.fold_models > 1 and self.folds is None:
+            raise ValueError("fold_models needs folds (several models per cross-validation fold)")
         return self
 
 

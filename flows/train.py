@@ -31,7 +31,7 @@ def train_unet(config: TrainFlowConfig) -> TrainSummary:
         r = crossval_from_archive_task(
             str(config.archive), volumes, config.unet, config.train, config.folds, tracking_uri=tracking_uri,
             experiment=config.experiment, model_name=config.model_name, force=config.force,
-            promote=not evaluation, tags=tags)
+            promote=not evaluation, tags=tags, fold_models=config.fold_models)
     else:
         r = train_from_archive_task(
             str(config.archive), volumes, config.unet, config.train, val_fraction=config.val_fraction,

@@ -17,6 +17,7 @@ killed run continues from the next fold. Each fold's loss curve is a nested MLfl
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -68,10 +69,10 @@ def merged(sets: Mapping[str, BScanSet], volumes: list[str]) -> BScanSet:
 
 
 def crossval_fingerprint(sets: Mapping[str, BScanSet], folds: list[list[str]], unet_config: UNetConfig,
-                         train_config: TrainConfig, model_name: str) -> str:
-    """The training fingerprint of all the data, plus which volume sits in which fold."""
+                         train_config: TrainConfig, model_name: str, fold_models: int = 1) -> str:
+    """The training fingerprint of all the data, plus which volume sits in which fold (and the models a fold)."""
     base = training_fingerprint(merged(sets, sorted(sets)), None, unet_config, train_config, model_name)
-    return hashlib.sha256(json.dumps([base, folds]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([base, folds] + ([fold_models] if fold_models > 1 else [])).encode()).hexdigest()
 
 
 def _oof_metrics(scores, prefix: str, name: str) -> dict[str, float]:
@@ -84,27 +85,35 @@ def _oof_metrics(scores, prefix: str, name: str) -> dict[str, float]:
 
 def _train_fold(k: int, held_out: list[str], sets: Mapping[str, BScanSet], unet_config: UNetConfig,
                 train_config: TrainConfig, names: Mapping[int, str],
-                progress: Callable[[EpochStats], None] | None) -> tuple[dict, dict[str, np.ndarray]]:
-    """Fold k in a nested MLflow run: (weights on the CPU, out-of-fold labels of the held-out volumes)."""
+                progress: Callable[[EpochStats], None] | None,
+                fold_models: int = 1) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Fold k in a nested MLflow run: (the weights of its ``fold_models`` models on the CPU, out-of-fold labels of
+    the held-out volumes from their averaged softmax)."""
     import mlflow
     import torch
 
+    from octseg.unet.ensemble import UNetEnsemble
     from octseg.unet.inference import segment_volume
     from octseg.unet.model import UNet
     from octseg.unet.train import fit
 
     train = merged(sets, [v for v in sorted(sets) if v not in held_out])
-    torch.manual_seed(train_config.seed + k)  # each fold its own initial weights, reproducibly
-    model = UNet.from_config(unet_config)
     experiment_id = mlflow.active_run().info.experiment_id  # else a nested run goes to the default experiment
+    states = []
     with mlflow.start_run(run_name=f"fold-{k}", nested=True, experiment_id=experiment_id,
                           tags={"octseg.fold": str(k)}):
-        mlflow.log_params({"held_out": ",".join(held_out), "n_train": len(train)})
-        fit(model, train, None, train_config, epoch_logger(names, progress))
+        mlflow.log_params({"held_out": ",".join(held_out), "n_train": len(train), "fold_models": fold_models})
+        for m in range(fold_models):  # model 0 as a fold of one model; the others each their own seed
+            config = train_config if m == 0 else dataclasses.replace(train_config, seed=train_config.seed + 1000 * m)
+            torch.manual_seed(config.seed + k)  # each fold (and model) its own initial weights, reproducibly
+            model = UNet.from_config(unet_config)
+            fit(model, train, None, config, epoch_logger(names, progress))
+            states.append({key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()})
         inference = InferenceConfig(device=train_config.device, tta=True)  # as the ensemble will predict
-        oof = {v: segment_volume(model, sets[v].images, inference) for v in held_out}
-    state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
-    return state, oof
+        predictor = model if fold_models == 1 else UNetEnsemble.from_state_dicts(unet_config, states).to(
+            next(model.parameters()).device)
+        oof = {v: segment_volume(predictor, sets[v].images, inference) for v in held_out}
+    return states, oof
 
 
 def _nested_postprocess(oof: dict[str, np.ndarray], truths: dict[str, np.ndarray],
@@ -145,9 +154,10 @@ def crossval_and_register(
     progress: Callable[[EpochStats], None] | None = None,
     force: bool = False,
     promote: bool = True,
+    fold_models: int = 1,
 ) -> TrainResult:
-    """K-fold cross-validation over the annotated volumes ``sets`` (volume id -> B-scans), registered as
-    one ensemble; its score is the pooled out-of-fold Dice of class 1 (nested post-processing), which
+    """K-fold cross-validation over the annotated volumes ``sets`` (volume id -> B-scans), ``fold_models`` models
+    a fold, registered as one ensemble; its score is the pooled out-of-fold Dice of class 1 (nested post-processing), which
     promotion compares with the champion's ``registered_oof_dice_<class 1>``."""
     import mlflow
     import torch
@@ -161,7 +171,7 @@ def crossval_and_register(
     check_classes(everything, None, unet_config)
     experiment_id = ensure_experiment(tracking_uri, experiment)
     names = class_names_of(unet_config.out_channels, class_names)
-    fingerprint = crossval_fingerprint(sets, split, unet_config, train_config, model_name)
+    fingerprint = crossval_fingerprint(sets, split, unet_config, train_config, model_name, fold_models)
     if not force and (done := find_previous_training(fingerprint, tracking_uri, experiment_id, model_name, names)):
         log.info("identical cross-validation already registered as %s v%s", model_name, done.model_version)
         return done
@@ -173,13 +183,14 @@ def crossval_and_register(
     foreground = names[FOREGROUND]
     with using_tracking_uri(tracking_uri), mlflow.start_run(**start, tags=run_tags) as run:
         if not finished:
-            mlflow.log_params({**run_params(unet_config, train_config, everything, None, names), "folds": folds})
+            mlflow.log_params({**run_params(unet_config, train_config, everything, None, names), "folds": folds,
+                               "fold_models": fold_models})
         for k, held_out in enumerate(split):
             if k in finished:
                 log.info("fold %d of %d: finished in this run before, kept", k + 1, folds)
                 continue
-            weights, labels = _train_fold(k, held_out, sets, unet_config, train_config, names, progress)
-            finished[k] = {"weights": weights, "oof": {v: torch.from_numpy(lab) for v, lab in labels.items()}}
+            members, labels = _train_fold(k, held_out, sets, unet_config, train_config, names, progress, fold_models)
+            finished[k] = {"members": members, "oof": {v: torch.from_numpy(lab) for v, lab in labels.items()}}
             save_checkpoint({"folds": finished})  # a killed run continues from the next fold (tensors only)
         oof = {v: lab.numpy() for f in finished.values() for v, lab in f["oof"].items()}
         truths = {v: sets[v].labels for v in oof}
@@ -197,7 +208,8 @@ def crossval_and_register(
         z = int(np.argmax((truths[worst] == FOREGROUND).sum(axis=(1, 2))))
         mlflow.log_image(side_by_side(sets[worst].images[z], truths[worst][z], processed[worst][z]),
                          artifact_file=f"qc/oof_{worst}_bscan{z:03d}.png")
-        ensemble = UNetEnsemble.from_state_dicts(unet_config, [finished[k]["weights"] for k in range(folds)])
+        ensemble = UNetEnsemble.from_state_dicts(unet_config, [member for k in range(folds) for member in (
+            finished[k]["members"] if "members" in finished[k] else [finished[k]["weights"]])])  # or an older run's
         ensemble.postprocess, ensemble.tta = final, True  # softmax averaged over folds and flips
         version = log_unet(ensemble, model_name, metadata={"class_names": {str(k): v for k, v in names.items()},
                                                            "folds": split})
@@ -213,15 +225,16 @@ def crossval_and_register(
 def crossval_from_archive_task(archive_path: str, volumes: list[str], unet_config: UNetConfig,
                                train_config: TrainConfig, folds: int, *, tracking_uri: str, experiment: str,
                                model_name: str, force: bool, promote: bool,
-                               tags: dict[str, str] | None = None) -> TrainResult:
+                               tags: dict[str, str] | None = None, fold_models: int = 1) -> TrainResult:
     """Load the annotated B-scans of each of ``volumes`` (one subject each), then cross-validate and register."""
     from octseg.tasks.training.dataset import load_volume_sets
 
     sets = load_volume_sets(archive_path, volumes)
     get_run_logger().info("cross-validating over %d volumes (%d B-scans) in %d folds", len(sets),
                           sum(len(s) for s in sets.values()), folds)
-    with progress_bar("train epochs (all folds)", train_config.epochs * folds) as bar:
+    epochs = train_config.epochs * folds * fold_models
+    with progress_bar("train epochs (all folds)", epochs) as bar:
         return crossval_and_register(sets, unet_config, train_config, folds, tracking_uri=tracking_uri,
                                      experiment=experiment, model_name=model_name, tags=tags, force=force,
-                                     promote=promote, progress=progress_logger(bar, train_config.epochs * folds,
-                                                                               counted=True))
+                                     promote=promote, progress=progress_logger(bar, epochs, counted=True),
+                                     fold_models=fold_models)

@@ -136,3 +136,24 @@ def test_out_of_fold_post_processing_is_nested() -> None:
     processed, chosen = _nested_postprocess(oof, truth, [["a"], ["b"], ["c"]])
     assert chosen[2] > 0 and chosen[0] > 0 and chosen[1] > 0  # the others show specks each time
     assert processed["a"][0, 0, 0] == 0 and (processed["c"] == truth["c"]).all()
+
+
+def test_several_models_a_fold_are_one_ensemble_of_folds_times_models(work) -> None:
+    import torch
+
+    from octseg.tasks.tracking.models import load_unet, resolve_model
+    from octseg.unet.ensemble import UNetEnsemble
+
+    summary = train_unet(_config(work, fold_models=2, model_name="two-a-fold"))
+    assert not summary.reused and summary.folds == 3  # another fingerprint than one model a fold
+    ref = resolve_model("models:/two-a-fold@champion", work["tracking"])
+    assert ref.members == 6
+    _, parent, children = _runs(work, summary.run_id)
+    assert parent.data.params["fold_models"] == "2" and {c.data.params["fold_models"] for c in children} == {"2"}
+    ensemble = load_unet(ref, work["tracking"])
+    assert isinstance(ensemble, UNetEnsemble)
+    first = [m.state_dict() for m in ensemble.members]
+    for a, b in zip(first[0::2], first[1::2]):  # the two models of a fold started from their own weights
+        assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="fold_models needs folds"):
+        TrainFlowConfig(archive=work["archive"], fold_models=2)
