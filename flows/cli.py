@@ -283,9 +283,9 @@ def catalogue(cfg: CatalogueConfig, verbose: bool) -> None:
     import time
 
     preflight.check_archive(cfg.archive, writable=False)
-    from octseg.tasks.archive.store import open_archive
+    from octseg.tasks.archive.catalogue import catalogue_for  # not the archive's writers: no Zarr or Dask to import
 
-    store = open_archive(cfg.archive, create=False).catalogue()
+    store = catalogue_for(cfg.archive)
     t0 = time.perf_counter()
     if cfg.rebuild:
         store.rebuild()

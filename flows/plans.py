@@ -68,7 +68,7 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     source whose volume id an earlier one in the batch already uses is a failure, as in the flow. A source
     whose path and stamp the catalogue remembers is not read (its SHA-256 is known)."""
     from octseg.tasks.ingest.known import forget_folders, known_sha256
-    from octseg.tasks.ingest.rules import labels_sha256, unchanged
+    from octseg.tasks.ingest.rules import labels_sha256, same_content, settings_match
     from octseg.tasks.readers.registry import source_sha256
 
     forget_folders()
@@ -84,16 +84,20 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     entries = catalogue.entries(sorted(set(ids.values())), verify=("volume",), missing_ok=True)
     remembered = catalogue.sources()
     options = config.reader_options.model_dump()
-    settings: dict[str, dict] = {}  # each distinct settings text parsed once (most volumes share one)
+    settings: dict[tuple[str, str | None], bool] = {}  # each distinct (settings, reader) judged once
     todo = []
     for src in sources:
         entry = entries.get(ids[src])
-        try:  # what ingest's rule says (octseg.tasks.ingest.source.is_up_to_date), from the catalogue's columns
-            done = entry is not None and entry.settings is not None and unchanged(
-                {**(settings.get(entry.settings) or settings.setdefault(entry.settings, json.loads(entry.settings))),
-                 "reader": entry.reader, "source_sha256": entry.source_sha256, "labels_sha256": entry.labels_sha256},
+        try:  # ingest's rule (octseg.tasks.ingest.rules.unchanged) on the catalogue's columns, not the provenance
+            done = entry is not None and entry.settings is not None and same_content(
+                entry.source_sha256, entry.labels_sha256,
                 known_sha256(catalogue, src, remembered, stats.get(src)) or source_sha256(src),
-                labels_sha256(config.labels, src), options)
+                labels_sha256(config.labels, src))
+            if done:
+                key = (entry.settings, entry.reader)
+                if key not in settings:
+                    settings[key] = settings_match({**json.loads(entry.settings), "reader": entry.reader}, options)
+                done = settings[key]
         except Exception:  # an unreadable file: the flow reports it
             done = False
         if done:

@@ -145,7 +145,7 @@ class VolumeEntry:
     def derived(self) -> dict[str, list[Any]]:
         """Each derived array: ``[stamp, complete, canonical fingerprint]``."""
         if self._derived is None:
-            self._derived = json.loads(self.derived_json or "{}")
+            self._derived = loads(self.derived_json or "{}")
         return self._derived
 
     def set_derived(self, derived: dict[str, list[Any]]) -> None:

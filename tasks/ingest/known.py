@@ -80,7 +80,7 @@ def source_parts(path: Path) -> tuple[str, ...] | None:
     return parts or (() if path.is_dir() else None)
 
 
-def source_stamp(path: Path, parts: tuple[str, ...] | None) -> str | None:
+def source_stamp(path: str | Path, parts: tuple[str, ...] | None) -> str | None:
     """Inode, size, mtime and mode of ``path`` and of its ``parts``; None when any cannot be stat'ed."""
     try:
         st = os.stat(path)

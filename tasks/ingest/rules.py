@@ -15,7 +15,8 @@ from typing import Any, Literal
 from octseg.tasks.readers.registry import reader_named
 from octseg.tasks.readers.sources import shown
 
-__all__ = ["existing_volume", "labels_sha256", "path_digest", "reader_settings", "unchanged"]
+__all__ = ["existing_volume", "labels_sha256", "path_digest", "reader_settings", "same_content", "settings_match",
+           "unchanged"]
 
 
 def labels_sha256(labels_dir: str | Path | None, source: str | Path) -> str | None:
@@ -56,7 +57,7 @@ def _same_path(meta: Mapping[str, Any], src: Path) -> bool:
     return meta.get("source") == str(src.resolve())
 
 
-def _settings_match(meta: Mapping[str, Any], options: Mapping[str, Any]) -> bool:
+def settings_match(meta: Mapping[str, Any], options: Mapping[str, Any]) -> bool:
     """The stored volume was read with the settings that change what is written: the options its reader
     takes (a volume stored before one was recorded has its default), and whether the identifiers of a
     file that has them were kept."""
@@ -69,10 +70,15 @@ def _settings_match(meta: Mapping[str, Any], options: Mapping[str, Any]) -> bool
     return not meta.get("has_identifiers") or bool(meta.get("identifiers_kept")) == keep
 
 
+def same_content(stored_sha: str | None, stored_labels: str | None, sha: str, labels_fp: str | None) -> bool:
+    """The stored volume was made from these bytes, and no masks other than its own are given."""
+    return stored_sha == sha and labels_fp in (None, stored_labels)
+
+
 def unchanged(meta: Mapping[str, Any], sha: str, labels_fp: str | None, options: Mapping[str, Any]) -> bool:
     """Same bytes, no new masks, same settings: ingest keeps the stored volume as it is."""
-    return (meta.get("source_sha256") == sha and labels_fp in (None, meta.get("labels_sha256"))
-            and _settings_match(meta, options))
+    return (same_content(meta.get("source_sha256"), meta.get("labels_sha256"), sha, labels_fp)
+            and settings_match(meta, options))
 
 
 def existing_volume(meta: Mapping[str, Any], volume_id: str, src: Path, sha: str, labels_fp: str | None,
