@@ -173,7 +173,8 @@ def previous_training(config: TrainFlowConfig, tracking_uri: str) -> TrainSummar
     if config.folds:  # too many folds for the subjects is a one-line error here, before any run
         sets = load_volume_sets(config.archive, volumes)
         split = subject_folds(list(sets), config.folds)
-        fingerprint = crossval_fingerprint(sets, split, config.unet, config.train, config.model_name)
+        fingerprint = crossval_fingerprint(sets, split, config.unet, config.train, config.model_name,
+                                           config.fold_models)
     else:
         train, val = load_training_data(config.archive, volumes, config.val_fraction, seed=config.train.seed,
                                         val_volumes=config.val_volumes)

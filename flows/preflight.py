@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from octseg.tasks.archive.names import ARCHIVE_VERSION
+
 __all__ = ["SIBLINGS", "check_archive", "check_archive_siblings", "check_new_archive", "check_output_folder",
            "check_sources", "check_writable"]
 
@@ -55,11 +57,17 @@ def check_sources(sources: Iterable[Path]) -> None:
 
 
 def _octseg_group(path: Path) -> bool:
+    return _octseg_attrs(path) is not None
+
+
+def _octseg_attrs(path: Path) -> dict | None:
+    """The group's ``octseg`` attributes (its ``archive_version``), None when it has none."""
     try:
         attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return False
-    return isinstance(attrs, dict) and "octseg" in attrs
+    except (OSError, ValueError, AttributeError):
+        return None
+    found = attrs.get("octseg") if isinstance(attrs, dict) else None
+    return found if isinstance(found, dict) else {} if found is not None else None
 
 
 def check_archive_siblings(path: Path, *which: str) -> None:
@@ -97,8 +105,12 @@ def check_archive(path: Path, writable: bool) -> None:
         raise ValueError(f"{path}: is a file, not an archive folder")
     if not (path / "zarr.json").is_file():
         raise ValueError(f"{path}: no archive here (no zarr.json); create one with `octseg ingest`")
-    if not _octseg_group(path):
+    attrs = _octseg_attrs(path)
+    if attrs is None:
         raise ValueError(f"{path}: a Zarr store but not an octseg archive")
+    if attrs.get("archive_version") != ARCHIVE_VERSION:  # what open_archive refuses, without importing Zarr
+        raise ValueError(f"{path}: not an octseg archive this version reads (octseg.archive_version is "
+                         f"{attrs.get('archive_version')!r}, expected {ARCHIVE_VERSION})")
     if writable:
         check_writable(path, "archive")
         check_archive_siblings(path, "claims", "staging")

@@ -36,6 +36,7 @@ groups of a volume), :mod:`.shards` (the fast shard writer), :mod:`.staging` (at
 :mod:`.claims` (one run per volume at a time), :mod:`.classes` (label names and colours).
 
 May import: zarr, ome-zarr, Dask, numcodecs; :mod:`octseg.tasks.readers.registry` (the suffixes a
-volume id leaves out) and :mod:`octseg.tasks.runtime.processes`. Nothing else of octseg; no Prefect.
+volume id leaves out, and each reader's options a catalogue row records), :mod:`octseg.tasks.runtime.processes`
+and :mod:`octseg.tasks.runtime.memory`. Nothing else of octseg; no Prefect.
 This ``__init__`` imports nothing, so :mod:`.classes` stays free of zarr for the QC pictures.
 """

@@ -68,6 +68,7 @@ __all__ = ["CATALOGUE_SCHEMA", "Catalogue", "SourceRecord", "VolumeEntry", "cata
 
 LOGGER = logging.getLogger(__name__)
 CATALOGUE_SCHEMA = 2  # 2: the volumes' reading settings (``settings``)
+_SOURCES_KEPT_FROM = {"1"}  # older schemas whose ``sources`` rows mean what this one's do
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS catalogue (key TEXT PRIMARY KEY, value TEXT);
@@ -121,7 +122,8 @@ class Catalogue(SharedSQLite):
                 if found.get("schema") != str(CATALOGUE_SCHEMA):  # another schema (another process may have
                     conn.execute("DROP TABLE IF EXISTS volumes")  # moved it on since the check above)
                     columns = {row[1] for row in conn.execute("PRAGMA table_info(sources)")}
-                    if not found.get("salt") or not {*SOURCE_COLUMNS, "seen_at", "digest"} <= columns:
+                    if (found.get("schema") not in _SOURCES_KEPT_FROM or not found.get("salt")
+                            or not {*SOURCE_COLUMNS, "seen_at", "digest"} <= columns):  # e.g. a newer octseg's
                         conn.execute("DROP TABLE IF EXISTS sources")
                         conn.execute("DELETE FROM catalogue WHERE key = 'salt'")
             for statement in _SCHEMA.split(";"):

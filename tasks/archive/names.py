@@ -11,7 +11,9 @@ from pathlib import Path
 
 from octseg.tasks.readers.registry import volume_suffixes
 
-__all__ = ["ID_PATTERN", "RESERVED_NAMES", "valid_name", "volume_id_from_path"]
+__all__ = ["ARCHIVE_VERSION", "ID_PATTERN", "RESERVED_NAMES", "valid_name", "volume_id_from_path"]
+
+ARCHIVE_VERSION = 1  # the archive's layout, in its root group's ``octseg.archive_version``
 
 RESERVED_NAMES = {"zarr.json"}
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")

@@ -41,6 +41,7 @@ from octseg.tasks.archive.layout import (
     utc_now,
     valid_name,
 )
+from octseg.tasks.archive.names import ARCHIVE_VERSION
 from octseg.tasks.archive.ome import (
     StagedPrediction,
     compute_writes,
@@ -56,7 +57,6 @@ from octseg.tasks.archive.staging import replace_dir, staging_dir
 __all__ = ["ARCHIVE_VERSION", "REQUIRED_MODEL_INFO", "REQUIRED_PROVENANCE", "Archive", "already_segmented", "open_archive",
            "select_volumes"]
 
-ARCHIVE_VERSION = 1
 REQUIRED_PROVENANCE = ("source", "source_sha256", "reader")
 REQUIRED_MODEL_INFO = ("model_name", "model_version", "run_id", "model_uri")
 

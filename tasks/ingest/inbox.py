@@ -84,7 +84,7 @@ def _entries(inbox: Path, labels: Path | None) -> list[tuple[str, str]]:
             if resolved != skip:
                 found.append((e.name, resolved))
     found.sort()  # by name (strings: sorting 100,000 Paths costs seconds), as sorting the paths would
-    base = str(inbox)
+    base = "" if str(inbox) == "." else str(inbox)  # str(Path(".") / name) is "name", not "./name"
     return [(os.path.join(base, name), resolved) for name, resolved in found]
 
 
@@ -113,7 +113,6 @@ def _held(catalogue: Catalogue | None) -> dict[str, str]:
     return {e.source_sha256: vid for vid, e in catalogue.entries(verify=("volume",)).items() if e.source_sha256}
 
 
-@paused_gc()
 def scan_inbox(inbox: str | Path, archive: str | Path, *, settle_seconds: float = 60.0,
                labels: str | Path | None = None, now: float | None = None, settings: str | None = None) -> InboxScan:
     """Sort the inbox's candidates into new, known, known bad, unsettled and unreadable (see the module doc).
@@ -126,19 +125,20 @@ def scan_inbox(inbox: str | Path, archive: str | Path, *, settle_seconds: float 
     labels = Path(labels) if labels else None
     scan = InboxScan()
     catalogue = catalogue_for(archive) if (Path(archive) / "zarr.json").is_file() else None
-    remembered = catalogue.sources() if catalogue is not None else {}
-    held = _held(catalogue)
-    entries = _entries(inbox, labels)
-    resolved_of = dict(entries)
-    # 1. what the catalogue knows by path and stamp: decided without opening anything
-    quick: dict[str, SourceRecord] = {}
-    covered: set[str] = set()
-    for path, real in entries if remembered else ():
-        record = remembered.get(catalogue.source_key(real))
-        if record is not None and source_stamp(path, record.parts) == record.stamp:
-            quick[path] = record
-            if record.parts and not os.path.isdir(path):
-                covered.update(part for part in record.parts if os.sep not in part)
+    with paused_gc():  # 100,000 rows and names: no cycles among them (not around the hashing below)
+        remembered = catalogue.sources() if catalogue is not None else {}
+        held = _held(catalogue)
+        entries = _entries(inbox, labels)
+        resolved_of = dict(entries)
+        # 1. what the catalogue knows by path and stamp: decided without opening anything
+        quick: dict[str, SourceRecord] = {}
+        covered: set[str] = set()
+        for path, real in entries if remembered else ():
+            record = remembered.get(catalogue.source_key(real))
+            if record is not None and source_stamp(path, record.parts) == record.stamp:
+                quick[path] = record
+                if record.parts and not os.path.isdir(path):
+                    covered.update(part for part in record.parts if os.sep not in part)
     for path, record in quick.items():
         if os.path.basename(path) in covered:
             continue

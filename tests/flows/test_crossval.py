@@ -155,5 +155,10 @@ def test_several_models_a_fold_are_one_ensemble_of_folds_times_models(work) -> N
     first = [m.state_dict() for m in ensemble.members]
     for a, b in zip(first[0::2], first[1::2]):  # the two models of a fold started from their own weights
         assert any(not torch.equal(a[k], b[k]) for k in a)
+    from octseg.flows.plans import previous_training
+
+    assert previous_training(_config(work, fold_models=2, model_name="two-a-fold"), work["tracking"]).reused
+    assert previous_training(_config(work, fold_models=3, model_name="two-a-fold"), work["tracking"]) is None
+    assert previous_training(_config(work, fold_models=2), work["tracking"]) is None  # octseg-unet: one a fold
     with pytest.raises(ValueError, match="fold_models needs folds"):
         TrainFlowConfig(archive=work["archive"], fold_models=2)

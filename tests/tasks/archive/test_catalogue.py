@@ -278,9 +278,16 @@ def test_the_catalogue_command_checks_and_rebuilds(tmp_path: Path) -> None:
     assert _rows(arc) == _truth(arc)
     missing = invoke("catalogue", "--archive", str(tmp_path / "none.zarr"))
     assert missing.exit_code == 2 and "no archive here" in missing.plain
+    other = tmp_path / "other.zarr"  # an archive of a layout this octseg does not read: refused, nothing created
+    other.mkdir()
+    (other / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", '
+                                     '"attributes": {"octseg": {"archive_version": 99}}}')
+    refused = invoke("catalogue", "--archive", str(other))
+    assert refused.exit_code == 2 and "archive_version is 99, expected 1" in refused.plain
+    assert not catalogue_path(other).exists()
 
 
-@pytest.mark.parametrize("sources_table", ["as this schema reads it", "of other columns"])
+@pytest.mark.parametrize("sources_table", ["as this schema reads it", "of other columns", "of a newer schema"])
 def test_a_catalogue_of_an_older_schema_is_read_again_keeping_what_it_knows_of_files(tmp_path: Path,
                                                                                      sources_table: str) -> None:
     import octseg.tasks.archive.catalogue as catalogue
@@ -297,6 +304,8 @@ def test_a_catalogue_of_an_older_schema_is_read_again_keeping_what_it_knows_of_f
         conn.execute("ALTER TABLE volumes DROP COLUMN settings")
         if sources_table == "of other columns":
             conn.execute("ALTER TABLE sources DROP COLUMN parts")
+        elif sources_table == "of a newer schema":  # its rows may mean something else: not trusted
+            conn.execute("UPDATE catalogue SET value = '3' WHERE key = 'schema'")
     catalogue._CATALOGUES.clear()  # a new process, of the new schema
     assert _todo(arc) == _truly_todo(arc) == (["v2", "v3"], [])
     assert _rows(arc) == _truth(arc)

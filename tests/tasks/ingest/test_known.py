@@ -104,6 +104,19 @@ def test_only_new_or_changed_files_are_hashed_and_a_renamed_copy_once(known_inbo
     assert str(inbox / "renamed.tif") in scan_inbox(inbox, archive, settle_seconds=60, settings=SETTINGS).unsettled
 
 
+def test_an_inbox_named_dot_gives_the_names_of_paths(known_inbox, tmp_path: Path, monkeypatch) -> None:
+    """``octseg watch --inbox .``: each entry as ``str(Path(".") / name)`` is, known by hash and then by stamp."""
+    _, archive_src = known_inbox
+    inbox, archive = tmp_path / "inbox", tmp_path / "a.zarr"
+    inbox.mkdir()
+    shutil.copytree(archive_src, archive)
+    _tiff(inbox / "copy.tif", 3)  # known content, a path never seen
+    monkeypatch.chdir(inbox)
+    for hashed in (1, 0):
+        scan = scan_inbox(".", archive, settle_seconds=60, settings=SETTINGS)
+        assert scan.known == ["copy.tif"] and scan.hashed == hashed and not scan.unreadable
+
+
 def test_a_refused_file_is_remembered_until_it_changes(tmp_path: Path) -> None:
     inbox, archive = tmp_path / "inbox", tmp_path / "a.zarr"
     inbox.mkdir()
