@@ -214,14 +214,14 @@ class Catalogue(SharedSQLite):
 
     @paused_gc()
     def entries(self, volume_ids: Sequence[str] | None = None, *, verify: Sequence[str] = ("volume",),
-                details: bool | str = False, missing_ok: bool = False) -> dict[str, VolumeEntry]:
+                details: bool = False, missing_ok: bool = False) -> dict[str, VolumeEntry]:
         """Volume id -> entry for ``volume_ids`` (in that order; ValueError naming those the archive lacks unless
         ``missing_ok``), or for every volume in id order. On the way the rows are brought in line with the
         archive: its listing (one ``scandir``) adds the volumes the catalogue lacks (a new or deleted catalogue,
         a volume copied in by hand) and drops rows of vanished ones; a row in doubt, failing its digest, or
         whose files named by ``verify`` (``volume``, ``prediction``, ``derived``) changed since it was read, is
         read again from the volume. ``details`` also loads each volume's provenance (``meta``) and prediction
-        attributes (``details="meta"``: the provenance alone)."""
+        attributes."""
         listed = self._listed()
         extra = ", meta, prediction, detail_digest" if details else ""
         sql = f"SELECT {', '.join(VOLUME_COLUMNS)}, doubt, digest{extra} FROM volumes"
@@ -237,7 +237,6 @@ class Catalogue(SharedSQLite):
         stale: list[str] = []
         want_volume, want_prediction, want_derived = ("volume" in verify, "prediction" in verify, "derived" in verify)
         wanted = None if volume_ids is None else set(volume_ids)
-        with_prediction = details != "meta"
         with _folder_fd(self.root) as fd:
             def stamp(rel: str) -> str | None:  # relative to the archive's descriptor: no path walk each time
                 if fd is None:
@@ -274,8 +273,7 @@ class Catalogue(SharedSQLite):
                         stale.append(vid)
                         continue
                     entry.meta = loads(meta) if meta else None
-                    if with_prediction:
-                        entry.prediction = loads(attrs) if attrs else None
+                    entry.prediction = loads(attrs) if attrs else None
                 found[vid] = entry
         known = {values[0] for values in rows}
         stale += sorted(vid for vid in listed - known if wanted is None or vid in wanted)
