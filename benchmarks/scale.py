@@ -11,9 +11,8 @@ flow) against a real ``prefect server`` (its database SQLite or PostgreSQL) and 
 * the Prefect database's growth per 1,000 volumes for each flow (bytes and rows: task runs, states, logs,
   events);
 * each command's no-op: the plan alone in this process (``plan_ingest``, ``plan_preprocess``,
-  ``plan_segmentation``, ``scan_inbox``) and the whole command as a user runs it (``octseg watch``,
-  ``preprocess``, ``segment``, ``catalogue``; ``octseg ingest`` of N files exceeds the argument limit at
-  100,000, so its plan stands for it).
+  ``plan_segmentation``, ``scan_inbox``) and the whole command as a user runs it (``octseg ingest
+  --sources-file``, ``watch``, ``preprocess``, ``segment``, ``catalogue``).
 
 ``--compare`` instead segments the same N volumes twice (``--force``), one Prefect task run per volume and
 one per batch (the default), and adds the API latency of the flow run's page (the calls the UI makes) and
@@ -95,7 +94,8 @@ def _timed(fn, *args, **kwargs) -> tuple[float, object]:
 
 
 def _command(args: list[str], env: dict[str, str]) -> float:
-    """Wall seconds of an ``octseg`` command run as a user runs it (a new process); it must say it has nothing to do."""
+    """Wall seconds of an ``octseg`` command run as a user runs it (a new process); it must exit 0 (the plans in
+    this process have shown there is nothing to do)."""
     t0 = time.perf_counter()
     done = subprocess.run([str(BIN / "octseg"), *args], env=env, capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - t0

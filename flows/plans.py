@@ -118,10 +118,11 @@ def plan_preprocess(config: PreprocessConfig) -> tuple[list[str], PreprocessSumm
         if entry.status == "unreadable":
             todo.append(vid)  # a broken volume: the flow reports it
             continue
-        if entry.manual and not entry.labels_sha256:  # its weights' fingerprint needs the labels read
+        labels_fp = entry.labels_sha256 or entry.labels_digest
+        if entry.manual and not labels_fp:  # written before octseg recorded its labels' digest: read them
             current = _current_from_volume(config, vid)
         else:
-            fps = expected_fingerprints(entry.source_sha256, entry.labels_sha256 if entry.manual else None,
+            fps = expected_fingerprints(entry.source_sha256, labels_fp if entry.manual else None,
                                         config.weights, manual=entry.manual)
             current = all(entry.derived_current(name, fp) for name, fp in fps.items())
         (summary.up_to_date if current else todo).append(vid)

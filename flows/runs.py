@@ -8,7 +8,9 @@ cluster or in threads (:func:`~octseg.tasks.runtime.batches.run_items`). A bound
 flight: the next is submitted as one finishes, and a finished batch's future is dropped once its outcomes
 are counted, so the flow's memory and Prefect's records grow with the number of batches, not of items.
 A failed item is always its own Failed task run, ``<label>-<item>``, with its error: a batch of one is
-that task run itself; in a larger batch the failed item's task run is recorded when the batch ends.
+that task run itself; in a larger batch the failed item's task run is recorded when the batch ends. A batch
+whose task run fails as a whole (a crash, a lost cluster) is itself that Failed run, named after its items,
+and each of its items is still a failure line of its own (logged, in the summary, in the CLI's output).
 """
 from __future__ import annotations
 
@@ -78,13 +80,21 @@ def collect(futures: Sequence[PrefectFuture], items: Sequence[str], description:
     return outcomes.results, outcomes.failures
 
 
+FAILURES_NAMED = 50  # in the flow run's state message; the summary, the CLI and the run's logs have them all
+
+
 def finish(summary: Any) -> State:
-    """The flow's final state: Completed, or Failed naming each failure when ``summary.failures``;
-    the summary is the state's data either way (:func:`summary_of` reads it back)."""
+    """The flow's final state: Completed, or Failed naming the failures when ``summary.failures`` (the first
+    :data:`FAILURES_NAMED` of them, and how many more: the message is one database row, bounded even when a
+    run of 100,000 volumes fails whole); the summary is the state's data either way (:func:`summary_of`)."""
     failures = list(summary.failures)
     if not failures:
         return Completed(data=summary, message=summary.headline())
-    return Failed(data=summary, message=f"{len(failures)} failed: " + "; ".join(failures))
+    named = "; ".join(failures[:FAILURES_NAMED])
+    more = len(failures) - FAILURES_NAMED
+    if more > 0:
+        named += f"; and {more} more (listed in the flow run's logs and the command's output)"
+    return Failed(data=summary, message=f"{len(failures)} failed: {named}")
 
 
 def summary_of(state: State) -> Any:
@@ -158,13 +168,13 @@ def run_in_batches(task_fn, fn: Callable[..., Any], items: Sequence[str], *, lab
 
     def settle(future: PrefectFuture, chunk: list[str]) -> None:
         result = future.result(raise_on_failure=False)
-        outcomes = ([ItemOutcome(chunk[0], error=result)] if isinstance(result, BaseException)
-                    else result.outcomes)
+        whole = isinstance(result, BaseException)  # the batch's task run itself failed (a crash, a lost cluster)
+        outcomes = [ItemOutcome(item, error=result) for item in chunk] if whole else result.outcomes
         for outcome in outcomes:
             if outcome.error is not None:
                 failures.append(failure_line(outcome.item, outcome.error))
                 logger.error("failed: %s", failures[-1])
-                if len(chunk) > 1:
+                if len(chunk) > 1 and not whole:  # a whole failed batch is its own Failed run, items named
                     _failed_item(_run_name(label, [outcome.item]), outcome.error, return_state=True)
             on_outcome(outcome)
 

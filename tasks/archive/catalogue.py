@@ -67,8 +67,8 @@ __all__ = ["CATALOGUE_SCHEMA", "Catalogue", "SourceRecord", "VolumeEntry", "cata
            "file_stamp", "image_fingerprint_of", "read_entry"]
 
 LOGGER = logging.getLogger(__name__)
-CATALOGUE_SCHEMA = 2  # 2: the volumes' reading settings (``settings``)
-_SOURCES_KEPT_FROM = {"1"}  # older schemas whose ``sources`` rows mean what this one's do
+CATALOGUE_SCHEMA = 3  # 2: the volumes' reading settings (``settings``); 3: their manual labels' ``labels_digest``
+_SOURCES_KEPT_FROM = {"1", "2"}  # older schemas whose ``sources`` rows mean what this one's do
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS catalogue (key TEXT PRIMARY KEY, value TEXT);
@@ -77,7 +77,7 @@ CREATE TABLE IF NOT EXISTS volumes (
   source_sha256 TEXT, source_size INTEGER, source_mtime_ns INTEGER, source_ino INTEGER, reader TEXT,
   n_bscans INTEGER, labels_sha256 TEXT, image_fp TEXT, manual INTEGER, annotated INTEGER, p_stamp TEXT,
   model_name TEXT, model_version TEXT, p_image_fp TEXT, p_complete INTEGER, derived TEXT, settings TEXT,
-  meta TEXT, prediction TEXT, recorded_at REAL, digest TEXT, detail_digest TEXT);
+  labels_digest TEXT, meta TEXT, prediction TEXT, recorded_at REAL, digest TEXT, detail_digest TEXT);
 CREATE INDEX IF NOT EXISTS volumes_by_sha ON volumes (source_sha256);
 CREATE TABLE IF NOT EXISTS sources (
   key TEXT PRIMARY KEY, stamp TEXT, parts TEXT, sha256 TEXT, volume_id TEXT, bad TEXT, bad_settings TEXT,

@@ -30,7 +30,7 @@ __all__ = ["DETAIL_COLUMNS", "SOURCE_COLUMNS", "VOLUME_COLUMNS", "SourceIndex", 
 
 VOLUME_COLUMNS = ("volume_id", "status", "v_stamp", "source", "source_sha256", "source_size", "source_mtime_ns",
                    "source_ino", "reader", "n_bscans", "labels_sha256", "image_fp", "manual", "annotated", "p_stamp",
-                   "model_name", "model_version", "p_image_fp", "p_complete", "derived", "settings")
+                   "model_name", "model_version", "p_image_fp", "p_complete", "derived", "settings", "labels_digest")
 DETAIL_COLUMNS = ("meta", "prediction")  # JSON, loaded only where needed; their own digest
 SOURCE_COLUMNS = ("key", "stamp", "parts", "sha256", "volume_id", "bad", "bad_settings")
 
@@ -137,6 +137,7 @@ class VolumeEntry:
     p_complete: bool = False  # a complete prediction, listed in the labels group
     derived_json: str = "{}"  # {name: [stamp, complete, canonical fingerprint]}; parsed by :attr:`derived`
     settings: str | None = None  # canonical JSON of :func:`reading_settings`: what ingest compares besides bytes
+    labels_digest: str | None = None  # of the manual labels as written (``layout.labels_digest``); None: not recorded
     meta: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
     _derived: dict[str, list[Any]] | None = field(default=None, repr=False, compare=False)
@@ -155,15 +156,15 @@ class VolumeEntry:
         return (self.volume_id, self.status, self.v_stamp, self.source, self.source_sha256, self.source_size,
                 self.source_mtime_ns, self.source_ino, self.reader, self.n_bscans, self.labels_sha256, self.image_fp,
                 int(self.manual), self.annotated, self.p_stamp, self.model_name, self.model_version, self.p_image_fp,
-                int(self.p_complete), self.derived_json, self.settings)
+                int(self.p_complete), self.derived_json, self.settings, self.labels_digest)
 
     @classmethod
     def from_row(cls, values: Sequence[Any]) -> VolumeEntry:
         (vid, status, v_stamp, source, sha, size, mtime, ino, reader, n, labels_sha, image_fp, manual, annotated,
-         p_stamp, model_name, model_version, p_image_fp, p_complete, derived, settings) = values
+         p_stamp, model_name, model_version, p_image_fp, p_complete, derived, settings, labels_digest) = values
         return cls(vid, status, v_stamp, source, sha, size, mtime, ino, reader, int(n or 0), labels_sha, image_fp,
                    bool(manual), int(annotated or 0), p_stamp, model_name, model_version, p_image_fp, bool(p_complete),
-                   derived or "{}", settings)
+                   derived or "{}", settings, labels_digest)
 
     def segmented_by(self, model_name: str, model_version: str | int) -> bool:
         """The rule of :func:`octseg.tasks.archive.store.already_segmented`: a complete prediction by this model
@@ -202,7 +203,9 @@ def read_entry(root: Path, volume_id: str) -> VolumeEntry | None:
         if "manual" in listed:
             _, manual = read_json(os.path.join(base, "labels", "manual", "zarr.json"))
             if manual is not None:
-                entry.manual, entry.annotated = True, len(octseg_attrs(manual).get("annotated_bscans", []))
+                attrs = octseg_attrs(manual)
+                entry.manual, entry.annotated = True, len(attrs.get("annotated_bscans", []))
+                entry.labels_digest = attrs.get("labels_digest")
         p_stamp, prediction = read_json(os.path.join(base, "labels", "prediction", "zarr.json"))
         entry.p_stamp = p_stamp
         info = octseg_attrs(prediction) if prediction is not None else {}

@@ -6,6 +6,7 @@ registered readers left out (:func:`volume_id_from_path`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ __all__ = [
     "AXES", "AXIS_UNITS", "BYTE_COMPRESSORS", "ID_PATTERN", "IMAGE_DTYPES", "OME_VERSION", "RESERVED_NAMES",
     "SHARD_BSCANS", "UNIT", "WIDE_COMPRESSORS", "ArchiveError", "annotated_bscans", "as_labels", "axis_scale",
     "bscan_chunks", "bscan_shards", "check_image", "check_name", "compressors_for", "default_class_names", "jsonable",
-    "label_metadata", "require_keys", "storage_options", "utc_now", "valid_name", "volume_id_from_path",
+    "label_metadata", "labels_digest", "require_keys", "storage_options", "utc_now", "valid_name", "volume_id_from_path",
 ]
 
 OME_VERSION = "0.5"
@@ -106,6 +107,15 @@ def as_labels(labels: Any, shape: Sequence[int], where: str) -> np.ndarray:
     if lab.size and (lab.min() < 0 or lab.max() > 255):
         raise ArchiveError(f"{where}: label values must lie in 0..255, got {lab.min()}..{lab.max()}")
     return lab.astype(np.uint8, copy=False)
+
+
+def labels_digest(labels: Any, annotated: Sequence[int]) -> str:
+    """sha256 over the annotated B-scans of (Z, Y, X) labels, their indices included: what a volume's weight maps
+    depend on. Written with the manual labels, so that no plan has to read them to learn it."""
+    h = hashlib.sha256(np.asarray(annotated, dtype=np.int64).tobytes())
+    for z in annotated:
+        h.update(np.ascontiguousarray(labels[z]).tobytes())
+    return h.hexdigest()
 
 
 def annotated_bscans(lab: np.ndarray, annotated: Sequence[int] | None, where: str) -> list[int]:

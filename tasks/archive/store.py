@@ -36,6 +36,7 @@ from octseg.tasks.archive.layout import (
     bscan_shards,
     check_image,
     check_name,
+    labels_digest,
     require_keys,
     storage_options,
     utc_now,
@@ -159,6 +160,20 @@ class Archive(DerivedArrays):
             return None
         return level0(group), list(group.attrs["octseg"]["annotated_bscans"])
 
+    def labels_fingerprint(self, volume_id: str) -> str | None:
+        """What names the manual labels' content (None when not annotated): the masks' sha256 ingest recorded
+        (``--labels``; the volume is rewritten when they change), else the digest written with the labels
+        (:func:`~.layout.labels_digest`), else, for volumes written before octseg recorded it, that digest
+        computed from the labels."""
+        group = self._label_group(volume_id, "manual")
+        if group is None:
+            return None
+        meta = self.volume_meta(volume_id)
+        if meta.get("labels_sha256"):
+            return str(meta["labels_sha256"])
+        info = group.attrs.get("octseg", {})
+        return info.get("labels_digest") or labels_digest(level0(group), list(info["annotated_bscans"]))
+
     def prediction(self, volume_id: str) -> zarr.Array | None:
         """The predicted labels (Z, Y, X) uint8, or None when no complete prediction exists."""
         group = self._label_group(volume_id, "prediction")
@@ -211,7 +226,8 @@ class Archive(DerivedArrays):
                     placeholder(arr), group, scale_factors=[], axes=list(AXES), scale=scale, axes_units=AXIS_UNITS,
                     storage_options=storage_options(arr.shape, arr.dtype), name=volume_id, compute=False))
                 if lab is not None:
-                    jobs += write_label_image(group, "manual", lab, scale, class_names, {"annotated_bscans": ann})
+                    jobs += write_label_image(group, "manual", lab, scale, class_names,
+                                              {"annotated_bscans": ann, "labels_digest": labels_digest(lab, ann)})
                 if fundus is not None:
                     jobs += write_fundus(group, fundus, fundus_scale_um, where)
                 compute_writes(jobs)

@@ -8,7 +8,6 @@ rerun skips outputs whose fingerprint still matches.
 """
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,6 @@ from octseg.unet.weights import border_weight_map
 
 __all__ = ["NORMALIZATION_METHOD", "PreprocessResult", "derived_fingerprints", "expected_fingerprints", "outdated",
            "preprocess_volume", "preprocess_volume_task"]
-
-
 
 
 @dataclass
@@ -49,14 +46,6 @@ def _weights_block(labels: np.ndarray, annotated: np.ndarray, w0: float, sigma: 
     return out
 
 
-def _labels_digest(labels, annotated: list[int]) -> str:
-    """sha256 over the annotated B-scans of the manual labels (what the weight maps depend on)."""
-    h = hashlib.sha256(np.asarray(annotated, dtype=np.int64).tobytes())
-    for z in annotated:
-        h.update(np.ascontiguousarray(labels[z]).tobytes())
-    return h.hexdigest()
-
-
 def _store(result, target, scheduler_address: str | None) -> None:
     """Compute ``result`` (a Dask array or a list) into the Zarr array(s) ``target`` on the Dask cluster
     (threads when no address; this thread inside a Dask worker, whose slots the cluster already counts)."""
@@ -77,11 +66,9 @@ def _store(result, target, scheduler_address: str | None) -> None:
 def derived_fingerprints(archive, volume_id: str, weights: WeightMapConfig) -> dict[str, dict]:
     """The fingerprint each derived array of ``volume_id`` must carry to be up to date: ``normalized``
     always, ``weights`` when the volume has manual labels."""
-    meta = archive.volume_meta(volume_id)
-    manual = archive.manual_labels(volume_id)
-    # ingest records the masks' sha256 (and rewrites the volume when they change); else hash the labels
-    labels_fp = (meta.get("labels_sha256") or _labels_digest(*manual)) if manual is not None else None
-    return expected_fingerprints(meta.get("source_sha256"), labels_fp, weights, manual=manual is not None)
+    labels_fp = archive.labels_fingerprint(volume_id)  # None: not annotated
+    return expected_fingerprints(archive.volume_meta(volume_id).get("source_sha256"), labels_fp, weights,
+                                 manual=labels_fp is not None)
 
 
 def outdated(archive, volume_id: str, weights: WeightMapConfig) -> list[str]:

@@ -72,17 +72,6 @@ class VolumeEvaluation:
     worst: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
 
 
-def _label_fingerprint(archive, volume_id: str) -> str:
-    meta = archive.volume_meta(volume_id)
-    labels, annotated = archive.manual_labels(volume_id)
-    if meta.get("labels_sha256"):
-        return str(meta["labels_sha256"])
-    h = hashlib.sha256(np.asarray(sorted(annotated), dtype=np.int64).tobytes())
-    for z in sorted(annotated):
-        h.update(np.ascontiguousarray(labels[z]).tobytes())
-    return h.hexdigest()
-
-
 def evaluation_fingerprint(archive_path: str | Path, volume_ids: Sequence[str], inference: InferenceConfig) -> str:
     """sha256 naming an evaluation set: its volumes' source bytes and manual labels, the tile rule (tile
     size, cap, overlap) and the precision (bf16 changes predictions); device and batch size do not."""
@@ -92,7 +81,7 @@ def evaluation_fingerprint(archive_path: str | Path, volume_ids: Sequence[str], 
         meta = archive.volume_meta(vid)
         if archive.manual_labels(vid) is None:
             raise ValueError(f"{vid}: no manual labels; an evaluation set needs annotated volumes")
-        parts.append([vid, meta.get("source_sha256"), _label_fingerprint(archive, vid)])
+        parts.append([vid, meta.get("source_sha256"), archive.labels_fingerprint(vid)])
     rule = {"tile_size": inference.tile_size, "max_tile": inference.max_tile, "overlap": inference.overlap,
             "amp": inference.amp, "tta": inference.tta, "whole": inference.whole}
     return hashlib.sha256(json.dumps([parts, rule], sort_keys=True).encode()).hexdigest()

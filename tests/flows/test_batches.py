@@ -33,14 +33,16 @@ def work(item: str, *, fail: frozenset = frozenset()) -> str:
 
 
 @flow(name="test-batches")
-def items_flow(items: list[str], fail: list[str], per_task: int | None = None, threads: int = 1):
+def items_flow(items: list[str], fail: list[str], per_task: int | None = None, threads: int = 1,
+               runner: dict | None = None):
     summary = PreprocessSummary("x")
-    results = []
+    results, seen = [], []
     summary.failures = run_in_batches(TASK, work, items, label="item", per_task=per_task, in_flight=2,
-                                      on_outcome=lambda o: results.append(o.result) if o.error is None else None,
-                                      runner={"threads": threads}, fail=frozenset(fail))
+                                      on_outcome=lambda o: (seen.append(o.item),
+                                                            results.append(o.result) if o.error is None else None),
+                                      runner={"threads": threads, **(runner or {})}, fail=frozenset(fail))
     summary.up_to_date = results
-    summary.computed = {"links": len(FlowRunContext.get().run_results)}  # Prefect's per-result records
+    summary.computed = {"links": len(FlowRunContext.get().run_results), "seen": seen}  # Prefect's records
     return finish(summary)
 
 
@@ -97,3 +99,22 @@ def test_at_most_two_batches_in_flight(tmp_path) -> None:
     state = items_flow([f"i{i}" for i in range(400)], [], per_task=25, threads=3, return_state=True)
     assert state.is_completed()
     assert ACTIVE["most"] <= 2 * 3  # two batches of three threads at a time, whatever the number of items
+
+
+def test_a_batch_that_fails_whole_still_names_each_item(tmp_path) -> None:
+    """The batch's task run itself fails (here a runner it cannot start, as a lost cluster would): each of its
+    items is still a failure of its own (in the summary, the CLI's lines, the logs), every item gets its outcome
+    (segment's counters and progress close), and the state message stays bounded."""
+    from octseg.flows.runs import FAILURES_NAMED
+
+    items = [f"w{i:04d}" for i in range(300)]
+    state = items_flow(items, [], per_task=100, runner={"not_a_runner_option": 1}, return_state=True)
+    summary = state.result(raise_on_failure=False)
+    assert state.is_failed() and len(summary.failures) == 300 and summary.up_to_date == []
+    assert sorted(summary.computed["seen"]) == items  # an outcome for every item
+    assert all(line.startswith(f"{item}: TypeError") for line, item in zip(sorted(summary.failures), items))
+    assert state.message.startswith("300 failed: w0") and f"and {300 - FAILURES_NAMED} more" in state.message
+    assert len(state.message) < 200 * FAILURES_NAMED
+    runs = _task_runs(state, 3)
+    assert runs == {"item-w0000..w0099 (100)": "FAILED", "item-w0100..w0199 (100)": "FAILED",
+                    "item-w0200..w0299 (100)": "FAILED"}  # the batches' own Failed runs, not 300 more

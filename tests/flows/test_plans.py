@@ -73,3 +73,52 @@ def test_a_no_op_segment_loads_no_mlflow(registry: str, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 segmented, 1 already done" in done.stdout and f"v{ref.version}" in done.stdout
     assert "HEAVY []" in done.stdout, done.stdout
+
+
+def _heavy_run(args: list[str]) -> subprocess.CompletedProcess:
+    code = ("import sys\nfrom octseg.flows.cli import main\nsys.argv = ['octseg', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "heavy = sorted(m for m in ('mlflow', 'zarr', 'dask', 'prefect', 'torch') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\nsys.exit(code)\n")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OCTSEG_PROGRESS": "0"})
+
+
+def test_a_no_op_preprocess_of_volumes_labelled_by_their_source_reads_no_volume(tmp_path: Path) -> None:
+    """Manual labels that came inside the source file (a .mat of Duke's, no --labels): their digest is written
+    with them, so the weight maps' fingerprint is known from the catalogue; a volume written before that digest
+    existed is still judged right, from its labels."""
+    import hashlib
+    import json
+
+    from octseg.flows.config import PreprocessConfig
+    from octseg.flows.plans import plan_preprocess
+    from octseg.tasks.archive.catalogue import _CATALOGUES, catalogue_path
+    from octseg.tasks.preprocess.derive import preprocess_volume
+
+    archive = open_archive(tmp_path / "a.zarr")
+    lab = np.zeros((3, 32, 32), np.uint8)
+    lab[0, 4:12, 6:20], lab[2, 20:30, 1:5] = 1, 2
+    archive.write_volume("v", np.arange(3 * 32 * 32, dtype=np.uint16).reshape(3, 32, 32), manual_labels=lab,
+                         annotated=[0, 2], provenance={"source": "x.mat", "source_sha256": "0" * 64, "reader": "mat"})
+    by_hand = hashlib.sha256(np.asarray([0, 2], dtype=np.int64).tobytes())
+    for z in (0, 2):
+        by_hand.update(lab[z].tobytes())
+    assert archive.labels_fingerprint("v") == by_hand.hexdigest()  # what preprocessing always named them by
+    preprocess_volume(archive.path, "v")
+    done = _heavy_run(["preprocess", "--archive", str(archive.path)])
+    assert done.returncode == 0 and "0 volumes computed, 1 up to date" in done.stdout, done.stdout + done.stderr
+    assert "HEAVY []" in done.stdout, done.stdout  # no Zarr: no volume opened
+
+    manual = archive.path / "v" / "labels" / "manual" / "zarr.json"  # as an older octseg wrote it
+    doc = json.loads(manual.read_text())
+    del doc["attributes"]["octseg"]["labels_digest"]
+    manual.write_text(json.dumps(doc))
+    catalogue_path(archive.path).unlink()
+    _CATALOGUES.clear()
+    assert plan_preprocess(PreprocessConfig(archive=archive.path, dask_address=None))[0] == []
+    assert archive.labels_fingerprint("v") == by_hand.hexdigest()
+    lab[0, 0, 0] = 1  # new labels (a new volume write): its weights are computed again
+    archive.write_volume("v", np.zeros((3, 32, 32), np.uint16), manual_labels=lab, annotated=[0, 2],
+                         provenance={"source": "x.mat", "source_sha256": "0" * 64, "reader": "mat"})
+    assert plan_preprocess(PreprocessConfig(archive=archive.path, dask_address=None))[0] == ["v"]

@@ -287,7 +287,8 @@ def test_the_catalogue_command_checks_and_rebuilds(tmp_path: Path) -> None:
     assert not catalogue_path(other).exists()
 
 
-@pytest.mark.parametrize("sources_table", ["as this schema reads it", "of other columns", "of a newer schema"])
+@pytest.mark.parametrize("sources_table", ["as this schema reads it", "of other columns", "of a newer schema",
+                                           "of schema 2"])
 def test_a_catalogue_of_an_older_schema_is_read_again_keeping_what_it_knows_of_files(tmp_path: Path,
                                                                                      sources_table: str) -> None:
     import octseg.tasks.archive.catalogue as catalogue
@@ -301,16 +302,20 @@ def test_a_catalogue_of_an_older_schema_is_read_again_keeping_what_it_knows_of_f
     path = _checkpoint(arc)
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:  # what schema 1 wrote
         conn.execute("UPDATE catalogue SET value = '1' WHERE key = 'schema'")
-        conn.execute("ALTER TABLE volumes DROP COLUMN settings")
+        conn.execute("ALTER TABLE volumes DROP COLUMN labels_digest")
+        if sources_table == "of schema 2":  # what schema 2 wrote
+            conn.execute("UPDATE catalogue SET value = '2' WHERE key = 'schema'")
+        else:
+            conn.execute("ALTER TABLE volumes DROP COLUMN settings")
         if sources_table == "of other columns":
             conn.execute("ALTER TABLE sources DROP COLUMN parts")
         elif sources_table == "of a newer schema":  # its rows may mean something else: not trusted
-            conn.execute("UPDATE catalogue SET value = '3' WHERE key = 'schema'")
+            conn.execute(f"UPDATE catalogue SET value = '{catalogue.CATALOGUE_SCHEMA + 1}' WHERE key = 'schema'")
     catalogue._CATALOGUES.clear()  # a new process, of the new schema
     assert _todo(arc) == _truly_todo(arc) == (["v2", "v3"], [])
     assert _rows(arc) == _truth(arc)
     store = catalogue_for(arc.path)
-    if sources_table == "as this schema reads it":
+    if sources_table in ("as this schema reads it", "of schema 2"):
         assert store.salt == salt and store.sources()[record.key] == record
     else:  # unusable: forgotten, files are hashed again
         assert not store.sources()

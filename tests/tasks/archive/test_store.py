@@ -121,7 +121,8 @@ def test_ome_metadata(archive: Archive) -> None:
     assert image_label["properties"] == [{"label-value": v, "class": n} for v, n in CLASSES.items()]
     assert image_label["colors"][0] == {"label-value": 0, "rgba": [0, 0, 0, 0]}  # background transparent
     assert [c["label-value"] for c in image_label["colors"]] == [0, 1, 2]
-    assert zarr.open_group(vol / "labels" / "manual").attrs["octseg"] == {"annotated_bscans": [1, 3]}
+    attrs = zarr.open_group(vol / "labels" / "manual").attrs["octseg"]
+    assert attrs["annotated_bscans"] == [1, 3] and set(attrs) == {"annotated_bscans", "labels_digest"}
 
 
 def test_unknown_scale_is_one_and_recorded(tmp_path: Path) -> None:
