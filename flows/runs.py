@@ -14,6 +14,7 @@ and each of its items is still a failure line of its own (logged, in the summary
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,7 @@ def failure_line(item: str, error: BaseException) -> str:
     """``"<item>: <what was wrong>"`` on one line; the item is not repeated when the error names it."""
     message = shown(" ".join(str(error).split()) or type(error).__name__)  # library messages may quote raw names
     item = shown(item)
-    if item in message:
+    if re.search(rf"(?<![\w-]){re.escape(item)}(?![\w-])", message):  # named as itself, not inside another name
         return message
     return f"{item}: {type(error).__name__}: {message}"
 
@@ -90,7 +91,7 @@ def finish(summary: Any) -> State:
     failures = list(summary.failures)
     if not failures:
         return Completed(data=summary, message=summary.headline())
-    named = "; ".join(failures[:FAILURES_NAMED])
+    named = "; ".join(line if len(line) <= 300 else line[:299] + "…" for line in failures[:FAILURES_NAMED])
     more = len(failures) - FAILURES_NAMED
     if more > 0:
         named += f"; and {more} more (listed in the flow run's logs and the command's output)"
@@ -154,8 +155,8 @@ def run_in_batches(task_fn, fn: Callable[..., Any], items: Sequence[str], *, lab
     """Run ``fn(item, **kwargs)`` over ``items`` in batches, each a run of ``task_fn`` (a :func:`batch_task`),
     at most ``in_flight`` batches at a time; ``on_outcome`` gets each item's outcome as its batch finishes.
     ``runner`` goes to :func:`~octseg.tasks.runtime.batches.run_items` (``scheduler_address``, ``threads``,
-    ``resources``, ``key``). Returns one failure line per failed item, each also a Failed task run
-    ``<label>-<item>`` (logged as it comes)."""
+    ``resources``, ``key``). Returns one failure line per failed item (logged as it comes), each also a Failed
+    task run: ``<label>-<item>``, or the batch's own when its task run failed as a whole."""
     logger = get_run_logger()
     size = batch_size(len(items), per_task)
     batches = [list(items[i : i + size]) for i in range(0, len(items), size)]

@@ -118,3 +118,11 @@ def test_a_batch_that_fails_whole_still_names_each_item(tmp_path) -> None:
     runs = _task_runs(state, 3)
     assert runs == {"item-w0000..w0099 (100)": "FAILED", "item-w0100..w0199 (100)": "FAILED",
                     "item-w0200..w0299 (100)": "FAILED"}  # the batches' own Failed runs, not 300 more
+
+
+def test_a_failure_line_names_its_item_once() -> None:
+    from octseg.flows.runs import failure_line
+
+    assert failure_line("v1", ValueError("v1: refused")) == "v1: refused"
+    assert failure_line("v1", ValueError("v10: refused")) == "v1: ValueError: v10: refused"  # another item's name
+    assert failure_line("v1", ValueError("cannot read /in/v1.tif")) == "cannot read /in/v1.tif"

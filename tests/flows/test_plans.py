@@ -93,7 +93,7 @@ def test_a_no_op_preprocess_of_volumes_labelled_by_their_source_reads_no_volume(
 
     from octseg.flows.config import PreprocessConfig
     from octseg.flows.plans import plan_preprocess
-    from octseg.tasks.archive.catalogue import _CATALOGUES, catalogue_path
+    from octseg.tasks.archive.catalogue import _CATALOGUES, catalogue_for, catalogue_path
     from octseg.tasks.preprocess.derive import preprocess_volume
 
     archive = open_archive(tmp_path / "a.zarr")
@@ -118,7 +118,9 @@ def test_a_no_op_preprocess_of_volumes_labelled_by_their_source_reads_no_volume(
     _CATALOGUES.clear()
     assert plan_preprocess(PreprocessConfig(archive=archive.path, dask_address=None))[0] == []
     assert archive.labels_fingerprint("v") == by_hand.hexdigest()
-    lab[0, 0, 0] = 1  # new labels (a new volume write): its weights are computed again
-    archive.write_volume("v", np.zeros((3, 32, 32), np.uint16), manual_labels=lab, annotated=[0, 2],
-                         provenance={"source": "x.mat", "source_sha256": "0" * 64, "reader": "mat"})
+    lab[0, 0, 0] = 1  # new labels (ingest writes the volume again): a new digest, so new weight maps
+    archive.write_volume("v", np.arange(3 * 32 * 32, dtype=np.uint16).reshape(3, 32, 32), manual_labels=lab,
+                         annotated=[0, 2], provenance={"source": "x.mat", "source_sha256": "0" * 64, "reader": "mat"})
+    assert archive.labels_fingerprint("v") != by_hand.hexdigest()
+    assert catalogue_for(archive.path).entries(["v"])["v"].labels_digest == archive.labels_fingerprint("v")
     assert plan_preprocess(PreprocessConfig(archive=archive.path, dask_address=None))[0] == ["v"]
