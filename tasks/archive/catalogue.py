@@ -373,8 +373,8 @@ def catalogue_for(archive_root: str | os.PathLike[str]) -> Catalogue:
     key = (str(Path(archive_root).resolve()), os.getpid())
     with _CATALOGUES_LOCK:
         found = _CATALOGUES.get(key)
-        if found is None or not found.path.exists() and found._memory is None:
-            if found is not None:  # deleted by hand meanwhile: start again (sync fills it from the volumes)
+        if found is None or found.replaced():
+            if found is not None:  # deleted or replaced meanwhile: start again on the file there now
                 found.close()
             found = _CATALOGUES[key] = Catalogue(Path(key[0]))
         return found

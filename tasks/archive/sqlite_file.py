@@ -51,6 +51,17 @@ class SharedSQLite:
         self._memory: str | None = None  # the shared in-memory database's URI, when the file cannot be used
         self._keep_memory: sqlite3.Connection | None = None
         self._warned = False
+        self._ino: int | None = None  # the file's inode when this object last connected to it
+
+    def replaced(self) -> bool:
+        """Whether the file this object uses is gone from its path or another stands there now (another process
+        moved a damaged one aside, someone deleted it): a long-lived process must not go on writing to it."""
+        if self._memory is not None or self._ino is None:
+            return False
+        try:
+            return os.stat(self.path).st_ino != self._ino
+        except OSError:
+            return True
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         """Create or check the schema on a new connection (a subclass's)."""
@@ -69,6 +80,8 @@ class SharedSQLite:
                     conn.execute(f"PRAGMA journal_mode={mode}")
                 conn.execute("PRAGMA synchronous=NORMAL")
             self._prepare(conn)
+            if self._memory is None:
+                self._ino = os.stat(self.path).st_ino
         except BaseException:
             conn.close()
             raise

@@ -319,3 +319,21 @@ def test_a_catalogue_of_an_older_schema_is_read_again_keeping_what_it_knows_of_f
         assert store.salt == salt and store.sources()[record.key] == record
     else:  # unusable: forgotten, files are hashed again
         assert not store.sources()
+
+
+def test_a_catalogue_replaced_under_a_long_lived_process_is_followed(tmp_path: Path) -> None:
+    """Another process moved the catalogue aside and started a new one (or a person deleted it and a command made
+    a new one): this process's next writes go to the file at the path now, not to the one moved away."""
+    from octseg.tasks.archive.catalogue import Catalogue
+
+    arc = _segmented_archive(tmp_path, n=2, segmented=1)
+    before = catalogue_for(arc.path)
+    before.entries()
+    path = catalogue_path(arc.path)
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{path}{suffix}").exists():
+            os.replace(f"{path}{suffix}", tmp_path / f"aside{suffix}")
+    Catalogue(arc.path.resolve()).entries()  # what the other process did: a new file, filled from the volumes
+    arc.write_volume("v9", _image(9), provenance=_prov(9))
+    assert catalogue_for(arc.path) is not before
+    assert "v9" in _rows(arc) and set(_rows(arc)) == {"v0", "v1", "v9"}
