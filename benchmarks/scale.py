@@ -32,7 +32,6 @@ no-op figures at 100,000 without ingesting, preprocessing and segmenting 100,000
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import shutil
@@ -44,7 +43,7 @@ import threading
 import time
 from pathlib import Path
 
-from scale_servers import api_latency, clean_env, db_stats, growth, prefect_server, recorded_lag  # beside this script
+from scale_servers import api_latency, clean_env, db_stats, growth, prefect_server, recorded_lag, run_child  # beside this script
 
 BIN = Path(sys.executable).parent
 SHAPE = (2, 64, 64)
@@ -374,18 +373,7 @@ def main() -> None:
                     cmd = [sys.executable, __file__, *(["--compare"] if args.compare else []),
                            "--replicate", str(args.replicate),
                            "--child", str(n), str(root), api, db]
-                    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                    result, tail = None, collections.deque(maxlen=60)
-                    for line in proc.stdout:
-                        tail.append(line.rstrip())
-                        if line.startswith("RESULT "):
-                            result = json.loads(line[7:])
-                        elif line.startswith("["):
-                            print(line.rstrip(), flush=True)
-                    if proc.wait() != 0 or result is None:
-                        print("\n".join(tail), file=sys.stderr)
-                        raise RuntimeError(f"the run of {n} volumes on {kind} failed (exit {proc.returncode})")
-                results.append(result)
+                    results.append(run_child(cmd, env, f"the run of {n} volumes on {kind}"))
                 if args.out:
                     args.out.write_text(json.dumps(results, indent=1))
             finally:

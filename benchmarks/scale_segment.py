@@ -18,14 +18,12 @@ U-Net in WORKDIR/mlflow.db and measures what ``scale.py`` measures for segment, 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from scale_servers import clean_env, prefect_server  # beside this script
+from scale_servers import clean_env, prefect_server, run_child  # beside this script
 
 WORKERS = 2
 
@@ -74,17 +72,7 @@ def main() -> None:
         parser.error(f"{root}: no archive.zarr here (make one with scale.py --keep)")
     with prefect_server(root, "sqlite") as (api, db):
         env = {**clean_env(root), "PREFECT_API_URL": api}
-        proc = subprocess.Popen([sys.executable, __file__, str(root), "--child", api, db], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        result, tail = None, collections.deque(maxlen=60)
-        for line in proc.stdout:
-            tail.append(line.rstrip())
-            if line.startswith("RESULT "):
-                result = json.loads(line[7:])
-            elif line.startswith("["):
-                print(line.rstrip(), flush=True)
-        if proc.wait() != 0 or result is None:
-            sys.exit(f"the segment run failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        result = run_child([sys.executable, __file__, str(root), "--child", api, db], env, "the segment run")
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

@@ -2,6 +2,7 @@
 ``prefect server`` on SQLite or PostgreSQL, and the rows and bytes its database holds."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import json
@@ -84,6 +85,23 @@ def prefect_server(root: Path, kind: str):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(60)
+
+
+def run_child(cmd: list[str], env: dict[str, str], what: str) -> dict:
+    """Run a measuring child process: its ``[...]`` progress lines printed as they come, its ``RESULT {json}``
+    line returned; a failure raises with the last lines it printed."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result, tail = None, collections.deque(maxlen=60)
+    for line in proc.stdout:
+        tail.append(line.rstrip())
+        if line.startswith("RESULT "):
+            result = json.loads(line[7:])
+        elif line.startswith("["):
+            print(line.rstrip(), flush=True)
+    if proc.wait() != 0 or result is None:
+        print("\n".join(tail), file=sys.stderr)
+        raise RuntimeError(f"{what} failed (exit {proc.returncode})")
+    return result
 
 
 def clean_env(root: Path) -> dict[str, str]:
