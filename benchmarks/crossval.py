@@ -38,18 +38,22 @@ from octseg.unet.weights import border_weight_map
 DUKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "duke_dme_fluid"
 
 
-def load_subjects(folder: Path) -> dict[str, BScanSet]:
+def load_subjects(folder: Path, columns: tuple[int, int] | None = None) -> dict[str, BScanSet]:
     """The annotated Duke B-scans, one set per subject, normalised, with the paper's weight maps."""
     rows: dict[str, list] = {}
     for row in csv.DictReader(open(folder / "index.csv")):
         image = normalize_bscan(np.asarray(Image.open(folder / "images" / f"{row['file_stem']}.png"))[..., 0])
         mask = (np.asarray(Image.open(folder / "masks" / f"{row['file_stem']}.png")).max(-1) > 0).astype(np.int64)
+        if columns is not None:  # only these columns were annotated: the rest is ignored by the losses
+            mask[:, : columns[0]] = -100
+            mask[:, columns[1]:] = -100
         rows.setdefault(row["subject"], []).append((int(row["bscan_index_0based"]), image, mask))
     sets = {}
     for subject, items in rows.items():
         items.sort(key=lambda t: t[0])
         labels = np.stack([t[2] for t in items])
-        sets[subject] = BScanSet(np.stack([t[1] for t in items]), labels, np.stack([border_weight_map(m) for m in labels]))
+        sets[subject] = BScanSet(np.stack([t[1] for t in items]), labels,
+                                 np.stack([border_weight_map(np.maximum(m, 0)) for m in labels]))
     return sets
 
 
@@ -68,13 +72,15 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.epochs=60")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--duke", type=Path, default=DUKE)
+    parser.add_argument("--columns", type=int, nargs=2, metavar=("FIRST", "END"),
+                        help="train on these columns' labels only (the annotated ones); scores stay on whole B-scans")
     parser.add_argument("--json", type=Path, help="append the result as one JSON line")
     args = parser.parse_args()
     spec = yaml.safe_load(args.recipe.read_text())
     for assignment in args.set:
         _override(spec, assignment)
     unet, train = UNetConfig(**spec.get("unet", {})), TrainConfig(**{"device": "cpu", **spec.get("train", {})})
-    sets = load_subjects(args.duke)
+    sets = load_subjects(args.duke, tuple(args.columns) if args.columns else None)
     folds = subject_folds(list(sets), args.folds)
     oof, seconds = {}, []
     for k, held_out in enumerate(folds):
@@ -87,7 +93,7 @@ def main() -> None:
         seconds.append(round(time.perf_counter() - t))
         oof.update({s: segment_volume(model, sets[s].images, InferenceConfig(device="cpu", tta=True)) for s in held_out})
         print(f"fold {k} {held_out}: {seconds[-1]} s", flush=True)
-    truths = {s: sets[s].labels for s in oof}
+    truths = {s: np.maximum(sets[s].labels, 0) for s in oof}
     raw = oof_scores(oof, truths)
     processed = {}
     for held_out in folds:

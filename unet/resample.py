@@ -48,9 +48,18 @@ def resample_probabilities(probs: np.ndarray, hw: tuple[int, int]) -> np.ndarray
 
 
 def resample_labels(labels: np.ndarray, hw: tuple[int, int], classes: int) -> np.ndarray:
-    """Integer (N, H, W) -> (N, h, w): each new pixel the class covering most of it."""
-    one_hot = np.stack([(labels == k) for k in range(classes)], axis=1).astype(np.float32)
-    return resample_images(one_hot, hw).argmax(1).astype(labels.dtype)
+    """Integer (N, H, W) -> (N, h, w): each new pixel the class covering most of it.
+
+    Negative labels (unannotated pixels, ignored by the losses) are one more "class": a new pixel mostly
+    unannotated stays unannotated, with the first negative value found.
+    """
+    ignore = labels[labels < 0]
+    one_hot = np.stack([(labels == k) for k in range(classes)] + ([labels < 0] if ignore.size else []),
+                       axis=1).astype(np.float32)
+    out = resample_images(one_hot, hw).argmax(1).astype(labels.dtype)
+    if ignore.size:
+        out[out == classes] = ignore.flat[0]
+    return out
 
 
 def resample_set(data: BScanSet, config: UNetConfig) -> BScanSet:

@@ -21,6 +21,16 @@ def test_labels_shrink_by_the_class_covering_most() -> None:
     assert resample_labels(labels, (2, 2), 3).tolist() == [[[1, 0], [0, 0]]]
 
 
+def test_unannotated_pixels_stay_ignored_when_labels_shrink() -> None:
+    labels = np.zeros((1, 4, 6), np.int64)
+    labels[0, :, :2] = -100  # the first two columns unannotated (ignored by the losses)
+    labels[0, :2, 2:4] = 1
+    labels[0, 2, 4] = -100  # one pixel of four: the block stays background
+    out = resample_labels(labels, (2, 3), 2)
+    assert out.tolist() == [[[-100, 1, 0], [-100, 0, 0]]]  # before: -100 became background
+    assert out.dtype == labels.dtype
+
+
 def test_probabilities_come_back_at_the_bscan_size() -> None:
     p = np.random.default_rng(0).random((2, 3, 5, 7)).astype(np.float32)
     p /= p.sum(axis=1, keepdims=True)
