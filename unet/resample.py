@@ -53,12 +53,13 @@ def resample_labels(labels: np.ndarray, hw: tuple[int, int], classes: int) -> np
     Negative labels (unannotated pixels, ignored by the losses) are one more "class": a new pixel mostly
     unannotated stays unannotated, with the first negative value found.
     """
-    ignore = labels[labels < 0]
-    one_hot = np.stack([(labels == k) for k in range(classes)] + ([labels < 0] if ignore.size else []),
-                       axis=1).astype(np.float32)
-    out = resample_images(one_hot, hw).argmax(1).astype(labels.dtype)
-    if ignore.size:
-        out[out == classes] = ignore.flat[0]
+    unannotated = labels < 0
+    planes = [labels == k for k in range(classes)]
+    if unannotated.any():
+        planes.append(unannotated)
+    out = resample_images(np.stack(planes, axis=1).astype(np.float32), hw).argmax(1).astype(labels.dtype)
+    if len(planes) > classes:
+        out[out == classes] = labels[unannotated].flat[0]
     return out
 
 

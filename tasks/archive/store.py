@@ -160,15 +160,15 @@ class Archive(DerivedArrays):
             return None
         return level0(group), list(group.attrs["octseg"]["annotated_bscans"])
 
-    def labels_fingerprint(self, volume_id: str) -> str | None:
+    def labels_fingerprint(self, volume_id: str, meta: dict[str, Any] | None = None) -> str | None:
         """What names the manual labels' content (None when not annotated): the masks' sha256 ingest recorded
         (``--labels``; the volume is rewritten when they change), else the digest written with the labels
         (:func:`~.layout.labels_digest`), else, for volumes written before octseg recorded it, that digest
-        computed from the labels."""
+        computed from the labels. ``meta``: the volume's :meth:`volume_meta` when the caller has it already."""
         group = self._label_group(volume_id, "manual")
         if group is None:
             return None
-        meta = self.volume_meta(volume_id)
+        meta = self.volume_meta(volume_id) if meta is None else meta
         if meta.get("labels_sha256"):
             return str(meta["labels_sha256"])
         info = group.attrs.get("octseg", {})

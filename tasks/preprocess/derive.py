@@ -66,9 +66,9 @@ def _store(result, target, scheduler_address: str | None) -> None:
 def derived_fingerprints(archive, volume_id: str, weights: WeightMapConfig) -> dict[str, dict]:
     """The fingerprint each derived array of ``volume_id`` must carry to be up to date: ``normalized``
     always, ``weights`` when the volume has manual labels."""
-    labels_fp = archive.labels_fingerprint(volume_id)  # None: not annotated
-    return expected_fingerprints(archive.volume_meta(volume_id).get("source_sha256"), labels_fp, weights,
-                                 manual=labels_fp is not None)
+    meta = archive.volume_meta(volume_id)
+    labels_fp = archive.labels_fingerprint(volume_id, meta)  # None: not annotated
+    return expected_fingerprints(meta.get("source_sha256"), labels_fp, weights, manual=labels_fp is not None)
 
 
 def outdated(archive, volume_id: str, weights: WeightMapConfig) -> list[str]:

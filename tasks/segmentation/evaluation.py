@@ -79,9 +79,10 @@ def evaluation_fingerprint(archive_path: str | Path, volume_ids: Sequence[str], 
     parts = []
     for vid in sorted(set(volume_ids)):
         meta = archive.volume_meta(vid)
-        if archive.manual_labels(vid) is None:
+        labels_fp = archive.labels_fingerprint(vid, meta)
+        if labels_fp is None:
             raise ValueError(f"{vid}: no manual labels; an evaluation set needs annotated volumes")
-        parts.append([vid, meta.get("source_sha256"), archive.labels_fingerprint(vid)])
+        parts.append([vid, meta.get("source_sha256"), labels_fp])
     rule = {"tile_size": inference.tile_size, "max_tile": inference.max_tile, "overlap": inference.overlap,
             "amp": inference.amp, "tta": inference.tta, "whole": inference.whole}
     return hashlib.sha256(json.dumps([parts, rule], sort_keys=True).encode()).hexdigest()
