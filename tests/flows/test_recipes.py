@@ -53,4 +53,4 @@ def test_fast_recipe_cross_validates_real_subjects_through_the_command(shared_da
     from octseg.tasks.tracking.models import resolve_model
 
     ref = resolve_model("models:/octseg-unet@champion", tracking)
-    assert ref.members == 3 and ref.tta and ref.unet_config["scale_y"] == 0.5
+    assert ref.members == 3 and ref.tta and ref.unet_config["scale_y"] == yaml.safe_load(recipe.read_text())["unet"]["scale_y"]
