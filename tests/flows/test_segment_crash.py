@@ -22,7 +22,8 @@ VOLUMES = [f"vol_{i}" for i in range(3)]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
-    """An archive of 3 volumes (64 B-scans of 256 x 384) and a registered model in a SQLite MLflow."""
+    """An archive of 3 volumes (64 B-scans of 128 x 192, 8 shards each: a run can be killed mid-volume) and a
+    registered model (a random one that still predicts both classes, so its label shards are not all empty)."""
     import mlflow
 
     from octseg.tasks.tracking.models import log_unet
@@ -33,7 +34,7 @@ def setup(tmp_path_factory) -> dict:
     archive = open_archive(root / "archive.zarr")
     rng = np.random.default_rng(0)
     for vid in VOLUMES:
-        archive.write_volume(vid, rng.integers(0, 255, (64, 256, 384), dtype=np.uint8),
+        archive.write_volume(vid, rng.integers(0, 255, (64, 128, 192), dtype=np.uint8),
                              provenance={"source": vid, "source_sha256": vid, "reader": "test"})
     uri = f"sqlite:///{root / 'mlflow.db'}"
     torch.manual_seed(0)
@@ -67,12 +68,7 @@ def test_killed_segment_run_resumes_to_the_uninterrupted_labels(setup, tmp_path:
     cut = tmp_path / "cut" / "archive.zarr"
     shutil.copytree(setup["archive"], whole)
     shutil.copytree(setup["archive"], cut)
-    done = _segment(whole, setup["uri"], whole.parent, "--workers", "0")
-    out, _ = done.communicate(timeout=600)
-    assert done.returncode == 0, out[-3000:]
-    reference = _labels(whole)
-    assert all(reference.values())
-
+    done = _segment(whole, setup["uri"], whole.parent, "--workers", "0")  # the uninterrupted run, meanwhile
     proc = _segment(cut, setup["uri"], cut.parent, "--workers", "0")
     staging = cut.parent / ".archive.zarr.staging"
     deadline = time.monotonic() + 300
@@ -85,6 +81,10 @@ def test_killed_segment_run_resumes_to_the_uninterrupted_labels(setup, tmp_path:
     assert proc.poll() is None, "the run ended before it could be killed mid-volume"
     os.killpg(proc.pid, signal.SIGKILL)  # ... and kill it there: no cleanup code runs
     proc.wait(timeout=60)
+    out, _ = done.communicate(timeout=600)
+    assert done.returncode == 0, out[-3000:]
+    reference = _labels(whole)
+    assert all(reference.values())
     before = _written_at(cut)
     partial = _labels(cut)
     assert 1 <= sum(v is not None for v in partial.values()) < len(VOLUMES)
