@@ -49,10 +49,7 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(tmp_path: Path) ->
 
     whole = tmp_path / "whole"
     whole.mkdir()
-    done = _train(archive, whole / "mlflow.db", whole)
-    out, _ = done.communicate(timeout=400)
-    assert done.returncode == 0, out[-3000:]
-
+    done = _train(archive, whole / "mlflow.db", whole)  # the uninterrupted run, beside the one killed below
     cut = tmp_path / "cut"
     cut.mkdir()
     proc = _train(archive, cut / "mlflow.db", cut)
@@ -72,6 +69,8 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(tmp_path: Path) ->
         pytest.fail(f"training ended before it could be killed: {proc.communicate()[0][-2000:]}")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    out, _ = done.communicate(timeout=400)
+    assert done.returncode == 0, out[-3000:]
     state = torch.load(_checkpoint(cut), weights_only=True)
     assert 1 <= state["epoch"] < 4, state["epoch"]  # killed mid-way, with work left
 
