@@ -195,6 +195,9 @@ class TrainConfig(_Config):
     patience: int | None = Field(None, ge=1, strict=True,
                                  description="Stop after this many epochs without a better validation Dice.")
     restore_best: bool = Field(True, strict=True, description="End with the weights of the best validated epoch.")
+    ema: float = Field(0.0, ge=0, lt=1, description=(
+        "Keep an exponential moving average of the weights (and batch-norm statistics) with this decay per "
+        "step, validate it and end with it (0: off; 0.99 averages about the last 100 steps)."))
     seed: int = Field(0, ge=0, strict=True, description="Random seed (tiles, split, initialisation).")
     device: Device = Field("auto", description="auto (GPU when present), cpu, cuda or cuda:N.")
     amp: bool = Field(False, strict=True, description="bfloat16 autocast on CUDA.")

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from octseg.unet.config import InferenceConfig, TrainConfig
@@ -26,7 +27,7 @@ from octseg.unet.metrics import dice_per_class
 from octseg.unet.model import choose_tile_size
 
 __all__ = ["EpochStats", "augmentation", "evaluate", "fit", "lr_factor", "make_optimizer", "training_loss",
-           "validation_inference"]
+           "validation_inference", "weight_average"]
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,9 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
 
 
 def _train_epoch(model, loader, optimizer, device, amp, dice_weight: float, chunk: int = 1,
-                 lr_at: Callable[[int], float] | None = None) -> float:
-    """One pass over the loader; ``lr_at(i)`` sets the learning rate before the i-th step of the epoch."""
+                 lr_at: Callable[[int], float] | None = None, after_step: Callable[[], None] | None = None) -> float:
+    """One pass over the loader; ``lr_at(i)`` sets the learning rate before the i-th step of the epoch,
+    ``after_step()`` runs after each optimiser step."""
     model.train()
     total, count = 0.0, 0
     for i, batch in enumerate(_in_chunks(loader, chunk) if chunk > 1 else loader):
@@ -128,6 +130,8 @@ def _train_epoch(model, loader, optimizer, device, amp, dice_weight: float, chun
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         total += loss.item() * len(x)
         count += len(x)
     return total / max(count, 1)
@@ -152,6 +156,14 @@ def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
     if cfg.num_workers is not None:
         return cfg.num_workers
     return 0 if device.type == "cpu" else max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and buffers (batch-norm statistics) with
+    ``decay`` per update, or None when ``decay`` is 0. Its ``.module`` is the averaged network."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _state_on_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -205,6 +217,8 @@ def fit(
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=cuda)  # torchrun: torch.cuda.set_device(LOCAL_RANK) first
     optimizer = make_optimizer(model, cfg)
+    average = weight_average(model, cfg.ema)  # what is validated, kept and returned when on
+    scored = average.module if average is not None else model
     inference = validation_inference(cfg)
     history: list[EpochStats] = []
     best: dict[str, Any] | None = None  # {"epoch", "dice", "model"} of the best validated epoch
@@ -212,6 +226,8 @@ def fit(
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
+        if average is not None:
+            average.load_state_dict(resume["average"])
         torch.set_rng_state(resume["torch_rng"])
         history = [EpochStats(**h) for h in resume["history"]]
         best, start = resume["best"], cfg.epochs if resume.get("stopped") else resume["epoch"] + 1
@@ -224,7 +240,8 @@ def fit(
         first = epoch * steps
         loss = _train_epoch(net, loader, optimizer, device, cfg.amp, cfg.dice_weight,
                             chunk=TILE_CHUNK if workers == 0 else 1,
-                            lr_at=lambda i: cfg.lr * lr_factor(cfg.lr_schedule, first + i, cfg.epochs * steps))
+                            lr_at=lambda i: cfg.lr * lr_factor(cfg.lr_schedule, first + i, cfg.epochs * steps),
+                            after_step=(lambda: average.update_parameters(model)) if average is not None else None)
         if world > 1:  # the mean over every process's tiles
             on = device if torch.distributed.get_backend() == "nccl" else "cpu"
             total = torch.tensor([loss], dtype=torch.float64, device=on)
@@ -232,13 +249,13 @@ def fit(
             loss = float(total.item()) / world
         if not np.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} in epoch {epoch}; lower the learning rate")
-        val_dice = evaluate(model, val, inference) if val is not None and len(val) else {}
+        val_dice = evaluate(scored, val, inference) if val is not None and len(val) else {}
         stats = EpochStats(epoch, loss, time.perf_counter() - t0, val_dice)
         history.append(stats)
         log.info("epoch %d: loss %.4f, val dice %s", epoch, loss, val_dice)
         score = val_dice.get(1, float("nan"))
         if not np.isnan(score) and (best is None or score > best["dice"]):
-            best = {"epoch": epoch, "dice": score, "model": _state_on_cpu(model)}
+            best = {"epoch": epoch, "dice": score, "model": _state_on_cpu(scored)}
         if on_epoch_end is not None:
             on_epoch_end(stats)
         stop = cfg.patience is not None and best is not None and epoch - best["epoch"] >= cfg.patience
@@ -249,11 +266,13 @@ def fit(
         if on_checkpoint is not None:
             on_checkpoint({"epoch": epoch, "model": _state_on_cpu(model), "optimizer": optimizer.state_dict(),
                            "torch_rng": torch.get_rng_state(), "history": [asdict(h) for h in history], "best": best,
-                           "stopped": stop})
+                           "stopped": stop, "average": _state_on_cpu(average) if average is not None else None})
         if stop:
             log.info("stopping early after epoch %d: no better validation Dice since epoch %s", epoch,
                      best["epoch"] if best else "-")
             break
+    if average is not None:
+        model.load_state_dict(average.module.state_dict())
     if cfg.restore_best and best is not None:
         model.load_state_dict(best["model"])
         log.info("restored the weights of epoch %d (validation Dice %.4f)", best["epoch"], best["dice"])

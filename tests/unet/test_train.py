@@ -146,11 +146,13 @@ def _phantom_set(seed: int = 1) -> BScanSet:
     return BScanSet(normalize_volume(ph.image), ph.fluid.astype(np.int64))
 
 
-def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights():
-    """Checkpoint after epoch 1, rebuild everything, resume: the same weights as 4 epochs in one go."""
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(ema):
+    """Checkpoint after epoch 1, rebuild everything, resume: the same weights as 4 epochs in one go
+    (with a weight average, its state is in the checkpoint too)."""
     data = _phantom_set()
     cfg = TrainConfig(epochs=4, batch_size=2, tiles_per_epoch=4, optimizer="adam", lr=1e-3, max_tile=64,
-                      restore_best=False)
+                      restore_best=False, ema=ema)
     torch.manual_seed(0)
     whole = UNet(base_channels=4, depth=2, dropout=0.3)  # dropout: torch's RNG state matters
     fit(whole, data, data, cfg)

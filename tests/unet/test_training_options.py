@@ -1,6 +1,8 @@
 """The training options of the generalisation work: schedules, augmentation knobs, norms, deep supervision."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,8 @@ from octseg.unet.augment import augment, elastic_deform, noise_and_blur, random_
 from octseg.unet.bscans import BScanSet
 from octseg.unet.config import TrainConfig, UNetConfig
 from octseg.unet.model import UNet
+from octseg.unet.normalize import normalize_volume
+from octseg.tasks.synthetic.phantom import make_phantom_volume
 from octseg.unet.train import fit, lr_factor, training_loss
 
 
@@ -103,3 +107,29 @@ def test_fit_with_the_new_options_runs_and_learns() -> None:
                       border_weights=False, device="cpu", max_tile=24)
     history = fit(model, data, None, cfg)
     assert len(history) == 6 and history[-1].train_loss < history[0].train_loss
+
+
+def test_weight_average_is_the_exponential_average_of_each_step() -> None:
+    """``ema=d`` ends with e_n, e_1 = w_1, e_k = d e_(k-1) + (1 - d) w_k over the raw weights w_k after
+    each step (one step an epoch here, so the checkpoints of a run without averaging are the w_k), for
+    the parameters and the batch-norm statistics alike."""
+    ph = make_phantom_volume(n_bscans=2, height=64, width=64, seed=3)
+    data = BScanSet(normalize_volume(ph.image), ph.fluid.astype(np.int64))
+    cfg = TrainConfig(epochs=5, batch_size=4, tiles_per_epoch=4, optimizer="adam", lr=1e-2, max_tile=64,
+                      restore_best=False)
+    raw: list[dict[str, torch.Tensor]] = []
+    torch.manual_seed(0)
+    fit(UNet(base_channels=4, depth=2, batch_norm=True), data, None, cfg, on_checkpoint=lambda s: raw.append(s["model"]))
+    decay = 0.7
+    expected = {k: v.double() for k, v in raw[0].items()}
+    for w in raw[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * w[k].double() for k in expected}
+    torch.manual_seed(0)
+    averaged = UNet(base_channels=4, depth=2, batch_norm=True)
+    fit(averaged, data, None, replace(cfg, ema=decay))
+    state = averaged.state_dict()
+    floats = [k for k, v in state.items() if v.is_floating_point()]
+    assert any("running_mean" in k for k in floats)
+    for key in floats:
+        torch.testing.assert_close(state[key].double(), expected[key], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(state[floats[0]], raw[-1][floats[0]])  # not simply the last step's weights
