@@ -1,9 +1,18 @@
 """Manual masks of a source: where they lie beside it, and reading them as labels of its volume.
 
 A file's mask is ``<labels_dir>/<file name>``; a folder of B-scans has one mask per B-scan (see
-:func:`mask_files`). Binary masks (one nonzero value, or any nonzero colour) become 0/1; masks of
-small integers 0..31 keep their values as class labels. Masks are read by the same readers as scans
-(:func:`octseg.tasks.readers.images.read_pixels`), with the same refusals.
+:func:`mask_files`). What the values mean is decided for the whole volume, never file by file:
+
+- values 0..31 are class labels and are kept as they are (a mask of 0 and 2 stays 0 and 2);
+- a mask whose nonzero values are all bright, within 10% of its brightest (0/255, 0/65535, or the
+  near-white shades 241..255 that lossy compression leaves), is binary: 0/1;
+- a colour mask is binary when its non-black pixels are grey (R = G = B) or all of one colour;
+- anything else is refused with the mask file named: NaN or infinite values, negative or fractional
+  values, several grey levels above 31, several colours, or a volume mixing binary 0/255 masks with
+  class labels above 1.
+
+Masks are read by the same readers as scans (:func:`octseg.tasks.readers.images.read_pixels`), with
+the same refusals.
 """
 from __future__ import annotations
 
@@ -17,7 +26,7 @@ from octseg.tasks.readers.registry import source_files, unsupported_suffix
 
 __all__ = ["MAX_LABEL", "mask_files", "read_masks"]
 
-MAX_LABEL = 31  # masks with values 0..31 keep them (class labels); binary masks become 0/1
+MAX_LABEL = 31  # masks with values 0..31 keep them (class labels); binary (bright) masks become 0/1
 
 
 def mask_files(labels_dir: str | Path, source: str | Path) -> dict[int, Path]:
@@ -36,30 +45,59 @@ def mask_files(labels_dir: str | Path, source: str | Path) -> dict[int, Path]:
     return {z: m for z, m in found.items() if m.is_file()}
 
 
-def _to_labels(arr: np.ndarray, colour: bool, path: Path) -> np.ndarray:
-    """Binary masks (one nonzero value, or any nonzero colour channel) -> 0/1; 0..31 kept; else error."""
+def _kind(arr: np.ndarray, colour: bool, path: Path) -> tuple[str, np.ndarray]:
+    """("classes", values kept) or ("binary", foreground mask) for one mask file; refusals name it."""
+    if arr.dtype == bool:
+        return "classes", arr.astype(np.uint8)
     if colour:
-        return np.any(arr != 0, axis=-1).astype(np.uint8)
+        if arr.shape[-1] in (2, 4) and np.all(arr[..., -1] == arr[..., -1].max(initial=0)):
+            arr = arr[..., :-1]  # an opaque alpha channel says nothing
+        lit = np.any(arr != 0, axis=-1)
+        colours = np.unique(arr[lit].reshape(-1, arr.shape[-1]), axis=0)
+        if len(colours) and np.all(colours == colours[:, :1]):  # grey drawn in RGB: judged as grey values
+            arr = arr[..., 0]
+        elif len(colours) > 1:
+            raise ReadError(path, f"colour mask with {len(colours)} colours: octseg cannot tell which colour is which "
+                                  f"class; store class labels 0..{MAX_LABEL} in a grey or palette image")
+        else:
+            return "binary", lit
+    if not np.all(np.isfinite(arr)):
+        raise ReadError(path, "mask holds NaN or infinite values")
     values = np.unique(arr)
-    if arr.dtype == bool or (values.size <= 2 and (values.size < 2 or values[0] == 0)):
-        return (arr != 0).astype(np.uint8)
-    if values[0] >= 0 and values[-1] <= MAX_LABEL and np.all(values == np.round(values)):
-        return arr.astype(np.uint8)
+    if values[0] < 0 or not np.all(values == np.round(values)):
+        raise ReadError(path, f"mask holds negative or fractional values ({values[0]}..{values[-1]}); "
+                              f"class labels are integers 0..{MAX_LABEL}")
+    if values[-1] <= MAX_LABEL:
+        return "classes", arr.astype(np.uint8)
+    lit = values[values > 0]
+    if lit[0] > MAX_LABEL and lit[0] >= 0.9 * lit[-1]:
+        return "binary", arr != 0
     raise ReadError(path, f"mask is neither binary nor small-integer labels (0..{MAX_LABEL}): "
                           f"{values.size} distinct values in {values[0]}..{values[-1]}")
 
 
-def _read_mask(path: Path, shape: tuple[int, ...], image_name: str) -> np.ndarray:
-    """One mask file as labels of exactly ``shape`` (a 2-D mask fits a one-B-scan volume)."""
+def _labels(kinds: list[tuple[str, np.ndarray]], paths: list[Path]) -> list[np.ndarray]:
+    """One volume's masks as labels: binary ones as 0/1, refused when others of it hold classes above 1."""
+    binary = [p for (k, _), p in zip(kinds, paths) if k == "binary"]
+    classes = [(a.max(initial=0), p) for (k, a), p in zip(kinds, paths) if k == "classes"]
+    top, where = max(classes, key=lambda t: t[0], default=(0, None))
+    if binary and top > 1:
+        raise ReadError(binary[0], f"a binary mask (0 and one bright value) in a volume whose mask {where.name} "
+                                   f"holds class labels up to {top}: store every mask of a volume one way")
+    return [a.astype(np.uint8) for _, a in kinds]
+
+
+def _read_mask(path: Path, shape: tuple[int, ...], image_name: str) -> tuple[str, np.ndarray]:
+    """One mask file as (kind, values) of exactly ``shape`` (a 2-D mask fits a one-B-scan volume)."""
     if not any(matches_suffix(r, path) for r in PIXEL_READERS):
         raise unsupported_suffix(path)
     arr, colour = read_pixels(path, keep_palette=True)
-    labels = _to_labels(arr, colour, path)
+    kind, labels = _kind(arr, colour, path)
     if len(shape) == 3 and shape[0] == 1 and labels.ndim == 2:
         labels = labels[np.newaxis]
     if labels.shape != tuple(shape):
         raise ReadError(path, f"mask shape {labels.shape} does not match image shape {tuple(shape)} of {image_name}")
-    return labels
+    return kind, labels
 
 
 def read_masks(labels_dir: str | Path, volume: ScanVolume) -> tuple[np.ndarray, list[int]] | None:
@@ -71,8 +109,11 @@ def read_masks(labels_dir: str | Path, volume: ScanVolume) -> tuple[np.ndarray, 
     if not found:
         return None
     if not volume.source.is_dir():
-        return _read_mask(found[0], volume.image.shape, volume.source.name), list(range(volume.image.shape[0]))
+        (labels,) = _labels([_read_mask(found[0], volume.image.shape, volume.source.name)], [found[0]])
+        return labels, list(range(volume.image.shape[0]))
+    paths = [found[z] for z in sorted(found)]
+    read = _labels([_read_mask(found[z], volume.image.shape[1:], volume.files[z].name) for z in sorted(found)], paths)
     labels = np.zeros(volume.image.shape, dtype=np.uint8)
-    for z, path in sorted(found.items()):
-        labels[z] = _read_mask(path, volume.image.shape[1:], volume.files[z].name)
+    for z, mask in zip(sorted(found), read):
+        labels[z] = mask
     return labels, sorted(found)

@@ -20,7 +20,10 @@ MASK[2, 10:12, :] = 1
 
 @pytest.mark.parametrize(("stored", "expected"), [
     (MASK * 255, MASK),                                  # 0/255 -> binary
-    (MASK * 7, MASK),                                    # 0 and one other value -> binary
+    (MASK.astype(np.uint16) * 65535, MASK),              # 0/65535 -> binary
+    ((MASK * (241 + np.arange(30) % 15)).astype(np.uint8), MASK),  # near-white shades of lossy compression
+    (MASK * 7, MASK * 7),                                # 0..31 are class labels, even one alone
+    (MASK * 2, MASK * 2),                                # a volume holding class 2 only stays class 2
     (MASK + (MASK * 2)[::-1], MASK + (MASK * 2)[::-1]),  # 0, 1, 2: small integer classes kept
     (MASK.astype(bool), MASK),                           # boolean
 ])
@@ -28,22 +31,54 @@ def test_stack_masks(tmp_path: Path, stored: np.ndarray, expected: np.ndarray) -
     tifffile.imwrite(tmp_path / "scan.tif", STACK, **GREY)
     (tmp_path / "labels").mkdir()
     np.save(tmp_path / "labels" / "scan.npy", stored)  # a mask with another suffix is not found
-    tifffile.imwrite(tmp_path / "labels" / "scan.tif", stored.astype(np.uint8), **GREY)
+    tifffile.imwrite(tmp_path / "labels" / "scan.tif", stored if stored.dtype != bool else stored.astype(np.uint8), **GREY)
     labels, annotated = read_masks(tmp_path / "labels", read_volume(tmp_path / "scan.tif"))
     assert labels.dtype == np.uint8 and annotated == [0, 1, 2]
     np.testing.assert_array_equal(labels, expected)
 
 
-def test_rgb_mask_any_channel_is_foreground(tmp_path: Path) -> None:
+def test_rgb_mask_of_one_colour_is_foreground(tmp_path: Path) -> None:
     png(tmp_path / "one.png", STACK[0])
     (tmp_path / "labels").mkdir()
     rgb = np.zeros((20, 30, 3), np.uint8)
     rgb[1, 1] = (0, 0, 9)
-    rgb[2, 2] = (255, 255, 255)
+    rgb[2, 2] = (0, 0, 9)
     png(tmp_path / "labels" / "one.png", rgb)
     labels, annotated = read_masks(tmp_path / "labels", read_volume(tmp_path / "one.png"))
     assert annotated == [0] and labels.shape == (1, 20, 30)
     assert labels.sum() == 2 and labels[0, 1, 1] == labels[0, 2, 2] == 1
+
+
+def test_one_colour_and_opaque_alpha_masks_are_binary(tmp_path: Path) -> None:
+    png(tmp_path / "one.png", STACK[0])
+    (tmp_path / "labels").mkdir()
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., 3] = 255  # opaque black background
+    rgba[3:6, 4:9, 0] = 200
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "labels" / "one.png")
+    labels, _ = read_masks(tmp_path / "labels", read_volume(tmp_path / "one.png"))
+    np.testing.assert_array_equal(labels[0], rgba[..., 0] > 0)
+
+
+def test_class_values_are_decided_for_the_whole_volume(tmp_path: Path) -> None:
+    """B-scan 0 holds classes 1 and 2, B-scan 2 only class 2: it stays 2 (was read as binary, 1)."""
+    volume = read_volume(bscan_folder(tmp_path / "vol"))
+    (tmp_path / "labels").mkdir()
+    png(tmp_path / "labels" / "b_0.png", MASK[0] + (MASK[0] * 2)[::-1])
+    png(tmp_path / "labels" / "b_2.png", MASK[2] * 2)
+    labels, annotated = read_masks(tmp_path / "labels", volume)
+    assert annotated == [0, 2]
+    np.testing.assert_array_equal(labels[2], MASK[2] * 2)
+    np.testing.assert_array_equal(labels[0], MASK[0] + (MASK[0] * 2)[::-1])
+
+
+def test_binary_and_class_masks_mixed_in_a_volume_are_refused(tmp_path: Path) -> None:
+    volume = read_volume(bscan_folder(tmp_path / "vol"))
+    (tmp_path / "labels").mkdir()
+    png(tmp_path / "labels" / "b_0.png", MASK[0] * 255)
+    png(tmp_path / "labels" / "b_2.png", MASK[2] * 3)
+    with pytest.raises(ReadError, match="b_0.png: a binary mask .* whose mask b_2.png holds class labels up to 3"):
+        read_masks(tmp_path / "labels", volume)
 
 
 @pytest.mark.parametrize("subfolder", [True, False])  # labels_dir/<folder name>/... or labels_dir/...
@@ -67,6 +102,9 @@ def test_no_masks_means_not_annotated(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("mask", "phrase"), [
     (np.zeros((20, 29), np.uint8), r"mask shape \(20, 29\) does not match image shape \(20, 30\) of b_1.png"),
     (np.arange(600, dtype=np.uint8).reshape(20, 30), "neither binary nor small-integer"),  # grey image
+    (np.where(MASK[0] > 0, 100, 0).astype(np.uint8) + np.where(MASK[2] > 0, 200, 0).astype(np.uint8),
+     "neither binary nor small-integer"),  # two grey levels above 31: classes, not one binary value
+    (np.stack([MASK[0] * 255, MASK[2] * 255, np.zeros_like(MASK[0])], -1), "colour mask with 2 colours"),
 ])
 def test_bad_masks_name_the_mask_file(tmp_path: Path, mask: np.ndarray, phrase: str) -> None:
     volume = read_volume(bscan_folder(tmp_path / "vol"))
@@ -75,6 +113,18 @@ def test_bad_masks_name_the_mask_file(tmp_path: Path, mask: np.ndarray, phrase: 
     with pytest.raises(ReadError, match=phrase) as err:
         read_masks(tmp_path / "labels", volume)
     assert err.value.path == tmp_path / "labels" / "b_1.png"
+
+
+@pytest.mark.parametrize(("values", "phrase"), [(np.nan, "NaN or infinite"), (-1.0, "negative or fractional"),
+                                               (0.5, "negative or fractional")])
+def test_float_masks_with_nan_or_fractions_are_refused(tmp_path: Path, values: float, phrase: str) -> None:
+    tifffile.imwrite(tmp_path / "scan.tif", STACK, **GREY)
+    (tmp_path / "labels").mkdir()
+    mask = MASK.astype(np.float32)
+    mask[1, 0, 0] = values
+    tifffile.imwrite(tmp_path / "labels" / "scan.tif", mask, **GREY)
+    with pytest.raises(ReadError, match=phrase):
+        read_masks(tmp_path / "labels", read_volume(tmp_path / "scan.tif"))
 
 
 def test_stack_mask_of_wrong_shape(tmp_path: Path) -> None:
