@@ -116,25 +116,32 @@ class IngestConfig(_Config):
         return self
 
     def all_sources(self) -> tuple[Path, ...]:
-        """The SOURCE arguments, then the lines of ``sources_file`` (blank lines left out)."""
-        if self.sources_file is None:
-            return self.sources
-        try:
-            lines = Path(self.sources_file).read_text(encoding="utf-8", errors="surrogateescape").splitlines()
-        except OSError as e:
-            raise ValueError(f"sources file {self.sources_file}: cannot be read ({e.strerror or e})") from None
-        return self.sources + tuple(Path(line) for line in lines if line.strip())
+        """The SOURCE arguments, then the lines of ``sources_file`` (blank lines left out), each path once
+        (``a.tif ./a.tif $PWD/a.tif`` name one file: it is ingested once)."""
+        return tuple(Path(name) for name in self.source_names())
 
     def source_names(self) -> list[str]:
         """:meth:`all_sources` as strings, without making a ``Path`` of each (a plan of 100,000 files)."""
         given = [str(s) for s in self.sources]
-        if self.sources_file is None:
-            return given
-        try:
-            text = Path(self.sources_file).read_text(encoding="utf-8", errors="surrogateescape")
-        except OSError as e:
-            raise ValueError(f"sources file {self.sources_file}: cannot be read ({e.strerror or e})") from None
-        return given + [_as_path(line) for line in text.splitlines() if line.strip()]
+        if self.sources_file is not None:
+            try:
+                text = Path(self.sources_file).read_text(encoding="utf-8", errors="surrogateescape")
+            except OSError as e:
+                raise ValueError(f"sources file {self.sources_file}: cannot be read ({e.strerror or e})") from None
+            given += [_as_path(line) for line in text.splitlines() if line.strip()]
+        return _once(given)
+
+
+def _once(names: list[str]) -> list[str]:
+    """``names`` without repeats of one path (the first kept), however each is written."""
+    seen: set[str] = set()
+    unique = []
+    for name in names:
+        key = os.path.abspath(name)
+        if key not in seen:
+            seen.add(key)
+            unique.append(name)
+    return unique
 
 
 def _as_path(name: str) -> str:

@@ -297,6 +297,18 @@ def test_a_duplicate_id_fails_even_when_everything_else_is_up_to_date(ingested) 
     assert "1 up to date, 1 failed" in result.plain and "is already used by" in result.plain
 
 
+def test_one_file_named_several_ways_is_ingested_once(ingested, tmp_path: Path, monkeypatch) -> None:
+    good = ingested["good"][0]
+    monkeypatch.chdir(good.parent)
+    listed = tmp_path / "sources.txt"
+    listed.write_text(f"{good}\n")
+    archive = tmp_path / "once.zarr"
+    result = _invoke("ingest", good.name, f"./{good.name}", str(good), "--sources-file", str(listed),
+                     "--archive", str(archive))
+    assert result.exit_code == 0, result.output
+    assert "1 written, 0 up to date, 0 failed" in result.plain
+
+
 def test_train_with_two_processes_logs_every_epoch_to_one_mlflow_run(ingested, tmp_path: Path) -> None:
     """``--gpus/--processes 2`` on CPU: two gloo DDP processes train; the command's own process keeps the
     MLflow run (per-epoch metrics, checkpoint) and registers the weights."""
