@@ -99,6 +99,7 @@ def ingest(cfg: IngestConfig, verbose: bool) -> None:
     Example: [bold]octseg ingest scans/*.vol exports/*.dcm --archive oct.zarr[/]
     """
     preflight.check_new_archive(cfg.archive)
+    preflight.check_labels(cfg.labels)
     from octseg.flows.plans import plan_ingest
 
     todo, planned = plan_ingest(cfg)
@@ -234,6 +235,7 @@ def pipeline(cfg: PipelineConfig, verbose: bool) -> None:
     """
     preflight.check_sources(cfg.ingest.sources)
     preflight.check_new_archive(cfg.ingest.archive)
+    preflight.check_labels(cfg.ingest.labels)
     from octseg.tasks.tracking.uri import check_tracking_uri, resolve_tracking_uri
 
     preflight.check_output_folder(cfg.segment.qc_folder, "QC folder")
@@ -254,6 +256,7 @@ def watch(cfg: WatchConfig, verbose: bool) -> None:
     """
     preflight.check_sources([cfg.inbox])
     preflight.check_new_archive(cfg.archive)
+    preflight.check_labels(cfg.labels)
     preflight.check_archive_siblings(cfg.archive, "qc", "reports")
     from octseg.flows.summary import WatchSummary
     from octseg.tasks.ingest.inbox import scan_inbox

@@ -15,7 +15,7 @@ from pathlib import Path
 from octseg.tasks.archive.names import ARCHIVE_VERSION
 
 __all__ = ["SIBLINGS", "check_archive", "check_archive_siblings", "check_new_archive", "check_output_folder",
-           "check_sources", "check_writable"]
+           "check_labels", "check_sources", "check_writable"]
 
 # The folders octseg keeps beside an archive ``A`` (name patterns, what they hold): the per-volume claims of
 # concurrent runs and the staging folders of volumes being written (tasks.archive.claims and .staging, next
@@ -54,6 +54,13 @@ def check_sources(sources: Iterable[Path]) -> None:
     missing = [str(p) for p in sources if not Path(p).exists()]
     if missing:
         raise ValueError(f"source(s) not found: {', '.join(missing)}")
+
+
+def check_labels(labels: Path | None) -> None:
+    """The masks folder of ``--labels``, when given, is a folder (a typo would ingest without masks)."""
+    if labels is not None and not Path(labels).is_dir():
+        raise ValueError(f"--labels {labels}: " + ("is a file, not a folder" if Path(labels).exists() else
+                                                   "no such folder"))
 
 
 def _octseg_group(path: Path) -> bool:

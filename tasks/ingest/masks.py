@@ -24,7 +24,7 @@ from octseg.tasks.readers.base import ReadError, ScanVolume, matches_suffix
 from octseg.tasks.readers.images import PIXEL_READERS, read_pixels
 from octseg.tasks.readers.registry import source_files, unsupported_suffix
 
-__all__ = ["MAX_LABEL", "mask_files", "read_masks"]
+__all__ = ["MAX_LABEL", "mask_files", "read_masks", "unmatched_masks"]
 
 MAX_LABEL = 31  # masks with values 0..31 keep them (class labels); binary (bright) masks become 0/1
 
@@ -43,6 +43,16 @@ def mask_files(labels_dir: str | Path, source: str | Path) -> dict[int, Path]:
     base = labels_dir / source.name if (labels_dir / source.name).is_dir() else labels_dir
     found = {z: base / f.name for z, f in enumerate(source_files(source))}
     return {z: m for z, m in found.items() if m.is_file()}
+
+
+def unmatched_masks(labels_dir: str | Path, source: str | Path) -> list[str]:
+    """Files of a folder source's own masks folder (``labels_dir/<folder name>``) that name none of its
+    B-scans (a typo, another case or another suffix): they would be left out without a word."""
+    base = Path(labels_dir) / Path(source).name
+    if not Path(source).is_dir() or not base.is_dir():
+        return []
+    names = {f.name for f in source_files(source)}
+    return sorted(f.name for f in base.iterdir() if f.is_file() and not f.name.startswith(".") and f.name not in names)
 
 
 def _kind(arr: np.ndarray, colour: bool, path: Path) -> tuple[str, np.ndarray]:

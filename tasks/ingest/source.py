@@ -36,7 +36,7 @@ from octseg.tasks.ingest.known import (
     source_parts,
     source_stamp,
 )
-from octseg.tasks.ingest.masks import read_masks
+from octseg.tasks.ingest.masks import read_masks, unmatched_masks
 from octseg.tasks.ingest.rules import existing_volume, labels_sha256, path_digest, reader_settings, unchanged
 from octseg.tasks.readers.base import ScanVolume
 from octseg.tasks.readers.limits import DEFAULT_MAX_VOXELS
@@ -164,6 +164,10 @@ def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_
                 LOGGER.warning("%s changed: re-writing volume %r drops its manual labels (no masks given)",
                                shown(src), volume_id)
         masks = read_masks(labels_dir, volume) if labels_dir is not None else None
+        stray = unmatched_masks(labels_dir, src) if labels_dir is not None else []
+        if stray:
+            volume.warnings.append(f"{len(stray)} mask file(s) name no B-scan of this folder and were left out: "
+                                   + ", ".join(stray[:5]) + (", ..." if len(stray) > 5 else ""))
         if masks is None and volume.manual_labels is not None:
             masks = (volume.manual_labels, volume.annotated)
         labels, annotated = masks if masks is not None else (None, [])

@@ -152,6 +152,10 @@ def test_paths_that_cannot_work_are_refused_before_any_flow(ingested, tmp_path: 
         "is not a SQLite database": ("train", "--archive", archive, "--tracking-uri", f"sqlite:///{regular}"),
         "notes.txt is a file, not a folder": ("ingest", *map(str, ingested["good"]), "--archive",
                                               str(regular / "archive.zarr")),
+        "--labels " + str(tmp_path / "labelz") + ": no such folder": (
+            "ingest", *map(str, ingested["good"]), "--labels", str(tmp_path / "labelz"), "--archive", archive),
+        "notes.txt: is a file, not a folder": ("ingest", *map(str, ingested["good"]), "--labels", str(regular),
+                                               "--archive", archive),
         "QC folder": ("segment", "--archive", archive, "--qc-dir", str(regular),
                       "--tracking-uri", f"sqlite:///{tmp_path / 'any.db'}"),
     }

@@ -8,7 +8,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from octseg.tasks.ingest.masks import read_masks
+from octseg.tasks.ingest.masks import read_masks, unmatched_masks
 from octseg.tasks.readers.base import ReadError
 from octseg.tasks.readers.registry import read_volume
 from tests.tasks.readers.image_files import GREY, STACK, bscan_folder, png
@@ -144,3 +144,13 @@ def test_duke_fluid_images_and_binary_masks(shared_data: Path) -> None:
     assert set(np.unique(labels)) == {0, 1}
     rgb = np.asarray(Image.open(shared_data / "duke_dme_fluid" / "masks" / vol.files[5].name))
     np.testing.assert_array_equal(labels[5], rgb.max(axis=-1) > 0)
+
+
+def test_mask_files_naming_no_bscan_are_listed(tmp_path: Path) -> None:
+    bscan_folder(tmp_path / "vol")
+    (tmp_path / "labels" / "vol").mkdir(parents=True)
+    for name in ("b_0.png", "B_1.png", "b_9.png", "b_2.tif"):  # one match, another case, no such B-scan, suffix
+        png(tmp_path / "labels" / "vol" / name, MASK[0]) if name.endswith(".png") else tifffile.imwrite(
+            tmp_path / "labels" / "vol" / name, MASK[0])
+    assert unmatched_masks(tmp_path / "labels", tmp_path / "vol") == ["B_1.png", "b_2.tif", "b_9.png"]
+    assert unmatched_masks(tmp_path / "absent", tmp_path / "vol") == []
