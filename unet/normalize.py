@@ -55,16 +55,16 @@ def normalize_bscan(bscan: np.ndarray, mask: np.ndarray | None = None) -> np.nda
     mask = fill_mask(bscan) if mask is None else mask
     if mask.shape != bscan.shape:
         raise ValueError(f"fill mask shape {mask.shape} != B-scan shape {bscan.shape}")
-    x = bscan.astype(np.float32, copy=True)
+    x = bscan.astype(np.float64)  # float64 arithmetic: float32 data near 3e38 or 1e-30 stay finite and resolved
     tissue = x[~mask]
     if tissue.size == 0:
-        return np.zeros_like(x)
+        return np.zeros(x.shape, np.float32)
     mean = float(tissue.mean())
     std = float(tissue.std())
     x -= mean
-    x /= std if std > 1e-6 else 1.0
+    x /= std if std > 0 else 1.0  # a constant B-scan: all zeros
     x[mask] = 0.0
-    return x
+    return x.astype(np.float32)
 
 
 def normalize_volume(volume: np.ndarray) -> np.ndarray:

@@ -64,3 +64,14 @@ def test_volume_is_per_bscan_and_checks_dims():
     np.testing.assert_array_equal(out[1], normalize_bscan(v[1]))
     with pytest.raises(ValueError, match="Z, H, W"):
         normalize_volume(v[0])
+
+
+@pytest.mark.parametrize("scale", [3e38, 1e-30])
+def test_float32_data_at_the_ends_of_its_range_normalise_like_ordinary_data(scale: float) -> None:
+    """Statistics and arithmetic in float64: 3e38 does not overflow to NaN, 1e-30 is not flattened to 0."""
+    rng = np.random.default_rng(0)
+    ordinary = rng.random((32, 48)).astype(np.float32)
+    extreme = (ordinary.astype(np.float64) * scale).astype(np.float32)
+    got = normalize_bscan(extreme, np.zeros(extreme.shape, bool))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, normalize_bscan(ordinary, np.zeros(ordinary.shape, bool)), atol=1e-4)
