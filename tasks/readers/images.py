@@ -92,6 +92,10 @@ def _read_tiff(path: Path, max_voxels: int | None, warnings: list[str]) -> tuple
             warnings.append(f"{len(layout.skipped)} reduced-resolution or mask page(s) (previews of the B-scans, "
                             f"pages {', '.join(str(p.index) for p in layout.skipped[:5])}) left out")
         arr = read_tiff_pages(path, layout)
+        if layout.first.planar and layout.first.samples > 1:
+            warnings.append(f"pages of {layout.first.samples} planar colour samples (how tifffile saves a stack of "
+                            f"{layout.first.samples} B-scans) read as {arr.shape[0]} B-scans; if the file is a colour "
+                            f"picture, convert it to grey first")
         with tifffile.TiffFile(path) as tif:
             scale = _tiff_scale(tif, warnings) if layout.ome else None
         return arr, layout.first.colour, scale

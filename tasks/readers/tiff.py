@@ -63,6 +63,24 @@ def _declared_voxels(path: Path, every: Sequence[Page], pages: Sequence[Page]) -
     return (shaped, "the tifffile header's shape") if shaped else None
 
 
+def _declared_channels(text: str) -> tuple[int, str] | None:
+    """(channels, which metadata) where the ImageJ or OME header declares several channels beside several
+    slices or time points: a hyperstack. Channels alone are what tifffile's ImageJ and OME writers call the
+    first axis of any 3-D stack, so those pages stay B-scans."""
+    def size(pattern: str) -> int:
+        return max([int(n) for n in re.findall(pattern, text, re.M)] or [1])
+
+    if text.startswith("ImageJ="):
+        channels, other, where = size(r"^channels=(\d+)"), max(size(r"^slices=(\d+)"), size(r"^frames=(\d+)")), \
+            "the ImageJ header's channels"
+    elif "<OME" in text[:2048]:
+        channels, other, where = size(r'\bSizeC="(\d+)"'), max(size(r'\bSizeZ="(\d+)"'), size(r'\bSizeT="(\d+)"')), \
+            "the OME header's SizeC"
+    else:
+        return None
+    return (channels, where) if channels > 1 and other > 1 else None
+
+
 def _ome_voxels(path: Path, text: str) -> tuple[int, str] | None:
     try:
         root = ET.fromstring(text)
@@ -93,6 +111,10 @@ def tiff_layout(path: Path, max_voxels: int | None) -> TiffLayout:
         if p.kind != first.kind:
             raise ReadError(path, f"page {p.index} is {p.described()}, page {first.index} is {first.described()}: "
                                   f"every page of a TIFF is a B-scan, and they must share one shape and pixel type")
+    channels = _declared_channels(every[0].description or "")
+    if channels is not None and not first.colour:
+        raise ReadError(path, f"a hyperstack of {channels[0]} channels ({channels[1]}): its pages hold the channels, "
+                              f"and a B-scan is one grey channel; save one channel per file")
     layout = TiffLayout(tuple(pages), skipped, len(every), "<OME" in (every[0].description or "")[:2048])
     declared = _declared_voxels(path, every, pages)
     held = layout.voxels

@@ -57,12 +57,27 @@ def test_planar_pages_are_bscans_and_interleaved_samples_colour(tmp_path: Path) 
     planar = tmp_path / "planar.tif"
     six = np.concatenate([STACK5, STACK5[:1]]).reshape(2, 3, 12, 16)
     tifffile.imwrite(planar, six, photometric="rgb", planarconfig="separate")  # 2 pages of 3 planar samples
-    np.testing.assert_array_equal(read_volume(planar).image, six.reshape(6, 12, 16))
+    vol = read_volume(planar)
+    np.testing.assert_array_equal(vol.image, six.reshape(6, 12, 16))
+    assert any("planar colour samples" in w and "read as 6 B-scans" in w for w in vol.warnings)  # said, not silent
     rgb = tmp_path / "rgb.tif"
     with tifffile.TiffWriter(rgb) as tif:
         for bscan in STACK5[:2]:
             tif.write(np.stack([bscan] * 3, axis=-1), photometric="rgb")  # grey stored as RGB: equal channels
     np.testing.assert_array_equal(read_volume(rgb).image, STACK5[:2])
+
+
+@pytest.mark.parametrize(("write", "phrase"), [
+    (lambda p: tifffile.imwrite(p, STACK5[:4].reshape(2, 2, 12, 16), imagej=True, metadata={"axes": "ZCYX"}),
+     "hyperstack of 2 channels \\(the ImageJ header's channels\\)"),
+    (lambda p: tifffile.imwrite(p, STACK5[:4].reshape(2, 2, 12, 16), ome=True, metadata={"axes": "ZCYX"}),
+     "hyperstack of 2 channels \\(the OME header's SizeC\\)"),
+])
+def test_channel_hyperstacks_are_refused_not_read_as_bscans(tmp_path: Path, write, phrase: str) -> None:
+    path = tmp_path / "hyper.tif"
+    write(path)
+    with pytest.raises(ReadError, match=phrase):
+        read_volume(path)
 
 
 def test_pages_of_different_shapes_are_refused_naming_the_page(tmp_path: Path) -> None:
