@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import tifffile
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from octseg.tasks.readers.base import (
     BScanReader,
@@ -92,12 +92,20 @@ def _read_tiff(path: Path, max_voxels: int | None, warnings: list[str]) -> tuple
             warnings.append(f"{len(layout.skipped)} reduced-resolution or mask page(s) (previews of the B-scans, "
                             f"pages {', '.join(str(p.index) for p in layout.skipped[:5])}) left out")
         arr = read_tiff_pages(path, layout)
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[layout.first.index]
+            orientation, photometric = int(page.tags.valueof(274, 1) or 1), page.photometric
+            scale = _tiff_scale(tif, warnings) if layout.ome else None
+        arr = oriented(arr, orientation, layout.first.colour, warnings)
+        if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+            top = (1 << max(layout.first.bits)) - 1
+            arr = ((top - arr).astype(arr.dtype) if arr.dtype.kind == "u"
+                   else (float(arr.max()) + float(arr.min()) - arr.astype(np.float64)).astype(np.float32))
+            warnings.append("MinIsWhite pixels inverted (bright = strong signal)")
         if layout.first.planar and layout.first.samples > 1:
             warnings.append(f"pages of {layout.first.samples} planar colour samples (how tifffile saves a stack of "
                             f"{layout.first.samples} B-scans) read as {arr.shape[0]} B-scans; if the file is a colour "
                             f"picture, convert it to grey first")
-        with tifffile.TiffFile(path) as tif:
-            scale = _tiff_scale(tif, warnings) if layout.ome else None
         return arr, layout.first.colour, scale
     except ReadError:
         raise
@@ -111,7 +119,30 @@ def _read_tiff(path: Path, max_voxels: int | None, warnings: list[str]) -> tuple
         raise ReadError(path, f"truncated or corrupt TIFF ({one_line(e)})") from e
 
 
-def _read_pil(path: Path, keep_palette: bool, max_voxels: int | None) -> tuple[np.ndarray, bool]:
+# TIFF / EXIF Orientation -> how the stored rows and columns become the picture (rows, columns):
+# 2 mirror, 3 half turn, 4 upside down, 5 transpose, 6 quarter turn clockwise, 7 transverse, 8 anticlockwise
+_ORIENTATIONS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, :, ::-1], 3: lambda a: a[:, ::-1, ::-1], 4: lambda a: a[:, ::-1, :],
+    5: lambda a: a.swapaxes(1, 2), 6: lambda a: a.swapaxes(1, 2)[:, :, ::-1],
+    7: lambda a: a.swapaxes(1, 2)[:, ::-1, ::-1], 8: lambda a: a.swapaxes(1, 2)[:, ::-1, :],
+}
+
+
+def oriented(arr: np.ndarray, orientation: int, colour: bool, warnings: list[str]) -> np.ndarray:
+    """Stored pixels (..., rows, columns[, samples]) turned as the file's Orientation tag says viewers show
+    them (the tag's meaning as in Pillow's ``ImageOps.exif_transpose``), with a warning when it turns them."""
+    turn = _ORIENTATIONS.get(orientation)
+    if turn is None:
+        return arr
+    stack = arr.reshape((-1,) + arr.shape[arr.ndim - 2 - colour:])  # (B-scans, rows, columns[, samples])
+    out = np.ascontiguousarray(turn(stack))
+    warnings.append(f"Orientation tag {orientation} applied: stored {arr.shape[arr.ndim - 2 - colour:][:2]} "
+                    f"pixels turned to {out.shape[1:3]} as viewers show them")
+    return out.reshape(arr.shape[:arr.ndim - 2 - colour] + out.shape[1:])
+
+
+def _read_pil(path: Path, keep_palette: bool, max_voxels: int | None,
+              warnings: list[str]) -> tuple[np.ndarray, bool]:
     """PNG/JPEG pixels and whether the last axis is colour channels (palette kept for masks); the size
     is checked from the header before decoding."""
     try:
@@ -124,6 +155,10 @@ def _read_pil(path: Path, keep_palette: bool, max_voxels: int | None) -> tuple[n
             if img.format == "PNG":
                 _check_png_chunks(path)
             img.load()
+            orientation = img.getexif().get(0x0112, 1)
+            if orientation in _ORIENTATIONS:
+                img = ImageOps.exif_transpose(img)
+                warnings.append(f"EXIF Orientation {orientation} applied: the image is stored turned")
             if img.mode == "P" and not keep_palette:
                 img = img.convert("RGBA")
             elif img.mode in ("LA", "PA"):
@@ -267,7 +302,7 @@ class PilReader(BScanImageReader):
     name, label, suffixes = "image", "2-D images", (".png", ".jpg", ".jpeg")
 
     def pixels(self, path, keep_palette, max_voxels, warnings):
-        return (*_read_pil(path, keep_palette, max_voxels), None)
+        return (*_read_pil(path, keep_palette, max_voxels, warnings), None)
 
 
 TIFF, NPY, IMAGE = TiffReader(), NpyReader(), PilReader()

@@ -31,7 +31,20 @@ def ref_tiff(path: Path) -> np.ndarray:
                 bscans += list(a.reshape(-1, p.imagelength, p.imagewidth))
             else:
                 bscans.append(grey(a) if p.samplesperpixel > 1 else a)
+        first = kept[0]
+        turn = _TURNS.get(int(first.tags.valueof(274, 1) or 1), lambda b: b)
+        bscans = [turn(b) for b in bscans]
+        if first.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+            stack = np.stack(bscans)
+            if stack.dtype.kind == "u":
+                return to_volume_dtype(((1 << max(np.atleast_1d(first.bitspersample))) - 1 - stack).astype(stack.dtype), path, [])
+            return to_volume_dtype((float(stack.max()) + float(stack.min()) - stack.astype(np.float64)).astype(np.float32), path, [])
     return to_volume_dtype(np.stack(bscans), path, [])
+
+
+# TIFF Orientation, written out case by case (the reader's table is checked against Pillow in test_images)
+_TURNS = {2: np.fliplr, 3: lambda b: np.rot90(b, 2), 4: np.flipud, 5: lambda b: b.T,
+          6: lambda b: np.rot90(b, -1), 7: lambda b: np.rot90(b.T, 2), 8: lambda b: np.rot90(b, 1)}
 
 
 def ref_npy(path: Path) -> np.ndarray:
@@ -42,8 +55,11 @@ def ref_npy(path: Path) -> np.ndarray:
 def ref_pil(path: Path) -> np.ndarray:
     from PIL import Image
 
+    from PIL import ImageOps
+
     with Image.open(path) as img:
         img.load()
+        img = ImageOps.exif_transpose(img)
         if img.mode == "P":
             img = img.convert("RGBA")
         elif img.mode in ("LA", "PA"):

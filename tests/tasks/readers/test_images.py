@@ -256,3 +256,41 @@ def test_shown_escapes_terminal_control_sequences() -> None:
     assert shown(undecodable) == "caf\\xe9.tif"
     err = ReadError(hostile, "bad")
     assert str(err).isprintable()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_tags_turn_pixels_as_viewers_show_them(tmp_path: Path, orientation: int) -> None:
+    """TIFF Orientation (tag 274) and EXIF Orientation in PNG / JPEG: the pixels as Pillow's
+    ``ImageOps.exif_transpose`` (the reference) shows them, with a warning when they were turned."""
+    from PIL import ImageOps
+
+    pixels = (np.random.default_rng(orientation).random((12, 20)) * 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(tmp_path / "b.png", exif=exif)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "b.png")))
+    tifffile.imwrite(tmp_path / "s.tif", np.stack([pixels, pixels[::-1]]), photometric="minisblack",
+                     extratags=[(274, "H", 1, orientation, True)])
+    stack, png_volume = read_volume(tmp_path / "s.tif"), read_volume(tmp_path / "b.png")
+    np.testing.assert_array_equal(png_volume.image[0], expected)
+    np.testing.assert_array_equal(stack.image[0], expected)
+    expected_second = np.asarray(ImageOps.exif_transpose(_with_orientation(pixels[::-1], orientation)))
+    np.testing.assert_array_equal(stack.image[1], expected_second)
+    turned = orientation != 1
+    assert any("Orientation" in w for w in stack.warnings) == turned
+    assert any("Orientation" in w for w in png_volume.warnings) == turned
+
+
+def _with_orientation(pixels: np.ndarray, orientation: int) -> Image.Image:
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    image.getexif()[0x0112] = orientation
+    return image
+
+
+def test_min_is_white_tiff_is_inverted_with_a_warning(tmp_path: Path) -> None:
+    pixels = (np.random.default_rng(3).random((2, 12, 20)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "w.tif", pixels, photometric="miniswhite")
+    volume = read_volume(tmp_path / "w.tif")
+    np.testing.assert_array_equal(volume.image, 255 - pixels)
+    assert any("MinIsWhite" in w for w in volume.warnings)
