@@ -132,8 +132,8 @@ def _read_dicom(path: Path, max_voxels: int | None, secondary_capture: bool = Fa
         raise ReadError(path, "DICOM image without Rows/Columns")
     frames, spp = int(ds.get("NumberOfFrames") or 1), int(ds.get("SamplesPerPixel") or 1)
     check_voxels(path, (frames, rows, cols) if spp == 1 else (frames, rows, cols, spp), max_voxels)
-    image = _dicom_pixels(path, ds, frames, spp)
     warnings: list[str] = []
+    image = _dicom_pixels(path, ds, frames, spp, warnings)
     meta: dict[str, Any] = {
         "laterality": _dicom_laterality(ds), "scan_pattern": "volume" if image.shape[0] > 1 else "unknown",
         "acquired": next(filter(None, (iso_date(ds.get(k)) for k in (
@@ -175,7 +175,7 @@ def _check_native_length(path: Path, ds: Any, frames: int, spp: int) -> None:
                               f"disagrees with the pixel data (a wrong NumberOfFrames?); refused rather than read in part")
 
 
-def _dicom_pixels(path: Path, ds: Any, frames: int, spp: int) -> np.ndarray:
+def _dicom_pixels(path: Path, ds: Any, frames: int, spp: int, warnings: list[str]) -> np.ndarray:
     ts = ds.file_meta.get("TransferSyntaxUID")
     _check_native_length(path, ds, frames, spp)
     try:
@@ -187,7 +187,8 @@ def _dicom_pixels(path: Path, ds: Any, frames: int, spp: int) -> np.ndarray:
     if frames == 1:
         arr = arr[None]
     if spp > 1:
-        arr = np.stack([grey(a, path, "colour frame") for a in arr])
+        arr = np.stack([grey(a, path, "colour frame", warnings) for a in arr])
+        warnings[:] = list(dict.fromkeys(warnings))  # said once, not once a frame
     return np.ascontiguousarray(arr)
 
 

@@ -97,8 +97,9 @@ def floats_as_float32(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32) if arr.dtype.kind == "f" else arr
 
 
-def grey(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
-    """A 2-D image from grey or RGB(A) pixels whose channels are equal (else luminance, rounded)."""
+def grey(arr: np.ndarray, path: Path, what: str, warnings: list[str] | None = None) -> np.ndarray:
+    """A 2-D image from grey or RGB(A) pixels whose channels are equal (else luminance, rounded, and
+    ``warnings`` hears of it)."""
     if arr.ndim == 2:
         return arr
     if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
@@ -106,6 +107,8 @@ def grey(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
     rgb = arr[..., :3]
     if (rgb == rgb[..., :1]).all():
         return np.ascontiguousarray(rgb[..., 0])
+    if warnings is not None:
+        warnings.append(f"{what}s in colour (their channels differ) stored as grey levels: the luminance")
     luma = rgb @ np.array([0.299, 0.587, 0.114])
     return np.clip(np.rint(luma), 0, np.iinfo(arr.dtype).max).astype(arr.dtype) if arr.dtype.kind == "u" else luma
 

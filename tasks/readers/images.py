@@ -229,13 +229,18 @@ def _read_npy(path: Path, max_voxels: int | None) -> np.ndarray:
         raise ReadError(path, f"truncated or corrupt .npy ({e})") from e
 
 
-def _to_gray(arr: np.ndarray, colour: bool) -> np.ndarray:
-    """Drop the colour axis: equal channels -> one, else luminance in the same dtype."""
+def _to_gray(arr: np.ndarray, colour: bool, warnings: list[str] | None = None) -> np.ndarray:
+    """Drop the colour axis: equal channels -> one, else luminance in the same dtype; ``warnings`` hears of
+    a luminance conversion and of a transparency channel that held anything but opaque."""
     if not colour:
         return arr
+    said = [] if warnings is None else warnings
+    if arr.shape[-1] in (2, 4) and np.any(arr[..., -1] != arr[..., -1].max(initial=0)):
+        said.append("transparency (alpha) channel dropped: it was not opaque everywhere")
     rgb = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., :1]
     if all(np.array_equal(rgb[..., 0], rgb[..., c]) for c in range(1, rgb.shape[-1])):
         return rgb[..., 0]
+    said.append("colour image (its channels differ) stored as grey levels: the luminance 0.299 R + 0.587 G + 0.114 B")
     luma = rgb @ _LUMA
     if arr.dtype.kind in "iu":
         info = np.iinfo(arr.dtype)
@@ -260,7 +265,7 @@ class PixelReader(FileReader):
         arr, colour, scale = self.pixels(path, False, max_voxels, warnings)
         if arr.ndim > 4:
             raise ReadError(path, f"wrong number of dimensions: expected 2-D or 3-D grey image, got shape {arr.shape}")
-        gray = to_volume_dtype(_to_gray(arr, colour), path, warnings)
+        gray = to_volume_dtype(_to_gray(arr, colour, warnings), path, warnings)
         if 0 in gray.shape:
             raise ReadError(path, f"empty image of shape {arr.shape}")
         if gray.ndim not in ndims:

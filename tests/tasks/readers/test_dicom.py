@@ -114,3 +114,19 @@ def test_pixel_data_longer_than_the_header_says_is_refused_not_read_in_part(tmp_
     ds.save_as(p)
     with pytest.raises(ReadError, match=r"pixel data holds 3,600 bytes, the header describes 4 frame"):
         read_volume(p)
+
+
+def test_colour_frames_become_luminance_with_a_warning(tmp_path: Path) -> None:
+    import pydicom
+
+    rgb = (np.random.default_rng(2).random((2, 12, 10, 3)) * 255).astype(np.uint8)
+    path = vf.write_opt_dicom(tmp_path / "c.dcm", rgb[..., 0], pixels=False)
+    ds = pydicom.dcmread(path)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.PixelData = rgb.tobytes()
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    volume = read_volume(path)
+    expected = np.clip(np.rint(rgb @ np.array([0.299, 0.587, 0.114])), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(volume.image, expected)
+    assert sum("luminance" in w for w in volume.warnings) == 1  # once, not once a frame

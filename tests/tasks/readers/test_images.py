@@ -294,3 +294,16 @@ def test_min_is_white_tiff_is_inverted_with_a_warning(tmp_path: Path) -> None:
     volume = read_volume(tmp_path / "w.tif")
     np.testing.assert_array_equal(volume.image, 255 - pixels)
     assert any("MinIsWhite" in w for w in volume.warnings)
+
+
+def test_colour_turned_grey_and_dropped_transparency_are_said(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    colour = (rng.random((12, 20, 3)) * 255).astype(np.uint8)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    Image.fromarray(np.repeat(colour[..., :1], 3, axis=-1)).save(tmp_path / "grey.png")  # R = G = B
+    see_through = np.dstack([colour, np.full((12, 20), 255, np.uint8)])
+    see_through[:3, :, 3] = 0
+    Image.fromarray(see_through, "RGBA").save(tmp_path / "alpha.png")
+    assert any("luminance" in w for w in read_volume(tmp_path / "colour.png").warnings)
+    assert read_volume(tmp_path / "grey.png").warnings == []
+    assert any("alpha" in w for w in read_volume(tmp_path / "alpha.png").warnings)
