@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any
 
 import typer
@@ -48,6 +49,9 @@ def quiet_third_party(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
+        # the file libraries' complaints about a damaged file: the reader refuses it in one line of its own
+        for module in ("pydicom", "tifffile", "PIL", "eyepy", "oct_converter"):
+            warnings.filterwarnings("ignore", category=UserWarning, module=module)
 
 
 def prepare_runtime(verbose: bool) -> None:
