@@ -119,7 +119,10 @@ class Archive(DerivedArrays):
         path = self.path.joinpath(*parts)
         if not (path / "zarr.json").is_file():
             raise ArchiveError(f"{path}: no such {'volume' if len(parts) == 1 else 'group'} in the archive")
-        return zarr.open_group(path, mode=mode, zarr_format=3, use_consolidated=False)
+        try:
+            return zarr.open_group(path, mode=mode, zarr_format=3, use_consolidated=False)
+        except ValueError as e:  # json.JSONDecodeError, or metadata zarr refuses
+            raise ArchiveError(f"{path / 'zarr.json'}: damaged metadata ({type(e).__name__}: {e})") from e
 
     def volume_meta(self, volume_id: str) -> dict[str, Any]:
         """The volume's provenance attributes (``octseg``: source, source_sha256, reader, ...)."""

@@ -60,6 +60,13 @@ def test_write_and_read_back(archive: Archive) -> None:
     assert archive.prediction_info("vol1") is None and archive.prediction("vol1") is None
 
 
+def test_damaged_volume_metadata_names_its_file(archive: Archive) -> None:
+    meta = archive.path / "vol1" / "zarr.json"
+    meta.write_text('{"zarr_format": 3, bad')
+    with pytest.raises(ArchiveError, match=r"vol1/zarr.json: damaged metadata \(JSONDecodeError"):
+        archive.volume_meta("vol1")
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
 def test_dtype_is_kept(tmp_path: Path, dtype: type) -> None:
     arc = open_archive(tmp_path / "arc.zarr")
