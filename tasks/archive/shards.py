@@ -19,6 +19,7 @@ returns False, and the caller writes through zarr.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Callable
@@ -32,7 +33,7 @@ import zarr
 from numcodecs import Blosc, Zstd
 from zarr.storage import LocalStore
 
-__all__ = ["write_shards"]
+__all__ = ["absent_shards", "write_shards"]
 
 _EMPTY = np.iinfo(np.uint64).max  # offset and length of a chunk that is not stored
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
@@ -116,3 +117,15 @@ def write_shards(array: zarr.Array, data: np.ndarray, z0: int = 0) -> bool:
     with ThreadPoolExecutor(min(len(starts), cores), thread_name_prefix="octseg-shards") as pool:
         list(pool.map(write, starts))  # never in the calling thread: see the module docstring
     return True
+
+
+def absent_shards(array: zarr.Array) -> list[str]:
+    """Keys of the shard (or chunk) files missing from a local array. The archive writes its images with
+    every shard, all-zero ones included, so a missing one is damage: zarr would read it as zeros."""
+    if not isinstance(array.store, LocalStore):
+        return []
+    outer = array.shards or array.chunks
+    root = Path(array.store.root) / array.path
+    keys = (array.metadata.encode_chunk_key(idx)
+            for idx in itertools.product(*(range(-(-n // c)) for n, c in zip(array.shape, outer))))
+    return [key for key in keys if not (root / key).is_file()]

@@ -53,6 +53,7 @@ from octseg.tasks.archive.ome import (
     write_fundus,
     write_label_image,
 )
+from octseg.tasks.archive.shards import absent_shards
 from octseg.tasks.archive.staging import replace_dir, staging_dir
 
 __all__ = ["ARCHIVE_VERSION", "REQUIRED_MODEL_INFO", "REQUIRED_PROVENANCE", "Archive", "already_segmented", "open_archive",
@@ -131,6 +132,15 @@ class Archive(DerivedArrays):
     def image(self, volume_id: str) -> zarr.Array:
         """The image, (Z, Y, X) = (B-scan, depth, A-scan), opened read-only."""
         return level0(self._group(volume_id))
+
+    def check_whole(self, volume_id: str, array: zarr.Array | None = None, what: str = "image") -> None:
+        """ArchiveError naming the missing files when shard files of the volume's image (or of ``array``, its
+        ``what``) are gone, which zarr would read as zeros: before anything is computed from it."""
+        missing = absent_shards(self.image(volume_id) if array is None else array)
+        if missing:
+            raise ArchiveError(f"{self.path / volume_id}: {len(missing)} shard file(s) of its {what} are missing "
+                               f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the archive is "
+                               f"damaged; remove the volume folder and ingest its source again")
 
     def shard_bscans(self, volume_id: str) -> int:
         """B-scans per shard of the volume's arrays: align Dask writes to this many B-scans."""

@@ -113,6 +113,8 @@ def preprocess_volume(
     shard_z = archive.shard_bscans(volume_id)
     fps = derived_fingerprints(archive, volume_id, weights)
     todo = outdated(archive, volume_id, weights)
+    if todo:
+        archive.check_whole(volume_id)
     result = PreprocessResult(volume_id, skipped=[name for name in fps if name not in todo])
     jobs: dict[str, tuple] = {}  # name -> (blocks to compute, target array)
     if "normalized" in todo:  # read shard-sized blocks directly: no rechunk tasks, no transfers between workers

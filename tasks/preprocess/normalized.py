@@ -24,9 +24,11 @@ def normalized_bscans(archive, volume_id: str, idx: list[int] | None = None) -> 
     """
     pick = slice(None) if idx is None else idx
     if archive.derived_is_complete(volume_id, "normalized"):
-        return np.asarray(archive.open_derived(volume_id, "normalized").get_orthogonal_selection((pick,)),
-                          dtype=np.float32)
+        derived = archive.open_derived(volume_id, "normalized")
+        archive.check_whole(volume_id, derived, "normalised image")
+        return np.asarray(derived.get_orthogonal_selection((pick,)), dtype=np.float32)
     log.warning("%s: no normalised image in the archive; normalising on the fly (run preprocess)", volume_id)
+    archive.check_whole(volume_id)
     return normalize_volume(np.asarray(archive.image(volume_id).get_orthogonal_selection((pick,))))
 
 
@@ -35,7 +37,9 @@ def bscan_reader(archive, volume_id: str):
     preprocessing completed it, else normalised on the fly with the same function (logged once)."""
     if archive.derived_is_complete(volume_id, "normalized"):
         derived = archive.open_derived(volume_id, "normalized")
+        archive.check_whole(volume_id, derived, "normalised image")
         return lambda z0, z1: np.asarray(derived[z0:z1], dtype=np.float32)
     log.info("%s: no normalised image in the archive; normalising on the fly (run preprocess)", volume_id)
+    archive.check_whole(volume_id)
     image = archive.image(volume_id)
     return lambda z0, z1: normalize_volume(np.asarray(image[z0:z1]))

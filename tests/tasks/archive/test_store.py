@@ -67,6 +67,23 @@ def test_damaged_volume_metadata_names_its_file(archive: Archive) -> None:
         archive.volume_meta("vol1")
 
 
+def test_a_missing_image_shard_is_damage_not_zeros(tmp_path: Path) -> None:
+    """Every shard of an image is written, all-zero ones too; one removed is named, never read as zeros."""
+    from octseg.tasks.preprocess.normalized import bscan_reader, normalized_bscans
+
+    arc = open_archive(tmp_path / "arc.zarr")
+    image = _image((20, 16, 24))
+    image[8:16] = 0  # a whole shard of zeros is still a file
+    arc.write_volume("vol1", image, scale_um=SCALE, provenance=PROV)
+    arc.check_whole("vol1")
+    shard = arc.path / "vol1" / "s0" / "c" / "1" / "0" / "0"
+    shard.unlink()
+    for read in (lambda: arc.check_whole("vol1"), lambda: normalized_bscans(arc, "vol1"),
+                 lambda: bscan_reader(arc, "vol1")):
+        with pytest.raises(ArchiveError, match=r"vol1: 1 shard file\(s\) of its image are missing \(c/1/0/0\)"):
+            read()
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
 def test_dtype_is_kept(tmp_path: Path, dtype: type) -> None:
     arc = open_archive(tmp_path / "arc.zarr")
