@@ -49,7 +49,7 @@ class DerivedArrays:
         shape = self.image(volume_id).shape
         catalogue_for(self.path).mark_doubt(volume_id)  # until mark_derived_complete records it again
         group = zarr.open_group(path.parent, mode="a", zarr_format=3, use_consolidated=False)
-        octseg = {**jsonable(dict(attrs or {}), f"{path}: attrs"), "complete": False}
+        octseg = {**jsonable(dict(attrs or {}), f"{path}: attrs"), "complete": False, "every_shard": True}
         return group.create_array(name, shape=shape, dtype=dtype, chunks=bscan_chunks(shape),
                                   shards=bscan_shards(shape), fill_value=0, dimension_names=AXES,
                                   compressors=compressors_for(dtype),

@@ -50,6 +50,7 @@ def store_now(group: zarr.Group, data: np.ndarray | da.Array, jobs: list[Any]) -
     array = level0(group).with_config({"write_empty_chunks": True})
     if not write_shards(array, data):  # whole shard files, the bytes zarr would write; else through zarr
         array[...] = data
+    array.attrs["octseg"] = {**array.attrs.get("octseg", {}), "every_shard": True}  # a missing one is damage
     return []
 
 

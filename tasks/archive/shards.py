@@ -120,9 +120,10 @@ def write_shards(array: zarr.Array, data: np.ndarray, z0: int = 0) -> bool:
 
 
 def absent_shards(array: zarr.Array) -> list[str]:
-    """Keys of the shard (or chunk) files missing from a local array. The archive writes its images with
-    every shard, all-zero ones included, so a missing one is damage: zarr would read it as zeros."""
-    if not isinstance(array.store, LocalStore):
+    """Keys of the shard (or chunk) files missing from a local array written with every shard, all-zero
+    ones included (its ``octseg.every_shard`` attribute): a missing one is damage, zarr would read it as
+    zeros. Arrays written otherwise (zarr leaves out all-zero shards) give []."""
+    if not isinstance(array.store, LocalStore) or not array.attrs.get("octseg", {}).get("every_shard"):
         return []
     outer = array.shards or array.chunks
     root = Path(array.store.root) / array.path

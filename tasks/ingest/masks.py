@@ -4,9 +4,11 @@ A file's mask is ``<labels_dir>/<file name>``; a folder of B-scans has one mask 
 :func:`mask_files`). What the values mean is decided for the whole volume, never file by file:
 
 - values 0..31 are class labels and are kept as they are (a mask of 0 and 2 stays 0 and 2);
-- a mask whose nonzero values are all bright, within 10% of its brightest (0/255, 0/65535, or the
-  near-white shades 241..255 that lossy compression leaves), is binary: 0/1;
-- a colour mask is binary when its non-black pixels are grey (R = G = B) or all of one colour;
+- a mask of one bright value is binary, 0/1, on where it is at least half its brightest: 0/255, 0/65535,
+  or a lossy or smoothed file of one (near-black and near-white shades, with at most 5% of its lit
+  pixels in between);
+- a colour mask is judged by its grey levels when R = G = B, else it is binary when it is one colour
+  (each bright pixel has the same bright channels, however lossy);
 - anything else is refused with the mask file named: NaN or infinite values, negative or fractional
   values, several grey levels above 31, several colours, or a volume mixing binary 0/255 masks with
   class labels above 1.
@@ -19,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from octseg.tasks.readers.base import ReadError, ScanVolume, matches_suffix
 from octseg.tasks.readers.images import PIXEL_READERS, read_pixels
@@ -55,22 +58,49 @@ def unmatched_masks(labels_dir: str | Path, source: str | Path) -> list[str]:
     return sorted(f.name for f in base.iterdir() if f.is_file() and not f.name.startswith(".") and f.name not in names)
 
 
+MIDDLE_SHARE = 0.05  # a binary mask: at most this share of its lit pixels between dark and bright (lossy edges)
+
+
+def _bright(level: np.ndarray, labels_possible: bool = True) -> np.ndarray | None:
+    """Where a mask of one bright value is on, or None when ``level`` is not such a mask: its lit pixels
+    are bright (over a tenth of the brightest; on from half of it), apart from at most
+    :data:`MIDDLE_SHARE` of them below nine tenths, and its faint nonzero pixels lie within a JPEG block
+    (8 px) of lit ones: the edges and ringing of a lossy or smoothed file, never regions of small class
+    labels beside a bright one (0, 1, 2 and 255 for "ignore" is refused)."""
+    top = float(level.max())
+    lit = level > 0.1 * top
+    if top == 0 or (labels_possible and top <= MAX_LABEL) or (lit & (level < 0.9 * top)).sum() > MIDDLE_SHARE * lit.sum():
+        return None
+    faint = (level > 0) & ~lit
+    if faint.any():
+        near = ndimage.maximum_filter(lit, size=(1,) * (lit.ndim - 2) + (17, 17))
+        if (faint & ~near).any():
+            return None
+    return level >= 0.5 * top
+
+
 def _kind(arr: np.ndarray, colour: bool, path: Path) -> tuple[str, np.ndarray]:
     """("classes", values kept) or ("binary", foreground mask) for one mask file; refusals name it."""
+    if arr.size == 0:
+        raise ReadError(path, f"empty mask of shape {arr.shape}")
     if arr.dtype == bool:
         return "classes", arr.astype(np.uint8)
     if colour:
         if arr.shape[-1] in (2, 4) and np.all(arr[..., -1] == arr[..., -1].max(initial=0)):
             arr = arr[..., :-1]  # an opaque alpha channel says nothing
-        lit = np.any(arr != 0, axis=-1)
-        colours = np.unique(arr[lit].reshape(-1, arr.shape[-1]), axis=0)
-        if len(colours) and np.all(colours == colours[:, :1]):  # grey drawn in RGB: judged as grey values
+        if np.all(arr == arr[..., :1]):  # grey drawn in RGB (or all black): judged as grey values
             arr = arr[..., 0]
-        elif len(colours) > 1:
-            raise ReadError(path, f"colour mask with {len(colours)} colours: octseg cannot tell which colour is which "
-                                  f"class; store class labels 0..{MAX_LABEL} in a grey or palette image")
         else:
-            return "binary", lit
+            level = arr.max(axis=-1)
+            on = _bright(level, labels_possible=False)
+            # which channels are bright in each bright pixel: one pattern for one colour, apart from the
+            # few that a lossy file's colour subsampling shifts at the edges
+            counts = np.unique(arr[on] >= 0.5 * level[on][:, None], axis=0, return_counts=True)[1] \
+                if on is not None else np.zeros(1)
+            if on is None or counts.max() < (1 - MIDDLE_SHARE) * counts.sum():
+                raise ReadError(path, f"colour mask of several colours or shades: octseg cannot tell which colour is "
+                                      f"which class; store class labels 0..{MAX_LABEL} in a grey or palette image")
+            return "binary", on
     if not np.all(np.isfinite(arr)):
         raise ReadError(path, "mask holds NaN or infinite values")
     values = np.unique(arr)
@@ -79,9 +109,9 @@ def _kind(arr: np.ndarray, colour: bool, path: Path) -> tuple[str, np.ndarray]:
                               f"class labels are integers 0..{MAX_LABEL}")
     if values[-1] <= MAX_LABEL:
         return "classes", arr.astype(np.uint8)
-    lit = values[values > 0]
-    if lit[0] > MAX_LABEL and lit[0] >= 0.9 * lit[-1]:
-        return "binary", arr != 0
+    on = _bright(arr)
+    if on is not None:
+        return "binary", on
     raise ReadError(path, f"mask is neither binary nor small-integer labels (0..{MAX_LABEL}): "
                           f"{values.size} distinct values in {values[0]}..{values[-1]}")
 

@@ -82,6 +82,9 @@ def test_a_missing_image_shard_is_damage_not_zeros(tmp_path: Path) -> None:
                  lambda: bscan_reader(arc, "vol1")):
         with pytest.raises(ArchiveError, match=r"vol1: 1 shard file\(s\) of its image are missing \(c/1/0/0\)"):
             read()
+    arc.write_volume("lazy", da.from_array(image, chunks=(4, 16, 24)), scale_um=SCALE, provenance=PROV)
+    assert not (arc.path / "lazy" / "s0" / "c" / "1" / "0" / "0").exists()  # zarr leaves an all-zero shard out
+    arc.check_whole("lazy")  # not marked as written whole: nothing to say
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])

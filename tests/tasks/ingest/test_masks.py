@@ -1,6 +1,7 @@
 """Manual masks beside a source: found by name, read as labels of its volume, refused with the mask file named."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,9 @@ def test_no_masks_means_not_annotated(tmp_path: Path) -> None:
     (np.arange(600, dtype=np.uint8).reshape(20, 30), "neither binary nor small-integer"),  # grey image
     (np.where(MASK[0] > 0, 100, 0).astype(np.uint8) + np.where(MASK[2] > 0, 200, 0).astype(np.uint8),
      "neither binary nor small-integer"),  # two grey levels above 31: classes, not one binary value
-    (np.stack([MASK[0] * 255, MASK[2] * 255, np.zeros_like(MASK[0])], -1), "colour mask with 2 colours"),
+    (np.stack([MASK[0] * 255, MASK[2] * 255, np.zeros_like(MASK[0])], -1), "colour mask of several colours"),
+    (np.pad(np.ones((3, 5), np.uint8), ((0, 17), (0, 25))) + np.pad(np.full((5, 10), 255, np.uint8), ((15, 0), (20, 0))),
+     "neither binary nor small-integer"),  # class 1 away from 255 ("ignore"): not a lossy binary mask
 ])
 def test_bad_masks_name_the_mask_file(tmp_path: Path, mask: np.ndarray, phrase: str) -> None:
     volume = read_volume(bscan_folder(tmp_path / "vol"))
@@ -154,3 +157,54 @@ def test_mask_files_naming_no_bscan_are_listed(tmp_path: Path) -> None:
             tmp_path / "labels" / "vol" / name, MASK[0])
     assert unmatched_masks(tmp_path / "labels", tmp_path / "vol") == ["B_1.png", "b_2.tif", "b_9.png"]
     assert unmatched_masks(tmp_path / "absent", tmp_path / "vol") == []
+
+
+def _blobs(h: int = 120, w: int = 160) -> np.ndarray:
+    from skimage.draw import ellipse
+
+    mask = np.zeros((h, w), bool)
+    for r, c, a, b in [(40, 50, 15, 30), (80, 110, 6, 9), (30, 130, 4, 5)]:
+        mask[ellipse(r, c, a, b, mask.shape)] = True
+    return mask
+
+
+@pytest.mark.parametrize("colour", [None, (255, 255, 255), (230, 20, 10)])
+def test_lossy_jpeg_masks_of_one_value_are_binary(tmp_path: Path, colour) -> None:
+    """JPEG leaves faint ringing beside the edges and shades near white: still the mask it was made from.
+    A red one comes back with half its pixels in mid shades (chroma subsampling), which a mask of two
+    shades of one colour would also show: refused, not guessed."""
+    truth = _blobs()
+    png(tmp_path / "one.png", (np.random.default_rng(0).random(truth.shape) * 200).astype(np.uint8))
+    (tmp_path / "labels").mkdir()
+    pixels = truth.astype(np.uint8) * 255 if colour is None else truth[..., None] * np.array(colour, np.uint8)
+    Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "labels" / "one.jpg", quality=85)
+    shutil.move(tmp_path / "labels" / "one.jpg", tmp_path / "labels" / "one.png.jpg")
+    raw = np.asarray(Image.open(tmp_path / "labels" / "one.png.jpg"))
+    assert len(np.unique(raw)) > 2  # really lossy
+    Image.fromarray(raw).save(tmp_path / "labels" / "one.png")  # the lossy values, kept losslessly (as Duke's)
+    if colour is not None and colour[1] != colour[0]:
+        with pytest.raises(ReadError, match="colour mask of several colours or shades"):
+            read_masks(tmp_path / "labels", read_volume(tmp_path / "one.png"))
+        return
+    labels, _ = read_masks(tmp_path / "labels", read_volume(tmp_path / "one.png"))
+    np.testing.assert_array_equal(labels[0], truth)
+
+
+def test_an_all_black_colour_mask_is_an_empty_class_mask(tmp_path: Path) -> None:
+    volume = read_volume(bscan_folder(tmp_path / "vol"))
+    (tmp_path / "labels").mkdir()
+    png(tmp_path / "labels" / "b_0.png", np.repeat((MASK[0] * 3)[..., None], 3, axis=-1))  # class 3 in grey RGB
+    png(tmp_path / "labels" / "b_1.png", np.zeros((20, 30, 3), np.uint8))  # nothing to label, saved in RGB
+    labels, annotated = read_masks(tmp_path / "labels", volume)
+    assert annotated == [0, 1] and labels[1].max() == 0
+    np.testing.assert_array_equal(labels[0], MASK[0] * 3)
+
+
+def test_an_empty_mask_file_is_refused_naming_it(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "scan.tif", STACK, **GREY)
+    (tmp_path / "labels").mkdir()
+    np.save(tmp_path / "labels" / "scan.npy", np.zeros((0, 20, 30), np.uint8))
+    shutil.copy(tmp_path / "scan.tif", tmp_path / "scan.npy")
+    np.save(tmp_path / "scan.npy", STACK)
+    with pytest.raises(ReadError, match="scan.npy: empty mask"):
+        read_masks(tmp_path / "labels", read_volume(tmp_path / "scan.npy"))
