@@ -31,6 +31,7 @@ __all__ = ["EpochStats", "augmentation", "evaluate", "fit", "lr_factor", "make_o
 
 log = logging.getLogger(__name__)
 
+EMA_START_SHARE = 0.05  # the most the first step's weights may weigh in the weight average at the end
 TILE_CHUNK = 8  # batches drawn ahead at a time when tiles load in the training process (see _in_chunks)
 
 
@@ -234,6 +235,10 @@ def fit(
         log.info("resuming after epoch %d", resume["epoch"])
     log.info("training on %s: %d B-scans, tiles %d -> %d, %s", device, len(train), tile, out, cfg)
     steps = len(loader)  # optimisation steps per epoch
+    if cfg.ema and cfg.ema ** (cfg.epochs * steps) > EMA_START_SHARE:
+        raise ValueError(f"ema {cfg.ema} over {cfg.epochs * steps} steps keeps {cfg.ema ** (cfg.epochs * steps):.0%} of the "
+                         f"first steps' weights in the average: use a decay of at most "
+                         f"{EMA_START_SHARE ** (1 / (cfg.epochs * steps)):.4f}, or train longer")
     for epoch in range(start, cfg.epochs):
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()

@@ -120,7 +120,7 @@ def test_weight_average_is_the_exponential_average_of_each_step() -> None:
     raw: list[dict[str, torch.Tensor]] = []
     torch.manual_seed(0)
     fit(UNet(base_channels=4, depth=2, batch_norm=True), data, None, cfg, on_checkpoint=lambda s: raw.append(s["model"]))
-    decay = 0.7
+    decay = 0.5
     expected = {k: v.double() for k, v in raw[0].items()}
     for w in raw[1:]:
         expected = {k: decay * expected[k] + (1 - decay) * w[k].double() for k in expected}
@@ -133,3 +133,29 @@ def test_weight_average_is_the_exponential_average_of_each_step() -> None:
     for key in floats:
         torch.testing.assert_close(state[key].double(), expected[key], rtol=1e-5, atol=1e-6)
     assert not torch.equal(state[floats[0]], raw[-1][floats[0]])  # not simply the last step's weights
+
+
+def test_a_weight_average_dominated_by_the_first_steps_is_refused() -> None:
+    ph = make_phantom_volume(n_bscans=1, height=64, width=64, seed=3)
+    data = BScanSet(normalize_volume(ph.image), ph.fluid.astype(np.int64))
+    cfg = TrainConfig(epochs=2, batch_size=4, tiles_per_epoch=4, max_tile=64, ema=0.999)
+    with pytest.raises(ValueError, match=r"ema 0.999 over 2 steps keeps 100% .* at most 0.2236"):
+        fit(UNet(base_channels=4, depth=2), data, None, cfg)
+
+
+def test_the_weight_average_is_what_is_validated_and_kept() -> None:
+    """With a validation set, the best epoch is judged on the averaged weights, and those are kept: the
+    returned model scores what its epoch recorded (the raw weights of that epoch score otherwise)."""
+    from octseg.unet.train import evaluate, validation_inference
+
+    ph = make_phantom_volume(n_bscans=2, height=64, width=64, seed=4)
+    data = BScanSet(normalize_volume(ph.image), ph.fluid.astype(np.int64))
+    cfg = TrainConfig(epochs=6, batch_size=2, tiles_per_epoch=4, optimizer="adam", lr=1e-2, max_tile=64, ema=0.5)
+    raw: dict[int, dict[str, torch.Tensor]] = {}
+    torch.manual_seed(0)
+    model = UNet(base_channels=4, depth=2, batch_norm=True)
+    history = fit(model, data, data, cfg, on_checkpoint=lambda s: raw.__setitem__(s["epoch"], s["model"]))
+    dice = [h.val_dice[1] for h in history]
+    best = int(np.nanargmax(dice))
+    assert evaluate(model, data, validation_inference(cfg))[1] == pytest.approx(dice[best], abs=1e-6)
+    assert any(not torch.equal(model.state_dict()[k], raw[best][k]) for k in raw[best])  # not the raw weights
