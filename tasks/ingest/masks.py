@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from octseg.tasks.readers.base import ReadError, ScanVolume, matches_suffix
-from octseg.tasks.readers.images import PIXEL_READERS, read_pixels
+from octseg.tasks.readers.images import PIXEL_READERS, read_pixels, was_turned
 from octseg.tasks.readers.registry import source_files, unsupported_suffix
 
 __all__ = ["MAX_LABEL", "mask_files", "read_masks", "unmatched_masks"]
@@ -127,11 +127,17 @@ def _labels(kinds: list[tuple[str, np.ndarray]], paths: list[Path]) -> list[np.n
     return [a.astype(np.uint8) for _, a in kinds]
 
 
-def _read_mask(path: Path, shape: tuple[int, ...], image_name: str) -> tuple[str, np.ndarray]:
-    """One mask file as (kind, values) of exactly ``shape`` (a 2-D mask fits a one-B-scan volume)."""
+def _read_mask(path: Path, shape: tuple[int, ...], image_name: str, image_turned: bool) -> tuple[str, np.ndarray]:
+    """One mask file as (kind, values) of exactly ``shape`` (a 2-D mask fits a one-B-scan volume), turned
+    by an Orientation tag exactly when its image was (else the labels would not lie on the pixels)."""
     if not any(matches_suffix(r, path) for r in PIXEL_READERS):
         raise unsupported_suffix(path)
-    arr, colour = read_pixels(path, keep_palette=True)
+    said: list[str] = []
+    arr, colour = read_pixels(path, keep_palette=True, warnings=said)
+    if was_turned(said) != image_turned:
+        raise ReadError(path, f"{image_name} is {'' if image_turned else 'not '}turned by an Orientation tag and this "
+                              f"mask is {'' if was_turned(said) else 'not'}: its labels would not lie on the pixels; "
+                              f"store the image and its mask the same way")
     kind, labels = _kind(arr, colour, path)
     if len(shape) == 3 and shape[0] == 1 and labels.ndim == 2:
         labels = labels[np.newaxis]
@@ -148,11 +154,13 @@ def read_masks(labels_dir: str | Path, volume: ScanVolume) -> tuple[np.ndarray, 
     found = mask_files(labels_dir, volume.source)
     if not found:
         return None
+    turned = was_turned(volume.warnings)
     if not volume.source.is_dir():
-        (labels,) = _labels([_read_mask(found[0], volume.image.shape, volume.source.name)], [found[0]])
+        (labels,) = _labels([_read_mask(found[0], volume.image.shape, volume.source.name, turned)], [found[0]])
         return labels, list(range(volume.image.shape[0]))
     paths = [found[z] for z in sorted(found)]
-    read = _labels([_read_mask(found[z], volume.image.shape[1:], volume.files[z].name) for z in sorted(found)], paths)
+    read = _labels([_read_mask(found[z], volume.image.shape[1:], volume.files[z].name, turned) for z in sorted(found)],
+                   paths)
     labels = np.zeros(volume.image.shape, dtype=np.uint8)
     for z, mask in zip(sorted(found), read):
         labels[z] = mask

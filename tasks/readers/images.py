@@ -128,6 +128,11 @@ _ORIENTATIONS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+def was_turned(warnings: Sequence[str]) -> bool:
+    """Whether a read's warnings say an Orientation tag turned its pixels (see :func:`oriented`)."""
+    return any(w.startswith("Orientation ") for w in warnings)
+
+
 def oriented(arr: np.ndarray, orientation: int, colour: bool, warnings: list[str]) -> np.ndarray:
     """Stored pixels (..., rows, columns[, samples]) turned as the file's Orientation tag says viewers show
     them (the tag's meaning as in Pillow's ``ImageOps.exif_transpose``), with a warning when it turns them."""
@@ -136,7 +141,7 @@ def oriented(arr: np.ndarray, orientation: int, colour: bool, warnings: list[str
         return arr
     stack = arr.reshape((-1,) + arr.shape[arr.ndim - 2 - colour:])  # (B-scans, rows, columns[, samples])
     out = np.ascontiguousarray(turn(stack))
-    warnings.append(f"Orientation tag {orientation} applied: stored {arr.shape[arr.ndim - 2 - colour:][:2]} "
+    warnings.append(f"Orientation {orientation} (TIFF tag) applied: stored {arr.shape[arr.ndim - 2 - colour:][:2]} "
                     f"pixels turned to {out.shape[1:3]} as viewers show them")
     return out.reshape(arr.shape[:arr.ndim - 2 - colour] + out.shape[1:])
 
@@ -158,7 +163,7 @@ def _read_pil(path: Path, keep_palette: bool, max_voxels: int | None,
             orientation = img.getexif().get(0x0112, 1)
             if orientation in _ORIENTATIONS:
                 img = ImageOps.exif_transpose(img)
-                warnings.append(f"EXIF Orientation {orientation} applied: the image is stored turned")
+                warnings.append(f"Orientation {orientation} (EXIF) applied: the image is stored turned")
             if img.mode == "P" and not keep_palette:
                 img = img.convert("RGBA")
             elif img.mode in ("LA", "PA"):

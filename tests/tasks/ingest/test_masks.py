@@ -208,3 +208,17 @@ def test_an_empty_mask_file_is_refused_naming_it(tmp_path: Path) -> None:
     np.save(tmp_path / "scan.npy", STACK)
     with pytest.raises(ReadError, match="scan.npy: empty mask"):
         read_masks(tmp_path / "labels", read_volume(tmp_path / "scan.npy"))
+
+
+def test_a_mask_is_turned_with_its_image_or_refused(tmp_path: Path) -> None:
+    """An image turned by its Orientation tag takes a mask turned the same way; a mask drawn on the stored
+    pixels without the tag would lie upside down on it, so it is refused."""
+    tag = [(274, "H", 1, 3, True)]  # a half turn
+    tifffile.imwrite(tmp_path / "scan.tif", STACK, **GREY, extratags=tag)
+    (tmp_path / "labels").mkdir()
+    tifffile.imwrite(tmp_path / "labels" / "scan.tif", MASK, **GREY, extratags=tag)
+    labels, _ = read_masks(tmp_path / "labels", read_volume(tmp_path / "scan.tif"))
+    np.testing.assert_array_equal(labels, MASK[:, ::-1, ::-1])
+    tifffile.imwrite(tmp_path / "labels" / "scan.tif", MASK, **GREY)
+    with pytest.raises(ReadError, match="scan.tif is turned by an Orientation tag and this mask is not"):
+        read_masks(tmp_path / "labels", read_volume(tmp_path / "scan.tif"))
