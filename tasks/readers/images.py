@@ -94,12 +94,17 @@ def _read_tiff(path: Path, max_voxels: int | None, warnings: list[str]) -> tuple
         arr = read_tiff_pages(path, layout)
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[layout.first.index]
-            orientation, photometric = int(page.tags.valueof(274, 1) or 1), page.photometric
+            orientation, photometric = np.ravel(page.tags.valueof(274, 1) or 1), page.photometric
             scale = _tiff_scale(tif, warnings) if layout.ome else None
-        arr = oriented(arr, orientation, layout.first.colour, warnings)
+        if orientation.size != 1 or int(orientation[0]) not in range(1, 9):
+            warnings.append(f"Orientation tag {orientation.tolist()} is not one of 1..8: the pixels are kept as stored")
+        elif int(orientation[0]) > 1:
+            arr = oriented(arr, int(orientation[0]), layout.first.colour, warnings)
+            if int(orientation[0]) >= 5 and scale is not None:  # rows and columns swapped: so are their sizes
+                scale = (scale[0], scale[2], scale[1])
         if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
             top = (1 << max(layout.first.bits)) - 1
-            arr = ((top - arr).astype(arr.dtype) if arr.dtype.kind == "u"
+            arr = (~arr if arr.dtype == bool else (top - arr).astype(arr.dtype) if arr.dtype.kind == "u"
                    else (float(arr.max()) + float(arr.min()) - arr.astype(np.float64)).astype(np.float32))
             warnings.append("MinIsWhite pixels inverted (bright = strong signal)")
         if layout.first.planar and layout.first.samples > 1:

@@ -32,7 +32,8 @@ def ref_tiff(path: Path) -> np.ndarray:
             else:
                 bscans.append(grey(a) if p.samplesperpixel > 1 else a)
         first = kept[0]
-        turn = _TURNS.get(int(first.tags.valueof(274, 1) or 1), lambda b: b)
+        tag = np.ravel(first.tags.valueof(274, 1) or 1)
+        turn = _TURNS.get(int(tag[0]) if tag.size == 1 else 1, lambda b: b)
         bscans = [turn(b) for b in bscans]
         if first.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
             stack = np.stack(bscans)
