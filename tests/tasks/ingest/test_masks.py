@@ -222,3 +222,18 @@ def test_a_mask_is_turned_with_its_image_or_refused(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "labels" / "scan.tif", MASK, **GREY)
     with pytest.raises(ReadError, match="scan.tif is turned by an Orientation tag and this mask is not"):
         read_masks(tmp_path / "labels", read_volume(tmp_path / "scan.tif"))
+
+
+def test_ingest_says_which_mask_files_were_left_out(tmp_path: Path) -> None:
+    from octseg.tasks.archive.store import open_archive
+    from octseg.tasks.ingest.source import ingest_source
+
+    bscan_folder(tmp_path / "vol")
+    (tmp_path / "labels" / "vol").mkdir(parents=True)
+    png(tmp_path / "labels" / "vol" / "b_0.png", MASK[0])
+    png(tmp_path / "labels" / "vol" / "b_9.png", MASK[0])  # no such B-scan
+    result = ingest_source(tmp_path / "vol", tmp_path / "a.zarr", tmp_path / "labels")
+    assert result.status == "written"
+    said = [w for w in result.warnings if "left out" in w]
+    assert said == ["1 mask file(s) name no B-scan of this folder and were left out: b_9.png"]
+    assert said[0] in open_archive(tmp_path / "a.zarr").volume_meta("vol")["warnings"]
