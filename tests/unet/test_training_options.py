@@ -150,7 +150,7 @@ def test_the_weight_average_is_what_is_validated_and_kept() -> None:
 
     ph = make_phantom_volume(n_bscans=2, height=64, width=64, seed=4)
     data = BScanSet(normalize_volume(ph.image), ph.fluid.astype(np.int64))
-    cfg = TrainConfig(epochs=6, batch_size=2, tiles_per_epoch=4, optimizer="adam", lr=1e-2, max_tile=64, ema=0.5)
+    cfg = TrainConfig(epochs=3, batch_size=2, tiles_per_epoch=4, optimizer="adam", lr=1e-2, max_tile=64, ema=0.3)
     raw: dict[int, dict[str, torch.Tensor]] = {}
     torch.manual_seed(0)
     model = UNet(base_channels=4, depth=2, batch_norm=True)
