@@ -21,8 +21,8 @@ from octseg.tasks.readers.sources import shown
 
 __all__ = [
     "BScanReader", "ExportReader", "FileReader", "Limits", "ReadError", "Reader", "Scale", "ScanVolume",
-    "VoxelLimitError", "check_file", "check_finite", "check_voxels", "listed_suffixes", "matches_suffix", "one_line",
-    "to_volume_dtype",
+    "VoxelLimitError", "check_file", "check_finite", "check_voxels", "listed_suffixes", "matches_suffix", "luminance",
+    "one_line", "to_volume_dtype",
 ]
 
 Scale = tuple[float, float, float]  # voxel size (z, y, x) in micrometres
@@ -121,6 +121,27 @@ def to_volume_dtype(arr: np.ndarray, path: Path, warnings: list[str]) -> np.ndar
                 raise ReadError(path, f"{arr.dtype} values up to {finite.max():.3g} overflow float32, the archive's float type")
         return arr.astype(np.float32)
     raise ReadError(path, f"unsupported pixel type {arr.dtype} (expected integers or floats)")
+
+
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601
+
+
+def luminance(arr: np.ndarray, what: str, warnings: list[str] | None = None) -> np.ndarray:
+    """Drop the last (colour) axis of 1-4 channels: equal colour channels -> one, else the luminance
+    0.299 R + 0.587 G + 0.114 B, rounded, in the same dtype. ``warnings`` hears of a luminance conversion
+    and of a transparency channel (2nd of 2, 4th of 4) that held anything but opaque."""
+    said = [] if warnings is None else warnings
+    if arr.shape[-1] in (2, 4) and np.any(arr[..., -1] != arr[..., -1].max(initial=0)):
+        said.append(f"{what}: transparency (alpha) channel dropped: it was not opaque everywhere")
+    rgb = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., :1]
+    if all(np.array_equal(rgb[..., 0], rgb[..., c]) for c in range(1, rgb.shape[-1])):
+        return np.ascontiguousarray(rgb[..., 0])
+    said.append(f"{what} in colour (its channels differ) stored as grey levels: the luminance 0.299 R + 0.587 G + 0.114 B")
+    luma = rgb @ _LUMA
+    if arr.dtype.kind in "iu":
+        info = np.iinfo(arr.dtype)
+        return np.clip(np.rint(luma), info.min, info.max).astype(arr.dtype)
+    return luma.astype(arr.dtype)
 
 
 def check_finite(image: np.ndarray, path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from octseg.tasks.readers.base import ReadError, ScanVolume
+from octseg.tasks.readers.base import ReadError, ScanVolume, luminance
 
 __all__ = ["add_identifier", "boundary_layers", "floats_as_float32", "grey", "iso_date", "laterality", "new_volume",
            "positive", "scale_um"]
@@ -98,19 +98,13 @@ def floats_as_float32(arr: np.ndarray) -> np.ndarray:
 
 
 def grey(arr: np.ndarray, path: Path, what: str, warnings: list[str] | None = None) -> np.ndarray:
-    """A 2-D image from grey or RGB(A) pixels whose channels are equal (else luminance, rounded, and
-    ``warnings`` hears of it)."""
+    """A 2-D image from grey or RGB(A) pixels (:func:`~octseg.tasks.readers.base.luminance`: equal channels
+    kept, else luminance, and ``warnings`` hears of it)."""
     if arr.ndim == 2:
         return arr
     if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
         raise ReadError(path, f"{what} has shape {arr.shape}: not a grey or RGB image")
-    rgb = arr[..., :3]
-    if (rgb == rgb[..., :1]).all():
-        return np.ascontiguousarray(rgb[..., 0])
-    if warnings is not None:
-        warnings.append(f"{what}s in colour (their channels differ) stored as grey levels: the luminance")
-    luma = rgb @ np.array([0.299, 0.587, 0.114])
-    return np.clip(np.rint(luma), 0, np.iinfo(arr.dtype).max).astype(arr.dtype) if arr.dtype.kind == "u" else luma
+    return luminance(arr, what, warnings)
 
 
 def new_volume(image: np.ndarray, scale: tuple[float, float, float] | None, **fields: Any) -> ScanVolume:

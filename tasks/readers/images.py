@@ -32,6 +32,7 @@ from octseg.tasks.readers.base import (
     check_file,
     check_voxels,
     listed_suffixes,
+    luminance,
     matches_suffix,
     one_line,
     to_volume_dtype,
@@ -42,7 +43,6 @@ from octseg.tasks.readers.tiff import read_tiff_pages, tiff_layout
 
 __all__ = ["IMAGE", "NPY", "PIXEL_READERS", "TIFF", "BScanFolderReader", "BScanImageReader", "PixelReader", "bscan_files", "read_pixels"]
 
-_LUMA = np.array([0.299, 0.587, 0.114])
 _UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}
 
 
@@ -239,25 +239,6 @@ def _read_npy(path: Path, max_voxels: int | None) -> np.ndarray:
         raise ReadError(path, f"truncated or corrupt .npy ({e})") from e
 
 
-def _to_gray(arr: np.ndarray, colour: bool, warnings: list[str] | None = None) -> np.ndarray:
-    """Drop the colour axis: equal channels -> one, else luminance in the same dtype; ``warnings`` hears of
-    a luminance conversion and of a transparency channel that held anything but opaque."""
-    if not colour:
-        return arr
-    said = [] if warnings is None else warnings
-    if arr.shape[-1] in (2, 4) and np.any(arr[..., -1] != arr[..., -1].max(initial=0)):
-        said.append("transparency (alpha) channel dropped: it was not opaque everywhere")
-    rgb = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., :1]
-    if all(np.array_equal(rgb[..., 0], rgb[..., c]) for c in range(1, rgb.shape[-1])):
-        return rgb[..., 0]
-    said.append("colour image (its channels differ) stored as grey levels: the luminance 0.299 R + 0.587 G + 0.114 B")
-    luma = rgb @ _LUMA
-    if arr.dtype.kind in "iu":
-        info = np.iinfo(arr.dtype)
-        return np.clip(np.rint(luma), info.min, info.max).astype(arr.dtype)
-    return luma.astype(arr.dtype)
-
-
 class PixelReader(FileReader):
     """A plain image file read by its suffix: a volume (3-D) or one B-scan (2-D), in grey levels."""
 
@@ -275,7 +256,7 @@ class PixelReader(FileReader):
         arr, colour, scale = self.pixels(path, False, max_voxels, warnings)
         if arr.ndim > 4:
             raise ReadError(path, f"wrong number of dimensions: expected 2-D or 3-D grey image, got shape {arr.shape}")
-        gray = to_volume_dtype(_to_gray(arr, colour, warnings), path, warnings)
+        gray = to_volume_dtype(luminance(arr, "image", warnings) if colour else arr, path, warnings)
         if 0 in gray.shape:
             raise ReadError(path, f"empty image of shape {arr.shape}")
         if gray.ndim not in ndims:

@@ -13,9 +13,9 @@ from octseg.tasks.readers.base import to_volume_dtype
 
 def grey(arr: np.ndarray) -> np.ndarray:
     """Colour samples in the last axis -> one channel, as the readers do (equal channels kept, else luminance)."""
-    from octseg.tasks.readers.images import _to_gray
+    from octseg.tasks.readers.base import luminance
 
-    return _to_gray(arr, arr.ndim == 3 and arr.shape[-1] in (2, 3, 4))
+    return luminance(arr, "image") if arr.ndim == 3 and arr.shape[-1] in (2, 3, 4) else arr
 
 
 def ref_tiff(path: Path) -> np.ndarray:
