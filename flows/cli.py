@@ -292,7 +292,8 @@ def catalogue(cfg: CatalogueConfig, verbose: bool) -> None:
     t0 = time.perf_counter()
     if cfg.rebuild:
         store.rebuild()
-    volumes = len(store.entries(verify=("volume", "prediction", "derived")))
+    entries = store.entries(verify=("volume", "prediction", "derived"))
+    volumes, stale = len(entries), _stale_readings(entries.values())
     counts, models = store.counts(), store.models()
     statuses = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("segmented", "preprocessed", "ingested", "unreadable")
                          if counts.get(k) or k != "unreadable")
@@ -301,6 +302,23 @@ def catalogue(cfg: CatalogueConfig, verbose: bool) -> None:
                f"{'; segmented by ' + by_model if by_model else ''}); {counts['sources']} source files known, "
                f"{counts['bad']} refused; {'rebuilt from the volumes' if cfg.rebuild else 'checked against them'} "
                f"in {time.perf_counter() - t0:.2f} s")
+    if stale:
+        typer.echo(f"{stale} volume(s) read under older reading rules: the next ingest of their sources reads them "
+                   f"again (kept where the pixels come out the same, else written again)")
+
+
+def _stale_readings(entries) -> int:
+    """How many catalogue entries record a reading older than their reader's rules now (each settings row once)."""
+    import json
+
+    from octseg.tasks.ingest.rules import stale_reading
+
+    judged: dict[tuple[str | None, str | None], bool] = {}
+    for e in entries:
+        key = (e.settings, e.reader)
+        if key not in judged:
+            judged[key] = stale_reading({**json.loads(e.settings or "{}"), "reader": e.reader}, None)
+    return sum(judged[(e.settings, e.reader)] for e in entries)
 
 
 @app.command()

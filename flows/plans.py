@@ -68,7 +68,7 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     source whose volume id an earlier one in the batch already uses is a failure, as in the flow. A source
     whose path and stamp the catalogue remembers is not read (its SHA-256 is known)."""
     from octseg.tasks.ingest.known import forget_folders, known_sha256
-    from octseg.tasks.ingest.rules import labels_sha256, same_content, settings_match
+    from octseg.tasks.ingest.rules import labels_sha256, same_content, settings_match, stale_reading
     from octseg.tasks.readers.registry import source_sha256
 
     forget_folders()
@@ -89,14 +89,15 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     for src in sources:
         entry = entries.get(ids[src])
         try:  # ingest's rule (octseg.tasks.ingest.rules.unchanged) on the catalogue's columns, not the provenance
+            labels_fp = labels_sha256(config.labels, src)
             done = entry is not None and entry.settings is not None and same_content(
                 entry.source_sha256, entry.labels_sha256,
-                known_sha256(catalogue, src, remembered, stats.get(src)) or source_sha256(src),
-                labels_sha256(config.labels, src))
+                known_sha256(catalogue, src, remembered, stats.get(src)) or source_sha256(src), labels_fp)
             if done:
-                key = (entry.settings, entry.reader)
+                key = (entry.settings, entry.reader, labels_fp is not None)
                 if key not in settings:
-                    settings[key] = settings_match({**json.loads(entry.settings), "reader": entry.reader}, options)
+                    meta = {**json.loads(entry.settings), "reader": entry.reader}
+                    settings[key] = settings_match(meta, options) and not stale_reading(meta, labels_fp)
                 done = settings[key]
         except Exception:  # an unreadable file: the flow reports it
             done = False

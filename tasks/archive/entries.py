@@ -72,12 +72,14 @@ def image_fingerprint_of(meta: Mapping[str, Any]) -> str:
 
 def reading_settings(meta: Mapping[str, Any]) -> dict[str, Any]:
     """The settings a volume was read with that change what ingest writes, from its provenance: the options its
-    reader takes that it records (e.g. Duke's ``grader``) and whether identifiers were found and kept. Ingest's
-    no-op plan compares these (:func:`octseg.tasks.ingest.rules.unchanged`) without loading the provenance."""
+    reader takes that it records (e.g. Duke's ``grader``), whether identifiers were found and kept, and the versions
+    of the reading rules it was read under (``reading``, ``mask_reading``). Ingest's no-op plan compares these
+    (:func:`octseg.tasks.ingest.rules.unchanged`) without loading the provenance."""
     found = reader_named(meta.get("reader")) if isinstance(meta.get("reader"), str) else None
     options = found.option_defaults if found is not None else {}
     return {**{key: meta[key] for key in options if key in meta},
-            "has_identifiers": meta.get("has_identifiers"), "identifiers_kept": meta.get("identifiers_kept")}
+            "has_identifiers": meta.get("has_identifiers"), "identifiers_kept": meta.get("identifiers_kept"),
+            "reading": meta.get("reading"), "mask_reading": meta.get("mask_reading")}
 
 
 def canonical(value: Any) -> str:

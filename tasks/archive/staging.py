@@ -22,7 +22,7 @@ from pathlib import Path
 
 from octseg.tasks.runtime.processes import heartbeat, holder_record, process_gone
 
-__all__ = ["STAGING_STALE_SECONDS", "replace_dir", "staging_dir", "sweep_staging"]
+__all__ = ["STAGING_STALE_SECONDS", "replace_dir", "replace_file", "staging_dir", "sweep_staging"]
 
 _RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths atomically (Linux 3.15+, ext4/xfs/btrfs/tmpfs/...)
 _AT_FDCWD = -100
@@ -64,6 +64,20 @@ def replace_dir(new: Path, target: Path, aside: Path) -> None:
         raise
     finally:
         journal.unlink(missing_ok=True)
+
+
+def replace_file(target: Path, text: str) -> None:
+    """Write ``text`` over the file ``target`` so that readers see the old or the new content, never part:
+    a sibling temporary file, flushed to disk, renamed over it."""
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 _JOURNAL = "replace.json"  # in a staging folder: a two-rename replacement in progress

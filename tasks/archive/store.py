@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.metadata
+import json
 import os
 import shutil
 import uuid
@@ -36,6 +37,7 @@ from octseg.tasks.archive.layout import (
     bscan_shards,
     check_image,
     check_name,
+    jsonable,
     labels_digest,
     require_keys,
     storage_options,
@@ -54,7 +56,7 @@ from octseg.tasks.archive.ome import (
     write_label_image,
 )
 from octseg.tasks.archive.shards import absent_shards
-from octseg.tasks.archive.staging import replace_dir, staging_dir
+from octseg.tasks.archive.staging import replace_dir, replace_file, staging_dir
 
 __all__ = ["ARCHIVE_VERSION", "REQUIRED_MODEL_INFO", "REQUIRED_PROVENANCE", "Archive", "already_segmented", "open_archive",
            "select_volumes"]
@@ -252,6 +254,17 @@ class Archive(DerivedArrays):
             except Exception as e:
                 raise ArchiveError(f"{where}: writing the volume failed, archive unchanged "
                                    f"({type(e).__name__}: {e})") from e
+
+    def restamp(self, volume_id: str, changes: Mapping[str, Any]) -> None:
+        """Merge ``changes`` into the volume's provenance, rewriting its ``zarr.json`` alone (atomically): for a
+        volume read again that gave the same pixels. Its image fingerprint, and so its derived arrays, stay."""
+        self._group(volume_id)  # exists, and its metadata is whole
+        path = self.path / volume_id / "zarr.json"
+        doc = json.loads(path.read_text())
+        attrs = doc.setdefault("attributes", {})
+        attrs["octseg"] = {**attrs.get("octseg", {}), **jsonable(dict(changes), f"{path}: provenance")}
+        with publishing(self.path, volume_id):
+            replace_file(path, json.dumps(doc, indent=2))
 
     def boundaries(self, volume_id: str) -> dict[str, np.ndarray]:
         """Stored layer boundaries, name -> (Z, X) float32 rows (NaN: none); empty when the source had none."""

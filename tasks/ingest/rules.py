@@ -2,7 +2,10 @@
 
 A stored volume records what it was made from: the source's SHA-256 and a salted digest of its path,
 the fingerprint of its masks, and the settings that change what is written (the reader options its
-reader takes, such as Duke's ``grader``, and whether identifiers were kept). :func:`existing_volume`
+reader takes, such as Duke's ``grader``, whether identifiers were kept, and the version of the reading
+rules its reader and the mask rules had: ``reading`` and ``mask_reading``). A volume read under older
+rules is read again; :func:`reread_only` tells when that is the only reason, so ingest can keep the volume
+(and everything computed from it) when the new reading gives the same pixels and masks. :func:`existing_volume`
 compares those with the source at hand; :func:`octseg.tasks.ingest.source.ingest_source` states the rule.
 """
 from __future__ import annotations
@@ -15,8 +18,12 @@ from typing import Any, Literal
 from octseg.tasks.readers.registry import reader_named
 from octseg.tasks.readers.sources import shown
 
-__all__ = ["existing_volume", "labels_sha256", "path_digest", "reader_settings", "same_content", "settings_match",
-           "unchanged"]
+__all__ = ["MASK_READING", "existing_volume", "labels_sha256", "path_digest", "reader_settings", "reading_of",
+           "reread_only", "same_content", "settings_match", "stale_reading", "unchanged"]
+
+# The version of the mask rules (tasks/ingest/masks.py): raised when the same mask files read into other labels.
+# 2: mask values decided per volume (class labels kept as they are, binary masks by one bright value, refusals).
+MASK_READING = 2
 
 
 def labels_sha256(labels_dir: str | Path | None, source: str | Path) -> str | None:
@@ -42,11 +49,25 @@ def path_digest(path: str | Path, salt: str) -> str:
     return f"{salt}:{hashlib.sha256((salt + str(Path(path).resolve())).encode()).hexdigest()}"
 
 
+def reading_of(reader: str | None) -> int:
+    """The version of the reading rules of reader ``reader`` (its ``reading``; 1 for one that declares none)."""
+    return int(getattr(reader_named(reader), "reading", 1))
+
+
 def reader_settings(reader: str | None, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options reader ``reader`` takes, as ``options`` set them (else their defaults): what a volume records."""
+    """The options reader ``reader`` takes, as ``options`` set them (else their defaults), and the version of
+    its reading rules: what a volume records."""
     found = reader_named(reader)
     defaults = found.option_defaults if found is not None else {}
-    return {key: options.get(key, default) for key, default in defaults.items()}
+    return {**{key: options.get(key, default) for key, default in defaults.items()}, "reading": reading_of(reader)}
+
+
+def stale_reading(meta: Mapping[str, Any], labels_fp: str | None) -> bool:
+    """The stored volume was read under older rules than its reader's now (a volume that records none: 1), or,
+    when masks are given (``labels_fp``), its masks under older mask rules."""
+    if int(meta.get("reading") or 1) != reading_of(meta.get("reader")):
+        return True
+    return labels_fp is not None and int(meta.get("mask_reading") or 1) != MASK_READING
 
 
 def _same_path(meta: Mapping[str, Any], src: Path) -> bool:
@@ -60,7 +81,7 @@ def _same_path(meta: Mapping[str, Any], src: Path) -> bool:
 def settings_match(meta: Mapping[str, Any], options: Mapping[str, Any]) -> bool:
     """The stored volume was read with the settings that change what is written: the options its reader
     takes (a volume stored before one was recorded has its default), and whether the identifiers of a
-    file that has them were kept."""
+    file that has them were kept. The rules' versions are :func:`stale_reading`'s."""
     found = reader_named(meta.get("reader"))
     defaults = found.option_defaults if found is not None else {}
     if defaults and ({key: meta.get(key, default) for key, default in defaults.items()}
@@ -76,9 +97,15 @@ def same_content(stored_sha: str | None, stored_labels: str | None, sha: str, la
 
 
 def unchanged(meta: Mapping[str, Any], sha: str, labels_fp: str | None, options: Mapping[str, Any]) -> bool:
-    """Same bytes, no new masks, same settings: ingest keeps the stored volume as it is."""
+    """Same bytes, no new masks, same settings, read under today's rules: ingest keeps the stored volume as it is."""
     return (same_content(meta.get("source_sha256"), meta.get("labels_sha256"), sha, labels_fp)
-            and settings_match(meta, options))
+            and settings_match(meta, options) and not stale_reading(meta, labels_fp))
+
+
+def reread_only(meta: Mapping[str, Any], sha: str, labels_fp: str | None, options: Mapping[str, Any]) -> bool:
+    """Same bytes, masks and settings, but read under older rules: the one change is how octseg reads them."""
+    return (same_content(meta.get("source_sha256"), meta.get("labels_sha256"), sha, labels_fp)
+            and settings_match(meta, options) and stale_reading(meta, labels_fp))
 
 
 def existing_volume(meta: Mapping[str, Any], volume_id: str, src: Path, sha: str, labels_fp: str | None,
@@ -91,4 +118,4 @@ def existing_volume(meta: Mapping[str, Any], volume_id: str, src: Path, sha: str
         return "write", None  # the same file, updated in place
     if unchanged(meta, sha, labels_fp, options):
         return "skip", None  # same bytes (perhaps moved): keep the volume and its ground truth
-    return "write", None  # new or changed masks, or another grader / identifier setting
+    return "write", None  # new or changed masks, another grader / identifier setting, or newer reading rules

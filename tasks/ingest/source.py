@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from prefect import get_run_logger, task
 
 from octseg.tasks.archive.claims import claim_volume
@@ -37,7 +38,15 @@ from octseg.tasks.ingest.known import (
     source_stamp,
 )
 from octseg.tasks.ingest.masks import read_masks, unmatched_masks
-from octseg.tasks.ingest.rules import existing_volume, labels_sha256, path_digest, reader_settings, unchanged
+from octseg.tasks.ingest.rules import (
+    MASK_READING,
+    existing_volume,
+    labels_sha256,
+    path_digest,
+    reader_settings,
+    reread_only,
+    unchanged,
+)
 from octseg.tasks.readers.base import ScanVolume
 from octseg.tasks.readers.limits import DEFAULT_MAX_VOXELS
 from octseg.tasks.readers.registry import SHA256_LATER, read_volume, source_sha256
@@ -160,6 +169,10 @@ def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_
                 return _skipped(archive, volume_id, src)
             if action == "fail":
                 raise ValueError(error)
+            if reread_only(meta, hashing.result(), labels_fp, options):
+                kept = _kept_if_same(archive, volume_id, src, volume, labels_dir, options, hide)
+                if kept is not None:
+                    return kept
             if labels_fp is None and meta.get("labels_sha256") is not None and volume.manual_labels is None:
                 LOGGER.warning("%s changed: re-writing volume %r drops its manual labels (no masks given)",
                                shown(src), volume_id)
@@ -173,7 +186,8 @@ def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_
         labels, annotated = masks if masks is not None else (None, [])
         provenance = {**volume.meta, "source": hide(str(src.resolve())), "reader": volume.reader,
                       "labels_dir": hide(str(Path(labels_dir).resolve())) if labels_fp is not None else None,
-                      "labels_sha256": labels_fp, "n_bscans": int(volume.image.shape[0]),
+                      "labels_sha256": labels_fp, "mask_reading": MASK_READING if labels_fp is not None else None,
+                      "n_bscans": int(volume.image.shape[0]),
                       "warnings": [hide(w) for w in volume.warnings],
                       "has_identifiers": bool(volume.identifiers), "identifiers_kept": bool(keep_identifiers)}
         provenance.update(reader_settings(volume.reader, options))  # e.g. Duke's grader
@@ -193,6 +207,45 @@ def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_
                              boundaries=volume.layers or None, boundaries_source=volume.layers_source,
                              fundus=volume.fundus, fundus_scale_um=volume.fundus_scale_um)
     return IngestResult(str(src), volume_id, "written", volume.image.shape[0], list(annotated), list(volume.warnings))
+
+
+def _kept_if_same(archive, volume_id: str, src: Path, volume: ScanVolume, labels_dir: str | Path | None,
+                  options: Mapping[str, Any], hide) -> IngestResult | None:
+    """A volume read again only because the reading rules changed: when today's reading gives what the archive
+    holds (image, voxel size, masks if given, layers, fundus), it is kept with its derived arrays and
+    prediction, and records the rules' versions (and today's warnings); else None (it is written again)."""
+    masks = read_masks(labels_dir, volume) if labels_dir is not None else None
+    if not _same_arrays(archive, volume_id, volume, masks):
+        LOGGER.warning("%s: read under newer rules, volume %r changes: written again (its derived arrays and "
+                       "prediction go)", shown(src), volume_id)
+        return None
+    changes: dict[str, Any] = {**reader_settings(volume.reader, options), "warnings": [hide(w) for w in volume.warnings]}
+    if masks is not None:
+        changes["mask_reading"] = MASK_READING
+    archive.restamp(volume_id, changes)
+    LOGGER.info("%s: read again under newer rules, same pixels: volume %r kept", shown(src), volume_id)
+    return _skipped(archive, volume_id, src)
+
+
+def _same_arrays(archive, volume_id: str, volume: ScanVolume, masks: tuple[np.ndarray, list[int]] | None) -> bool:
+    """Whether ``volume`` (and ``masks``) as read now equal what the archive holds for ``volume_id``."""
+    def equal(stored, new) -> bool:
+        return stored is not None and stored.shape == new.shape and stored.dtype == new.dtype and \
+            np.array_equal(stored[...], new)
+
+    if not equal(archive.image(volume_id), volume.image) or archive.scale_um(volume_id) != (
+            None if volume.scale_um is None else tuple(float(v) for v in volume.scale_um)):
+        return False
+    if masks is not None:
+        held = archive.manual_labels(volume_id)
+        if held is None or list(held[1]) != list(masks[1]) or not equal(held[0], masks[0]):
+            return False
+    stored_layers = archive.boundaries(volume_id)
+    if set(stored_layers) != set(volume.layers or {}) or not all(
+            np.array_equal(stored_layers[k], np.asarray(v, np.float32), equal_nan=True) for k, v in (volume.layers or {}).items()):
+        return False
+    fundus = archive.fundus(volume_id)
+    return (fundus is None) == (volume.fundus is None) and (volume.fundus is None or equal(fundus, volume.fundus))
 
 
 def _stat_record(stamp: str | None) -> dict[str, int] | None:

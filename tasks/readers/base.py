@@ -170,6 +170,8 @@ class Reader(Protocol):
     command its options; ``option_defaults`` are their defaults, so ingest can record and compare them. ``label`` names the format for people
     (``--help``); ``vendor`` is False for plain image formats; ``extra`` is the pip extra the reader needs.
     ``fingerprint_files(path)`` are the files whose bytes (and names, when several) identify the source.
+    An optional ``reading`` (an int, 1 when absent) is the version of the reader's rules: raise it when a change
+    reads the same bytes into other pixels, and ingest reads its volumes again (keeping those that come out the same).
     """
 
     name: str
@@ -205,6 +207,7 @@ class FileReader:
     vendor: ClassVar[bool] = True
     extra: ClassVar[str | None] = None
     option_fields: ClassVar[Mapping[str, tuple[Any, Any]]] = {}  # name -> (type, pydantic Field(default, ...))
+    reading: ClassVar[int] = 1  # the version of the reading rules (see Reader)
 
     @property
     def option_defaults(self) -> dict[str, Any]:

@@ -282,6 +282,7 @@ class BScanImageReader(PixelReader):
 class TiffReader(BScanImageReader):
     name, label = "tiff", "TIFF stacks"
     suffixes = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
+    reading = 2  # 2: Orientation tags turn the pixels, MinIsWhite is inverted, channel hyperstacks are refused
 
     def pixels(self, path, keep_palette, max_voxels, warnings):
         return _read_tiff(path, max_voxels, warnings)
@@ -296,6 +297,7 @@ class NpyReader(PixelReader):
 
 class PilReader(BScanImageReader):
     name, label, suffixes = "image", "2-D images", (".png", ".jpg", ".jpeg")
+    reading = 2  # 2: the EXIF Orientation tag turns the pixels
 
     def pixels(self, path, keep_palette, max_voxels, warnings):
         return (*_read_pil(path, keep_palette, max_voxels, warnings), None)
@@ -330,6 +332,7 @@ class BScanFolderReader(FileReader):
     """
 
     name, label, vendor = "folder", "folders of 2-D B-scans (one folder = one volume)", False
+    reading = 2  # 2: its B-scans are read by the TIFF and image readers' rules of reading 2
 
     def __init__(self, bscan_readers: Callable[[], Sequence[BScanReader]]) -> None:
         self.bscan_readers = bscan_readers
