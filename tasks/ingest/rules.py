@@ -65,9 +65,9 @@ def reader_settings(reader: str | None, options: Mapping[str, Any]) -> dict[str,
 def stale_reading(meta: Mapping[str, Any], labels_fp: str | None) -> bool:
     """The stored volume was read under older rules than its reader's now (a volume that records none: 1), or,
     when masks are given (``labels_fp``), its masks under older mask rules."""
-    if int(meta.get("reading") or 1) != reading_of(meta.get("reader")):
-        return True
-    return labels_fp is not None and int(meta.get("mask_reading") or 1) != MASK_READING
+    if int(meta.get("reading") or 1) < reading_of(meta.get("reader")):
+        return True  # (a newer octseg's reading is kept by an older one: never read back to older rules)
+    return labels_fp is not None and int(meta.get("mask_reading") or 1) < MASK_READING
 
 
 def _same_path(meta: Mapping[str, Any], src: Path) -> bool:

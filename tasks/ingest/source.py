@@ -161,6 +161,7 @@ def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_
     named = private and has_identifier(src.name, volume.identifiers)
     volume_id = content_volume_id(volume.reader, hashing.result()) if named else volume_id_from_path(src)
     hide = (lambda text: redact(text, volume.identifiers)) if private else (lambda text: text)
+    given: list = []  # the masks, once read
     with claim_volume(archive.path, volume_id, wait=CLAIM_WAIT_SECONDS, doing="ingesting"):
         if archive.has_volume(volume_id):
             meta = archive.volume_meta(volume_id)
@@ -170,19 +171,14 @@ def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_
             if action == "fail":
                 raise ValueError(error)
             if reread_only(meta, hashing.result(), labels_fp, options):
-                kept = _kept_if_same(archive, volume_id, src, volume, labels_dir, options, hide)
+                given.append(_given_masks(labels_dir, src, volume))
+                kept = _kept_if_same(archive, volume_id, src, volume, given[0], meta, labels_fp, options, hide)
                 if kept is not None:
                     return kept
             if labels_fp is None and meta.get("labels_sha256") is not None and volume.manual_labels is None:
                 LOGGER.warning("%s changed: re-writing volume %r drops its manual labels (no masks given)",
                                shown(src), volume_id)
-        masks = read_masks(labels_dir, volume) if labels_dir is not None else None
-        stray = unmatched_masks(labels_dir, src) if labels_dir is not None else []
-        if stray:
-            volume.warnings.append(f"{len(stray)} mask file(s) name no B-scan of this folder and were left out: "
-                                   + ", ".join(stray[:5]) + (", ..." if len(stray) > 5 else ""))
-        if masks is None and volume.manual_labels is not None:
-            masks = (volume.manual_labels, volume.annotated)
+        masks = given[0] if given else _given_masks(labels_dir, src, volume)
         labels, annotated = masks if masks is not None else (None, [])
         provenance = {**volume.meta, "source": hide(str(src.resolve())), "reader": volume.reader,
                       "labels_dir": hide(str(Path(labels_dir).resolve())) if labels_fp is not None else None,
@@ -209,22 +205,43 @@ def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_
     return IngestResult(str(src), volume_id, "written", volume.image.shape[0], list(annotated), list(volume.warnings))
 
 
-def _kept_if_same(archive, volume_id: str, src: Path, volume: ScanVolume, labels_dir: str | Path | None,
-                  options: Mapping[str, Any], hide) -> IngestResult | None:
-    """A volume read again only because the reading rules changed: when today's reading gives what the archive
-    holds (image, voxel size, masks if given, layers, fundus), it is kept with its derived arrays and
-    prediction, and records the rules' versions (and today's warnings); else None (it is written again)."""
+def _given_masks(labels_dir: str | Path | None, src: Path, volume: ScanVolume) -> tuple[Any, list[int]] | None:
+    """The volume's masks: from ``labels_dir`` (mask files naming no B-scan are said in its warnings), else those
+    its file carries (Duke ``.mat``), else None."""
     masks = read_masks(labels_dir, volume) if labels_dir is not None else None
+    stray = unmatched_masks(labels_dir, src) if labels_dir is not None else []
+    if stray:
+        volume.warnings.append(f"{len(stray)} mask file(s) name no B-scan of this folder and were left out: "
+                               + ", ".join(stray[:5]) + (", ..." if len(stray) > 5 else ""))
+    if masks is None and volume.manual_labels is not None:
+        masks = (volume.manual_labels, volume.annotated)
+    return masks
+
+
+def _kept_if_same(archive, volume_id: str, src: Path, volume: ScanVolume, masks, meta: Mapping[str, Any],
+                  labels_fp: str | None, options: Mapping[str, Any], hide) -> IngestResult | None:
+    """A volume read again only because the reading rules changed: when today's reading gives what the archive
+    holds (image, voxel size, masks, layers, fundus), it is kept with its derived arrays and prediction and
+    records the rules' versions and today's warnings; else None (it is written again). Masks that came from a
+    labels folder not given now cannot be read again with their image: a ValueError, the volume kept as it was."""
+    if volume.reader != meta.get("reader"):
+        return None  # another reader takes the file now
     if not _same_arrays(archive, volume_id, volume, masks):
+        if labels_fp is None and meta.get("labels_sha256") is not None:
+            raise ValueError(f"{shown(src)}: read under newer rules, its pixels differ from volume {volume_id!r}, "
+                             f"whose masks came from a labels folder: ingest it again with --labels so they are "
+                             f"read with it (the volume is kept as it was)")
         LOGGER.warning("%s: read under newer rules, volume %r changes: written again (its derived arrays and "
                        "prediction go)", shown(src), volume_id)
         return None
     changes: dict[str, Any] = {**reader_settings(volume.reader, options), "warnings": [hide(w) for w in volume.warnings]}
-    if masks is not None:
+    if labels_fp is not None:
         changes["mask_reading"] = MASK_READING
     archive.restamp(volume_id, changes)
     LOGGER.info("%s: read again under newer rules, same pixels: volume %r kept", shown(src), volume_id)
-    return _skipped(archive, volume_id, src)
+    kept = _skipped(archive, volume_id, src)
+    kept.warnings = list(volume.warnings)
+    return kept
 
 
 def _same_arrays(archive, volume_id: str, volume: ScanVolume, masks: tuple[np.ndarray, list[int]] | None) -> bool:

@@ -332,10 +332,14 @@ class BScanFolderReader(FileReader):
     """
 
     name, label, vendor = "folder", "folders of 2-D B-scans (one folder = one volume)", False
-    reading = 2  # 2: its B-scans are read by the TIFF and image readers' rules of reading 2
 
     def __init__(self, bscan_readers: Callable[[], Sequence[BScanReader]]) -> None:
         self.bscan_readers = bscan_readers
+
+    @property
+    def reading(self) -> int:
+        """Its rules' version: its B-scan readers' own, so a folder is read again when theirs change."""
+        return 1 + sum(int(getattr(r, "reading", 1)) - 1 for r in self.bscan_readers())
 
     def sniff(self, path: Path) -> bool:
         return path.is_dir()

@@ -122,3 +122,46 @@ def test_the_plan_and_the_catalogue_command_see_stale_volumes(tmp_path: Path, fo
     ingest_source(src, path, labels)
     assert plan_ingest(config)[0] == []
     assert "older reading rules" not in invoke("catalogue", "--archive", str(path)).plain
+
+
+def test_masks_from_a_folder_are_never_dropped_by_a_reread(tmp_path: Path) -> None:
+    """Today's rules turn the image; its masks (turned with it) can only be read again from their folder: without
+    --labels the source fails naming what to do and the volume stays as it was; with them it is written again."""
+    src, labels = tmp_path / "turned.tif", tmp_path / "labels"
+    labels.mkdir()
+    mask = np.zeros(STACK.shape, np.uint8)
+    mask[1, 2:5, 3:9] = 255
+    turn = {"photometric": "minisblack", "extratags": [(274, "H", 1, 3, True)]}
+    tifffile.imwrite(src, STACK, **turn)
+    tifffile.imwrite(labels / "turned.tif", mask, **turn)
+    path = tmp_path / "a.zarr"
+    ingest_source(src, path, labels)
+    archive = open_archive(path, create=False)
+    today = archive.manual_labels("turned")[0][...]
+    archive.write_volume("turned", STACK, provenance=archive.volume_meta("turned"), manual_labels=mask // 255,
+                         annotated=[1])  # what the older reading stored: neither turned
+    _as_older_octseg(path, "turned")
+    with pytest.raises(ValueError, match="turned.tif: read under newer rules.*ingest it again with --labels"):
+        ingest_source(src, path)
+    np.testing.assert_array_equal(archive.manual_labels("turned")[0][...], mask // 255)
+    np.testing.assert_array_equal(archive.image("turned")[...], STACK)
+    assert ingest_source(src, path, labels).status == "written"
+    np.testing.assert_array_equal(archive.manual_labels("turned")[0][...], today)
+    assert ingest_source(src, path).status == "skipped"
+
+
+def test_a_newer_reading_is_not_read_back_and_a_kept_volume_says_its_warnings(tmp_path: Path, folder) -> None:
+    src, labels = folder
+    path = tmp_path / "a.zarr"
+    Image.fromarray(MASK).save(labels / "eye" / "b7.png")  # names no B-scan of the folder
+    ingest_source(src, path, labels)
+    _as_older_octseg(path, "eye")
+    kept = ingest_source(src, path, labels)
+    assert kept.status == "skipped" and any("name no B-scan" in w for w in kept.warnings)
+    assert any("name no B-scan" in w for w in open_archive(path, create=False).volume_meta("eye")["warnings"])
+    doc_path = path / "eye" / "zarr.json"
+    doc = json.loads(doc_path.read_text())
+    doc["attributes"]["octseg"].update(reading=99, mask_reading=99)  # written by a newer octseg
+    doc_path.write_text(json.dumps(doc))
+    assert ingest_source(src, path, labels).status == "skipped"
+    assert open_archive(path, create=False).volume_meta("eye")["reading"] == 99
