@@ -173,6 +173,9 @@ class TrainConfig(_Config):
         "Input tile (pixels); none: the largest valid tile <= --max-tile whose output fits the B-scan."))
     max_tile: int = Field(MAX_TILE, ge=1, strict=True,
                           description="Largest input tile the tile rule may pick (the paper: 572).")
+    wide_tiles: bool = Field(False, strict=True, description=(
+        "Training tiles as wide as --max-tile and the B-scan allow, their height by the tile rule: more of each "
+        "B-scan's width per tile than square ones (the paper's)."))
     tiles_per_epoch: int = Field(64, ge=1, strict=True, description="Random tiles drawn per epoch.")
     foreground_fraction: float = Field(0.33, ge=0, le=1, description="Share of tiles centred on foreground pixels.")
     dice_weight: float = Field(0.0, ge=0, description=(

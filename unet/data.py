@@ -29,23 +29,26 @@ class TileDataset(Dataset):
     a third of its patches this way).
     With ``augment``, each tile is augmented by :func:`octseg.unet.augment.augment` with the keywords
     ``augmentation`` (the paper's when empty).
-    Returns ``image`` float32 (1, T, T), ``target`` int64 (O, O), ``weight`` float32 (O, O).
+    ``tile`` and ``output`` are square sizes or (height, width) pairs.
+    Returns ``image`` float32 (1, Th, Tw), ``target`` int64 (Oh, Ow), ``weight`` float32 (Oh, Ow).
     """
 
-    def __init__(self, data: BScanSet, tile: int, output: int, n_tiles: int, augment: bool = True, seed: int = 0,
-                 foreground: float = 0.0, augmentation: Mapping[str, Any] | None = None):
-        if output > min(data.images.shape[1:]):
+    def __init__(self, data: BScanSet, tile: int | tuple[int, int], output: int | tuple[int, int], n_tiles: int,
+                 augment: bool = True, seed: int = 0, foreground: float = 0.0,
+                 augmentation: Mapping[str, Any] | None = None):
+        tile, output = _pair(tile), _pair(output)
+        if any(o > n for o, n in zip(output, data.images.shape[1:])):
             raise ValueError(f"output tile {output} does not fit B-scans of {data.images.shape[1:]}")
-        if (tile - output) % 2:
+        if any((t - o) % 2 for t, o in zip(tile, output)):
             raise ValueError(f"input tile {tile} and output {output} differ by an odd number of pixels")
         self.data, self.tile, self.output, self.n_tiles = data, tile, output, n_tiles
-        self.halo = (tile - output) // 2
+        self.halo = ((tile[0] - output[0]) // 2, (tile[1] - output[1]) // 2)
         if not 0.0 <= foreground <= 1.0:
             raise ValueError(f"foreground must be in [0, 1], got {foreground}")
         self.augment, self.seed, self.epoch, self.foreground = augment, seed, 0, foreground
         self.augmentation = dict(augmentation or {})  # keywords of octseg.unet.augment.augment
         self._fg = np.argwhere(data.labels > 0)  # (M, 3) k, y, x of foreground pixels
-        pad = ((0, 0), (self.halo, self.halo), (self.halo, self.halo))
+        pad = ((0, 0), (self.halo[0], self.halo[0]), (self.halo[1], self.halo[1]))
         # the same mirror as inference (octseg.unet.tiling.mirror_pad): reflect, the edge pixel not repeated
         self._images = np.pad(data.images, pad, mode="reflect")
         small = np.uint8 if data.labels.size == 0 or (data.labels.min() >= 0 and data.labels.max() < 256) else np.int32
@@ -62,20 +65,22 @@ class TileDataset(Dataset):
     def _origin(self, rng: np.random.Generator) -> tuple[int, int, int]:
         """B-scan index and top-left corner of the output window (in unpadded coordinates)."""
         n, h, w = self.data.images.shape
+        oh, ow = self.output
         if len(self._fg) and rng.random() < self.foreground:
             k, cy, cx = self._fg[rng.integers(len(self._fg))]
-            y = int(np.clip(cy - rng.integers(self.output), 0, h - self.output))
-            x = int(np.clip(cx - rng.integers(self.output), 0, w - self.output))
+            y = int(np.clip(cy - rng.integers(oh), 0, h - oh))
+            x = int(np.clip(cx - rng.integers(ow), 0, w - ow))
             return int(k), y, x
-        return int(rng.integers(n)), int(rng.integers(h - self.output + 1)), int(rng.integers(w - self.output + 1))
+        return int(rng.integers(n)), int(rng.integers(h - oh + 1)), int(rng.integers(w - ow + 1))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         epoch, i = divmod(int(index), self.n_tiles)
         rng = np.random.default_rng((self.seed, self.epoch + epoch, i))
         k, y, x = self._origin(rng)
-        window = np.s_[k, y : y + self.tile, x : x + self.tile]  # padded coordinates
+        (th, tw), (oh, ow), (hy, hx) = self.tile, self.output, self.halo
+        window = np.s_[k, y : y + th, x : x + tw]  # padded coordinates
         image, labels, weights = self._images[window], self._labels[window], self._weights[window]
-        c = np.s_[self.halo : self.halo + self.output, self.halo : self.halo + self.output]  # what the loss sees
+        c = np.s_[hy : hy + oh, hx : hx + ow]  # what the loss sees
         if self.augment:
             image, labels, weights = augment_tile(image, labels, weights, rng, window=c, **self.augmentation)
         else:
@@ -85,6 +90,10 @@ class TileDataset(Dataset):
             "target": torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
             "weight": torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)),
         }
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
 
 
 class EpochSampler(Sampler[int]):

@@ -18,7 +18,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-from octseg.unet.config import InferenceConfig, TrainConfig
+from octseg.unet.config import InferenceConfig, TrainConfig, UNetConfig
 from octseg.unet.data import BScanSet, EpochSampler, TileDataset
 from octseg.unet.resample import resample_set
 from octseg.unet.inference import resolve_device, segment_volume
@@ -27,7 +27,7 @@ from octseg.unet.metrics import dice_per_class
 from octseg.unet.model import choose_tile_size
 
 __all__ = ["EpochStats", "augmentation", "evaluate", "fit", "lr_factor", "make_optimizer", "training_loss",
-           "validation_inference", "weight_average"]
+           "training_tile", "validation_inference", "weight_average"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,18 @@ class EpochStats:
     train_loss: float
     seconds: float
     val_dice: dict[int, float] = field(default_factory=dict)
+
+
+def training_tile(config: UNetConfig, image_hw: tuple[int, int], cfg: TrainConfig) -> tuple[int, int]:
+    """(height, width) of the training input tile for B-scans of ``image_hw`` as the network sees them:
+    ``cfg.tile_size`` square, else the tile rule's square (:func:`~octseg.unet.model.choose_tile_size`), or with
+    ``cfg.wide_tiles`` its height and the width the rule allows along the B-scan's own width."""
+    if cfg.tile_size:
+        return cfg.tile_size, cfg.tile_size
+    side = choose_tile_size(config, image_hw, cfg.max_tile)
+    if not cfg.wide_tiles:
+        return side, side
+    return side, max(side, choose_tile_size(config, (image_hw[1], image_hw[1]), cfg.max_tile))
 
 
 def validation_inference(cfg: TrainConfig) -> InferenceConfig:
@@ -196,8 +208,8 @@ def fit(
     train = resample_set(train, model.config)  # as the network sees B-scans (validation stays as it is)
     if not cfg.border_weights:
         train = BScanSet(train.images, train.labels, None)  # w = 1: plain cross-entropy
-    tile = cfg.tile_size or choose_tile_size(model.config, train.images.shape[1:], cfg.max_tile)
-    out = model.output_size(tile)
+    tile = training_tile(model.config, train.images.shape[1:], cfg)
+    out = (model.output_size(tile[0]), model.output_size(tile[1]))
     dataset = TileDataset(train, tile, out, cfg.tiles_per_epoch, augment=cfg.augment, seed=cfg.seed,
                           foreground=cfg.foreground_fraction, augmentation=augmentation(cfg))
     rank, world = _process_group()
@@ -233,7 +245,7 @@ def fit(
         history = [EpochStats(**h) for h in resume["history"]]
         best, start = resume["best"], cfg.epochs if resume.get("stopped") else resume["epoch"] + 1
         log.info("resuming after epoch %d", resume["epoch"])
-    log.info("training on %s: %d B-scans, tiles %d -> %d, %s", device, len(train), tile, out, cfg)
+    log.info("training on %s: %d B-scans, tiles %dx%d -> %dx%d, %s", device, len(train), *tile, *out, cfg)
     steps = len(loader)  # optimisation steps per epoch
     if cfg.ema and cfg.ema ** (cfg.epochs * steps) > EMA_START_SHARE:
         raise ValueError(f"ema {cfg.ema} over {cfg.epochs * steps} steps keeps {cfg.ema ** (cfg.epochs * steps):.0%} of the "

@@ -35,6 +35,34 @@ def test_tile_targets_are_the_centre_of_the_input_tile():
         np.testing.assert_allclose(item["weight"].numpy(), centre.numpy() / 7, rtol=1e-6)
 
 
+def test_wide_tiles_target_the_centre_and_reach_every_column():
+    """(height, width) tiles: the target is the centre of the input on both axes, and origins cover the width."""
+    data = _coords_set(h=40, w=90)
+    ds = TileDataset(data, tile=(24, 60), output=(8, 44), n_tiles=400, augment=False, seed=3)
+    columns = set()
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["image"].shape == (1, 24, 60) and item["target"].shape == (8, 44)
+        centre = item["image"][0, 8:16, 8:52]
+        np.testing.assert_array_equal(centre.numpy().astype(np.int64), item["target"].numpy())
+        columns.update((item["target"].numpy() % 100).ravel().tolist())
+    assert columns == set(range(90))
+    augmented = TileDataset(data, (24, 60), (8, 44), 3, augment=True, seed=3)[0]
+    assert augmented["image"].shape == (1, 24, 60) and augmented["weight"].shape == (8, 44)
+    with pytest.raises(ValueError, match="does not fit"):
+        TileDataset(data, (24, 110), (8, 94), 4)
+
+
+@pytest.mark.parametrize(("wide", "max_tile", "expected"), [
+    (False, 240, (176, 176)), (True, 240, (176, 240)), (True, 400, (176, 288))])
+def test_training_tile_is_square_unless_wide(wide, max_tile, expected):
+    from octseg.unet.train import training_tile
+
+    config = UNetConfig(base_channels=4, depth=4, padding="same")
+    assert training_tile(config, (186, 288), TrainConfig(max_tile=max_tile, wide_tiles=wide)) == expected
+    assert training_tile(config, (186, 288), TrainConfig(tile_size=96, wide_tiles=wide)) == (96, 96)
+
+
 def test_tiles_repeat_per_seed_and_epoch():
     data = _coords_set()
     a = TileDataset(data, 24, 8, 5, augment=True, seed=1)
