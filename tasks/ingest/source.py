@@ -56,6 +56,7 @@ from octseg.tasks.runtime.retry import TRANSIENT_IO_RETRIES
 __all__ = ["IngestResult", "ingest_source", "ingest_source_task", "is_up_to_date"]
 
 LOGGER = logging.getLogger(__name__)
+_UNREAD = object()  # masks not read yet (None: read, and there are none)
 CLAIM_WAIT_SECONDS = 600.0  # how long an ingest waits for another run writing the same volume id
 
 
@@ -161,7 +162,7 @@ def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_
     named = private and has_identifier(src.name, volume.identifiers)
     volume_id = content_volume_id(volume.reader, hashing.result()) if named else volume_id_from_path(src)
     hide = (lambda text: redact(text, volume.identifiers)) if private else (lambda text: text)
-    given: list = []  # the masks, once read
+    masks: Any = _UNREAD
     with claim_volume(archive.path, volume_id, wait=CLAIM_WAIT_SECONDS, doing="ingesting"):
         if archive.has_volume(volume_id):
             meta = archive.volume_meta(volume_id)
@@ -171,14 +172,15 @@ def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_
             if action == "fail":
                 raise ValueError(error)
             if reread_only(meta, hashing.result(), labels_fp, options):
-                given.append(_given_masks(labels_dir, src, volume))
-                kept = _kept_if_same(archive, volume_id, src, volume, given[0], meta, labels_fp, options, hide)
+                masks = _given_masks(labels_dir, src, volume)
+                kept = _kept_if_same(archive, volume_id, src, volume, masks, meta, labels_fp, options, hide)
                 if kept is not None:
                     return kept
             if labels_fp is None and meta.get("labels_sha256") is not None and volume.manual_labels is None:
                 LOGGER.warning("%s changed: re-writing volume %r drops its manual labels (no masks given)",
                                shown(src), volume_id)
-        masks = given[0] if given else _given_masks(labels_dir, src, volume)
+        if masks is _UNREAD:
+            masks = _given_masks(labels_dir, src, volume)
         labels, annotated = masks if masks is not None else (None, [])
         provenance = {**volume.meta, "source": hide(str(src.resolve())), "reader": volume.reader,
                       "labels_dir": hide(str(Path(labels_dir).resolve())) if labels_fp is not None else None,
