@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.octseg-installed
 WORK   ?= octseg-demo
 PYTEST_ARGS ?=
+# two pytest-xdist workers, one test file each at a time (module fixtures run once); TEST_WORKERS=0: one process
+TEST_WORKERS ?= 2
 
 # Keep Prefect, MLflow and temp files of the tests out of the home directory.
 TEST_TMP := $(shell mktemp -d 2>/dev/null || echo /tmp/octseg-tests)
@@ -29,7 +31,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $@
 
 test: $(STAMP) postgres
-	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # the stack test (tests/stack) runs a real PostgreSQL: Debian's package, installed when missing (as root)
 postgres:

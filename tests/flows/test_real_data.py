@@ -2,7 +2,8 @@
 
 The Subject_01 volume (61 PNG B-scans, no masks) and the fluid set (66 PNG B-scans with grader-1
 fluid masks, as one folder = one volume) are ingested, preprocessed on a Dask LocalCluster, used to
-train a tiny U-Net (MLflow in SQLite) and segmented, once per module; the tests check each stage.
+train a tiny U-Net that sees B-scans at half size (MLflow in SQLite) and segmented (probabilities back at
+full size), once per module; the tests check each stage.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ FLUID = "images"  # duke_dme_fluid/images: the folder name is the volume id
 BSCAN_HW = (496, 768)  # Heidelberg Spectralis B-scan (depth, A-scans)
 N_BSCANS = {SUBJECT: 61, FLUID: 66}
 FILL_MIN_PIXELS = 1000  # a registration fill triangle, not a sliver of a few saturated pixels
-SEGMENT_TILE = 572  # the paper's input tile, valid at depth 2: output 532, so 1 x 2 tiles per 496x768 B-scan
+TINY_UNET = {"base_channels": 4, "depth": 2, "scale_y": 0.5, "scale_x": 0.5}  # sees B-scans at 248 x 384
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +54,11 @@ def run(shared_data: Path, tmp_path_factory) -> Iterator[dict]:
                                              labels=fluid / "masks"))
         preprocess = preprocess_archive(PreprocessConfig(archive=archive, n_workers=2))
         train = train_unet(TrainFlowConfig(
-            archive=archive, unet={"base_channels": 4, "depth": 2},
+            archive=archive, unet=TINY_UNET,
             train={"epochs": 1, "tiles_per_epoch": 8, "optimizer": "adam", "lr": 1e-3, "max_tile": 128},
             tracking_uri=tracking))
         segment = segment_archive(SegmentConfig(archive=archive, tracking_uri=tracking, qc_dir=qc,
-                                                inference={"tile_size": SEGMENT_TILE, "device": "cpu"}))
+                                                inference={"device": "cpu"}))
     finally:
         torch.set_num_threads(threads)
     yield {"data": shared_data, "archive": archive, "qc": qc, "ingest": ingest, "preprocess": preprocess,

@@ -1,0 +1,72 @@
+"""Would a fluid-probability threshold beat arg-max, chosen out of fold? Measured on a finished cross-validation run.
+
+Each fold model of a registered ensemble (``octseg train --config RECIPE``) predicts the fluid probability of
+its own held-out subjects (with flips, as the ensemble predicts). For each fold a threshold is chosen on the
+other folds' predictions (nested: the scored subjects choose nothing) and applied to the fold's subjects;
+the pooled Dice of that is printed beside arg-max's (0.5) and beside the best single threshold over all
+subjects (which a held-out subject could not have chosen).
+
+    .venv/bin/python benchmarks/threshold.py --tracking-uri sqlite:///mlflow.db --archive duke.zarr
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+
+
+def _counts(probs: dict, truths: dict, volumes: list[str], t: float) -> np.ndarray:
+    c = np.zeros(3)
+    for v in volumes:
+        p, y = probs[v] >= t, truths[v] == 1
+        c += ((p & y).sum(), (p & ~y).sum(), (~p & y).sum())
+    return c
+
+
+def _dice(c: np.ndarray) -> float:
+    return float(2 * c[0] / (2 * c[0] + c[1] + c[2]))
+
+
+def main() -> None:
+    import mlflow
+    import torch
+
+    from octseg.tasks.tracking.models import load_unet, resolve_model
+    from octseg.tasks.training.dataset import load_volume_sets
+    from octseg.unet.config import InferenceConfig
+    from octseg.unet.inference import predict_probabilities
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tracking-uri", required=True)
+    ap.add_argument("--archive", required=True)
+    ap.add_argument("--model", default="models:/octseg-unet/1", help="a cross-validation ensemble (one model a fold)")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    ref = resolve_model(args.model, args.tracking_uri)
+    ensemble = load_unet(ref, args.tracking_uri)
+    folds = json.loads(mlflow.MlflowClient(tracking_uri=args.tracking_uri).get_run(ref.run_id).data.tags["octseg.folds"])
+    if len(ensemble.members) != len(folds):
+        raise SystemExit(f"{ref.uri}: {len(ensemble.members)} networks for {len(folds)} folds; one a fold expected")
+    volumes = [v for fold in folds for v in fold]
+    sets = load_volume_sets(args.archive, volumes)
+    cfg = InferenceConfig(device="cpu", tta=True)
+    probs = {v: np.stack([predict_probabilities(ensemble.members[k], b, cfg)[1] for b in sets[v].images])
+             for k, fold in enumerate(folds) for v in fold}
+    truths = {v: sets[v].labels for v in volumes}
+    nested, argmax, chosen = np.zeros(3), np.zeros(3), []
+    for fold in folds:
+        others = [v for v in volumes if v not in fold]
+        t = max(THRESHOLDS, key=lambda t: _dice(_counts(probs, truths, others, t)))
+        chosen.append(t)
+        nested += _counts(probs, truths, fold, t)
+        argmax += _counts(probs, truths, fold, 0.5)
+    pooled = {t: round(_dice(_counts(probs, truths, volumes, t)), 4) for t in THRESHOLDS}
+    print(f"pooled Dice by threshold (all subjects; not out of fold): {pooled}")
+    print(f"nested thresholds {chosen}: pooled out-of-fold Dice {_dice(nested):.4f}; arg-max {_dice(argmax):.4f}")
+
+
+if __name__ == "__main__":
+    main()
