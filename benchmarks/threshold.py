@@ -18,18 +18,6 @@ import numpy as np
 THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 
 
-def _counts(probs: dict, truths: dict, volumes: list[str], t: float) -> np.ndarray:
-    c = np.zeros(3)
-    for v in volumes:
-        p, y = probs[v] >= t, truths[v] == 1
-        c += ((p & y).sum(), (p & ~y).sum(), (~p & y).sum())
-    return c
-
-
-def _dice(c: np.ndarray) -> float:
-    return float(2 * c[0] / (2 * c[0] + c[1] + c[2]))
-
-
 def main() -> None:
     import mlflow
     import torch
@@ -37,6 +25,7 @@ def main() -> None:
     from octseg.tasks.tracking.models import load_unet, resolve_model
     from octseg.tasks.training.dataset import load_volume_sets
     from octseg.unet.config import InferenceConfig
+    from octseg.unet.crossval import oof_scores
     from octseg.unet.inference import predict_probabilities
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -56,17 +45,20 @@ def main() -> None:
     probs = {v: np.stack([predict_probabilities(ensemble.members[k], b, cfg)[1] for b in sets[v].images])
              for k, fold in enumerate(folds) for v in fold}
     truths = {v: sets[v].labels for v in volumes}
-    nested, argmax, chosen = np.zeros(3), np.zeros(3), []
+
+    def pooled(volumes_t: dict[str, float]):  # out-of-fold scores of the fluid labels p >= t, t per volume
+        return oof_scores({v: probs[v] >= t for v, t in volumes_t.items()}, {v: truths[v] for v in volumes_t})
+
+    nested, chosen = {}, []
     for fold in folds:
         others = [v for v in volumes if v not in fold]
-        t = max(THRESHOLDS, key=lambda t: _dice(_counts(probs, truths, others, t)))
+        t = max(THRESHOLDS, key=lambda t: pooled(dict.fromkeys(others, t)).pooled)
         chosen.append(t)
-        nested += _counts(probs, truths, fold, t)
-        argmax += _counts(probs, truths, fold, 0.5)
-    pooled = {t: round(_dice(_counts(probs, truths, volumes, t)), 4) for t in THRESHOLDS}
-    print(f"pooled Dice by threshold (all subjects; not out of fold): {pooled}")
-    print(f"nested thresholds {chosen}: pooled out-of-fold Dice {_dice(nested):.4f}; arg-max {_dice(argmax):.4f}")
-
+        nested.update(dict.fromkeys(fold, t))
+    everything = {t: round(float(pooled(dict.fromkeys(volumes, t)).pooled), 4) for t in THRESHOLDS}
+    print(f"pooled Dice by threshold (all subjects; not out of fold): {everything}")
+    print(f"nested thresholds {chosen}: {pooled(nested).line()}")
+    print(f"arg-max: {pooled(dict.fromkeys(volumes, 0.5)).line()}")
 
 if __name__ == "__main__":
     main()
