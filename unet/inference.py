@@ -36,6 +36,7 @@ from octseg.unet.model import choose_tile_size, nearest_valid_input_size, output
 from octseg.unet.tiling import mirror_pad, predict_tiled
 
 __all__ = [
+    "CHANNELS_LAST_DEVICES",
     "InferencePlan",
     "activation_bytes",
     "covering_input",
@@ -53,6 +54,10 @@ CPU_BUDGET_MB = 2048  # default memory for one forward pass on the CPU
 # most B-scans per pass when the budget would allow more; on CPU one: a batch of 4 whole 496 x 768 B-scans
 # measured 28% slower per B-scan than one at a time (benchmarks/segment.py tries 1, 2, 4)
 MAX_BATCH = {"cpu": 1, "cuda": 64}
+# devices whose convolutions run faster on NHWC (channels_last) tensors: tensor cores on CUDA; oneDNN on the CPU,
+# where the recipes' network trains in ~0.85x and infers in ~0.7x the time, the paper's 64-channel one likewise
+# (benchmarks/layout.py)
+CHANNELS_LAST_DEVICES = ("cuda", "cpu")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -151,22 +156,25 @@ def plan_inference(config: UNetConfig, image_hw: tuple[int, int], cfg: Inference
 
 class _Network:
     """The model as ``probabilities(batch (N, C, th, tw) float32) -> (N, K, oh, ow) float32`` on its device:
-    inference mode, bf16 autocast under ``amp`` on CUDA, channels_last and pinned, non-blocking copies on
-    CUDA, optionally ``torch.compile``d."""
+    inference mode, bf16 autocast under ``amp`` on CUDA, channels_last on CUDA and the CPU, pinned,
+    non-blocking copies on CUDA, optionally ``torch.compile``d."""
 
     def __init__(self, model: torch.nn.Module, cfg: InferenceConfig) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
         self.amp = cfg.amp and self.cuda
-        if self.cuda:
+        self.channels_last = self.device.type in CHANNELS_LAST_DEVICES
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
     def _logits(self, batch: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         if self.cuda:
-            x = x.pin_memory().to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return self.forward(x)
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from octseg.unet.config import InferenceConfig, TrainConfig, UNetConfig
 from octseg.unet.data import BScanSet, EpochSampler, TileDataset
 from octseg.unet.resample import resample_set
-from octseg.unet.inference import resolve_device, segment_volume
+from octseg.unet.inference import CHANNELS_LAST_DEVICES, resolve_device, segment_volume
 from octseg.unet.losses import soft_dice_loss, weighted_cross_entropy
 from octseg.unet.metrics import dice_per_class
 from octseg.unet.model import choose_tile_size
@@ -135,7 +135,7 @@ def _train_epoch(model, loader, optimizer, device, amp, dice_weight: float, chun
         x = batch["image"].to(device, non_blocking=True)
         y = batch["target"].to(device, non_blocking=True)
         w = batch["weight"].to(device, non_blocking=True)
-        if device.type == "cuda":
+        if device.type in CHANNELS_LAST_DEVICES:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             logits = model(x)  # (N, K, O, O), or a list of them with deep supervision
@@ -221,8 +221,8 @@ def fit(
     loader = DataLoader(dataset, batch_size=cfg.batch_size // world, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                         multiprocessing_context="spawn" if workers else None)  # no fork of a threaded process
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+    if device.type in CHANNELS_LAST_DEVICES:
+        model.to(memory_format=torch.channels_last)  # faster convolutions (tensor cores; oneDNN on the CPU)
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
