@@ -28,7 +28,7 @@ from octseg.tasks.archive.store import open_archive
 from octseg.tasks.synthetic.phantom import make_phantom_volume
 from octseg.tasks.segmentation.segment import segment_one
 from octseg.unet.config import InferenceConfig, UNetConfig
-from octseg.unet.inference import covering_input, resolve_device
+from octseg.unet.inference import CHANNELS_LAST_DEVICES, covering_input, resolve_device
 from octseg.unet.model import UNet
 from octseg.unet.normalize import normalize_volume
 
@@ -57,7 +57,7 @@ def _padded(model: UNet, volume: np.ndarray, device: torch.device) -> torch.Tens
     padded = np.pad(normalize_volume(volume), ((0, 0), (halo_y, th - h - halo_y), (halo_x, tw - w - halo_x)),
                     mode="reflect")[:, None]
     x = torch.from_numpy(padded).to(device)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    return x.contiguous(memory_format=torch.channels_last) if device.type in CHANNELS_LAST_DEVICES else x
 
 
 def floor(model: UNet, x_all: torch.Tensor, device: torch.device, amp: bool, batch: int) -> float:
@@ -169,6 +169,8 @@ def main() -> None:
     volume, what = load_volume(args.bscans)
     torch.manual_seed(0)
     model = UNet(UNetConfig(base_channels=args.base, depth=args.depth)).to(device).eval()
+    if device.type in CHANNELS_LAST_DEVICES:  # the floor in the layout segment_one uses
+        model = model.to(memory_format=torch.channels_last)
     inference = InferenceConfig(device=args.device, amp=args.amp)
     x_all = _padded(model, volume, device)
     batch = best_batch(model, x_all, device, args.amp)

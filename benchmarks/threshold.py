@@ -4,7 +4,9 @@ Each fold model of a registered ensemble (``octseg train --config RECIPE``) pred
 its own held-out subjects (with flips, as the ensemble predicts). For each fold a threshold is chosen on the
 other folds' predictions (nested: the scored subjects choose nothing) and applied to the fold's subjects;
 the pooled Dice of that is printed beside arg-max's (0.5) and beside the best single threshold over all
-subjects (which a held-out subject could not have chosen).
+subjects (which a held-out subject could not have chosen). The same nested choice is then made for growing
+the arg-max components into the pixels of fluid probability >= t (hysteresis: no new components, only their
+fuzzy edges; t from 0.30-0.45, or no growing).
 
     .venv/bin/python benchmarks/threshold.py --tracking-uri sqlite:///mlflow.db --archive duke.zarr
 """
@@ -16,17 +18,18 @@ import json
 import numpy as np
 
 THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+GROW = (0.3, 0.35, 0.4, 0.45, 0.5)  # 0.5: no growing (arg-max)
 
 
 def main() -> None:
     import mlflow
     import torch
-
     from octseg.tasks.tracking.models import load_unet, resolve_model
     from octseg.tasks.training.dataset import load_volume_sets
     from octseg.unet.config import InferenceConfig
     from octseg.unet.crossval import oof_scores
     from octseg.unet.inference import predict_probabilities
+    from skimage.filters import apply_hysteresis_threshold
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tracking-uri", required=True)
@@ -59,6 +62,21 @@ def main() -> None:
     print(f"pooled Dice by threshold (all subjects; not out of fold): {everything}")
     print(f"nested thresholds {chosen}: {pooled(nested).line()}")
     print(f"arg-max: {pooled(dict.fromkeys(volumes, 0.5)).line()}")
+
+    grown = {(v, t): np.stack([apply_hysteresis_threshold(p, t, 0.5) for p in probs[v]]) for v in volumes for t in GROW}
+
+    def grown_scores(volumes_t: dict[str, float]):
+        return oof_scores({v: grown[v, t] for v, t in volumes_t.items()}, {v: truths[v] for v in volumes_t})
+
+    nested, chosen = {}, []
+    for fold in folds:
+        others = [v for v in volumes if v not in fold]
+        t = max(GROW, key=lambda t: (grown_scores(dict.fromkeys(others, t)).pooled, t))  # ties: no growing
+        chosen.append(t)
+        nested.update(dict.fromkeys(fold, t))
+    everything = {t: round(float(grown_scores(dict.fromkeys(volumes, t)).pooled), 4) for t in GROW}
+    print(f"grown to p >= t, pooled Dice by t (all subjects; not out of fold): {everything}")
+    print(f"grown, nested t {chosen}: {grown_scores(nested).line()}")
 
 if __name__ == "__main__":
     main()
