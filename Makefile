@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $@
 
 test: $(STAMP) postgres
-	$(TEST_ENV) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # the stack test (tests/stack) runs a real PostgreSQL: Debian's package, installed when missing (as root)
 postgres:

@@ -5,7 +5,7 @@ its own held-out subjects (with flips, as the ensemble predicts). For each fold 
 other folds' predictions (nested: the scored subjects choose nothing) and applied to the fold's subjects;
 the pooled Dice of that is printed beside arg-max's (0.5) and beside the best single threshold over all
 subjects (which a held-out subject could not have chosen). The same nested choice is then made for growing
-the arg-max components into the pixels of fluid probability >= t (hysteresis: no new components, only their
+the arg-max components into the pixels of fluid probability > t (hysteresis: no new components, only their
 fuzzy edges; t from 0.30-0.45, or no growing).
 
     .venv/bin/python benchmarks/threshold.py --tracking-uri sqlite:///mlflow.db --archive duke.zarr
@@ -75,7 +75,7 @@ def main() -> None:
         chosen.append(t)
         nested.update(dict.fromkeys(fold, t))
     everything = {t: round(float(grown_scores(dict.fromkeys(volumes, t)).pooled), 4) for t in GROW}
-    print(f"grown to p >= t, pooled Dice by t (all subjects; not out of fold): {everything}")
+    print(f"grown to p > t, pooled Dice by t (all subjects; not out of fold): {everything}")
     print(f"grown, nested t {chosen}: {grown_scores(nested).line()}")
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 from octseg.tasks.synthetic.phantom import make_phantom_volume
 from octseg.unet.bscans import BScanSet
 from octseg.unet.config import TrainConfig, UNetConfig
+from octseg.unet.inference import CHANNELS_LAST_DEVICES
 from octseg.unet.model import UNet
 from octseg.unet.normalize import normalize_volume
 from octseg.unet.train import fit, make_optimizer, training_loss
@@ -34,6 +35,9 @@ def bare_loop(cfg: UNetConfig, train: TrainConfig, tile: int, steps: int) -> flo
     x = torch.randn(train.batch_size, 1, tile, tile)
     y = torch.randint(0, 2, (train.batch_size, out, out))
     w = torch.rand(train.batch_size, out, out) + 1
+    if "cpu" in CHANNELS_LAST_DEVICES:  # the layout fit trains in
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, train)
     model.train()
     t0 = time.perf_counter()

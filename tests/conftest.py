@@ -31,12 +31,13 @@ def shared_data() -> Path:
 
 
 # The slowest test files (seconds on the 2-core CI machine, from pytest --durations), run first: `make test` hands
-# whole files to two workers in collection order, so a slow file collected last would run alone at the end.
+# whole files to two workers in collection order (`--no-loadscope-reorder`: pytest-xdist would otherwise put the
+# files with the most tests first), so a slow file collected last would run alone at the end.
 SLOW_FILES_FIRST = (
     "tests/flows/test_cli.py",  # ~230 s
     "tests/flows/test_segment_crash.py",  # ~200 s
-    "tests/stack/test_stack.py",  # ~110 s (a real Prefect server, Dask scheduler and MLflow server)
     "tests/flows/test_flows.py",  # ~120 s
+    "tests/stack/test_stack.py",  # ~110 s (a real Prefect server, Dask scheduler and MLflow server)
     "tests/flows/test_resume.py",  # ~110 s
     "tests/unet/test_train.py",  # ~100 s
     "tests/flows/test_real_data.py",  # ~90 s

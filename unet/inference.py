@@ -55,8 +55,8 @@ CPU_BUDGET_MB = 2048  # default memory for one forward pass on the CPU
 # measured 28% slower per B-scan than one at a time (benchmarks/segment.py tries 1, 2, 4)
 MAX_BATCH = {"cpu": 1, "cuda": 64}
 # devices whose convolutions run faster on NHWC (channels_last) tensors: tensor cores on CUDA; oneDNN on the CPU,
-# where the recipes' network trains in ~0.85x and infers in ~0.7x the time, the paper's 64-channel one likewise
-# (benchmarks/layout.py)
+# where the recipes' network trains in 0.75x and infers a B-scan in 0.64x the time, the paper's 64-channel one
+# in 0.92x and 0.87x (benchmarks/layout.py)
 CHANNELS_LAST_DEVICES = ("cuda", "cpu")
 
 
