@@ -52,12 +52,14 @@ def main() -> None:
     def pooled(volumes_t: dict[str, float]):  # out-of-fold scores of the fluid labels p >= t, t per volume
         return oof_scores({v: probs[v] >= t for v, t in volumes_t.items()}, {v: truths[v] for v in volumes_t})
 
-    nested, chosen = {}, []
-    for fold in folds:
-        others = [v for v in volumes if v not in fold]
-        t = max(THRESHOLDS, key=lambda t: pooled(dict.fromkeys(others, t)).pooled)
-        chosen.append(t)
-        nested.update(dict.fromkeys(fold, t))
+    def nested_choice(candidates, scores, prefer=lambda t: 0):
+        """Each fold's t, the best pooled Dice of ``scores`` over the other folds' subjects (ties by ``prefer``):
+        the t of each fold and the t of each volume."""
+        chosen = [max(candidates, key=lambda t: (scores(dict.fromkeys([v for v in volumes if v not in fold], t)).pooled,
+                                                 prefer(t))) for fold in folds]
+        return chosen, {v: t for t, fold in zip(chosen, folds) for v in fold}
+
+    chosen, nested = nested_choice(THRESHOLDS, pooled)
     everything = {t: round(float(pooled(dict.fromkeys(volumes, t)).pooled), 4) for t in THRESHOLDS}
     print(f"pooled Dice by threshold (all subjects; not out of fold): {everything}")
     print(f"nested thresholds {chosen}: {pooled(nested).line()}")
@@ -68,12 +70,7 @@ def main() -> None:
     def grown_scores(volumes_t: dict[str, float]):
         return oof_scores({v: grown[v, t] for v, t in volumes_t.items()}, {v: truths[v] for v in volumes_t})
 
-    nested, chosen = {}, []
-    for fold in folds:
-        others = [v for v in volumes if v not in fold]
-        t = max(GROW, key=lambda t: (grown_scores(dict.fromkeys(others, t)).pooled, t))  # ties: no growing
-        chosen.append(t)
-        nested.update(dict.fromkeys(fold, t))
+    chosen, nested = nested_choice(GROW, grown_scores, prefer=lambda t: t)  # ties: no growing
     everything = {t: round(float(grown_scores(dict.fromkeys(volumes, t)).pooled), 4) for t in GROW}
     print(f"grown to p > t, pooled Dice by t (all subjects; not out of fold): {everything}")
     print(f"grown, nested t {chosen}: {grown_scores(nested).line()}")
