@@ -6,19 +6,23 @@ other folds' predictions (nested: the scored subjects choose nothing) and applie
 the pooled Dice of that is printed beside arg-max's (0.5) and beside the best single threshold over all
 subjects (which a held-out subject could not have chosen). The same nested choice is then made for growing
 the arg-max components into the pixels of fluid probability > t (hysteresis: no new components, only their
-fuzzy edges; t from 0.30-0.45, or no growing).
+fuzzy edges; t from 0.30-0.45, or no growing). With ``--scales`` it also scores test-time augmentation over
+input sizes: each fold model sees its subjects' B-scans resampled at its own ``scale_y``/``scale_x`` times each
+factor (with flips), alone and with the softmax averaged over all factors (arg-max; a fixed set, no choice).
 
-    .venv/bin/python benchmarks/threshold.py --tracking-uri sqlite:///mlflow.db --archive duke.zarr
+    .venv/bin/python benchmarks/threshold.py --tracking-uri sqlite:///mlflow.db --archive duke.zarr [--scales]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
 
 THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 GROW = (0.3, 0.35, 0.4, 0.45, 0.5)  # 0.5: no growing (arg-max)
+SCALES = ((1.0, 1.0), (0.85, 1.0), (1.15, 1.0), (1.0, 0.85), (1.0, 1.15), (0.9, 0.9), (1.1, 1.1))  # (y, x) factors
 
 
 def main() -> None:
@@ -35,6 +39,7 @@ def main() -> None:
     ap.add_argument("--tracking-uri", required=True)
     ap.add_argument("--archive", required=True)
     ap.add_argument("--model", default="models:/octseg-unet/1", help="a cross-validation ensemble (one model a fold)")
+    ap.add_argument("--scales", action="store_true", help="also score test-time augmentation over input sizes")
     args = ap.parse_args()
     torch.set_num_threads(2)
     ref = resolve_model(args.model, args.tracking_uri)
@@ -45,8 +50,21 @@ def main() -> None:
     volumes = [v for fold in folds for v in fold]
     sets = load_volume_sets(args.archive, volumes)
     cfg = InferenceConfig(device="cpu", tta=True)
-    probs = {v: np.stack([predict_probabilities(ensemble.members[k], b, cfg)[1] for b in sets[v].images])
-             for k, fold in enumerate(folds) for v in fold}
+
+    def fluid_probabilities(fy: float = 1.0, fx: float = 1.0) -> dict[str, np.ndarray]:
+        """Each fold model's fluid probabilities on its held-out subjects, B-scans seen at its scale x (fy, fx)."""
+        out = {}
+        for k, fold in enumerate(folds):
+            net = ensemble.members[k]
+            own = net.config
+            net.config = dataclasses.replace(own, scale_y=min(1.0, own.scale_y * fy), scale_x=min(1.0, own.scale_x * fx))
+            try:
+                out.update({v: np.stack([predict_probabilities(net, b, cfg)[1] for b in sets[v].images]) for v in fold})
+            finally:
+                net.config = own
+        return out
+
+    probs = fluid_probabilities()
     truths = {v: sets[v].labels for v in volumes}
 
     def pooled(volumes_t: dict[str, float]):  # out-of-fold scores of the fluid labels p >= t, t per volume
@@ -74,6 +92,13 @@ def main() -> None:
     everything = {t: round(float(grown_scores(dict.fromkeys(volumes, t)).pooled), 4) for t in GROW}
     print(f"grown to p > t, pooled Dice by t (all subjects; not out of fold): {everything}")
     print(f"grown, nested t {chosen}: {grown_scores(nested).line()}")
+
+    if args.scales:
+        scaled = {f: probs if f == (1.0, 1.0) else fluid_probabilities(*f) for f in SCALES}
+        for f, p in scaled.items():
+            print(f"input size x {f}: {oof_scores({v: p[v] >= 0.5 for v in volumes}, truths).line()}")
+        mean = {v: np.mean([p[v] for p in scaled.values()], axis=0) for v in volumes}
+        print(f"softmax averaged over the {len(SCALES)} sizes: {oof_scores({v: mean[v] >= 0.5 for v in volumes}, truths).line()}")
 
 if __name__ == "__main__":
     main()
