@@ -8,7 +8,8 @@ subjects (which a held-out subject could not have chosen). The same nested choic
 the arg-max components into the pixels of fluid probability > t (hysteresis: no new components, only their
 fuzzy edges; t from 0.30-0.45, or no growing). With ``--scales`` it also scores test-time augmentation over
 input sizes: each fold model sees its subjects' B-scans resampled at its own ``scale_y``/``scale_x`` times each
-factor (with flips), alone and with the softmax averaged over all factors (arg-max; a fixed set, no choice).
+factor (with flips; a size past 1 is clamped to 1 and each size scored once), alone and with the softmax averaged
+over all sizes (fluid where its probability >= 0.5; a fixed set, no choice).
 
     .venv/bin/python benchmarks/threshold.py --tracking-uri sqlite:///mlflow.db --archive duke.zarr [--scales]
 """
@@ -94,11 +95,17 @@ def main() -> None:
     print(f"grown, nested t {chosen}: {grown_scores(nested).line()}")
 
     if args.scales:
-        scaled = {f: probs if f == (1.0, 1.0) else fluid_probabilities(*f) for f in SCALES}
-        for f, p in scaled.items():
-            print(f"input size x {f}: {oof_scores({v: p[v] >= 0.5 for v in volumes}, truths).line()}")
+        own = ensemble.members[0].config
+        scaled = {}  # (scale_y, scale_x) the networks see -> probabilities; each size once
+        for fy, fx in SCALES:
+            size = (min(1.0, own.scale_y * fy), min(1.0, own.scale_x * fx))
+            if size not in scaled:
+                scaled[size] = probs if (fy, fx) == (1.0, 1.0) else fluid_probabilities(fy, fx)
+                print(f"input size x ({fy}, {fx}) = scale ({size[0]:.4g}, {size[1]:.4g}): "
+                      f"{oof_scores({v: scaled[size][v] >= 0.5 for v in volumes}, truths).line()}")
         mean = {v: np.mean([p[v] for p in scaled.values()], axis=0) for v in volumes}
-        print(f"softmax averaged over the {len(SCALES)} sizes: {oof_scores({v: mean[v] >= 0.5 for v in volumes}, truths).line()}")
+        averaged = oof_scores({v: mean[v] >= 0.5 for v in volumes}, truths)
+        print(f"softmax averaged over the {len(scaled)} sizes: {averaged.line()}")
 
 if __name__ == "__main__":
     main()

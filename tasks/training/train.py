@@ -280,21 +280,20 @@ def progress_logger(bar: Callable[[int, int], None] | None = None, epochs: int =
     done = [0]
 
     def progress(stats: EpochStats) -> None:
+        logger.info(epoch_line(stats))
         done[0] = done[0] + 1 if counted else stats.epoch + 1
-        logger.info(epoch_line(stats, (done[0], epochs) if counted and epochs else None))
         if bar is not None:
             bar(done[0], epochs)
 
     return progress
 
 
-def epoch_line(stats: EpochStats, of_all: tuple[int, int] | None = None) -> str:
-    """One epoch's log line: its loss, its validation Dice per class when it had validation, its time; with
-    ``of_all`` (done, total: several trainings in a row, e.g. folds) where the whole run stands."""
-    where = f" ({of_all[0]} of {of_all[1]} in all)" if of_all else ""
+def epoch_line(stats: EpochStats) -> str:
+    """One epoch's log line: its loss, its validation Dice per class when it had validation (folds have none),
+    its time."""
     dice = {c: round(d, 4) for c, d in _as_class_dict(stats.val_dice).items()}
     scored = f", val Dice {dice}" if dice else ""
-    return f"epoch {stats.epoch}{where}: loss {stats.train_loss:.4f}{scored} ({stats.seconds:.1f} s)"
+    return f"epoch {stats.epoch}: loss {stats.train_loss:.4f}{scored} ({stats.seconds:.1f} s)"
 
 
 @task(name="train-unet-from-archive", cache_policy=NO_CACHE)
