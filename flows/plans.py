@@ -88,6 +88,9 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     todo = []
     for src in sources:
         entry = entries.get(ids[src])
+        if entry is None and (copy := _known_copy(catalogue, src, ids[src], remembered, stats, config, options)):
+            summary.skipped.append(copy)  # a copy of a held scan, seen before (ingest said so then)
+            continue
         try:  # ingest's rule (octseg.tasks.ingest.rules.unchanged) on the catalogue's columns, not the provenance
             labels_fp = labels_sha256(config.labels, src)
             done = entry is not None and entry.settings is not None and same_content(
@@ -106,6 +109,20 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
         else:
             todo.append(str(src))
     return todo, summary
+
+
+def _known_copy(catalogue, src: Path, volume_id: str, remembered, stats, config: IngestConfig,
+                options: dict) -> str | None:
+    """The volume holding ``src``'s scan under another id, when the catalogue remembers ``src`` (path and
+    stamp) so its SHA-256 is known without reading it; else None (ingest decides, reading it)."""
+    from octseg.tasks.ingest.known import known_sha256
+    from octseg.tasks.ingest.rules import held_copy, labels_sha256
+
+    try:
+        sha = known_sha256(catalogue, src, remembered, stats.get(src))
+        return held_copy(catalogue, volume_id, sha, labels_sha256(config.labels, src), options) if sha else None
+    except Exception:  # an unreadable file or labels folder: the flow reports it
+        return None
 
 
 @paused_gc()

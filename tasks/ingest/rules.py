@@ -18,7 +18,7 @@ from typing import Any, Literal
 from octseg.tasks.readers.registry import reader_named
 from octseg.tasks.readers.sources import shown
 
-__all__ = ["MASK_READING", "existing_volume", "labels_sha256", "path_digest", "reader_settings", "reading_of",
+__all__ = ["MASK_READING", "existing_volume", "held_copy", "labels_sha256", "path_digest", "reader_settings", "reading_of",
            "reread_only", "same_content", "settings_match", "stale_reading", "unchanged"]
 
 # The version of the mask rules (tasks/ingest/masks.py): raised when the same mask files read into other labels.
@@ -119,3 +119,20 @@ def existing_volume(meta: Mapping[str, Any], volume_id: str, src: Path, sha: str
     if unchanged(meta, sha, labels_fp, options):
         return "skip", None  # same bytes (perhaps moved): keep the volume and its ground truth
     return "write", None  # new or changed masks, another grader / identifier setting, or newer reading rules
+
+
+def held_copy(catalogue, volume_id: str, sha: str, labels_fp: str | None, options: Mapping[str, Any]) -> str | None:
+    """The id of another volume made from these bytes, with the same masks (or none given now) and reading
+    settings: the source is a copy of, or a link to, a file the archive holds under another name, and is not
+    stored twice (two ids for one scan would let training validate, or cross-validation score, on a scan it
+    trained on). Masks that differ (another grader) or other reader options make it a volume of its own; masks
+    are compared by their fingerprint, which covers the mask files' names."""
+    others = [v for v in catalogue.volumes_holding(sha) if v != volume_id]
+    if not others:
+        return None
+    for vid, entry in catalogue.entries(others, details=True, missing_ok=True).items():
+        meta = entry.meta or {}
+        if same_content(meta.get("source_sha256"), meta.get("labels_sha256"), sha, labels_fp) and \
+                settings_match(meta, options):
+            return vid
+    return None

@@ -10,6 +10,7 @@ the archive already holds are :mod:`octseg.tasks.ingest.rules`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Mapping
@@ -41,6 +42,7 @@ from octseg.tasks.ingest.masks import read_masks, unmatched_masks
 from octseg.tasks.ingest.rules import (
     MASK_READING,
     existing_volume,
+    held_copy,
     labels_sha256,
     path_digest,
     reader_settings,
@@ -163,7 +165,8 @@ def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_
     volume_id = content_volume_id(volume.reader, hashing.result()) if named else volume_id_from_path(src)
     hide = (lambda text: redact(text, volume.identifiers)) if private else (lambda text: text)
     masks: Any = _UNREAD
-    with claim_volume(archive.path, volume_id, wait=CLAIM_WAIT_SECONDS, doing="ingesting"):
+    with claim_volume(archive.path, volume_id, wait=CLAIM_WAIT_SECONDS, doing="ingesting"), \
+            contextlib.ExitStack() as content:
         if archive.has_volume(volume_id):
             meta = archive.volume_meta(volume_id)
             action, error = existing_volume(meta, volume_id, src, hashing.result(), labels_fp, options)
@@ -179,6 +182,16 @@ def _write(archive, src: Path, volume: ScanVolume, hashing: Future[str], labels_
             if labels_fp is None and meta.get("labels_sha256") is not None and volume.manual_labels is None:
                 LOGGER.warning("%s changed: re-writing volume %r drops its manual labels (no masks given)",
                                shown(src), volume_id)
+        else:  # a new id: is it a copy of a scan the archive holds under another id?
+            # ("+" is in no volume id: the claim on the content cannot clash with a volume's)
+            content.enter_context(claim_volume(archive.path, f"+{hashing.result()[:32]}", wait=CLAIM_WAIT_SECONDS,
+                                               doing="ingesting"))
+            twin = held_copy(archive.catalogue(), volume_id, hashing.result(), labels_fp, options)
+            if twin is not None:
+                copy = _skipped(archive, twin, src)
+                copy.warnings = [f"{shown(src)} is the same scan (same bytes, same masks): not stored again as "
+                                 f"{volume_id!r}"]
+                return copy
         if masks is _UNREAD:
             masks = _given_masks(labels_dir, src, volume)
         labels, annotated = masks if masks is not None else (None, [])
