@@ -11,27 +11,41 @@ from octseg.flows.runs import Outcomes, finish
 from octseg.flows.summary import EvaluateSummary
 from octseg.tasks.archive.store import open_archive, select_volumes
 from octseg.tasks.archive.classes import class_names_of
-from octseg.tasks.segmentation.evaluation import evaluate_volume_task, evaluation_fingerprint, report_folder, summarize, write_report
-from octseg.tasks.tracking.champion import record_eval_score
-from octseg.tasks.tracking.models import resolve_model
+from octseg.tasks.segmentation.evaluation import (
+    evaluate_volume_task,
+    evaluation_fingerprint,
+    report_folder,
+    seen_in_training,
+    summarize,
+    write_report,
+)
+from octseg.tasks.tracking.champion import log_evaluation_report, record_eval_score
+from octseg.tasks.tracking.models import ModelRef, resolve_model
 from octseg.tasks.tracking.uri import resolve_tracking_uri
 from octseg.unet.config import UNetConfig
 
 __all__ = ["evaluation_volumes", "evaluate_model"]
 
 
-def evaluation_volumes(config: EvaluateConfig) -> list[str]:
-    """The named volumes, else the archive's fixed evaluation set, else every annotated volume."""
+def evaluation_volumes(config: EvaluateConfig, ref: ModelRef | None = None) -> tuple[list[str], list[str]]:
+    """(volumes to score, annotated volumes left out): the named volumes, else the archive's fixed evaluation
+    set, else every annotated volume that did not train ``ref`` (ValueError when they all did)."""
     archive = open_archive(config.archive, create=False)
     if config.volumes is not None:
-        return select_volumes(config.archive, config.volumes)
+        return select_volumes(config.archive, config.volumes), []
     fixed = archive.evaluation_set()
     if fixed:
-        return select_volumes(config.archive, fixed)
+        return select_volumes(config.archive, fixed), []
     annotated = [v for v in archive.volume_ids() if (archive.manual_labels(v) or (None, []))[1]]
     if not annotated:
         raise ValueError(f"{config.archive}: no volume with manual labels to evaluate on; ingest with --labels")
-    return annotated
+    seen = set(seen_in_training(ref, config.archive, annotated)) if ref is not None else set()
+    held = [v for v in annotated if v not in seen]
+    if not held:
+        raise ValueError(f"{config.archive}: every annotated volume ({len(annotated)}) trained {ref.name} v{ref.version}"
+                         f", so none scores it on unseen scans; ingest held-out volumes, or name volumes with -v to "
+                         f"score it on its training data (the report then says so)")
+    return held, sorted(seen)
 
 
 @flow(name="evaluate-model")
@@ -42,7 +56,14 @@ def evaluate_model(config: EvaluateConfig) -> State:
     logger.info("evaluate config: %s", config.model_dump_json())
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
     ref = resolve_model(config.model_uri, tracking_uri)
-    volumes = evaluation_volumes(config)
+    volumes, left_out = evaluation_volumes(config, ref)
+    if left_out:
+        logger.info("left out %d annotated volumes that trained %s v%s: %s", len(left_out), ref.name, ref.version,
+                    left_out)
+    trained_on = seen_in_training(ref, config.archive, volumes)
+    if trained_on:
+        logger.warning("%d of the volumes trained %s v%s (not held out): %s; the score is no held-out score and is "
+                       "not recorded on the version", len(trained_on), ref.name, ref.version, trained_on)
     if config.fix:
         open_archive(config.archive, create=False).set_evaluation_set(volumes)
         logger.info("fixed %s as the evaluation set of %s", volumes, config.archive)
@@ -57,10 +78,12 @@ def evaluate_model(config: EvaluateConfig) -> State:
     summary.failures += outcomes.failures
     if results:
         names = class_names_of(UNetConfig.from_dict(ref.unet_config).out_channels)
-        report = summarize(model, fingerprint, results, names)
+        report = summarize(model, fingerprint, results, names, trained_on)
         folder = report_folder(config.archive, model, fingerprint)
         write_report(report, folder)
-        if not summary.failures:  # a score on part of the set is not the set's score
+        if trained_on:  # the report goes to the version's run; its score decides nothing
+            log_evaluation_report(ref, fingerprint, tracking_uri, folder)
+        elif not summary.failures:  # a score on part of the set is not the set's score
             record_eval_score(ref, fingerprint, report.score, tracking_uri, folder)
         summary.volumes = [r.volume_id for r in results]
         summary.dice = {names[c]: d for c, d in enumerate(report.scores["dice"]) if not math.isnan(d)}
@@ -68,5 +91,6 @@ def evaluate_model(config: EvaluateConfig) -> State:
         summary.interval = tuple(report.scores["dice_interval"])
         summary.false_alarms = (report.scores["false_alarms"], report.scores["empty_bscans"])
         summary.report = str(folder)
+        summary.trained_on = report.trained_on
     logger.info(summary.headline())
     return finish(summary)

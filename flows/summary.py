@@ -124,6 +124,7 @@ class EvaluateSummary:
     per_volume: dict[str, float] = field(default_factory=dict)  # volume -> Dice of class 1
     interval: tuple[float, float] | None = None  # bootstrap 95% interval of the pooled class-1 Dice over volumes
     false_alarms: tuple[int, int] | None = None  # (B-scans without class 1 where it was predicted, such B-scans)
+    trained_on: list[str] = field(default_factory=list)  # scored volumes that trained the model
 
     def headline(self) -> str:
         dice = ", ".join(f"{name} {d:.3f}" for name, d in self.dice.items())
@@ -134,6 +135,9 @@ class EvaluateSummary:
             extra += "; per volume " + ", ".join(f"{v} {d:.3f}" for v, d in self.per_volume.items())
         if self.false_alarms is not None:
             extra += f"; predicted in {self.false_alarms[0]} of {self.false_alarms[1]} B-scans without it"
+        if self.trained_on:
+            extra += (f"; NOT HELD OUT: {', '.join(self.trained_on)} trained this model (a training score, not "
+                      f"recorded on the version)")
         return (f"evaluate: {self.model} on {len(self.volumes)} volumes (set {self.evaluation_set[:8]}): "
                 f"pooled Dice {dice or '-'}{extra}, {len(self.failures)} failed; report in {self.report}")
 

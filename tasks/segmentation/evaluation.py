@@ -48,6 +48,7 @@ __all__ = [
     "held_out",
     "report_folder",
     "score_on_evaluation_set",
+    "seen_in_training",
     "summarize",
     "write_report",
 ]
@@ -137,6 +138,7 @@ class EvaluationReport:
     class_names: dict[int, str]
     volumes: list[VolumeEvaluation]
     scores: dict[str, Any]  # pooled: per-class dice/iou/precision/recall lists, pixel_error, rand_error
+    trained_on: list[str] = field(default_factory=list)  # scored volumes that trained the model (not held out)
 
     @property
     def score(self) -> float:
@@ -149,9 +151,28 @@ class EvaluationReport:
                               enumerate(scores_from_confusion(v.confusion)["dice"])} for v in self.volumes}
 
 
+def seen_in_training(ref: ModelRef, archive_path: str | Path, volume_ids: Sequence[str]) -> list[str]:
+    """Those of ``volume_ids`` that trained registered version ``ref`` or chose its epoch: the same scan (its
+    source's SHA-256, in this archive or any other), or the same volume id where a SHA-256 is unknown.
+    [] for a model that records none (registered before octseg recorded them)."""
+    from octseg.tasks.archive.catalogue import catalogue_for
+
+    if not ref.trained_on:
+        return []
+    digests = {sha for sha in ref.trained_on.values() if sha}
+    entries = catalogue_for(archive_path).entries(list(volume_ids), missing_ok=True)
+    seen = []
+    for v in volume_ids:
+        sha = entries[v].source_sha256 if v in entries else None
+        if (sha and sha in digests) or (v in ref.trained_on and not (sha and ref.trained_on[v])):
+            seen.append(v)
+    return seen
+
+
 def summarize(model: str, fingerprint: str, volumes: list[VolumeEvaluation],
-              class_names: Mapping[int, str]) -> EvaluationReport:
-    """Pool the volumes' confusion matrices into the set's scores."""
+              class_names: Mapping[int, str], trained_on: Sequence[str] = ()) -> EvaluationReport:
+    """Pool the volumes' confusion matrices into the set's scores; ``trained_on``: those of the volumes that
+    trained the model (the report says the score is then no held-out score)."""
     if not volumes:
         raise ValueError("no volume could be evaluated")
     scores = scores_from_confusion(sum(v.confusion for v in volumes))
@@ -164,7 +185,7 @@ def summarize(model: str, fingerprint: str, volumes: list[VolumeEvaluation],
     pooled["dice_interval"] = list(bootstrap_interval(counts)) if len(volumes) > 1 else [math.nan, math.nan]
     pooled["empty_bscans"] = sum(v.empty_bscans for v in volumes)
     pooled["false_alarms"] = sum(v.false_alarms for v in volumes)
-    return EvaluationReport(model, fingerprint, dict(class_names), volumes, pooled)
+    return EvaluationReport(model, fingerprint, dict(class_names), volumes, pooled, sorted(trained_on))
 
 
 def _json_safe(value: Any) -> Any:
@@ -190,6 +211,9 @@ def _markdown(report: EvaluationReport) -> str:
              "all annotated B-scans; — means the score's denominator is 0 (Dice, IoU: the class is absent from "
              "prediction and truth; precision: never predicted; recall: not in the truth).", "",
              "| class | Dice | IoU | precision | recall |", "|---|---|---|---|---|"]
+    if report.trained_on:
+        lines[3:3] = [f"**Not a held-out score**: {len(report.trained_on)} of these volumes trained the model (or "
+                      f"chose its epoch): {', '.join(report.trained_on)}.", ""]
     for c, name in names.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(report.scores[m][c]) for m in
                                                 ("dice", "iou", "precision", "recall")) + " |")
@@ -245,7 +269,7 @@ def write_report(report: EvaluationReport, folder: str | Path) -> list[Path]:
     plt.close(fig)
     (folder / "report.md").write_text(_markdown(report))
     scores = {"model": report.model, "evaluation_set": report.fingerprint, "scores": report.scores,
-              "per_volume_dice": per_volume, "class_names": report.class_names}
+              "per_volume_dice": per_volume, "class_names": report.class_names, "trained_on": report.trained_on}
     (folder / "scores.json").write_text(json.dumps(_json_safe(scores), indent=2, allow_nan=False))
     return [folder / n for n in ("report.md", "scores.json", "per_volume_dice.png", "worst_bscans.png")]
 

@@ -15,7 +15,7 @@ from octseg.tasks.tracking.models import ModelRef, resolve_model
 from octseg.tasks.tracking.uri import client
 
 __all__ = ["CHAMPION", "EVAL_SCORE_TAG", "EVAL_SET_TAG", "FOREGROUND", "REGISTERED", "cached_eval_score", "champion",
-           "metric_of", "promote_if_better", "promote_on_evaluation", "record_eval_score"]
+           "log_evaluation_report", "metric_of", "promote_if_better", "promote_on_evaluation", "record_eval_score"]
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,14 @@ def record_eval_score(ref: ModelRef, fingerprint: str, score: float, tracking_ur
     for key, value in ((EVAL_SET_TAG, fingerprint), (EVAL_SCORE_TAG, repr(float(score))),
                        (_score_tag(fingerprint), repr(float(score)))):
         mlflow_client.set_model_version_tag(ref.name, ref.version, key, value)
-    if report_dir is not None and ref.run_id:
-        mlflow_client.log_artifacts(ref.run_id, str(report_dir), artifact_path=f"evaluation/{fingerprint[:16]}")
+    if report_dir is not None:
+        log_evaluation_report(ref, fingerprint, tracking_uri, report_dir)
+
+
+def log_evaluation_report(ref: ModelRef, fingerprint: str, tracking_uri: str, report_dir: str | Path) -> None:
+    """Log the report of an evaluation into the version's run under ``evaluation/<fp16>/``."""
+    if ref.run_id:
+        client(tracking_uri).log_artifacts(ref.run_id, str(report_dir), artifact_path=f"evaluation/{fingerprint[:16]}")
 
 
 def champion(name: str, tracking_uri: str, alias: str = CHAMPION) -> ModelRef | None:

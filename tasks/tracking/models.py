@@ -78,7 +78,8 @@ class _UNetFlavor:
         (folder / CONFIG_FILE).write_text(json.dumps(unet.config.to_dict(), indent=2))
         members = len(getattr(unet, "members", [unet]))
         (folder / MODEL_FILE).write_text(json.dumps({"members": members, "postprocess": unet.postprocess.to_dict(),
-                                                     "tta": bool(getattr(unet, "tta", False))}))
+                                                     "tta": bool(getattr(unet, "tta", False)),
+                                                     "trained_on": getattr(unet, "trained_on", None)}))
         (folder / "requirements.txt").write_text("\n".join(pip_requirements) + "\n")
         mlflow_model.add_flavor(
             FLAVOR_NAME, weights=WEIGHTS_FILE, unet_config=CONFIG_FILE, torch_version=str(torch.__version__)
@@ -137,6 +138,8 @@ class ModelRef:
     members: int = 1  # networks averaged (a cross-validation ensemble); 1: one U-Net
     postprocess: dict | None = None  # PostprocessConfig.to_dict() chosen for it; None: none
     tta: bool = False  # it was scored with test-time flips and predicts with them unless told otherwise
+    # the volumes that trained it or chose its epoch: id -> its source's SHA-256 (None: unknown); None: not recorded
+    trained_on: dict | None = None
 
 
 def _describe(mlflow_client, name: str) -> str:
@@ -185,7 +188,7 @@ def resolve_model(model_uri: str, tracking_uri: str) -> ModelRef:
         model = {}
     return ModelRef(name, str(version), versions[str(version)].run_id, pinned, config,
                     members=int(model.get("members", 1)), postprocess=model.get("postprocess"),
-                    tta=bool(model.get("tta", False)))
+                    tta=bool(model.get("tta", False)), trained_on=model.get("trained_on"))
 
 
 def _download(tracking_uri: str, name: str, version: str, filename: str) -> bytes:

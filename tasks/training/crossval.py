@@ -39,6 +39,7 @@ from octseg.tasks.training.resume import save_checkpoint, unfinished_run
 from octseg.tasks.training.train import (
     TrainResult,
     check_classes,
+    check_volume_classes,
     epoch_logger,
     find_previous_training,
     progress_logger,
@@ -155,10 +156,12 @@ def crossval_and_register(
     force: bool = False,
     promote: bool = True,
     fold_models: int = 1,
+    trained_on: Mapping[str, str | None] | None = None,
 ) -> TrainResult:
     """K-fold cross-validation over the annotated volumes ``sets`` (volume id -> B-scans), ``fold_models`` models
     a fold, registered as one ensemble; its score is the pooled out-of-fold Dice of class 1 (nested post-processing), which
-    promotion compares with the champion's ``registered_oof_dice_<class 1>``."""
+    promotion compares with the champion's ``registered_oof_dice_<class 1>``. ``trained_on``: as
+    :func:`~octseg.tasks.training.train.train_and_register`'s (the ensemble saw every volume)."""
     import mlflow
     import torch
 
@@ -211,6 +214,7 @@ def crossval_and_register(
         ensemble = UNetEnsemble.from_state_dicts(unet_config, [member for k in range(folds) for member in (
             finished[k]["members"] if "members" in finished[k] else [finished[k]["weights"]])])  # or an older run's
         ensemble.postprocess, ensemble.tta = final, True  # softmax averaged over folds and flips
+        ensemble.trained_on = dict(trained_on) if trained_on is not None else None
         version = log_unet(ensemble, model_name, metadata={"class_names": {str(k): v for k, v in names.items()},
                                                            "folds": split})
         qc_image = f"{run.info.artifact_uri}/qc/oof_{worst}_bscan{z:03d}.png"
@@ -227,9 +231,10 @@ def crossval_from_archive_task(archive_path: str, volumes: list[str], unet_confi
                                model_name: str, force: bool, promote: bool,
                                tags: dict[str, str] | None = None, fold_models: int = 1) -> TrainResult:
     """Load the annotated B-scans of each of ``volumes`` (one subject each), then cross-validate and register."""
-    from octseg.tasks.training.dataset import load_volume_sets
+    from octseg.tasks.training.dataset import load_volume_sets, source_digests
 
     sets = load_volume_sets(archive_path, volumes)
+    check_volume_classes(sets, unet_config)
     get_run_logger().info("cross-validating over %d volumes (%d B-scans) in %d folds", len(sets),
                           sum(len(s) for s in sets.values()), folds)
     epochs = train_config.epochs * folds * fold_models
@@ -237,4 +242,4 @@ def crossval_from_archive_task(archive_path: str, volumes: list[str], unet_confi
         return crossval_and_register(sets, unet_config, train_config, folds, tracking_uri=tracking_uri,
                                      experiment=experiment, model_name=model_name, tags=tags, force=force,
                                      promote=promote, progress=progress_logger(bar, epochs, counted=True),
-                                     fold_models=fold_models)
+                                     fold_models=fold_models, trained_on=source_digests(archive_path, sorted(sets)))

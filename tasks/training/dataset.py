@@ -12,8 +12,7 @@ from octseg.tasks.preprocess.normalized import normalized_bscans
 from octseg.unet.bscans import BScanSet
 
 __all__ = [
-    "checked",
-    "load_volume_sets","load_annotated", "load_training_data", "split_train_val"]
+    "checked", "load_annotated", "load_training_data", "load_volume_sets", "source_digests", "split_train_val"]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +66,31 @@ def checked(sets: dict[str, BScanSet]) -> dict[str, BScanSet]:
 
 
 def load_volume_sets(archive_path: str | Path, volume_ids: Sequence[str]) -> dict[str, BScanSet]:
-    """The annotated B-scans of each volume (volumes without any left out), :func:`checked`."""
-    return checked({v: s for v in volume_ids if (s := load_annotated(archive_path, v)) is not None})
+    """The annotated B-scans of each volume (volumes without any left out), :func:`checked`, no scan twice
+    (:func:`source_digests`)."""
+    sets = checked({v: s for v in volume_ids if (s := load_annotated(archive_path, v)) is not None})
+    source_digests(archive_path, list(sets))
+    return sets
+
+
+def source_digests(archive_path: str | Path, volume_ids: Sequence[str]) -> dict[str, str | None]:
+    """Volume id -> the SHA-256 of the file it was ingested from (None when unknown): what a registered model
+    records of the volumes that trained it, so ``evaluate`` knows them in any archive. ValueError when two of
+    the volumes hold the same scan (an archive from before ingest refused copies, or one scan under two
+    graders' masks): training would see it twice, and could validate or score out of fold on a scan it
+    trained on."""
+    entries = open_archive(archive_path, create=False).catalogue().entries(list(volume_ids))
+    digests = {v: entries[v].source_sha256 for v in volume_ids}
+    holders: dict[str, list[str]] = {}
+    for v, sha in digests.items():
+        if sha:
+            holders.setdefault(sha, []).append(v)
+    twins = [sorted(ids) for ids in holders.values() if len(ids) > 1]
+    if twins:
+        listed = "; ".join(" and ".join(repr(v) for v in ids) for ids in twins)
+        raise ValueError(f"{archive_path}: volumes {listed} hold the same scan (the same source bytes): train on one "
+                         f"of them (name the volumes to train on with --volume)")
+    return digests
 
 
 def split_train_val(sets: dict[str, BScanSet], val_fraction: float, seed: int,

@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # torch-free import: unet.data and unet.train import torch
 __all__ = [
     "TrainResult",
     "check_classes",
+    "check_volume_classes",
     "find_previous_training",
     "epoch_logger",
     "epoch_line",
@@ -188,6 +189,15 @@ def check_classes(train: BScanSet, val: BScanSet | None, unet_config: UNetConfig
                          f"binarise the masks or train with --classes {top + 1}")
 
 
+def check_volume_classes(sets: Mapping[str, BScanSet], unet_config: UNetConfig) -> None:
+    """:func:`check_classes` per volume, so the error names the volume whose masks hold the class."""
+    for volume_id, data in sets.items():
+        top = int(data.labels.max())
+        if top >= unet_config.out_channels:
+            raise ValueError(f"volume {volume_id!r}: its masks hold class {top} but the network predicts "
+                             f"{unet_config.out_channels} classes; binarise the masks or train with --classes {top + 1}")
+
+
 def train_and_register(
     train: BScanSet,
     val: BScanSet | None,
@@ -203,6 +213,7 @@ def train_and_register(
     force: bool = False,
     promote: bool = True,
     resume_run_id: str | None = None,
+    trained_on: Mapping[str, str | None] | None = None,
 ) -> TrainResult:
     """Train a fresh ``UNet(unet_config)`` in one MLflow run, register it as ``model_name``, maybe promote.
 
@@ -214,7 +225,8 @@ def train_and_register(
 
     Promotion (unless ``promote`` is False: the flow then chooses the champion on its evaluation set)
     compares ``val_dice_<name of class 1>`` (``train_dice_...`` when ``val`` is None or empty, tagged
-    ``octseg.score_source=training``) with the champion's value of the same metric.
+    ``octseg.score_source=training``) with the champion's value of the same metric. ``trained_on`` (volume id
+    -> source SHA-256 of the volumes that trained or validated it) is stored with the model, for ``evaluate``.
     """
     import mlflow
 
@@ -256,6 +268,7 @@ def train_and_register(
         # the score of the weights registered (the best epoch's under restore_best): what promotion compares
         mlflow.log_metrics(_dice_metrics(f"{REGISTERED}{prefix}", dice, names))
         qc_image = _log_qc(model, val if has_val else train, prefix, run.info.artifact_uri, train_config)
+        model.trained_on = dict(trained_on) if trained_on is not None else None
         version = log_unet(model, model_name, metadata={"class_names": {str(k): v for k, v in names.items()}})
     score = dice.get(FOREGROUND, math.nan)
     promoted = promote and promote_if_better(model_name, version, score, tracking_uri,
@@ -303,12 +316,15 @@ def train_from_archive_task(archive_path: str, volumes: list[str], unet_config: 
                             resume_run_id: str | None = None, tags: dict[str, str] | None = None,
                             val_volumes: list[str] | None = None) -> TrainResult:
     """Load the annotated B-scans of ``volumes`` from the archive, split them, then train and register."""
-    from octseg.tasks.training.dataset import load_training_data
+    from octseg.tasks.training.dataset import load_volume_sets, source_digests, split_train_val
 
-    train, val = load_training_data(archive_path, volumes, val_fraction, seed=train_config.seed, val_volumes=val_volumes)
+    sets = load_volume_sets(archive_path, volumes)
+    check_volume_classes(sets, unet_config)
+    train, val = split_train_val(sets, val_fraction, train_config.seed, val_volumes)
     get_run_logger().info("training on %d B-scans, validating on %d", len(train), 0 if val is None else len(val))
     with progress_bar("train epochs", train_config.epochs) as bar:
         return train_and_register(train, val, unet_config, train_config, tracking_uri=tracking_uri,
                                   experiment=experiment, model_name=model_name,
                                   progress=progress_logger(bar, train_config.epochs), force=force,
-                                  promote=promote, resume_run_id=resume_run_id, tags=tags)
+                                  promote=promote, resume_run_id=resume_run_id, tags=tags,
+                                  trained_on=source_digests(archive_path, sorted(sets)))

@@ -209,7 +209,7 @@ def test_segment_options_reach_the_inference_config(tmp_path: Path) -> None:
 
 
 def test_pipeline_on_tiny_phantoms(tmp_path: Path) -> None:
-    sources = write_phantom_files(tmp_path / "scans", n_volumes=2, n_bscans=4, height=64, width=96)
+    *sources, unseen = write_phantom_files(tmp_path / "scans", n_volumes=3, n_bscans=4, height=64, width=96)
     archive = tmp_path / "archive.zarr"
     result = _invoke(
         "pipeline", *map(str, sources), "--labels", str(tmp_path / "scans" / "labels"), "--archive", str(archive),
@@ -238,10 +238,18 @@ def test_pipeline_on_tiny_phantoms(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=300, env=offline, cwd=tmp_path)
         assert done.returncode == 0, (args, done.stdout, done.stderr[-2000:])
         assert phrase in done.stdout, (args, done.stdout)
-    evaluated = _invoke("evaluate", "--archive", str(archive), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                        "--fix", "--volume", "phantom_001")
+    evaluate = ("evaluate", "--archive", str(archive), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    refused = _invoke(*evaluate)  # both annotated volumes trained the model: nothing scores it on unseen scans
+    assert refused.exit_code == 2 and "none scores it on unseen scans" in refused.plain, refused.output
+    assert _invoke("ingest", str(unseen), "--labels", str(tmp_path / "scans" / "labels"), "--archive",
+                   str(archive)).exit_code == 0
+    held_out = _invoke(*evaluate)  # by default: the annotated volumes that did not train it
+    assert held_out.exit_code == 0, held_out.output
+    assert "on 1 volumes" in held_out.plain and "phantom_002" in held_out.plain and "NOT HELD OUT" not in held_out.plain
+    evaluated = _invoke(*evaluate, "--fix", "--volume", "phantom_001")  # named: scored, and said to be no held-out score
     assert evaluated.exit_code == 0, evaluated.output
     assert "evaluate: octseg-unet v1 on 1 volumes" in evaluated.plain and "pooled Dice" in evaluated.plain
+    assert "NOT HELD OUT: phantom_001" in evaluated.plain
     assert open_archive(archive, create=False).evaluation_set() == ["phantom_001"]
 
 

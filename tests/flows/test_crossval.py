@@ -55,6 +55,7 @@ def test_folds_register_one_ensemble_scored_out_of_fold(work) -> None:
     ref = resolve_model("models:/octseg-unet@champion", work["tracking"])
     assert ref.members == 3 and ref.postprocess is not None  # one version: the three fold models
     assert ref.tta  # averaged over folds and flips
+    assert sorted(ref.trained_on) == VOLUMES and all(len(d) == 64 for d in ref.trained_on.values())  # for evaluate
     client, parent, children = _runs(work, summary.run_id)
     assert parent.data.tags["octseg.score_source"] == "out-of-fold"
     assert parent.data.metrics["registered_oof_dice_fluid"] == pytest.approx(summary.score)
