@@ -233,8 +233,8 @@ class EvaluateConfig(_Config):
     archive: Archive
     model_uri: ModelURI = DEFAULT_MODEL_URI
     volumes: Annotated[tuple[str, ...] | None, Cli("--volume", "-v", show_default=False)] = Field(None, description=(
-        "Evaluate on this volume (repeatable). Default: the archive's fixed evaluation set, else every annotated "
-        "volume."))
+        "Evaluate on this volume (repeatable; one that trained the model is scored but marked NOT HELD OUT). "
+        "Default: the archive's fixed evaluation set, else every annotated volume that did not train the model."))
     tracking_uri: TrackingURI = None
     inference: InferenceConfig = InferenceConfig()
     fix: bool = Field(False, strict=True, description=(
