@@ -169,6 +169,12 @@ def training_volumes(config: TrainFlowConfig) -> tuple[list[str], list[str]]:
         if unannotated:  # ... and be annotated
             raise ValueError(f"evaluation volumes need manual labels: {unannotated}")
     volumes = [v for v in select_volumes(config.archive, config.volumes) if v not in evaluation]
+    if config.volumes is not None:  # named: each must have something to train on (by default, all that do)
+        archive = open_archive(config.archive, create=False)
+        unannotated = [v for v in volumes if not (archive.manual_labels(v) or (None, []))[1]]
+        if unannotated:
+            raise ValueError(f"volumes named to train on have no annotated B-scans: {unannotated}; ingest them with "
+                             f"--labels, or leave them out")
     if not volumes:
         raise ValueError(f"every selected volume is in the evaluation set {evaluation}; nothing left to train on")
     return volumes, evaluation

@@ -230,6 +230,8 @@ def _given_masks(labels_dir: str | Path | None, src: Path, volume: ScanVolume) -
                                + ", ".join(stray[:5]) + (", ..." if len(stray) > 5 else ""))
     if masks is None and volume.manual_labels is not None:
         masks = (volume.manual_labels, volume.annotated)
+    if masks is None and labels_dir is not None:
+        volume.warnings.append("the labels folder holds no masks for it: ingested without manual labels")
     return masks
 
 

@@ -124,3 +124,20 @@ def test_a_no_op_preprocess_of_volumes_labelled_by_their_source_reads_no_volume(
     assert archive.labels_fingerprint("v") != by_hand.hexdigest()
     assert catalogue_for(archive.path).entries(["v"])["v"].labels_digest == archive.labels_fingerprint("v")
     assert plan_preprocess(PreprocessConfig(archive=archive.path, dask_address=None))[0] == ["v"]
+
+
+def test_volumes_named_to_train_on_must_be_annotated(tmp_path: Path) -> None:
+    """By default training takes the annotated volumes; a volume named with --volume that has no annotated
+    B-scan is an error, not a volume silently left out."""
+    from octseg.flows.config import TrainFlowConfig
+    from octseg.flows.plans import training_volumes
+
+    archive = open_archive(tmp_path / "a.zarr")
+    image = np.zeros((2, 16, 16), np.uint8)
+    for vid, labels in (("labelled", np.ones_like(image)), ("plain", None)):
+        archive.write_volume(vid, image, manual_labels=labels, annotated=[0, 1] if labels is not None else None,
+                             provenance={"source": f"{vid}.tif", "source_sha256": vid[0] * 64, "reader": "tiff"})
+    assert training_volumes(TrainFlowConfig(archive=archive.path))[0] == ["labelled", "plain"]
+    assert training_volumes(TrainFlowConfig(archive=archive.path, volumes=("labelled",)))[0] == ["labelled"]
+    with pytest.raises(ValueError, match=r"no annotated B-scans: \['plain'\]"):
+        training_volumes(TrainFlowConfig(archive=archive.path, volumes=("labelled", "plain")))

@@ -78,3 +78,9 @@ def test_two_copies_ingested_at_once_give_one_volume(tmp_path: Path, scan: Path)
         t.join()
     assert sorted(r.status for r in results) == ["skipped"] * 3 + ["written"]
     assert len(open_archive(archive, create=False).volume_ids()) == 1
+
+
+def test_a_labels_folder_without_masks_for_a_scan_is_said(tmp_path: Path, scan: Path) -> None:
+    result = ingest_source(scan, tmp_path / "arc.zarr", _mask(tmp_path / "labels", "other.tif", 2))
+    assert result.status == "written" and result.annotated == []
+    assert any("holds no masks for it" in w for w in result.warnings)
