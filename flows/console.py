@@ -60,7 +60,9 @@ def prepare_runtime(verbose: bool) -> None:
     if not verbose:  # in case Dask was imported before the variable was set (e.g. in tests)
         import dask
 
-        dask.config.set({"distributed.logging.distributed": "warning"})
+        from octseg.tasks.runtime.cluster import QUIET_WORKERS
+
+        dask.config.set({"distributed.logging.distributed": "warning", QUIET_WORKERS: True})
     from octseg.tasks.runtime.tether import tether_ephemeral_server
     from prefect.logging.configuration import ensure_logging_setup
 

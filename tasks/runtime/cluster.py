@@ -7,15 +7,17 @@ Dask resource ``GPU`` (``dask worker --resources GPU=1``) takes one volume at a 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["client_for", "close_clients", "dask_scheduler", "gpu_device_of_worker", "publish", "worker_resources"]
+__all__ = ["QUIET_WORKERS", "client_for", "close_clients", "dask_scheduler", "gpu_device_of_worker", "publish", "worker_resources"]
 
 _CLIENTS: dict[str, Any] = {}
+QUIET_WORKERS = "octseg.quiet-workers"  # Dask config key: local workers log only critical errors
 LOCAL_SCHEDULER_LOGS = {"distributed.admin.log-length": 500, "distributed.admin.low-level-log-length": 100,
                         "distributed.diagnostics.computations.max-history": 10}
 _LOCK = threading.Lock()
@@ -39,9 +41,12 @@ def dask_scheduler(address: str | None, n_workers: int, *, threads: int | None =
 
     # the LocalCluster's scheduler lives in this (the flow's) process: keep its in-memory logs short, so that its
     # memory does not grow with the tasks of a long run (Dask keeps 10,000 events per topic by default)
+    # a volume that fails on a worker is reported by the flow, in one line naming it; the worker's own
+    # "Compute Failed" traceback reaches the console only under --verbose (the commands set QUIET_WORKERS)
+    silence = logging.CRITICAL if dask.config.get(QUIET_WORKERS, False) else logging.WARNING
     with dask.config.set(LOCAL_SCHEDULER_LOGS), LocalCluster(
             n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env,
-            resources=resources) as cluster:
+            resources=resources, silence_logs=silence) as cluster:
         try:
             yield cluster.scheduler_address
         finally:
