@@ -321,7 +321,14 @@ def bscan_files(folder: Path, readers: Sequence[BScanReader]) -> list[Path]:
     """The files of ``folder`` that one of ``readers`` takes (no hidden ones), in natural order."""
     files = [f for f in folder.iterdir()
              if f.is_file() and not f.name.startswith(".") and any(matches_suffix(r, f) for r in readers)]
-    return sorted(files, key=lambda f: natural_key(f.name))
+    return sorted(files, key=lambda f: (natural_key(f.name), f.name))  # names alike but for zeros: a fixed order
+
+
+def same_place(files: Sequence[Path]) -> tuple[Path, Path] | None:
+    """Two of ``files`` (in :func:`bscan_files`' order) whose names differ only in leading zeros (``b_01.png``,
+    ``b_1.png``): the natural order cannot say which B-scan comes first; None when there are none."""
+    keys = [natural_key(f.name) for f in files]
+    return next(((files[i], files[i + 1]) for i in range(len(files) - 1) if keys[i] == keys[i + 1]), None)
 
 
 class BScanFolderReader(FileReader):
@@ -352,6 +359,9 @@ class BScanFolderReader(FileReader):
         files = bscan_files(path, readers)
         if not files:
             raise ReadError(path, f"empty folder: no B-scan files ({', '.join(listed_suffixes(readers))})")
+        if (pair := same_place(files)) is not None:
+            raise ReadError(path, f"{shown(pair[0].name)} and {shown(pair[1].name)} name the same place in the "
+                                  f"B-scan order (their numbers differ only in leading zeros): rename one")
         bscans, warnings, total, max_voxels = [], [], 0, limits.max_voxels
         for f in files:
             left = None if max_voxels is None else max_voxels - total
@@ -368,4 +378,8 @@ class BScanFolderReader(FileReader):
                 raise ReadError(f, f"B-scan {bscan.shape} {bscan.dtype} differs from {files[0].name} "
                                    f"({bscans[0].shape} {bscans[0].dtype}) in the same folder")
             bscans.append(bscan)
+        inner = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if inner:  # a folder is one volume of the image files in it, never of those in its subfolders
+            warnings.append(f"{len(inner)} subfolder(s) left out ({', '.join(shown(n) for n in inner[:3])}"
+                            f"{', ...' if len(inner) > 3 else ''}): each is a volume of its own, to ingest by name")
         return ScanVolume(np.stack(bscans), None, self.name, path, "", files, warnings=sorted(set(warnings)))

@@ -62,6 +62,11 @@ def test_folder_in_natural_order(tmp_path: Path) -> None:
     (folder / ".DS_Store").write_bytes(b"ignored")
     vol = read_volume(folder)
     assert [f.name for f in vol.files] == names  # 2 before 10
+    assert vol.warnings == []
+    bscan_folder(folder / "nested", STACK[:1], ["Subject_01_3.png"])
+    nested = read_volume(folder)
+    assert [f.name for f in nested.files] == names  # the subfolder's B-scan is not one of this volume's ...
+    assert any("1 subfolder(s) left out (nested)" in w for w in nested.warnings)  # ... and that is said
     np.testing.assert_array_equal(vol.image, STACK)
     assert (vol.reader, vol.source) == ("folder", folder)
     assert sorted(["x_10", "x_2", "X_1"], key=natural_key) == ["X_1", "x_2", "x_10"]
@@ -133,6 +138,13 @@ def test_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "vol" / "readme.txt").write_text("no images")
     with pytest.raises(ReadError, match=r"vol: empty folder"):
         read_volume(tmp_path / "vol")
+
+
+def test_folder_with_two_names_for_one_place_in_the_order_is_refused(tmp_path: Path) -> None:
+    """``b_01.png`` and ``b_1.png``: no natural order says which B-scan comes first."""
+    folder = bscan_folder(tmp_path / "vol", STACK, ["b_0.png", "b_01.png", "b_1.png"])
+    with pytest.raises(ReadError, match=r"b_01.png and b_1.png name the same place in the B-scan order"):
+        read_volume(folder)
 
 
 @pytest.mark.parametrize(("odd", "phrase"), [
