@@ -32,9 +32,17 @@ __all__ = ["Batch", "Outcomes", "as_finished", "batch_task", "collect", "failure
            "summary_of"]
 
 
+# library errors that mean the archive's own bytes are damaged, and what to do about it
+DAMAGED = ("Stored and computed checksum do not match",)
+DAMAGED_HINT = (" (the archive's stored data of this volume is damaged: remove the volume, then ingest its source "
+                "again)")
+
+
 def failure_line(item: str, error: BaseException) -> str:
     """``"<item>: <what was wrong>"`` on one line; the item is not repeated when the error names it."""
     message = shown(" ".join(str(error).split()) or type(error).__name__)  # library messages may quote raw names
+    if any(sign in message for sign in DAMAGED):
+        message += DAMAGED_HINT
     item = shown(item)
     if re.search(rf"(?<![\w-]){re.escape(item)}(?![\w-])", message):  # named as itself, not inside another name
         return message

@@ -126,3 +126,24 @@ def test_a_failure_line_names_its_item_once() -> None:
     assert failure_line("v1", ValueError("v1: refused")) == "v1: refused"
     assert failure_line("v1", ValueError("v10: refused")) == "v1: ValueError: v10: refused"  # another item's name
     assert failure_line("v1", ValueError("cannot read /in/v1.tif")) == "cannot read /in/v1.tif"
+
+
+def test_a_damaged_chunk_is_said_to_be_the_archives_own_damage(tmp_path) -> None:
+    """The checksum error Zarr raises on a damaged chunk gets what to do about it."""
+    import numpy as np
+
+    from octseg.flows.runs import failure_line
+    from octseg.tasks.archive.store import open_archive
+
+    archive = open_archive(tmp_path / "a.zarr")
+    archive.write_volume("v", np.ones((2, 16, 16), np.uint8), provenance={"source": "v.tif", "source_sha256": "0" * 64,
+                                                                          "reader": "tiff"})
+    chunk = next(p for p in (tmp_path / "a.zarr" / "v").rglob("*") if p.is_file() and "/c/" in str(p))
+    chunk.write_bytes(b"\x00" * 20)
+    try:
+        np.asarray(open_archive(tmp_path / "a.zarr", create=False).image("v")[:])
+    except Exception as e:  # noqa: BLE001 - whatever the codec raises
+        line = failure_line("v", e)
+    else:
+        raise AssertionError("a damaged chunk read without error")
+    assert "damaged: remove the volume, then ingest its source again" in line, line
