@@ -61,6 +61,9 @@ def evaluate_model(config: EvaluateConfig) -> State:
         logger.info("left out %d annotated volumes that trained %s v%s: %s", len(left_out), ref.name, ref.version,
                     left_out)
     trained_on = seen_in_training(ref, config.archive, volumes)
+    if ref.trained_on is None:
+        logger.warning("%s v%s records no training volumes (registered before octseg recorded them): the volumes "
+                       "scored may include some that trained it", ref.name, ref.version)
     if trained_on:
         logger.warning("%d of the volumes trained %s v%s (not held out): %s; the score is no held-out score and is "
                        "not recorded on the version", len(trained_on), ref.name, ref.version, trained_on)
@@ -78,6 +81,7 @@ def evaluate_model(config: EvaluateConfig) -> State:
     summary.failures += outcomes.failures
     if results:
         names = class_names_of(UNetConfig.from_dict(ref.unet_config).out_channels)
+        trained_on = [v for v in trained_on if v in {r.volume_id for r in results}]  # of those scored
         report = summarize(model, fingerprint, results, names, trained_on)
         folder = report_folder(config.archive, model, fingerprint)
         write_report(report, folder)

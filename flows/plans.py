@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -175,9 +176,51 @@ def training_volumes(config: TrainFlowConfig) -> tuple[list[str], list[str]]:
         if unannotated:
             raise ValueError(f"volumes named to train on have no annotated B-scans: {unannotated}; ingest them with "
                              f"--labels, or leave them out")
+    volumes = _one_per_scan(config, volumes, evaluation)
     if not volumes:
         raise ValueError(f"every selected volume is in the evaluation set {evaluation}; nothing left to train on")
     return volumes, evaluation
+
+
+def _one_per_scan(config: TrainFlowConfig, volumes: list[str], evaluation: list[str]) -> list[str]:
+    """``volumes`` without those holding the scan of an evaluation volume (ValueError: that would be a training
+    score on the evaluation set) and, by default, with one volume per scan (the first id; the others are logged),
+    since two volumes of one scan (copies, or two graders' masks) could validate or score out of fold on a scan
+    they trained on; when the volumes were named, two of one scan are an error (``source_digests``)."""
+    from octseg.tasks.archive.catalogue import catalogue_for
+
+    entries = catalogue_for(config.archive).entries(volumes + evaluation)
+    held_out = {entries[v].source_sha256 for v in evaluation if entries[v].source_sha256}
+    clash = [v for v in volumes if entries[v].source_sha256 in held_out]
+    if clash:
+        raise ValueError(f"{config.archive}: volumes {clash} hold the same scans as evaluation volumes "
+                         f"{sorted(evaluation)}: training on them would score the model on scans it trained on; "
+                         f"leave them out (--volume) or remove them")
+    if config.volumes is not None:
+        return volumes
+    first: dict[str, str] = {}
+    kept, dropped = [], []
+    for v in volumes:
+        sha = entries[v].source_sha256
+        if sha and sha in first:
+            dropped.append(f"{v} (the scan of {first[sha]})")
+            continue
+        if sha:
+            first[sha] = v
+        kept.append(v)
+    if dropped:
+        _warn(f"training on one volume per scan: left out {', '.join(dropped)}")
+    return kept
+
+
+def _warn(message: str) -> None:
+    """To the flow run's log when there is one, else to this module's."""
+    try:
+        from prefect import get_run_logger
+
+        get_run_logger().warning(message)
+    except Exception:  # no run context (a plan before the flow)
+        logging.getLogger(__name__).warning(message)
 
 
 def previous_training(config: TrainFlowConfig, tracking_uri: str) -> TrainSummary | None:

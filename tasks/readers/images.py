@@ -325,8 +325,8 @@ def bscan_files(folder: Path, readers: Sequence[BScanReader]) -> list[Path]:
 
 
 def same_place(files: Sequence[Path]) -> tuple[Path, Path] | None:
-    """Two of ``files`` (in :func:`bscan_files`' order) whose names differ only in leading zeros (``b_01.png``,
-    ``b_1.png``): the natural order cannot say which B-scan comes first; None when there are none."""
+    """Two of ``files`` (in :func:`bscan_files`' order) whose names differ only in leading zeros or letter case
+    (``b_01.png``, ``B_1.png``): the natural order cannot say which B-scan comes first; None when there are none."""
     keys = [natural_key(f.name) for f in files]
     return next(((files[i], files[i + 1]) for i in range(len(files) - 1) if keys[i] == keys[i + 1]), None)
 
@@ -361,7 +361,7 @@ class BScanFolderReader(FileReader):
             raise ReadError(path, f"empty folder: no B-scan files ({', '.join(listed_suffixes(readers))})")
         if (pair := same_place(files)) is not None:
             raise ReadError(path, f"{shown(pair[0].name)} and {shown(pair[1].name)} name the same place in the "
-                                  f"B-scan order (their numbers differ only in leading zeros): rename one")
+                                  f"B-scan order (they differ only in leading zeros or letter case): rename one")
         bscans, warnings, total, max_voxels = [], [], 0, limits.max_voxels
         for f in files:
             left = None if max_voxels is None else max_voxels - total
@@ -380,6 +380,6 @@ class BScanFolderReader(FileReader):
             bscans.append(bscan)
         inner = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
         if inner:  # a folder is one volume of the image files in it, never of those in its subfolders
-            warnings.append(f"{len(inner)} subfolder(s) left out ({', '.join(shown(n) for n in inner[:3])}"
-                            f"{', ...' if len(inner) > 3 else ''}): each is a volume of its own, to ingest by name")
+            warnings.append(f"{len(inner)} subfolder(s) not read as B-scans of this volume ("
+                            f"{', '.join(shown(n) for n in inner[:3])}{', ...' if len(inner) > 3 else ''})")
         return ScanVolume(np.stack(bscans), None, self.name, path, "", files, warnings=sorted(set(warnings)))

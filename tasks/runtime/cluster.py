@@ -42,8 +42,9 @@ def dask_scheduler(address: str | None, n_workers: int, *, threads: int | None =
     # the LocalCluster's scheduler lives in this (the flow's) process: keep its in-memory logs short, so that its
     # memory does not grow with the tasks of a long run (Dask keeps 10,000 events per topic by default)
     # a volume that fails on a worker is reported by the flow, in one line naming it; the worker's own
-    # "Compute Failed" traceback reaches the console only under --verbose (the commands set QUIET_WORKERS)
-    silence = logging.CRITICAL if dask.config.get(QUIET_WORKERS, False) else logging.WARNING
+    # "Compute Failed" traceback (an ERROR) reaches the console only under --verbose (the commands set
+    # QUIET_WORKERS); warnings and anything above an error (a worker out of memory, restarted) still do
+    silence = logging.ERROR + 1 if dask.config.get(QUIET_WORKERS, False) else logging.WARNING
     with dask.config.set(LOCAL_SCHEDULER_LOGS), LocalCluster(
             n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env,
             resources=resources, silence_logs=silence) as cluster:

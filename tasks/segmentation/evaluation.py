@@ -326,7 +326,7 @@ def choose_champion(archive_path: str | Path, volume_ids: Sequence[str], name: s
     current = champion(name, tracking_uri)
     current_score = None
     if current is not None and current.version != ref.version:
-        if held_out(current, tracking_uri) >= set(volume_ids):
+        if held_out(current, tracking_uri) >= set(volume_ids) and not seen_in_training(current, archive_path, volume_ids):
             current_score, _ = score_on_evaluation_set(archive_path, volume_ids, current, tracking_uri, inference)
         else:  # it trained on (some of) the set: its score there would be a training score
             log.warning("%s@champion (v%s) did not hold out the evaluation set %s: not comparable, replaced",

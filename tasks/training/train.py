@@ -183,19 +183,20 @@ def find_previous_training(fingerprint: str, tracking_uri: str, experiment_id: s
 
 def check_classes(train: BScanSet, val: BScanSet | None, unet_config: UNetConfig) -> None:
     """ValueError before any run starts when the masks hold a class the network cannot predict."""
-    top = max(int(d.labels.max()) for d in (train, val) if d is not None and len(d))
-    if top >= unet_config.out_channels:
-        raise ValueError(f"the masks hold class {top} but the network predicts {unet_config.out_channels} classes; "
-                         f"binarise the masks or train with --classes {top + 1}")
+    _check_classes({"the training B-scans": train, "the validation B-scans": val}, unet_config)
 
 
 def check_volume_classes(sets: Mapping[str, BScanSet], unet_config: UNetConfig) -> None:
     """:func:`check_classes` per volume, so the error names the volume whose masks hold the class."""
-    for volume_id, data in sets.items():
-        top = int(data.labels.max())
+    _check_classes({f"volume {v!r}": data for v, data in sets.items()}, unet_config)
+
+
+def _check_classes(named: Mapping[str, BScanSet | None], unet_config: UNetConfig) -> None:
+    for name, data in named.items():
+        top = int(data.labels.max()) if data is not None and len(data) else 0
         if top >= unet_config.out_channels:
-            raise ValueError(f"volume {volume_id!r}: its masks hold class {top} but the network predicts "
-                             f"{unet_config.out_channels} classes; binarise the masks or train with --classes {top + 1}")
+            raise ValueError(f"{name}: its masks hold class {top} but the network predicts {unet_config.out_channels} "
+                             f"classes; binarise the masks or train with --classes {top + 1}")
 
 
 def train_and_register(

@@ -246,6 +246,10 @@ def test_pipeline_on_tiny_phantoms(tmp_path: Path) -> None:
     held_out = _invoke(*evaluate)  # by default: the annotated volumes that did not train it
     assert held_out.exit_code == 0, held_out.output
     assert "on 1 volumes" in held_out.plain and "phantom_002" in held_out.plain and "NOT HELD OUT" not in held_out.plain
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_model_version("octseg-unet", "1").tags
+    assert "octseg.eval_score" in tags  # a held-out score is recorded on the version
     evaluated = _invoke(*evaluate, "--fix", "--volume", "phantom_001")  # named: scored, and said to be no held-out score
     assert evaluated.exit_code == 0, evaluated.output
     assert "evaluate: octseg-unet v1 on 1 volumes" in evaluated.plain and "pooled Dice" in evaluated.plain

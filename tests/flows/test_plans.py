@@ -141,3 +141,20 @@ def test_volumes_named_to_train_on_must_be_annotated(tmp_path: Path) -> None:
     assert training_volumes(TrainFlowConfig(archive=archive.path, volumes=("labelled",)))[0] == ["labelled"]
     with pytest.raises(ValueError, match=r"no annotated B-scans: \['plain'\]"):
         training_volumes(TrainFlowConfig(archive=archive.path, volumes=("labelled", "plain")))
+
+
+def test_training_takes_one_volume_per_scan_and_none_of_the_evaluation_sets(tmp_path: Path) -> None:
+    """Two volumes of one scan (a copy, or two graders' masks): by default the first id trains, the other is left
+    out; a training volume holding an evaluation volume's scan is refused."""
+    from octseg.flows.config import TrainFlowConfig
+    from octseg.flows.plans import training_volumes
+
+    archive = open_archive(tmp_path / "a.zarr")
+    image = np.zeros((2, 16, 16), np.uint8)
+    for vid, sha in (("a", "1"), ("a_grader2", "1"), ("b", "2"), ("c", "3")):
+        archive.write_volume(vid, image, manual_labels=np.ones_like(image), annotated=[0, 1],
+                             provenance={"source": f"{vid}.tif", "source_sha256": sha * 64, "reader": "tiff"})
+    assert training_volumes(TrainFlowConfig(archive=archive.path))[0] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match=r"volumes \['a'\] hold the same scans as evaluation volumes"):
+        training_volumes(TrainFlowConfig(archive=archive.path, evaluation_volumes=("a_grader2",)))
+    assert training_volumes(TrainFlowConfig(archive=archive.path, evaluation_volumes=("c",))) == (["a", "b"], ["c"])

@@ -66,7 +66,7 @@ def test_folder_in_natural_order(tmp_path: Path) -> None:
     bscan_folder(folder / "nested", STACK[:1], ["Subject_01_3.png"])
     nested = read_volume(folder)
     assert [f.name for f in nested.files] == names  # the subfolder's B-scan is not one of this volume's ...
-    assert any("1 subfolder(s) left out (nested)" in w for w in nested.warnings)  # ... and that is said
+    assert any("1 subfolder(s) not read as B-scans of this volume (nested)" in w for w in nested.warnings)  # ... and that is said
     np.testing.assert_array_equal(vol.image, STACK)
     assert (vol.reader, vol.source) == ("folder", folder)
     assert sorted(["x_10", "x_2", "X_1"], key=natural_key) == ["X_1", "x_2", "x_10"]
@@ -145,6 +145,9 @@ def test_folder_with_two_names_for_one_place_in_the_order_is_refused(tmp_path: P
     folder = bscan_folder(tmp_path / "vol", STACK, ["b_0.png", "b_01.png", "b_1.png"])
     with pytest.raises(ReadError, match=r"b_01.png and b_1.png name the same place in the B-scan order"):
         read_volume(folder)
+    cased = bscan_folder(tmp_path / "vol2", STACK, ["b_0.png", "B_1.png", "b_1.png"])
+    with pytest.raises(ReadError, match=r"B_1.png and b_1.png name the same place .* or letter case"):
+        read_volume(cased)
 
 
 @pytest.mark.parametrize(("odd", "phrase"), [
