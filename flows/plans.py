@@ -90,7 +90,9 @@ def plan_ingest(config: IngestConfig) -> tuple[list[str], IngestSummary]:
     for src in sources:
         entry = entries.get(ids[src])
         if entry is None and (copy := _known_copy(catalogue, src, ids[src], remembered, stats, config, options)):
-            summary.skipped.append(copy)  # a copy of a held scan, seen before (ingest said so then)
+            summary.skipped.append(copy)  # a copy of a held scan, known from the catalogue
+            summary.warnings.append(f"{copy}: {shown(src)} is the same scan (same bytes, same masks): not stored "
+                                    f"again as {ids[src]!r}")
             continue
         try:  # ingest's rule (octseg.tasks.ingest.rules.unchanged) on the catalogue's columns, not the provenance
             labels_fp = labels_sha256(config.labels, src)

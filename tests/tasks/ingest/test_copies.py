@@ -49,6 +49,8 @@ def test_a_copy_under_another_name_is_not_stored_twice(tmp_path: Path, scan: Pat
     # the next plan knows the copy from the catalogue without reading it again
     todo, summary = plan_ingest(IngestConfig(sources=[other, scan], archive=archive, dask_address=None))
     assert todo == [] and sorted(summary.skipped) == ["stack", "stack"]
+    assert summary.warnings == [f"stack: {other} is the same scan (same bytes, same masks): not stored again as "
+                                f"'renamed_copy'"]
 
 
 def test_the_same_image_with_other_masks_is_a_volume_of_its_own(tmp_path: Path, scan: Path) -> None:
