@@ -27,25 +27,25 @@ from octseg.unet.config import UNetConfig
 __all__ = ["evaluation_volumes", "evaluate_model"]
 
 
-def evaluation_volumes(config: EvaluateConfig, ref: ModelRef | None = None) -> tuple[list[str], list[str]]:
-    """(volumes to score, annotated volumes left out): the named volumes, else the archive's fixed evaluation
-    set, else every annotated volume that did not train ``ref`` (ValueError when they all did)."""
+def evaluation_volumes(config: EvaluateConfig, ref: ModelRef) -> tuple[list[str], list[str], list[str]]:
+    """(volumes to score, annotated volumes left out, volumes scored that trained ``ref``): the named volumes,
+    else the archive's fixed evaluation set, else every annotated volume that did not train ``ref`` (ValueError
+    when they all did)."""
     archive = open_archive(config.archive, create=False)
-    if config.volumes is not None:
-        return select_volumes(config.archive, config.volumes), []
-    fixed = archive.evaluation_set()
-    if fixed:
-        return select_volumes(config.archive, fixed), []
+    chosen = config.volumes if config.volumes is not None else (archive.evaluation_set() or None)
+    if chosen is not None:
+        volumes = select_volumes(config.archive, chosen)
+        return volumes, [], seen_in_training(ref, config.archive, volumes)
     annotated = [v for v in archive.volume_ids() if (archive.manual_labels(v) or (None, []))[1]]
     if not annotated:
         raise ValueError(f"{config.archive}: no volume with manual labels to evaluate on; ingest with --labels")
-    seen = set(seen_in_training(ref, config.archive, annotated)) if ref is not None else set()
+    seen = set(seen_in_training(ref, config.archive, annotated))
     held = [v for v in annotated if v not in seen]
     if not held:
         raise ValueError(f"{config.archive}: every annotated volume ({len(annotated)}) trained {ref.name} v{ref.version}"
                          f", so none scores it on unseen scans; ingest held-out volumes, or name volumes with -v to "
                          f"score it on its training data (the report then says so)")
-    return held, sorted(seen)
+    return held, sorted(seen), []
 
 
 @flow(name="evaluate-model")
@@ -56,11 +56,10 @@ def evaluate_model(config: EvaluateConfig) -> State:
     logger.info("evaluate config: %s", config.model_dump_json())
     tracking_uri = resolve_tracking_uri(config.tracking_uri)
     ref = resolve_model(config.model_uri, tracking_uri)
-    volumes, left_out = evaluation_volumes(config, ref)
+    volumes, left_out, trained_on = evaluation_volumes(config, ref)
     if left_out:
         logger.info("left out %d annotated volumes that trained %s v%s: %s", len(left_out), ref.name, ref.version,
                     left_out)
-    trained_on = seen_in_training(ref, config.archive, volumes)
     if ref.trained_on is None:
         logger.warning("%s v%s records no training volumes (registered before octseg recorded them): the volumes "
                        "scored may include some that trained it", ref.name, ref.version)

@@ -66,11 +66,8 @@ def checked(sets: dict[str, BScanSet]) -> dict[str, BScanSet]:
 
 
 def load_volume_sets(archive_path: str | Path, volume_ids: Sequence[str]) -> dict[str, BScanSet]:
-    """The annotated B-scans of each volume (volumes without any left out), :func:`checked`, no scan twice
-    (:func:`source_digests`)."""
-    sets = checked({v: s for v in volume_ids if (s := load_annotated(archive_path, v)) is not None})
-    source_digests(archive_path, list(sets))
-    return sets
+    """The annotated B-scans of each volume (volumes without any left out), :func:`checked`."""
+    return checked({v: s for v in volume_ids if (s := load_annotated(archive_path, v)) is not None})
 
 
 def source_digests(archive_path: str | Path, volume_ids: Sequence[str]) -> dict[str, str | None]:
