@@ -337,3 +337,22 @@ def test_a_catalogue_replaced_under_a_long_lived_process_is_followed(tmp_path: P
     arc.write_volume("v9", _image(9), provenance=_prov(9))
     assert catalogue_for(arc.path) is not before
     assert "v9" in _rows(arc) and set(_rows(arc)) == {"v0", "v1", "v9"}
+
+
+def test_a_question_about_a_few_volumes_stats_their_folders_and_still_sees_changes(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    arc = _segmented_archive(tmp_path, n=3)
+    catalogue = catalogue_for(arc.path)
+    shutil.copytree(arc.path / "v0", arc.path / "v9")  # a volume copied in by hand: no row yet
+    shutil.rmtree(arc.path / "v1")  # a volume deleted by hand: its row is stale
+    os.symlink(arc.path / "v2", arc.path / "v8")  # a link to a volume is not a volume, as in the listing
+    listings = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p=".": listings.append(p) or real_scandir(p))
+    found = catalogue.entries(["v9", "v1", "v8", "v2"], missing_ok=True)
+    assert list(found) == ["v9", "v2"] and found["v9"].n_bscans == 3
+    assert arc.path not in map(Path, listings)  # four ids: four stats, no listing of the archive
+    assert "v1" not in _rows(arc) and "v9" in _rows(arc)
+    with pytest.raises(ValueError, match=r"\['v1'\] not in archive .* it holds \['v0', 'v2', 'v9'\]"):
+        catalogue.entries(["v1"])
+    assert list(catalogue.entries()) == ["v0", "v2", "v9"] and arc.path in map(Path, listings)  # every volume
