@@ -154,7 +154,7 @@ def train(cfg: TrainFlowConfig, verbose: bool) -> None:
 
     preflight.check_archive(cfg.archive, writable=False)
     uri = resolve_tracking_uri(cfg.tracking_uri)
-    check_tracking_uri(uri)
+    check_tracking_uri(uri, writes=True)
     from octseg.flows.plans import previous_training
 
     done = None if cfg.force or cfg.resume else previous_training(cfg, uri)
@@ -213,6 +213,10 @@ def evaluate(cfg: EvaluateConfig, verbose: bool) -> None:
     preflight.check_archive(cfg.archive, writable=cfg.fix)
     preflight.check_output_folder(cfg.archive.with_name(cfg.archive.name + ".reports"), "report folder")
     _registered_model(cfg.model_uri, cfg.tracking_uri)
+    if cfg.volumes:  # a volume the archive lacks: one line here, not a failed flow run
+        from octseg.tasks.archive.catalogue import catalogue_for
+
+        catalogue_for(cfg.archive).entries(list(cfg.volumes))
     from octseg.flows.evaluate import evaluate_model
 
     report(run_flow(evaluate_model, cfg, verbose))
@@ -240,7 +244,7 @@ def pipeline(cfg: PipelineConfig, verbose: bool) -> None:
 
     preflight.check_output_folder(cfg.segment.qc_folder, "QC folder")
     preflight.check_archive_siblings(cfg.ingest.archive, "reports")
-    check_tracking_uri(resolve_tracking_uri(cfg.train.tracking_uri))
+    check_tracking_uri(resolve_tracking_uri(cfg.train.tracking_uri), writes=True)
     from octseg.flows.pipeline import run_pipeline
 
     report(run_flow(run_pipeline, cfg, verbose))

@@ -196,7 +196,8 @@ class TrainFlowConfig(_Config):
     @model_validator(mode="after")
     def _folds_hold_out_their_own(self) -> TrainFlowConfig:
         if self.folds is not None and self.val_volumes:
-            raise ValueError("with folds the held-out subjects of each fold are its test set: drop val_volumes")
+            raise ValueError("with folds the held-out subjects of each fold are its test set: drop --val-volume "
+                             "(val_volumes)")
         if self.fold_models > 1 and self.folds is None:
             raise ValueError("fold_models needs folds (several models per cross-validation fold)")
         return self

@@ -181,6 +181,15 @@ def training_volumes(config: TrainFlowConfig) -> tuple[list[str], list[str]]:
     volumes = _one_per_scan(config, volumes, evaluation)
     if not volumes:
         raise ValueError(f"every selected volume is in the evaluation set {evaluation}; nothing left to train on")
+    if evaluation:  # the flow's own "no annotated B-scans" would not say where the annotated ones went
+        annotated = [v for v, e in catalogue_for(config.archive).entries(volumes).items() if e.annotated]
+        held = f"the evaluation set {sorted(evaluation)} is held out of training"
+        if not annotated:
+            raise ValueError(f"{held}, and no other volume has annotated B-scans; ingest more with --labels, or "
+                             f"change the evaluation set (evaluation_volumes in the config, or `octseg evaluate --fix`)")
+        if config.folds and config.folds > len(annotated):
+            raise ValueError(f"--folds {config.folds} needs as many annotated volumes, but {held}; "
+                             f"{len(annotated)} remain to train on: {annotated}")
     return volumes, evaluation
 
 

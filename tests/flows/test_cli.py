@@ -238,6 +238,10 @@ def test_pipeline_on_tiny_phantoms(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=300, env=offline, cwd=tmp_path)
         assert done.returncode == 0, (args, done.stdout, done.stderr[-2000:])
         assert phrase in done.stdout, (args, done.stdout)
+    missing = subprocess.run([sys.executable, "-m", "octseg.flows.cli", "evaluate", "--volume", "nope", *tracking,
+                              "--archive", str(archive)], capture_output=True, text=True, timeout=300, env=offline,
+                             cwd=tmp_path)  # a volume the archive lacks: refused before any flow run (no server)
+    assert missing.returncode == 2 and "['nope'] not in archive" in missing.stdout + missing.stderr, missing.stderr
     evaluate = ("evaluate", "--archive", str(archive), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
     refused = _invoke(*evaluate)  # both annotated volumes trained the model: nothing scores it on unseen scans
     assert refused.exit_code == 2 and "none scores it on unseen scans" in refused.plain, refused.output

@@ -121,7 +121,7 @@ def test_folds_are_checked_before_any_run(work) -> None:
     result = invoke("train", "--archive", str(work["archive"]), "--tracking-uri", work["tracking"], "--folds", "5",
                     "--epochs", "1")
     assert result.exit_code == 2 and "folds <= subjects (3), got folds=5" in result.plain
-    with pytest.raises(ValueError, match="drop val_volumes"):
+    with pytest.raises(ValueError, match=r"drop --val-volume \(val_volumes\)"):
         _config(work, val_volumes=("phantom_000",))
 
 

@@ -141,6 +141,9 @@ def test_volumes_named_to_train_on_must_be_annotated(tmp_path: Path) -> None:
     assert training_volumes(TrainFlowConfig(archive=archive.path, volumes=("labelled",)))[0] == ["labelled"]
     with pytest.raises(ValueError, match=r"no annotated B-scans: \['plain'\]"):
         training_volumes(TrainFlowConfig(archive=archive.path, volumes=("labelled", "plain")))
+    # the annotated volume is the evaluation set: said before any run, not "ingest with --labels"
+    with pytest.raises(ValueError, match=r"evaluation set \['labelled'\] is held out .* no other volume has annotated"):
+        training_volumes(TrainFlowConfig(archive=archive.path, evaluation_volumes=("labelled",)))
 
 
 def test_training_takes_one_volume_per_scan_and_none_of_the_evaluation_sets(tmp_path: Path) -> None:
@@ -158,3 +161,6 @@ def test_training_takes_one_volume_per_scan_and_none_of_the_evaluation_sets(tmp_
     with pytest.raises(ValueError, match=r"volumes \['a'\] hold the same scans as evaluation volumes"):
         training_volumes(TrainFlowConfig(archive=archive.path, evaluation_volumes=("a_grader2",)))
     assert training_volumes(TrainFlowConfig(archive=archive.path, evaluation_volumes=("c",))) == (["a", "b"], ["c"])
+    with pytest.raises(ValueError, match=r"--folds 3 needs as many annotated volumes, but the evaluation set "
+                                         r"\['c'\] is held out of training; 2 remain"):
+        training_volumes(TrainFlowConfig(archive=archive.path, evaluation_volumes=("c",), folds=3))

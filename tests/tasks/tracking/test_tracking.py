@@ -259,6 +259,21 @@ def test_check_tracking_uri(tmp_path):
     with sqlite3.connect(db) as con:
         con.execute("CREATE TABLE experiments (experiment_id INTEGER)")
     check_tracking_uri(f"sqlite:///{db}", must_exist=True)
+    check_tracking_uri(f"sqlite:///{db}", writes=True)
+
+
+def test_a_tracking_store_that_cannot_work_is_refused_at_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri in (f"file://{tmp_path}/mlruns", str(tmp_path / "mlruns")):  # MLflow 3 refuses its folder store
+        with pytest.raises(ValueError, match="maintenance mode .* MLFLOW_ALLOW_FILE_STORE=true"):
+            check_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_tracking_uri(f"file://{tmp_path}/mlruns")  # allowed again: MLflow takes it
+    if Path("/proc/self").is_dir():  # a folder that takes no new file (as an immutable or read-only one)
+        check_tracking_uri("sqlite:////proc/mlflow.db")  # reading: a missing database is MLflow's to report
+        with pytest.raises(ValueError, match="cannot write to /proc .*journal") as info:
+            check_tracking_uri("sqlite:////proc/mlflow.db", writes=True)  # not minutes of MLflow's retries
+        assert "\n" not in str(info.value)
 
 
 @contextlib.contextmanager
