@@ -89,6 +89,10 @@ def run_flow(flow_fn: Any, config: Any, verbose: bool) -> Any:
 
     try:
         return summary_of(flow_fn(config, return_state=True))
+    except KeyboardInterrupt:
+        typer.secho("Interrupted: the flow run is marked crashed; what finished is kept, and the same command "
+                    "continues from there", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=130) from None
     except ValueError:
         raise
     except Exception as e:

@@ -7,7 +7,9 @@ command. :func:`tether_ephemeral_server` makes Prefect start it as
 ``python -m octseg.tasks.runtime.tether <parent pid> -m uvicorn ...`` instead: this module's
 :func:`main` watches its parent (``getppid()`` changes the moment the parent dies, whatever killed it,
 and whichever of the parent's threads started the child, unlike ``PR_SET_PDEATHSIG``) and then stops
-uvicorn with SIGTERM, or exits at once if it does not stop within :data:`GRACE_SECONDS`.
+uvicorn with SIGTERM, or exits at once if it does not stop within :data:`GRACE_SECONDS`. The server also
+runs in a session of its own, so a Ctrl-C at the terminal reaches the command and not the server: the
+command marks its flow run crashed and exits (with the server gone first, it retried it for minutes).
 
 Standard library only; Prefect is imported inside :func:`tether_ephemeral_server`.
 """
@@ -78,6 +80,9 @@ class _TetheredSubprocess(types.ModuleType):
     def Popen(args: Any, *more: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 - the name Prefect calls
         if isinstance(args, (list, tuple)) and len(args) > 2 and list(args[1:3]) == ["-m", "uvicorn"]:
             args = tethered_command(args)
+            # its own session: a Ctrl-C at the terminal (SIGINT to the foreground group) stops the command,
+            # which still reports its flow run as crashed, instead of the server first
+            kwargs.setdefault("start_new_session", True)
         return subprocess.Popen(args, *more, **kwargs)
 
 

@@ -2,6 +2,7 @@
 an ``octseg`` command killed with ``kill -9`` while Prefect's ephemeral server starts leaves nothing running."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -99,5 +100,47 @@ def test_kill_9_of_a_command_during_start_up_leaves_no_prefect_server(tmp_path: 
         assert not left, f"ephemeral Prefect server(s) {left} outlived the killed command"
     finally:
         proc.kill()
+        for pid in servers:
+            _kill(pid)
+
+
+def test_ctrl_c_stops_a_command_at_once_and_its_flow_run_is_marked_crashed(tmp_path: Path) -> None:
+    """SIGINT to the command's whole process group, as a terminal sends it: the ephemeral server runs in its
+    own session, so it is still there to hear that the run crashed (it used to die first, and the command
+    retried it for minutes); the command says it was interrupted and exits 130."""
+    from octseg.tasks.archive.store import open_archive
+
+    archive = open_archive(tmp_path / "a.zarr")
+    rng = np.random.default_rng(0)
+    for vid in ("v0", "v1"):
+        archive.write_volume(vid, rng.integers(0, 255, (2, 48, 48), dtype=np.uint8), annotated=[0, 1],
+                             manual_labels=(rng.random((2, 48, 48)) > 0.7).astype(np.uint8),
+                             provenance={"source": f"{vid}.npy", "source_sha256": vid[1] * 64, "reader": "npy"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}  # an ephemeral server
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", OCTSEG_PROGRESS="0")
+    log = tmp_path / "out.txt"
+    command = [sys.executable, "-c", "from octseg.flows.cli import main; main()", "train", "--archive",
+               str(tmp_path / "a.zarr"), "--epochs", "100000", "--base-channels", "4", "--depth", "2",
+               "--tiles-per-epoch", "2", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    with log.open("w") as out:  # a group of its own (as a terminal job), SIGINT handled as by default
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    servers: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while "epoch 2:" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            servers = servers or _children(proc.pid, "uvicorn")
+            time.sleep(0.2)
+        assert "epoch 2:" in log.read_text(), log.read_text()[-3000:]
+        started = {pid: st[2] for pid in servers if (st := _stat(pid))}
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=90) == 130, log.read_text()[-3000:]
+        text = log.read_text()
+        assert "Interrupted:" in text and "Crashed" in text and "Error logging to API" not in text, text[-3000:]
+        assert all(_wait_gone(pid, t, 20) for pid, t in started.items()), "the ephemeral server outlived the command"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         for pid in servers:
             _kill(pid)
