@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from octseg.flows.config import PANELS, load_config_file
@@ -152,16 +152,28 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
     data[leaf] = value
 
 
+def _located(error: dict, config_file: Path, given: set[str]) -> str:
+    """A validation error as ``[config file F: ]field: message``: F when the value came from the file."""
+    field = ".".join(map(str, error["loc"]))
+    from_option = not field or any(field == g or field.startswith(g + ".") for g in given)  # "": the whole config
+    return f"{'' if from_option else f'config file {config_file}: '}{field or 'config'}: {error['msg']}"
+
+
 def settings(cls: Any, config_file: Path | None, show: bool, options: dict[str, Any]) -> Any:
     """``cls`` from the config file, then every option given (``None`` = not given); ``--show-config``
     prints it as YAML (which ``--config`` reads back) and stops."""
     data = load_config_file(config_file) if config_file is not None else {}
+    given = set()
     for dotted, value in options.items():
-        if value is EXPLICIT_NONE:
-            _set(data, dotted, None)
-        elif value is not None:
-            _set(data, dotted, value)
-    config = cls.model_validate(data)
+        if value is EXPLICIT_NONE or value is not None:
+            _set(data, dotted, None if value is EXPLICIT_NONE else value)
+            given.add(dotted)
+    try:
+        config = cls.model_validate(data)
+    except ValidationError as e:  # a setting from the file: the error names the file
+        if config_file is None:
+            raise
+        raise ValueError("; ".join(_located(err, config_file, given) for err in e.errors())) from None
     if show:
         import yaml
 

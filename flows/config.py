@@ -259,6 +259,31 @@ class PipelineConfig(_Config):
         return self
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once (a second ``epochs`` is a mistake, not an override)."""
+    keys = [k for k, _ in pairs]
+    if doubled := sorted({k for k in keys if keys.count(k) > 1}):
+        raise ValueError(f"key(s) {doubled} given twice in one object")
+    return dict(pairs)
+
+
+def _yaml_unique_keys(text: str) -> Any:
+    """``yaml.safe_load``, refusing a key given twice in one mapping (YAML 1.2 forbids it; PyYAML keeps the last)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader
+
+
 def load_config_file(path: Path) -> dict[str, Any]:
     """The mapping in a YAML (``.yaml``/``.yml``) or JSON file; ValueError naming the file otherwise."""
     try:
@@ -267,12 +292,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"config file {path}: cannot be read ({e})") from None
     kind = "JSON" if Path(path).suffix.lower() == ".json" else "YAML"  # JSON is YAML too; .json is strict
     try:
-        if kind == "JSON":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys) if kind == "JSON" else _yaml_unique_keys(text)
     except Exception as e:  # yaml.YAMLError, json.JSONDecodeError: both name line and column
         raise ValueError(f"config file {path}: not valid {kind}: {' '.join(str(e).split())}") from None
     if data is None:

@@ -195,7 +195,17 @@ def test_config_file_then_options_then_show_config(tmp_path: Path) -> None:
     assert not (tmp_path / "x.zarr").exists()  # nothing ran
     bad = tmp_path / "bad.json"
     bad.write_text('{"archive": "x.zarr", "unet": {"base_chanels": 8}}')
-    assert "unet.base_chanels: Unexpected keyword argument" in _user_error(_invoke("train", "--config", str(bad)))
+    assert f"config file {bad}: unet.base_chanels: Unexpected keyword argument" in _user_error(
+        _invoke("train", "--config", str(bad)))
+    bad.write_text('{"archive": "x.zarr", "train": {"epochs": "many"}}')  # named by the file, unless an option set it
+    assert f"config file {bad}: train.epochs: Input should be a valid integer" in _user_error(
+        _invoke("train", "--config", str(bad)))
+    assert _invoke("train", "--config", str(bad), "--epochs", "3", "--show-config").exit_code == 0
+    assert "config file" not in _user_error(_invoke("train", "--config", str(bad), "--epochs", "0"))
+    for name, text in (("twice.yaml", "train:\n  epochs: 1\n  epochs: 5\n"),  # a key twice: refused, not the last
+                       ("twice.json", '{"train": {"epochs": 1, "epochs": 5}}')):
+        (tmp_path / name).write_text(text)
+        assert "given twice" in _user_error(_invoke("train", "--config", str(tmp_path / name), "--show-config"))
 
 
 def test_segment_options_reach_the_inference_config(tmp_path: Path) -> None:
