@@ -117,6 +117,18 @@ def _train_fold(k: int, held_out: list[str], sets: Mapping[str, BScanSet], unet_
     return states, oof
 
 
+def silent_folds(split: list[list[str]], oof: Mapping[str, np.ndarray], truths: Mapping[str, np.ndarray],
+                 foreground: str) -> list[str]:
+    """A warning for each fold whose model predicts no foreground at all on held-out volumes that have some:
+    a model that learnt nothing of the class (its score of 0 is not bad luck)."""
+    return [f"fold {k + 1}: its model predicts no {foreground} anywhere in {held_out}, which hold "
+            f"{sum(int((truths[v] == FOREGROUND).sum()) for v in held_out)} {foreground} pixels: it learnt nothing "
+            f"of the class (too few steps, or a learning rate that diverged?)"
+            for k, held_out in enumerate(split)
+            if any((truths[v] == FOREGROUND).any() for v in held_out) and not any((oof[v] == FOREGROUND).any()
+                                                                                 for v in held_out)]
+
+
 def _nested_postprocess(oof: dict[str, np.ndarray], truths: dict[str, np.ndarray],
                         folds: list[list[str]]) -> tuple[dict[str, np.ndarray], list[int]]:
     """Each fold's labels after the post-processing chosen on the other folds' labels, and the choices."""
@@ -197,6 +209,8 @@ def crossval_and_register(
             save_checkpoint({"folds": finished})  # a killed run continues from the next fold (tensors only)
         oof = {v: lab.numpy() for f in finished.values() for v, lab in f["oof"].items()}
         truths = {v: sets[v].labels for v in oof}
+        for line in silent_folds(split, oof, truths, foreground):
+            log.warning(line)
         raw = oof_scores(oof, truths)
         processed, nested_choice = _nested_postprocess(oof, truths, split)
         scores = oof_scores(processed, truths)

@@ -163,3 +163,15 @@ def test_several_models_a_fold_are_one_ensemble_of_folds_times_models(work) -> N
     assert previous_training(_config(work, fold_models=2), work["tracking"]) is None  # octseg-unet: one a fold
     with pytest.raises(ValueError, match="fold_models needs folds"):
         TrainFlowConfig(archive=work["archive"], fold_models=2)
+
+
+def test_a_fold_whose_model_predicts_no_fluid_is_named() -> None:
+    from octseg.tasks.training.crossval import silent_folds
+
+    fluid, empty = np.zeros((2, 8, 8), np.uint8), np.zeros((2, 8, 8), np.uint8)
+    fluid[0, 2:4, 2:4] = 1
+    truths = {"a": fluid, "b": empty, "c": fluid, "d": empty}
+    oof = {"a": empty, "b": empty, "c": fluid, "d": empty}  # fold 1 learnt nothing; fold 2 found the fluid
+    (line,) = silent_folds([["a", "b"], ["c", "d"]], oof, truths, "fluid")
+    assert line.startswith("fold 1: its model predicts no fluid anywhere in ['a', 'b'], which hold 4 fluid pixels")
+    assert silent_folds([["b", "d"]], {"b": empty, "d": empty}, truths, "fluid") == []  # nothing to find: no warning
