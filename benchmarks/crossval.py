@@ -10,7 +10,9 @@ A variant is a recipe plus overrides:
     .venv/bin/python benchmarks/crossval.py --recipe ... --set unet.instance_norm=true --set unet.batch_norm=false
 
 Prints the pooled and per-subject out-of-fold Dice (raw and post-processed), the bootstrap interval over
-subjects, the false alarms in fluid-free B-scans and the training seconds of each fold.
+subjects, the false alarms in fluid-free B-scans and the training seconds of each fold; with ``--fit`` also
+each fold model's Dice on the subjects it trained on (a model that fits them little more than it scores out
+of fold is under-fitted; much more, over-fitted).
 """
 from __future__ import annotations
 
@@ -74,6 +76,8 @@ def main() -> None:
     parser.add_argument("--duke", type=Path, default=DUKE)
     parser.add_argument("--columns", type=int, nargs=2, metavar=("FIRST", "END"),
                         help="train on these columns' labels only (the annotated ones); scores stay on whole B-scans")
+    parser.add_argument("--fit", action="store_true",
+                        help="also score each fold's model on its own training subjects (under- or over-fitting?)")
     parser.add_argument("--json", type=Path, help="append the result as one JSON line")
     args = parser.parse_args()
     spec = yaml.safe_load(args.recipe.read_text())
@@ -82,7 +86,7 @@ def main() -> None:
     unet, train = UNetConfig(**spec.get("unet", {})), TrainConfig(**{"device": "cpu", **spec.get("train", {})})
     sets = load_subjects(args.duke, tuple(args.columns) if args.columns else None)
     folds = subject_folds(list(sets), args.folds)
-    oof, seconds = {}, []
+    oof, seconds, fitted = {}, [], {}
     for k, held_out in enumerate(folds):
         rest = [s for s in sorted(sets) if s not in held_out]
         data = BScanSet(*(np.concatenate([getattr(sets[s], f) for s in rest]) for f in ("images", "labels", "weights")))
@@ -93,6 +97,11 @@ def main() -> None:
         seconds.append(round(time.perf_counter() - t))
         oof.update({s: segment_volume(model, sets[s].images, InferenceConfig(device="cpu", tta=True)) for s in held_out})
         print(f"fold {k} {held_out}: {seconds[-1]} s", flush=True)
+        if args.fit:  # the same model on the subjects it trained on
+            seen = {s: segment_volume(model, sets[s].images, InferenceConfig(device="cpu", tta=True)) for s in rest}
+            on_seen = oof_scores(seen, {s: np.maximum(sets[s].labels, 0) for s in rest})
+            fitted[k] = on_seen.to_dict()
+            print(f"  on its training subjects: {on_seen.line()}", flush=True)
     truths = {s: np.maximum(sets[s].labels, 0) for s in oof}
     raw = oof_scores(oof, truths)
     processed = {}
@@ -105,7 +114,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({"recipe": str(args.recipe), "set": args.set, "raw": raw.to_dict(),
-                                "postprocessed": scores.to_dict(), "seconds": seconds}) + "\n")
+                                "postprocessed": scores.to_dict(), "seconds": seconds,
+                                **({"fit": fitted} if args.fit else {})}) + "\n")
 
 
 if __name__ == "__main__":
