@@ -131,14 +131,17 @@ def preprocess(cfg: PreprocessConfig, verbose: bool) -> None:
     report(run_flow(preprocess_archive, cfg, verbose))
 
 
-def _registered_model(model_uri: str, tracking_uri: str | None) -> Any:
+def _registered_model(model_uri: str, tracking_uri: str | None, writes: bool = False) -> Any:
     """The pinned registered model, resolved before any flow run: a missing database, model, alias or
-    version is a one-line error (exit 2), not a failed run."""
+    version is a one-line error (exit 2), not a failed run; so is a database a command that ``writes``
+    (evaluate records its score) cannot write."""
     from octseg.tasks.tracking.models import resolve_model
     from octseg.tasks.tracking.uri import check_tracking_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri, must_exist=True)
+    if writes:
+        preflight.check_tracking_writable(uri)
     return resolve_model(model_uri, uri)
 
 
@@ -154,7 +157,8 @@ def train(cfg: TrainFlowConfig, verbose: bool) -> None:
 
     preflight.check_archive(cfg.archive, writable=False)
     uri = resolve_tracking_uri(cfg.tracking_uri)
-    check_tracking_uri(uri, writes=True)
+    check_tracking_uri(uri)
+    preflight.check_tracking_writable(uri)
     from octseg.flows.plans import previous_training
 
     done = None if cfg.force or cfg.resume else previous_training(cfg, uri)
@@ -212,7 +216,7 @@ def evaluate(cfg: EvaluateConfig, verbose: bool) -> None:
         raise ValueError("--fix needs the evaluation volumes named with --volume (training holds them out)")
     preflight.check_archive(cfg.archive, writable=cfg.fix)
     preflight.check_output_folder(cfg.archive.with_name(cfg.archive.name + ".reports"), "report folder")
-    _registered_model(cfg.model_uri, cfg.tracking_uri)
+    _registered_model(cfg.model_uri, cfg.tracking_uri, writes=True)
     if cfg.volumes:  # a volume the archive lacks: one line here, not a failed flow run
         from octseg.tasks.archive.catalogue import catalogue_for
 
@@ -244,7 +248,8 @@ def pipeline(cfg: PipelineConfig, verbose: bool) -> None:
 
     preflight.check_output_folder(cfg.segment.qc_folder, "QC folder")
     preflight.check_archive_siblings(cfg.ingest.archive, "reports")
-    check_tracking_uri(resolve_tracking_uri(cfg.train.tracking_uri), writes=True)
+    check_tracking_uri(resolve_tracking_uri(cfg.train.tracking_uri))
+    preflight.check_tracking_writable(resolve_tracking_uri(cfg.train.tracking_uri))
     from octseg.flows.pipeline import run_pipeline
 
     report(run_flow(run_pipeline, cfg, verbose))

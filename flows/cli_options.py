@@ -155,7 +155,8 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
 def _located(error: dict, config_file: Path, given: set[str]) -> str:
     """A validation error as ``[config file F: ]field: message``: F when the value came from the file."""
     field = ".".join(map(str, error["loc"]))
-    from_option = not field or any(field == g or field.startswith(g + ".") for g in given)  # "": the whole config
+    from_option = not field or any(field == g or field.startswith(g + ".") or g.startswith(field + ".")
+                                   for g in given)  # "": the whole config; "unet": a rule across its settings
     return f"{'' if from_option else f'config file {config_file}: '}{field or 'config'}: {error['msg']}"
 
 

@@ -90,8 +90,9 @@ def run_flow(flow_fn: Any, config: Any, verbose: bool) -> Any:
     try:
         return summary_of(flow_fn(config, return_state=True))
     except KeyboardInterrupt:
-        typer.secho("Interrupted: the flow run is marked crashed; what finished is kept, and the same command "
-                    "continues from there", fg=typer.colors.YELLOW, err=True)
+        typer.secho("Interrupted: stopped (its flow run, if one had started, is marked crashed). What finished is "
+                    "kept: the same command skips it, and training continues from its last checkpoint",
+                    fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(code=130) from None
     except ValueError:
         raise

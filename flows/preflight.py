@@ -15,7 +15,7 @@ from pathlib import Path
 from octseg.tasks.archive.names import ARCHIVE_VERSION
 
 __all__ = ["SIBLINGS", "check_archive", "check_archive_siblings", "check_new_archive", "check_output_folder",
-           "check_labels", "check_sources", "check_writable"]
+           "check_labels", "check_sources", "check_tracking_writable", "check_writable"]
 
 # The folders octseg keeps beside an archive ``A`` (name patterns, what they hold): the per-volume claims of
 # concurrent runs and the staging folders of volumes being written (tasks.archive.claims and .staging, next
@@ -44,9 +44,27 @@ def check_writable(folder: Path, what: str) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".octseg-write-probe-", dir=folder)
     except OSError as e:
-        raise ValueError(f"{what} {folder} is not writable ({e.strerror})") from None
+        raise ValueError(f"{what} {folder} is not writable ({e.strerror or e})") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def check_tracking_writable(tracking_uri: str) -> None:
+    """For a command that writes to MLflow: a SQLite tracking database (when it exists) opens for writing and
+    its folder takes a new file (SQLite's journal). Without this MLflow retries for minutes before failing."""
+    from octseg.tasks.tracking.uri import sqlite_path
+
+    path = sqlite_path(tracking_uri)
+    if path in (None, "", ":memory:"):
+        return
+    db = Path(path)
+    check_writable(db.parent, f"tracking URI {tracking_uri}: the database's folder")
+    try:
+        if db.exists():
+            with db.open("r+b"):
+                pass
+    except OSError as e:
+        raise ValueError(f"tracking URI {tracking_uri}: {db} is not writable ({e.strerror or e})") from None
 
 
 def check_sources(sources: Iterable[Path]) -> None:

@@ -38,7 +38,6 @@ import logging
 import os
 import secrets
 import sqlite3
-import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -193,7 +192,7 @@ class Catalogue(SharedSQLite):
         """The archive's volume folders: one ``scandir``, or for a few ids one ``lstat`` each (cheaper at scale)."""
         if volume_ids is None:
             return {e.name for e in os.scandir(self.root) if valid_name(e.name) and e.is_dir(follow_symlinks=False)}
-        return {vid for vid in set(volume_ids) if valid_name(vid) and _is_folder(self.root / vid)}
+        return {v for v in set(volume_ids) if valid_name(v) and (p := self.root / v).is_dir() and not p.is_symlink()}
 
     def sync(self) -> None:
         """Bring the rows in line with the archive (see :meth:`entries`, which does this as it reads)."""
@@ -221,22 +220,23 @@ class Catalogue(SharedSQLite):
                 details: bool = False, missing_ok: bool = False) -> dict[str, VolumeEntry]:
         """Volume id -> entry for ``volume_ids`` (in that order; ValueError naming those the archive lacks unless
         ``missing_ok``), or for every volume in id order. On the way the rows are brought in line with the
-        archive: its listing (one ``scandir``) adds the volumes the catalogue lacks (a new or deleted catalogue,
-        a volume copied in by hand) and drops rows of vanished ones; a row in doubt, failing its digest, or
+        archive: its listing (one ``scandir``; for a few ids a stat of their folders) adds the volumes the
+        catalogue lacks (a new or deleted catalogue, a volume copied in by hand) and drops rows of gone ones; a row in doubt, failing its digest, or
         whose files named by ``verify`` (``volume``, ``prediction``, ``derived``) changed since it was read, is
         read again from the volume. ``details`` also loads each volume's provenance (``meta``) and prediction
         attributes."""
-        few = volume_ids is not None and len(volume_ids) <= 2000
-        listed = self._listed(volume_ids if few else None)
         extra = ", meta, prediction, detail_digest" if details else ""
         sql = f"SELECT {', '.join(VOLUME_COLUMNS)}, doubt, digest{extra} FROM volumes"
-        if few:  # a few volumes of a large archive: their rows
-            ids, rows = sorted(set(volume_ids)), []
+        if volume_ids is not None and len(volume_ids) <= 2000:  # a few volumes of a large archive: their rows,
+            ids, rows = sorted(set(volume_ids)), []  # and a stat of their folders, not a listing of all
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 rows += self._query(f"{sql} WHERE volume_id IN ({', '.join('?' * len(chunk))})", chunk)
+            listed = self._listed(ids)
+            if unknown := listed - {values[0] for values in rows}:  # by the listing's real names: a file system
+                listed = (listed - unknown) | (unknown & self._listed())  # that folds case finds VOL1 for vol1
         else:
-            rows = self._query(sql)
+            rows, listed = self._query(sql), self._listed()
         width = len(VOLUME_COLUMNS)
         found: dict[str, VolumeEntry] = {}
         stale: list[str] = []
@@ -371,12 +371,6 @@ def _folder_fd(folder: Path) -> Iterator[int | None]:
 
 _CATALOGUES: dict[tuple[str, int], Catalogue] = {}
 _CATALOGUES_LOCK = threading.Lock()
-
-
-def _is_folder(path: Path) -> bool:  # a real folder, not a link to one: as the listing counts volumes
-    with contextlib.suppress(OSError):
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    return False
 
 
 def catalogue_for(archive_root: str | os.PathLike[str]) -> Catalogue:

@@ -131,14 +131,13 @@ def tracking_scheme(tracking_uri: str) -> str:
     return head.lower().split("+", 1)[0]
 
 
-def check_tracking_uri(tracking_uri: str, must_exist: bool = False, writes: bool = False) -> None:
+def check_tracking_uri(tracking_uri: str, must_exist: bool = False) -> None:
     """ValueError (one line) when the tracking URI cannot work, found in seconds, before any flow starts.
 
     Without importing MLflow: the scheme is one MLflow tracks to (or a plug-in registers); a ``sqlite:///``
     path is a SQLite file that is MLflow's (or empty of tables), or absent with a folder to create it in
-    (``must_exist=False``), and with ``writes`` (a training run) a file and folder that take writes; an
-    empty file is not a database; a folder store only with ``MLFLOW_ALLOW_FILE_STORE`` (MLflow 3 refuses it
-    otherwise); an ``http(s)://`` server answers a GET of ``/health`` within :data:`PROBE_SECONDS`. Other
+    (``must_exist=False``); an empty file is not a database; a folder store only with
+    ``MLFLOW_ALLOW_FILE_STORE`` (MLflow 3 refuses it otherwise); an ``http(s)://`` server answers a GET of ``/health`` within :data:`PROBE_SECONDS`. Other
     URIs (Postgres, MySQL, ...) are left to MLflow.
     """
     scheme = tracking_scheme(tracking_uri)
@@ -149,7 +148,7 @@ def check_tracking_uri(tracking_uri: str, must_exist: bool = False, writes: bool
     if scheme in ("http", "https"):
         probe_tracking_server(tracking_uri)
         return
-    if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("true", "1"):
+    if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
         raise ValueError(f"tracking URI {tracking_uri!r}: MLflow 3 keeps its folder store in maintenance mode and "
                          f"refuses it; use sqlite:////abs/path/mlflow.db (or an MLflow server), or set "
                          f"MLFLOW_ALLOW_FILE_STORE=true")
@@ -167,26 +166,6 @@ def check_tracking_uri(tracking_uri: str, must_exist: bool = False, writes: bool
         raise ValueError(f"no MLflow database at {tracking_uri}; run `octseg train` first or pass --tracking-uri")
     elif not db.parent.is_dir():
         raise ValueError(f"tracking URI {tracking_uri}: folder {db.parent} does not exist")
-    if writes:  # a training run: SQLite needs to write the file and a journal beside it
-        _check_writable(tracking_uri, db)
-
-
-def _check_writable(tracking_uri: str, db: Path) -> None:
-    """The database (when it exists) opens for writing and its folder takes a new file (SQLite's journal):
-    tried, not judged from permission bits, which say nothing of root, read-only mounts or immutable folders.
-    Without this MLflow retries opening the database for minutes before it fails."""
-    import tempfile
-
-    try:
-        if db.exists():
-            with db.open("r+b"):
-                pass
-        with tempfile.TemporaryFile(dir=db.parent, prefix=".octseg-write-check-"):
-            pass
-    except OSError as e:
-        where = db if db.exists() and e.filename == str(db) else db.parent
-        raise ValueError(f"tracking URI {tracking_uri}: cannot write to {where} ({e.strerror}); MLflow needs to "
-                         f"write the database and a journal beside it") from None
 
 
 def _check_sqlite_file(tracking_uri: str, db: Path) -> None:

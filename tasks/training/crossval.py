@@ -121,7 +121,7 @@ def silent_folds(split: list[list[str]], oof: Mapping[str, np.ndarray], truths: 
                  foreground: str) -> list[str]:
     """A warning for each fold whose model predicts no foreground at all on held-out volumes that have some:
     a model that learnt nothing of the class (its score of 0 is not bad luck)."""
-    return [f"fold {k + 1}: its model predicts no {foreground} anywhere in {held_out}, which hold "
+    return [f"fold-{k} (its MLflow run): its model predicts no {foreground} anywhere in {held_out}, which hold "
             f"{sum(int((truths[v] == FOREGROUND).sum()) for v in held_out)} {foreground} pixels: it learnt nothing "
             f"of the class (too few steps, or a learning rate that diverged?)"
             for k, held_out in enumerate(split)

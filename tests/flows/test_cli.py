@@ -206,6 +206,11 @@ def test_config_file_then_options_then_show_config(tmp_path: Path) -> None:
                        ("twice.json", '{"train": {"epochs": 1, "epochs": 5}}')):
         (tmp_path / name).write_text(text)
         assert "given twice" in _user_error(_invoke("train", "--config", str(tmp_path / name), "--show-config"))
+    merged = tmp_path / "merged.yaml"  # YAML's anchors and merge keys still work, a merged key may be overridden
+    merged.write_text("base: &base {epochs: 3, lr: 0.002}\ntrain:\n  <<: *base\n  epochs: 4\n")
+    from octseg.flows.config import load_config_file
+
+    assert load_config_file(merged)["train"] == {"epochs": 4, "lr": 0.002}
 
 
 def test_segment_options_reach_the_inference_config(tmp_path: Path) -> None:

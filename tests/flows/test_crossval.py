@@ -173,5 +173,6 @@ def test_a_fold_whose_model_predicts_no_fluid_is_named() -> None:
     truths = {"a": fluid, "b": empty, "c": fluid, "d": empty}
     oof = {"a": empty, "b": empty, "c": fluid, "d": empty}  # fold 1 learnt nothing; fold 2 found the fluid
     (line,) = silent_folds([["a", "b"], ["c", "d"]], oof, truths, "fluid")
-    assert line.startswith("fold 1: its model predicts no fluid anywhere in ['a', 'b'], which hold 4 fluid pixels")
+    assert line.startswith("fold-0 (its MLflow run): its model predicts no fluid anywhere in ['a', 'b'], which hold 4 "
+                           "fluid pixels")
     assert silent_folds([["b", "d"]], {"b": empty, "d": empty}, truths, "fluid") == []  # nothing to find: no warning

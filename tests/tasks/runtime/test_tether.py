@@ -133,6 +133,7 @@ def test_ctrl_c_stops_a_command_at_once_and_its_flow_run_is_marked_crashed(tmp_p
             servers = servers or _children(proc.pid, "uvicorn")
             time.sleep(0.2)
         assert "epoch 2:" in log.read_text(), log.read_text()[-3000:]
+        assert servers and all(os.getsid(pid) != os.getsid(proc.pid) for pid in servers)  # a session of its own
         started = {pid: st[2] for pid in servers if (st := _stat(pid))}
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=90) == 130, log.read_text()[-3000:]

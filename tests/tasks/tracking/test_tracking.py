@@ -259,7 +259,6 @@ def test_check_tracking_uri(tmp_path):
     with sqlite3.connect(db) as con:
         con.execute("CREATE TABLE experiments (experiment_id INTEGER)")
     check_tracking_uri(f"sqlite:///{db}", must_exist=True)
-    check_tracking_uri(f"sqlite:///{db}", writes=True)
 
 
 def test_a_tracking_store_that_cannot_work_is_refused_at_once(tmp_path, monkeypatch):
@@ -269,11 +268,20 @@ def test_a_tracking_store_that_cannot_work_is_refused_at_once(tmp_path, monkeypa
             check_tracking_uri(uri)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     check_tracking_uri(f"file://{tmp_path}/mlruns")  # allowed again: MLflow takes it
+    from octseg.flows.preflight import check_tracking_writable
+
+    db = tmp_path / "mlflow.db"
+    check_tracking_writable(f"sqlite:///{db}")  # absent, in a folder that takes files
     if Path("/proc/self").is_dir():  # a folder that takes no new file (as an immutable or read-only one)
         check_tracking_uri("sqlite:////proc/mlflow.db")  # reading: a missing database is MLflow's to report
-        with pytest.raises(ValueError, match="cannot write to /proc .*journal") as info:
-            check_tracking_uri("sqlite:////proc/mlflow.db", writes=True)  # not minutes of MLflow's retries
+        with pytest.raises(ValueError, match="the database's folder /proc is not writable") as info:
+            check_tracking_writable("sqlite:////proc/mlflow.db")  # not minutes of MLflow's retries
         assert "\n" not in str(info.value)
+    db.write_bytes(b"")
+    db.chmod(0o444)
+    if not os.access(db, os.W_OK):  # (root writes whatever the mode bits say)
+        with pytest.raises(ValueError, match=f"{db} is not writable"):
+            check_tracking_writable(f"sqlite:///{db}")
 
 
 @contextlib.contextmanager
