@@ -248,8 +248,9 @@ def pipeline(cfg: PipelineConfig, verbose: bool) -> None:
 
     preflight.check_output_folder(cfg.segment.qc_folder, "QC folder")
     preflight.check_archive_siblings(cfg.ingest.archive, "reports")
-    check_tracking_uri(resolve_tracking_uri(cfg.train.tracking_uri))
-    preflight.check_tracking_writable(resolve_tracking_uri(cfg.train.tracking_uri))
+    tracking_uri = resolve_tracking_uri(cfg.train.tracking_uri)
+    check_tracking_uri(tracking_uri)
+    preflight.check_tracking_writable(tracking_uri)
     from octseg.flows.pipeline import run_pipeline
 
     report(run_flow(run_pipeline, cfg, verbose))

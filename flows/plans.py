@@ -178,11 +178,12 @@ def training_volumes(config: TrainFlowConfig) -> tuple[list[str], list[str]]:
         if unannotated:
             raise ValueError(f"volumes named to train on have no annotated B-scans: {unannotated}; ingest them with "
                              f"--labels, or leave them out")
-    volumes = _one_per_scan(config, volumes, evaluation)
+    entries = catalogue_for(config.archive).entries(volumes + evaluation)
+    volumes = _one_per_scan(config, volumes, evaluation, entries)
     if not volumes:
         raise ValueError(f"every selected volume is in the evaluation set {evaluation}; nothing left to train on")
     if evaluation:  # the flow's own "no annotated B-scans" would not say where the annotated ones went
-        annotated = [v for v, e in catalogue_for(config.archive).entries(volumes).items() if e.annotated]
+        annotated = [v for v in volumes if entries[v].annotated]
         held = f"the evaluation set {sorted(evaluation)} is held out of training"
         if not annotated:
             raise ValueError(f"{held}, and no other volume has annotated B-scans; ingest more with --labels, or "
@@ -193,14 +194,12 @@ def training_volumes(config: TrainFlowConfig) -> tuple[list[str], list[str]]:
     return volumes, evaluation
 
 
-def _one_per_scan(config: TrainFlowConfig, volumes: list[str], evaluation: list[str]) -> list[str]:
+def _one_per_scan(config: TrainFlowConfig, volumes: list[str], evaluation: list[str], entries: dict) -> list[str]:
     """``volumes`` without those holding the scan of an evaluation volume (ValueError: that would be a training
     score on the evaluation set) and, by default, with one volume per scan (the first id; the others are logged),
     since two volumes of one scan (copies, or two graders' masks) could validate or score out of fold on a scan
-    they trained on; when the volumes were named, two of one scan are an error (``source_digests``)."""
-    from octseg.tasks.archive.catalogue import catalogue_for
-
-    entries = catalogue_for(config.archive).entries(volumes + evaluation)
+    they trained on; when the volumes were named, two of one scan are an error (``source_digests``).
+    ``entries``: the catalogue's entries of the volumes and the evaluation set."""
     held_out = {entries[v].source_sha256 for v in evaluation if entries[v].source_sha256}
     clash = [v for v in volumes if entries[v].source_sha256 in held_out]
     if clash:
