@@ -23,11 +23,18 @@ TEST_ENV := PREFECT_HOME=$(TEST_TMP)/prefect \
 venv: $(STAMP)
 
 # torch first: 2.13.0 is a local CPU wheel; the lock keeps everything else from pulling a CUDA build.
+# uv installs the same lock in ~30 s instead of pip's ~4 min (benchmarks/install.sh); it reads pip's find-links
+# (where the local torch wheel lies). Where uv cannot be installed or fails, pip does the same install
+# (INSTALLER=pip: pip only).
+INSTALLER ?= uv
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	@links="$$($(BIN)/pip config list 2>/dev/null | sed -n "s/.*find-links='\(.*\)'/\1/p" | tr ' ' '\n' | sort -u \
+		| sed 's/^/--find-links /')"; uv="env VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip install --quiet $$links"; \
+	{ [ "$(INSTALLER)" = uv ] && $(PIP) uv==0.13.10 2>/dev/null && $$uv torch==2.13.0 && $$uv -r requirements.lock && $$uv --no-deps -e . \
+		&& echo "installed with uv"; } || { echo "installing with pip"; \
+		$(PIP) torch==2.13.0 && $(PIP) -r requirements.lock && $(PIP) --no-deps -e .; }
 	touch $@
 
 test: $(STAMP) postgres
