@@ -19,8 +19,8 @@ TRAIN = ["--base-channels", "8", "--depth", "2", "--epochs", "5", "--tiles-per-e
          "--optimizer", "adam", "--lr", "0.001", "--max-tile", "64", "--device", "cpu"]
 
 
-def _train(archive: Path, db: Path, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "OCTSEG_PROGRESS": "0", "PREFECT_HOME": str(cwd / "prefect")}
+def _train(archive: Path, db: Path, cwd: Path, prefect_home) -> subprocess.Popen:
+    env = {**os.environ, "OCTSEG_PROGRESS": "0", "PREFECT_HOME": str(prefect_home(cwd / "prefect"))}
     env.pop("PREFECT_API_URL", None)  # each command on its own ephemeral server, as a user would run it
     return subprocess.Popen([sys.executable, "-m", "octseg.flows.cli", "train", "--archive", str(archive),
                              "--tracking-uri", f"sqlite:///{db}", *TRAIN], cwd=cwd, env=env, text=True,
@@ -39,7 +39,7 @@ def _checkpoint(root: Path) -> Path | None:
     return found[0] if found else None
 
 
-def test_killed_training_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+def test_killed_training_resumes_to_the_uninterrupted_weights(tmp_path: Path, prefect_home) -> None:
     sources = write_phantom_files(tmp_path / "scans", n_volumes=2, n_bscans=4, height=64, width=96)
     from octseg.flows.config import IngestConfig
     from octseg.flows.ingest import ingest_volumes
@@ -49,10 +49,10 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(tmp_path: Path) ->
 
     whole = tmp_path / "whole"
     whole.mkdir()
-    done = _train(archive, whole / "mlflow.db", whole)  # the uninterrupted run, beside the one killed below
+    done = _train(archive, whole / "mlflow.db", whole, prefect_home)  # the uninterrupted run, beside the killed one
     cut = tmp_path / "cut"
     cut.mkdir()
-    proc = _train(archive, cut / "mlflow.db", cut)
+    proc = _train(archive, cut / "mlflow.db", cut, prefect_home)
     deadline, first_mtime = time.monotonic() + 300, None
     while time.monotonic() < deadline and proc.poll() is None:  # wait for the second checkpoint ...
         ckpt = _checkpoint(cut)
@@ -80,7 +80,7 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(tmp_path: Path) ->
     (killed,) = client.search_runs([client.get_experiment_by_name("octseg").experiment_id])
     assert killed.info.status == "RUNNING"  # SIGKILL left it unfinished
 
-    again = _train(archive, cut / "mlflow.db", cut)
+    again = _train(archive, cut / "mlflow.db", cut, prefect_home)
     out, _ = again.communicate(timeout=400)
     assert again.returncode == 0, out[-3000:]
     (run,) = client.search_runs([client.get_experiment_by_name("octseg").experiment_id])

@@ -21,7 +21,7 @@ VOLUMES = [f"vol_{i}" for i in range(3)]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
+def setup(tmp_path_factory, prefect_home) -> dict:
     """An archive of 3 volumes (64 B-scans of 128 x 192, 8 shards each: a run can be killed mid-volume) and a
     registered model (a random one that still predicts both classes, so its label shards are not all empty)."""
     import mlflow
@@ -40,12 +40,12 @@ def setup(tmp_path_factory) -> dict:
     torch.manual_seed(0)
     with using_tracking_uri(uri), mlflow.start_run(experiment_id=ensure_experiment(uri, "crash")):
         log_unet(UNet(base_channels=16, depth=3), "m", metadata={"class_names": {"0": "background", "1": "fluid"}})
-    return {"root": root, "archive": root / "archive.zarr", "uri": uri}
+    return {"root": root, "archive": root / "archive.zarr", "uri": uri, "prefect_home": prefect_home}
 
 
-def _segment(archive: Path, uri: str, cwd: Path, *extra: str) -> subprocess.Popen:
-    cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OCTSEG_PROGRESS": "0", "PREFECT_HOME": str(cwd / "prefect")}
+def _segment(setup: dict, archive: Path, cwd: Path, *extra: str) -> subprocess.Popen:
+    uri = setup["uri"]
+    env = {**os.environ, "OCTSEG_PROGRESS": "0", "PREFECT_HOME": str(setup["prefect_home"](cwd / "prefect"))}
     env.pop("PREFECT_API_URL", None)  # its own ephemeral server, as a user would run it
     return subprocess.Popen([sys.executable, "-m", "octseg.flows.cli", "segment", "--archive", str(archive),
                              "--model", "models:/m/1", "--tracking-uri", uri, "--device", "cpu", *extra],
@@ -68,8 +68,8 @@ def test_killed_segment_run_resumes_to_the_uninterrupted_labels(setup, tmp_path:
     cut = tmp_path / "cut" / "archive.zarr"
     shutil.copytree(setup["archive"], whole)
     shutil.copytree(setup["archive"], cut)
-    done = _segment(whole, setup["uri"], whole.parent, "--workers", "0")  # the uninterrupted run, meanwhile
-    proc = _segment(cut, setup["uri"], cut.parent, "--workers", "0")
+    done = _segment(setup, whole, whole.parent, "--workers", "0")  # the uninterrupted run, meanwhile
+    proc = _segment(setup, cut, cut.parent, "--workers", "0")
     staging = cut.parent / ".archive.zarr.staging"
     deadline = time.monotonic() + 300
     # wait until the first volume is published and the second one is being written ...
@@ -90,7 +90,7 @@ def test_killed_segment_run_resumes_to_the_uninterrupted_labels(setup, tmp_path:
     assert 1 <= sum(v is not None for v in partial.values()) < len(VOLUMES)
     for vid, labels in partial.items():  # what is published is whole and right; the rest is absent, not partial
         assert labels is None or labels == reference[vid], vid
-    rerun = _segment(cut, setup["uri"], cut.parent, "--workers", "0")
+    rerun = _segment(setup, cut, cut.parent, "--workers", "0")
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out[-3000:]
     assert _labels(cut) == reference
@@ -105,7 +105,7 @@ def test_killed_segment_run_resumes_to_the_uninterrupted_labels(setup, tmp_path:
 def test_two_runs_at_once_share_the_volumes(setup, tmp_path: Path) -> None:
     archive = tmp_path / "archive.zarr"
     shutil.copytree(setup["archive"], archive)
-    runs = [_segment(archive, setup["uri"], tmp_path / f"run{i}", "--workers", "0") for i in range(2)]
+    runs = [_segment(setup, archive, tmp_path / f"run{i}", "--workers", "0") for i in range(2)]
     outs = [r.communicate(timeout=600)[0] for r in runs]
     assert all(r.returncode == 0 for r in runs), [o[-2000:] for o in outs]
     labels = _labels(archive)

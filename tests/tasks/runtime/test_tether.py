@@ -104,7 +104,7 @@ def test_kill_9_of_a_command_during_start_up_leaves_no_prefect_server(tmp_path: 
             _kill(pid)
 
 
-def test_ctrl_c_stops_a_command_at_once_and_its_flow_run_is_marked_crashed(tmp_path: Path) -> None:
+def test_ctrl_c_stops_a_command_at_once_and_its_flow_run_is_marked_crashed(tmp_path: Path, prefect_home) -> None:
     """SIGINT to the command's whole process group, as a terminal sends it: the ephemeral server runs in its
     own session, so it is still there to hear that the run crashed (it used to die first, and the command
     retried it for minutes); the command says it was interrupted and exits 130."""
@@ -117,7 +117,7 @@ def test_ctrl_c_stops_a_command_at_once_and_its_flow_run_is_marked_crashed(tmp_p
                              manual_labels=(rng.random((2, 48, 48)) > 0.7).astype(np.uint8),
                              provenance={"source": f"{vid}.npy", "source_sha256": vid[1] * 64, "reader": "npy"})
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}  # an ephemeral server
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    env.update(PREFECT_HOME=str(prefect_home(tmp_path / "prefect")), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", OCTSEG_PROGRESS="0")
     log = tmp_path / "out.txt"
     command = [sys.executable, "-c", "from octseg.flows.cli import main; main()", "train", "--archive",
