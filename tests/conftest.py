@@ -55,19 +55,22 @@ def prefect_home(tmp_path_factory) -> Callable[[Path], Path]:
     return make
 
 
-# The slowest test files (seconds on the 2-core CI machine, from pytest --durations), run first: `make test` hands
+# The slowest test files run first: `make test` hands
 # whole files to two workers in collection order (`--no-loadscope-reorder`: pytest-xdist would otherwise put the
 # files with the most tests first), so a slow file collected last would run alone at the end.
-SLOW_FILES_FIRST = (
-    "tests/flows/test_cli.py",  # ~230 s
-    "tests/flows/test_segment_crash.py",  # ~200 s
-    "tests/flows/test_flows.py",  # ~120 s
-    "tests/stack/test_stack.py",  # ~110 s (a real Prefect server, Dask scheduler and MLflow server)
+SLOW_FILES_FIRST = (  # seconds a file, from `make test PYTEST_ARGS=--durations=0` on a fresh clone (2 workers)
+    "tests/flows/test_segment_crash.py",  # ~410 s
+    "tests/stack/test_stack.py",  # ~305 s (a real Prefect server, Dask scheduler and MLflow server)
+    "tests/flows/test_cli.py",  # ~255 s
+    "tests/flows/test_flows.py",  # ~200 s
+    "tests/flows/test_recipes.py",  # ~120 s
     "tests/flows/test_resume.py",  # ~110 s
-    "tests/unet/test_train.py",  # ~100 s
-    "tests/flows/test_real_data.py",  # ~90 s
-    "tests/flows/test_recipes.py",  # ~90 s
-    "tests/flows/test_demo.py",  # ~60 s
+    "tests/flows/test_real_data.py",  # ~110 s
+    "tests/flows/test_demo.py",  # ~75 s
+    "tests/flows/test_crossval.py",  # ~70 s
+    "tests/flows/test_watch.py",  # ~65 s
+    "tests/tasks/runtime/test_tether.py",  # ~65 s
+    "tests/unet/test_train.py",  # ~55 s
 )
 
 
