@@ -182,6 +182,9 @@ class TrainConfig(_Config):
         "Weight of a foreground soft-Dice term added to the paper's loss (nnU-Net: 1)."))
     augment: bool = Field(True, strict=True, description="Elastic deformation, flips, grey-value jitter.")
     elastic: bool = Field(True, strict=True, description="With --augment: the paper's elastic deformation.")
+    elastic_sigma: float = Field(10.0, ge=0, description=(
+        "With --elastic: s.d. in pixels of the network's input of the displacements on the 3 x 3 grid (the "
+        "paper: 10 on 572-pixel tiles; on B-scans seen at reduced size each pixel is several of the scan's)."))
     rotation: float = Field(0.0, ge=0, le=180, description="With --augment: random rotation up to this many degrees.")
     scaling: float = Field(0.0, ge=0, description=(
         "With --augment: random zoom up to 1 + this, in and out alike (0.25: 0.8 to 1.25)."))

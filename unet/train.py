@@ -152,8 +152,8 @@ def _train_epoch(model, loader, optimizer, device, amp, dice_weight: float, chun
 
 def augmentation(cfg: TrainConfig) -> dict[str, Any]:
     """The keywords of :func:`octseg.unet.augment.augment` that ``cfg`` sets (used with ``cfg.augment``)."""
-    return {"elastic": cfg.elastic, "rotation": cfg.rotation, "scaling": cfg.scaling, "strength": cfg.jitter,
-            "noise": cfg.noise, "blur": cfg.blur}
+    return {"elastic": cfg.elastic, "sigma": cfg.elastic_sigma, "rotation": cfg.rotation, "scaling": cfg.scaling,
+            "strength": cfg.jitter, "noise": cfg.noise, "blur": cfg.blur}
 
 
 def _process_group() -> tuple[int, int]:

@@ -13,7 +13,7 @@ from octseg.unet.config import TrainConfig, UNetConfig
 from octseg.unet.model import UNet
 from octseg.unet.normalize import normalize_volume
 from octseg.tasks.synthetic.phantom import make_phantom_volume
-from octseg.unet.train import fit, lr_factor, training_loss
+from octseg.unet.train import augmentation, fit, lr_factor, training_loss
 
 
 @pytest.mark.parametrize("schedule, t, expected", [
@@ -159,3 +159,18 @@ def test_the_weight_average_is_what_is_validated_and_kept() -> None:
     best = int(np.nanargmax(dice))
     assert evaluate(model, data, validation_inference(cfg))[1] == pytest.approx(dice[best], abs=1e-6)
     assert any(not torch.equal(model.state_dict()[k], raw[best][k]) for k in raw[best])  # not the raw weights
+
+
+def test_elastic_sigma_sets_how_far_the_deformation_moves_pixels() -> None:
+    """``elastic_sigma`` reaches the paper's deformation: 0 leaves the tile as it was, and a larger s.d. moves
+    pixels further (the same draws, scaled)."""
+    from scipy import ndimage
+
+    image = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal((64, 64)), 3)
+    moved = []
+    for sigma in (0.0, 2.0, 8.0):
+        keywords = augmentation(TrainConfig(elastic_sigma=sigma))
+        assert keywords["sigma"] == sigma
+        out, _, _ = augment(image, (image > 0).astype(np.int64), None, 0, flip=False, jitter=False, **keywords)
+        moved.append(float(np.abs(out - image).mean()))
+    assert moved[0] < 1e-4 < moved[1] < moved[2], moved
