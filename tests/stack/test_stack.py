@@ -156,7 +156,8 @@ def test_drop_folder_deployment_on_real_servers(stack: Stack) -> None:
     stack.run([str(BIN / "prefect"), "work-queue", "create", "archive", "--pool", "octseg", "--limit", "1"])
     stack.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
                str(ROOT / "deployments" / "prefect.yaml")], **deploy_env)
-    stack.start("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", "octseg", "--type", "process"])
+    stack.start("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", "octseg", "--type", "process"],
+                {"PREFECT_WORKER_QUERY_SECONDS": "2"})  # picks a triggered run up within 2 s, not 10
 
     for f in write_phantom_files(inbox, n_volumes=2, n_bscans=3, height=48, width=64, seed=10):
         _age(f.rename(f.with_name(f.name.replace("phantom", "scan"))))
