@@ -6,7 +6,9 @@ pydantic, where a config is built), the flows' configs that nest these objects, 
 command's options and ``--help`` (:mod:`octseg.flows.cli_options` derives them), ``--config`` files and
 ``--show-config``, the MLflow params of a run and its fingerprint. :class:`Cli` says how a setting is
 named on the command line when not ``--<name>``; :data:`SPEED_ONLY` marks settings that change how
-fast a result comes, not the result (left out of the training fingerprint).
+fast a result comes, not the result (left out of the training fingerprint); :data:`ADDED_LATER` marks a
+setting added after models were trained without it, at a default that does what they did (left out of the
+fingerprint while at that default, so those runs still count as "already trained").
 
 The configs are frozen (pydantic) dataclasses. :class:`UNetConfig` is saved with every trained model so
 that inference rebuilds exactly the same network (``UNet.from_config(UNetConfig.from_dict(saved))``).
@@ -29,6 +31,7 @@ from pydantic.dataclasses import dataclass
 __all__ = [
     "MAX_TILE",
     "PADDINGS",
+    "ADDED_LATER",
     "SPEED_ONLY",
     "UP_MODES",
     "Cli",
@@ -38,6 +41,7 @@ __all__ = [
     "UNetConfig",
     "WeightMapConfig",
     "affects_result",
+    "fingerprint_settings",
 ]
 
 Padding = Literal["valid", "same"]
@@ -86,6 +90,17 @@ class _SpeedOnly:
 
 SPEED_ONLY = _SpeedOnly()
 
+
+class _AddedLater:
+    """Marker: a setting whose default does what runs trained before it existed did (see
+    :func:`fingerprint_settings`)."""
+
+    def __repr__(self) -> str:
+        return "ADDED_LATER"
+
+
+ADDED_LATER = _AddedLater()
+
 _DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 
 
@@ -123,6 +138,14 @@ class _Config:
 def affects_result(config: type, name: str) -> bool:
     """False for a setting marked :data:`SPEED_ONLY` (e.g. tile-loading processes)."""
     return SPEED_ONLY not in config.__pydantic_fields__[name].metadata  # type: ignore[attr-defined]
+
+
+def fingerprint_settings(config: Any) -> dict[str, Any]:
+    """The settings of ``config`` that decide what a run trains: ``to_dict()`` less the settings marked
+    :data:`SPEED_ONLY`, and less those marked :data:`ADDED_LATER` while they keep their default."""
+    fields = type(config).__pydantic_fields__
+    return {k: v for k, v in config.to_dict().items() if SPEED_ONLY not in fields[k].metadata
+            and not (ADDED_LATER in fields[k].metadata and v == fields[k].default)}
 
 
 @dataclass(frozen=True, config=_FORBID)
@@ -182,7 +205,7 @@ class TrainConfig(_Config):
         "Weight of a foreground soft-Dice term added to the paper's loss (nnU-Net: 1)."))
     augment: bool = Field(True, strict=True, description="Elastic deformation, flips, grey-value jitter.")
     elastic: bool = Field(True, strict=True, description="With --augment: the paper's elastic deformation.")
-    elastic_sigma: float = Field(10.0, ge=0, description=(
+    elastic_sigma: Annotated[float, ADDED_LATER] = Field(10.0, ge=0, description=(
         "With --elastic: s.d. in pixels of the network's input of the displacements on the 3 x 3 grid (the "
         "paper: 10 on 572-pixel tiles; on B-scans seen at reduced size each pixel is several of the scan's)."))
     rotation: float = Field(0.0, ge=0, le=180, description="With --augment: random rotation up to this many degrees.")

@@ -30,7 +30,7 @@ from octseg.tasks.tracking.champion import FOREGROUND, REGISTERED, metric_of, pr
 from octseg.tasks.tracking.models import find_registered_run, log_unet
 from octseg.tasks.tracking.uri import client, ensure_experiment, using_tracking_uri
 from octseg.tasks.training.resume import save_checkpoint, unfinished_run
-from octseg.unet.config import TrainConfig, UNetConfig, affects_result
+from octseg.unet.config import TrainConfig, UNetConfig, fingerprint_settings
 
 if TYPE_CHECKING:  # torch-free import: unet.data and unet.train import torch
     from octseg.unet.data import BScanSet
@@ -154,9 +154,10 @@ class TrainResult:
 def training_fingerprint(train: BScanSet, val: BScanSet | None, unet_config: UNetConfig,
                          train_config: TrainConfig, model_name: str) -> str:
     """sha256 over the training data, both configs and the model name: equal means "already trained".
-    Settings declared speed-only (:data:`octseg.unet.config.SPEED_ONLY`) are left out."""
-    settings = {k: v for k, v in train_config.to_dict().items() if affects_result(TrainConfig, k)}
-    h = hashlib.sha256(json.dumps([unet_config.to_dict(), settings, model_name], sort_keys=True).encode())
+    Speed-only settings, and settings added later while at their default, are left out
+    (:func:`octseg.unet.config.fingerprint_settings`)."""
+    settings = [fingerprint_settings(unet_config), fingerprint_settings(train_config), model_name]
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for data in (train, val):
         for arr in () if data is None else (data.images, data.labels, data.weights):
             h.update(b"-" if arr is None else np.ascontiguousarray(arr).tobytes())

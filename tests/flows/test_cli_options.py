@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from octseg.flows.cli_options import config_command, option_specs
 from octseg.flows.config import Archive, EvaluateConfig, SegmentConfig, TrainFlowConfig
-from octseg.unet.config import Cli, InferenceConfig, TrainConfig, UNetConfig, affects_result
+from octseg.unet.config import Cli, InferenceConfig, TrainConfig, UNetConfig, affects_result, fingerprint_settings
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -89,3 +89,8 @@ def test_every_visible_setting_is_an_option_of_its_command() -> None:
 def test_speed_only_settings_are_declared_with_the_setting() -> None:
     assert not affects_result(TrainConfig, "num_workers")
     assert affects_result(TrainConfig, "lr") and affects_result(TrainConfig, "seed")
+    # a setting added later counts only away from its default: runs from before it existed still match
+    assert "elastic_sigma" not in fingerprint_settings(TrainConfig()) and "num_workers" not in fingerprint_settings(
+        TrainConfig())
+    assert fingerprint_settings(TrainConfig(elastic_sigma=5.0))["elastic_sigma"] == 5.0
+    assert fingerprint_settings(UNetConfig()) == UNetConfig().to_dict()
