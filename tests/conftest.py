@@ -42,10 +42,12 @@ def prefect_home(tmp_path_factory) -> Callable[[Path], Path]:
     template = tmp_path_factory.mktemp("prefect-template")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
     env["PREFECT_HOME"] = str(template)
-    subprocess.run([str(Path(sys.executable).parent / "prefect"), "server", "database", "upgrade", "-y"],
-                   env=env, check=True, capture_output=True, timeout=300)
+    done = subprocess.run([str(Path(sys.executable).parent / "prefect"), "server", "database", "upgrade", "-y"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"Prefect's migrations failed: {(done.stdout + done.stderr)[-3000:]}"
     database = template / "prefect.db"
     assert database.is_file(), f"no Prefect database made in {template}"
+    assert not (template / "prefect.db-wal").exists(), "the template database is not closed: a copy could be torn"
 
     def make(home: Path) -> Path:
         home.mkdir(parents=True, exist_ok=True)
@@ -59,7 +61,7 @@ def prefect_home(tmp_path_factory) -> Callable[[Path], Path]:
 # whole files to two workers in collection order (`--no-loadscope-reorder`: pytest-xdist would otherwise put the
 # files with the most tests first), so a slow file collected last would run alone at the end.
 SLOW_FILES_FIRST = (  # seconds a file, from `make test PYTEST_ARGS=--durations=0` on a fresh clone (2 workers)
-    "tests/flows/test_segment_crash.py",  # ~410 s
+    "tests/flows/test_segment_crash.py",  # ~410 s (two tests then, one now)
     "tests/stack/test_stack.py",  # ~305 s (a real Prefect server, Dask scheduler and MLflow server)
     "tests/flows/test_cli.py",  # ~255 s
     "tests/flows/test_flows.py",  # ~200 s

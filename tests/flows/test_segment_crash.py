@@ -94,13 +94,15 @@ def test_killed_segment_run_resumes_to_the_uninterrupted_labels(setup, tmp_path:
         assert labels is None or labels == reference[vid], vid
     # two runs at once take over: they share what is left (each volume segmented once, by one of them) and
     # one of them takes over the killed run's claim
-    reruns = [_segment(setup, cut, cut.parent / f"rerun{i}", "--workers", "0") for i in range(2)]
+    # (the first in the killed run's folder and Prefect home, as a user runs the command again)
+    reruns = [_segment(setup, cut, cut.parent if i == 0 else cut.parent / "rerun1", "--workers", "0") for i in range(2)]
     outs = [r.communicate(timeout=600)[0] for r in reruns]
     assert all(r.returncode == 0 for r in reruns), [o[-3000:] for o in outs]
     assert _labels(cut) == reference
     after = _written_at(cut)
     finished_before = [v for v in VOLUMES if before[v] is not None]
     assert all(after[v] == before[v] for v in finished_before)  # not segmented twice
+    assert all("segment: " in o for o in outs), [o[-2000:] for o in outs]
     counts = [int(o.split("segment: ")[1].split(" segmented")[0]) for o in outs]
     assert sum(counts) == len(VOLUMES) - len(finished_before), outs
     claims = cut.parent / ".archive.zarr.claims"
