@@ -24,9 +24,10 @@ venv: $(STAMP)
 
 # torch first: 2.13.0 is a local CPU wheel; the lock keeps everything else from pulling a CUDA build.
 # uv installs the same lock ~15x faster than pip (benchmarks/install.sh), from the places pip is configured to use
-# (pip's find-links hold the local torch wheel), every index weighed alike as pip does; it compiles no bytecode
-# up front (Python writes it on first import, for the modules used). Where uv cannot be installed or fails, pip
-# does the same install (INSTALLER=pip: pip only).
+# (pip's find-links hold the local torch wheel), every index weighed alike as pip does, and compiles the bytecode
+# as pip does (where PYTHONDONTWRITEBYTECODE is set, as on CI, Python would otherwise compile torch, Prefect and
+# MLflow again in every process). Where uv cannot be installed or fails, pip does the same install
+# (INSTALLER=pip: pip only).
 INSTALLER ?= uv
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 define UV_SOURCES
@@ -46,7 +47,7 @@ endef
 export UV_SOURCES
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	@uv="env VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip install --quiet --index-strategy unsafe-best-match \
+	@uv="env VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip install --quiet --compile-bytecode --index-strategy unsafe-best-match \
 		$$($(BIN)/python -c "$$UV_SOURCES")"; \
 	{ [ "$(INSTALLER)" = uv ] && { $(PIP) uv==0.13.10 2>/dev/null || { echo "uv could not be installed"; false; }; } \
 		&& $$uv torch==2.13.0 && $$uv -r requirements.lock && $$uv --no-deps -e . && echo "installed with uv"; } \
