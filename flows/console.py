@@ -88,7 +88,12 @@ def run_flow(flow_fn: Any, config: Any, verbose: bool) -> Any:
     from octseg.flows.runs import summary_of
 
     try:
-        return summary_of(flow_fn(config, return_state=True))
+        try:
+            return summary_of(flow_fn(config, return_state=True))
+        except Exception as e:  # an error raised while Ctrl-C unwound the run (e.g. MLflow's store still
+            if _during_interrupt(e):  # locked by the write it interrupted) is the interrupt, not a failure
+                raise KeyboardInterrupt from e
+            raise
     except KeyboardInterrupt:
         typer.secho("Interrupted: stopped (its flow run, if one had started, is marked crashed). What finished is "
                     "kept: the same command skips it, and training continues from its last checkpoint",
@@ -102,6 +107,17 @@ def run_flow(flow_fn: Any, config: Any, verbose: bool) -> Any:
         typer.secho(f"Error: {type(e).__name__}: {one_line(e)} (--verbose shows the traceback)",
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1) from None
+
+
+def _during_interrupt(error: BaseException) -> bool:
+    """True when ``error`` was raised while a KeyboardInterrupt was being handled (its context chain holds one)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def report(summary: Any) -> None:

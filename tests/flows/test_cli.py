@@ -322,6 +322,27 @@ def test_an_unexpected_flow_error_is_one_line_and_exit_1(capsys) -> None:
         cli.run_flow(boom, 8, verbose=True)
 
 
+def test_an_error_raised_while_ctrl_c_unwinds_is_the_interrupt(capsys) -> None:
+    """Ctrl-C in the middle of an MLflow write left the store locked, and the run's clean-up failed on it: the
+    command said "Error: MlflowException: database is locked" and exited 1. It is the interrupt: exit 130."""
+    import typer
+    from prefect import flow
+
+    from octseg.flows import cli
+
+    @flow(name="octseg-test-interrupted")
+    def interrupted(config: int) -> None:
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError(f"database {config} is locked")
+
+    with pytest.raises(typer.Exit) as exit_info:
+        cli.run_flow(interrupted, 7, verbose=False)
+    assert exit_info.value.exit_code == 130
+    assert "Interrupted:" in capsys.readouterr().err
+
+
 def test_a_duplicate_id_fails_even_when_everything_else_is_up_to_date(ingested) -> None:
     good = ingested["good"][0]
     twin = good.parent / "twin" / good.name
