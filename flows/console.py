@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -88,25 +88,25 @@ def run_flow(flow_fn: Any, config: Any, verbose: bool) -> Any:
     from octseg.flows.runs import summary_of
 
     try:
-        try:
-            return summary_of(flow_fn(config, return_state=True))
-        except Exception as e:  # an error raised while Ctrl-C unwound the run (e.g. MLflow's store still
-            if _during_interrupt(e):  # locked by the write it interrupted) is the interrupt, not a failure
-                raise KeyboardInterrupt from e
-            raise
+        return summary_of(flow_fn(config, return_state=True))
     except KeyboardInterrupt:
-        typer.secho("Interrupted: stopped (its flow run, if one had started, is marked crashed). What finished is "
-                    "kept: the same command skips it, and training continues from its last checkpoint",
-                    fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(code=130) from None
-    except ValueError:
-        raise
+        _interrupted()
     except Exception as e:
-        if verbose:
+        if _during_interrupt(e):  # raised while Ctrl-C unwound the run (e.g. MLflow's store still locked by the
+            _interrupted()  # write it interrupted): the interrupt, not a failure
+        if verbose or isinstance(e, ValueError):
             raise
         typer.secho(f"Error: {type(e).__name__}: {one_line(e)} (--verbose shows the traceback)",
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1) from None
+
+
+def _interrupted() -> NoReturn:
+    """The interrupt, said in one line: exit 130."""
+    typer.secho("Interrupted: stopped (its flow run, if one had started, is marked crashed). What finished is "
+                "kept: the same command skips it, and training continues from its last checkpoint",
+                fg=typer.colors.YELLOW, err=True)
+    raise typer.Exit(code=130) from None
 
 
 def _during_interrupt(error: BaseException) -> bool:

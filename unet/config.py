@@ -144,7 +144,7 @@ def fingerprint_settings(config: Any) -> dict[str, Any]:
     """The settings of ``config`` that decide what a run trains: ``to_dict()`` less the settings marked
     :data:`SPEED_ONLY`, and less those marked :data:`ADDED_LATER` while they keep their default."""
     fields = type(config).__pydantic_fields__
-    return {k: v for k, v in config.to_dict().items() if SPEED_ONLY not in fields[k].metadata
+    return {k: v for k, v in config.to_dict().items() if affects_result(type(config), k)
             and not (ADDED_LATER in fields[k].metadata and v == fields[k].default)}
 
 
